@@ -1,0 +1,119 @@
+//! The `Fabric` trait: what the replica driver needs from a network.
+//!
+//! One-sided WRITE/READ into a peer's region with completions, small control messages, and
+//! write permission on the local region. `MemFabric` (in process, fault injection),
+//! `ballot_tcp::TcpFabric` and `ballot_verbs::RdmaFabric` implement it; the driver cannot
+//! tell them apart, because all of them land the same bytes at the same offsets.
+
+use crate::region::Region;
+use crate::types::NodeId;
+use std::sync::Arc;
+
+/// Largest control message. Fabrics fragment internally where their transport needs it.
+pub const MAX_CONTROL: usize = crate::layout::MAX_PAYLOAD + (64 << 10);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FabricError {
+    /// No RDMA device (or no RDMA support at all in this kernel).
+    NoDevice(String),
+    UnknownPeer(NodeId),
+    /// The connection to the peer is down; outstanding operations fail with this.
+    Disconnected(NodeId),
+    /// The peer refused the write: we do not hold its write permission (we were fenced).
+    PermissionDenied(NodeId),
+    /// The peer refused an access outside its region.
+    OutOfBounds(NodeId),
+    TooLarge {
+        len: usize,
+        max: usize,
+    },
+    /// Too many operations outstanding; poll completions and retry.
+    Busy,
+    Io(String),
+}
+
+impl std::fmt::Display for FabricError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoDevice(s) => write!(f, "no RDMA device: {s}"),
+            Self::UnknownPeer(p) => write!(f, "unknown peer {p}"),
+            Self::Disconnected(p) => write!(f, "peer {p} disconnected"),
+            Self::PermissionDenied(p) => write!(f, "peer {p} denied remote write permission"),
+            Self::OutOfBounds(p) => write!(f, "peer {p} refused an out-of-bounds access"),
+            Self::TooLarge { len, max } => write!(f, "message of {len} bytes exceeds {max}"),
+            Self::Busy => write!(f, "too many operations outstanding"),
+            Self::Io(s) => write!(f, "I/O error: {s}"),
+        }
+    }
+}
+impl std::error::Error for FabricError {}
+
+/// A finished one-sided operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    Write {
+        peer: NodeId,
+        token: u64,
+        result: Result<(), FabricError>,
+    },
+    Read {
+        peer: NodeId,
+        token: u64,
+        result: Result<Vec<u8>, FabricError>,
+    },
+}
+
+/// Something that happened on the fabric since the last poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FabricEvent {
+    Completion(Completion),
+    /// A control message from an authenticated peer.
+    Message {
+        from: NodeId,
+        bytes: Vec<u8>,
+    },
+}
+
+pub trait Fabric: Send {
+    /// This replica's id.
+    fn node(&self) -> NodeId;
+
+    /// The local region that peers write into.
+    fn region(&self) -> &Arc<Region>;
+
+    /// Posts a one-sided write of `data` at `offset` in `peer`'s region. Completes (through
+    /// [`Fabric::poll`]) once the bytes are in the peer's memory, or with an error: a
+    /// `PermissionDenied` completion means the peer fenced us. Writes to one peer complete
+    /// in the order they were posted. The fabric may defer the doorbell until `flush`.
+    fn write(
+        &mut self,
+        peer: NodeId,
+        offset: usize,
+        data: &[u8],
+        token: u64,
+    ) -> Result<(), FabricError>;
+
+    /// Posts a one-sided read of `len` bytes at `offset` in `peer`'s region.
+    fn read(
+        &mut self,
+        peer: NodeId,
+        offset: usize,
+        len: usize,
+        token: u64,
+    ) -> Result<(), FabricError>;
+
+    /// Sends a control message (at most [`MAX_CONTROL`] bytes). Delivery is best effort:
+    /// the protocol retries what matters.
+    fn send(&mut self, peer: NodeId, msg: &[u8]) -> Result<(), FabricError>;
+
+    /// Makes everything posted so far go out (one doorbell / one system call per peer).
+    fn flush(&mut self) -> Result<(), FabricError>;
+
+    /// Appends what happened since the last call to `out`, without blocking. Returns the
+    /// number of events appended.
+    fn poll(&mut self, out: &mut Vec<FabricEvent>) -> usize;
+
+    /// Grants write permission on the local ring to `writer` alone and revokes it from every
+    /// other peer. When this returns, no write from a revoked peer can land any more.
+    fn set_writer(&mut self, writer: Option<NodeId>) -> Result<(), FabricError>;
+}

@@ -1,0 +1,552 @@
+//! The memory plane's byte layout, defined once for every fabric.
+//!
+//! A replica's **region** is a 4 KiB header followed by the **ring**. Peers write into it
+//! (one-sided on RDMA, as frames on TCP, as memcpy in `MemFabric`), so everything here is a
+//! plain little-endian byte layout, and every decoder is total: any byte string yields a
+//! value or a typed error, never a panic.
+//!
+//! ```text
+//! header  0    magic u64 | version u32 | node u32 | cluster u64 | slots u32 | slot_size u32
+//!         64   commit cell   {commit u64, ballot u64, check u64}          (leader writes)
+//!         128  heartbeat u64                                                (owner writes)
+//!         192  progress cell per node id, 64 B each                         (peer p writes cell p)
+//! ring    4096 slots * slot_size
+//! entry   header(40) | payload(len) | pad to 8 | seal u64 (= index)
+//! ```
+
+use crate::types::{Ballot, Index, NodeId, MAX_NODES};
+
+pub const MAGIC: u64 = u64::from_le_bytes(*b"BALLOT01");
+pub const LAYOUT_VERSION: u32 = 1;
+
+pub const HEADER_SIZE: usize = 4096;
+pub const COMMIT_CELL_OFFSET: usize = 64;
+pub const COMMIT_CELL_SIZE: usize = 24;
+pub const HEARTBEAT_OFFSET: usize = 128;
+pub const PROGRESS_OFFSET: usize = 192;
+pub const PROGRESS_CELL_SIZE: usize = 64;
+pub const PROGRESS_ENCODED: usize = 48;
+pub const RING_OFFSET: usize = HEADER_SIZE;
+
+pub const ENTRY_HEADER_SIZE: usize = 40;
+pub const SEAL_SIZE: usize = 8;
+/// Largest payload one entry may carry. Entries up to this size span several slots.
+pub const MAX_PAYLOAD: usize = 4 << 20;
+/// Smallest slot: a wrap marker (header + seal) must fit in one.
+pub const MIN_SLOT_SIZE: usize = 64;
+
+const CHECK_KEY: u64 = 0x9E37_79B9_7F4A_7C15;
+
+const _: () = assert!(PROGRESS_OFFSET + MAX_NODES * PROGRESS_CELL_SIZE <= HEADER_SIZE);
+const _: () = assert!(ENTRY_HEADER_SIZE + SEAL_SIZE <= MIN_SLOT_SIZE);
+
+/// Entry flags.
+pub mod flags {
+    /// Not a log entry: the reader moves to slot 0 and reads the same index there.
+    pub const WRAP: u32 = 1;
+    /// A no-op filler proposed by a new leader for an index nobody accepted a value for.
+    pub const NOOP: u32 = 2;
+    pub const KNOWN: u32 = WRAP | NOOP;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayoutError {
+    /// Fewer bytes than the structure needs.
+    Truncated {
+        need: usize,
+        have: usize,
+    },
+    /// The length field exceeds [`MAX_PAYLOAD`] or the ring.
+    BadLength(u64),
+    /// The seal does not repeat the index: the entry is not (yet) completely written.
+    BadSeal {
+        index: Index,
+        seal: u64,
+    },
+    /// Bytes changed after the writer computed the checksum.
+    BadChecksum {
+        stored: u32,
+        computed: u32,
+    },
+    UnknownFlags(u32),
+    BadMagic(u64),
+    BadVersion(u32),
+    BadGeometry {
+        slots: u32,
+        slot_size: u32,
+    },
+    /// A cell's check word does not match: torn or never written.
+    TornCell,
+    OutOfBounds {
+        offset: usize,
+        len: usize,
+        size: usize,
+    },
+}
+
+impl std::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Truncated { need, have } => {
+                write!(f, "truncated: need {need} bytes, have {have}")
+            }
+            Self::BadLength(l) => write!(f, "entry length {l} exceeds the limit"),
+            Self::BadSeal { index, seal } => write!(f, "seal {seal} does not match index {index}"),
+            Self::BadChecksum { stored, computed } => {
+                write!(
+                    f,
+                    "checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
+                )
+            }
+            Self::UnknownFlags(x) => write!(f, "unknown entry flags {x:#x}"),
+            Self::BadMagic(m) => write!(f, "bad region magic {m:#018x}"),
+            Self::BadVersion(v) => write!(f, "unsupported layout version {v}"),
+            Self::BadGeometry { slots, slot_size } => {
+                write!(f, "bad ring geometry: {slots} slots of {slot_size} bytes")
+            }
+            Self::TornCell => write!(f, "cell check word mismatch"),
+            Self::OutOfBounds { offset, len, size } => {
+                write!(f, "range {offset}+{len} outside region of {size} bytes")
+            }
+        }
+    }
+}
+impl std::error::Error for LayoutError {}
+
+fn rd_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn rd_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The ring's shape: `slots` slots of `slot_size` bytes each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingGeometry {
+    pub slots: u32,
+    pub slot_size: u32,
+}
+
+impl RingGeometry {
+    pub fn new(slots: u32, slot_size: u32) -> Result<Self, LayoutError> {
+        let g = Self { slots, slot_size };
+        let ok = slot_size as usize >= MIN_SLOT_SIZE
+            && slot_size.is_power_of_two()
+            && slots >= 2
+            && g.ring_bytes() >= 2 * entry_size(MAX_PAYLOAD.min(1 << 20));
+        if ok {
+            Ok(g)
+        } else {
+            Err(LayoutError::BadGeometry { slots, slot_size })
+        }
+    }
+    pub fn ring_bytes(&self) -> usize {
+        self.slots as usize * self.slot_size as usize
+    }
+    pub fn region_bytes(&self) -> usize {
+        RING_OFFSET + self.ring_bytes()
+    }
+    /// Slots an entry of `payload` bytes occupies.
+    pub fn span(&self, payload: usize) -> u32 {
+        entry_size(payload).div_ceil(self.slot_size as usize) as u32
+    }
+    pub fn slot_offset(&self, slot: u32) -> usize {
+        debug_assert!(slot < self.slots);
+        RING_OFFSET + slot as usize * self.slot_size as usize
+    }
+    /// Largest payload an entry can carry in this ring (it must leave room for a wrap marker
+    /// and never need more than half the ring, so that flow control always makes progress).
+    pub fn max_payload(&self) -> usize {
+        let half = self.ring_bytes() / 2;
+        (half - ENTRY_HEADER_SIZE - SEAL_SIZE).min(MAX_PAYLOAD)
+    }
+}
+
+/// Bytes an entry with `payload` bytes occupies: header, payload padded to 8, seal.
+pub fn entry_size(payload: usize) -> usize {
+    ENTRY_HEADER_SIZE + payload.div_ceil(8) * 8 + SEAL_SIZE
+}
+
+/// The decoded fixed part of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryHeader {
+    pub index: Index,
+    pub ballot: Ballot,
+    /// The leader's commit index when it wrote this entry (piggybacked).
+    pub commit: Index,
+    pub len: u32,
+    pub flags: u32,
+}
+
+/// Writes a complete entry into `out` (cleared first). `out.len()` becomes [`entry_size`].
+pub fn encode_entry(out: &mut Vec<u8>, h: &EntryHeader, payload: &[u8]) {
+    assert_eq!(
+        h.len as usize,
+        payload.len(),
+        "header length must match the payload"
+    );
+    assert!(payload.len() <= MAX_PAYLOAD, "payload over MAX_PAYLOAD");
+    out.clear();
+    out.reserve(entry_size(payload.len()));
+    out.extend_from_slice(&h.index.to_le_bytes());
+    out.extend_from_slice(&h.ballot.0.to_le_bytes());
+    out.extend_from_slice(&h.commit.to_le_bytes());
+    out.extend_from_slice(&h.len.to_le_bytes());
+    out.extend_from_slice(&h.flags.to_le_bytes());
+    out.extend_from_slice(&[0u8; 8]); // checksum + reserved, filled below
+    out.extend_from_slice(payload);
+    out.resize(ENTRY_HEADER_SIZE + payload.len().div_ceil(8) * 8, 0);
+    out.extend_from_slice(&h.index.to_le_bytes());
+    let sum = entry_checksum(&out[..ENTRY_HEADER_SIZE], payload);
+    out[32..36].copy_from_slice(&sum.to_le_bytes());
+    debug_assert_eq!(out.len(), entry_size(payload.len()));
+}
+
+fn entry_checksum(header: &[u8], payload: &[u8]) -> u32 {
+    // Everything but the checksum field itself.
+    let c = crc32c::crc32c(&header[..32]);
+    let c = crc32c::crc32c_append(c, &header[36..40]);
+    crc32c::crc32c_append(c, payload)
+}
+
+/// Decodes the entry at the start of `bytes` (which may be longer), checking seal and checksum.
+/// Returns the header and the payload slice.
+pub fn decode_entry(bytes: &[u8]) -> Result<(EntryHeader, &[u8]), LayoutError> {
+    let have = bytes.len();
+    if have < ENTRY_HEADER_SIZE + SEAL_SIZE {
+        return Err(LayoutError::Truncated {
+            need: ENTRY_HEADER_SIZE + SEAL_SIZE,
+            have,
+        });
+    }
+    let len = rd_u32(bytes, 24) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(LayoutError::BadLength(len as u64));
+    }
+    let total = entry_size(len);
+    if have < total {
+        return Err(LayoutError::Truncated { need: total, have });
+    }
+    let index = rd_u64(bytes, 0);
+    let seal = rd_u64(bytes, total - SEAL_SIZE);
+    if seal != index {
+        return Err(LayoutError::BadSeal { index, seal });
+    }
+    let payload = &bytes[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + len];
+    let stored = rd_u32(bytes, 32);
+    let computed = entry_checksum(&bytes[..ENTRY_HEADER_SIZE], payload);
+    if stored != computed {
+        return Err(LayoutError::BadChecksum { stored, computed });
+    }
+    let flags = rd_u32(bytes, 28);
+    if flags & !flags::KNOWN != 0 {
+        return Err(LayoutError::UnknownFlags(flags));
+    }
+    let h = EntryHeader {
+        index,
+        ballot: Ballot(rd_u64(bytes, 8)),
+        commit: rd_u64(bytes, 16),
+        len: len as u32,
+        flags,
+    };
+    Ok((h, payload))
+}
+
+/// Reads only the length field of an entry that may still be arriving, to know how many
+/// bytes to look at. `None` when fewer than a header's bytes are given.
+pub fn peek_len(bytes: &[u8]) -> Option<usize> {
+    (bytes.len() >= ENTRY_HEADER_SIZE).then(|| rd_u32(bytes, 24) as usize)
+}
+
+/// Static description of a region, stored in its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionInfo {
+    pub cluster: u64,
+    pub node: NodeId,
+    pub ring: RingGeometry,
+}
+
+pub fn encode_region_info(info: &RegionInfo) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+    b[8..12].copy_from_slice(&LAYOUT_VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&u32::from(info.node).to_le_bytes());
+    b[16..24].copy_from_slice(&info.cluster.to_le_bytes());
+    b[24..28].copy_from_slice(&info.ring.slots.to_le_bytes());
+    b[28..32].copy_from_slice(&info.ring.slot_size.to_le_bytes());
+    b
+}
+
+pub fn decode_region_info(b: &[u8]) -> Result<RegionInfo, LayoutError> {
+    if b.len() < 32 {
+        return Err(LayoutError::Truncated {
+            need: 32,
+            have: b.len(),
+        });
+    }
+    let magic = rd_u64(b, 0);
+    if magic != MAGIC {
+        return Err(LayoutError::BadMagic(magic));
+    }
+    let version = rd_u32(b, 8);
+    if version != LAYOUT_VERSION {
+        return Err(LayoutError::BadVersion(version));
+    }
+    let node = rd_u32(b, 12);
+    if node as usize >= MAX_NODES {
+        return Err(LayoutError::BadLength(node as u64));
+    }
+    Ok(RegionInfo {
+        node: node as NodeId,
+        cluster: rd_u64(b, 16),
+        ring: RingGeometry::new(rd_u32(b, 24), rd_u32(b, 28))?,
+    })
+}
+
+/// The leader's commit index, written into followers' headers when no entry carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommitCell {
+    pub commit: Index,
+    pub ballot: Ballot,
+}
+
+impl CommitCell {
+    pub fn encode(&self) -> [u8; COMMIT_CELL_SIZE] {
+        let mut b = [0u8; COMMIT_CELL_SIZE];
+        b[0..8].copy_from_slice(&self.commit.to_le_bytes());
+        b[8..16].copy_from_slice(&self.ballot.0.to_le_bytes());
+        let check = self.commit ^ self.ballot.0.rotate_left(17) ^ CHECK_KEY;
+        b[16..24].copy_from_slice(&check.to_le_bytes());
+        b
+    }
+    /// `Ok(None)` for a never-written (all zero) cell.
+    pub fn decode(b: &[u8]) -> Result<Option<Self>, LayoutError> {
+        if b.len() < COMMIT_CELL_SIZE {
+            return Err(LayoutError::Truncated {
+                need: COMMIT_CELL_SIZE,
+                have: b.len(),
+            });
+        }
+        if b[..COMMIT_CELL_SIZE].iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        let c = Self {
+            commit: rd_u64(b, 0),
+            ballot: Ballot(rd_u64(b, 8)),
+        };
+        if rd_u64(b, 16) != c.commit ^ c.ballot.0.rotate_left(17) ^ CHECK_KEY {
+            return Err(LayoutError::TornCell);
+        }
+        Ok(Some(c))
+    }
+}
+
+/// What a follower reports to its leader, written into the leader's header at the
+/// follower's cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProgressCell {
+    /// The ballot this follower has promised; the leader ignores cells of other ballots.
+    pub ballot: Ballot,
+    /// Highest index received contiguously in this ballot.
+    pub received: Index,
+    /// Highest index durable (durable mode; equals `received` in volatile mode).
+    pub persisted: Index,
+    pub applied: Index,
+    /// Ring slots consumed since the promise: the flow-control credit.
+    pub consumed_slots: u64,
+}
+
+impl ProgressCell {
+    pub fn encode(&self) -> [u8; PROGRESS_ENCODED] {
+        let mut b = [0u8; PROGRESS_ENCODED];
+        let words = [
+            self.ballot.0,
+            self.received,
+            self.persisted,
+            self.applied,
+            self.consumed_slots,
+        ];
+        let mut check = CHECK_KEY;
+        for (i, w) in words.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            check ^= w.rotate_left(7 * i as u32 + 1);
+        }
+        b[40..48].copy_from_slice(&check.to_le_bytes());
+        b
+    }
+    pub fn decode(b: &[u8]) -> Result<Option<Self>, LayoutError> {
+        if b.len() < PROGRESS_ENCODED {
+            return Err(LayoutError::Truncated {
+                need: PROGRESS_ENCODED,
+                have: b.len(),
+            });
+        }
+        if b[..PROGRESS_ENCODED].iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        let w: [u64; 5] = std::array::from_fn(|i| rd_u64(b, i * 8));
+        let mut check = CHECK_KEY;
+        for (i, x) in w.iter().enumerate() {
+            check ^= x.rotate_left(7 * i as u32 + 1);
+        }
+        if rd_u64(b, 40) != check {
+            return Err(LayoutError::TornCell);
+        }
+        Ok(Some(Self {
+            ballot: Ballot(w[0]),
+            received: w[1],
+            persisted: w[2],
+            applied: w[3],
+            consumed_slots: w[4],
+        }))
+    }
+}
+
+pub fn progress_offset(node: NodeId) -> usize {
+    assert!((node as usize) < MAX_NODES);
+    PROGRESS_OFFSET + node as usize * PROGRESS_CELL_SIZE
+}
+
+/// Where a remote write may land, and who may make it. Every fabric's receiving side asks
+/// this before touching the region, so all fabrics enforce the same rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteTarget {
+    /// The ring and commit cell: only the peer holding write permission.
+    Ring,
+    /// The writer's own progress cell: always allowed to that peer.
+    OwnProgress,
+}
+
+/// Classifies a remote write from `from` of `len` bytes at `offset` into a region of
+/// `region_len` bytes; `Err` when it is out of bounds or touches a part no peer may write.
+pub fn classify_remote_write(
+    from: NodeId,
+    offset: usize,
+    len: usize,
+    region_len: usize,
+) -> Result<WriteTarget, LayoutError> {
+    let end = offset.checked_add(len);
+    let oob = LayoutError::OutOfBounds {
+        offset,
+        len,
+        size: region_len,
+    };
+    let end = match end {
+        Some(e) if e <= region_len && len > 0 => e,
+        _ => return Err(oob),
+    };
+    if (from as usize) < MAX_NODES {
+        let cell = progress_offset(from);
+        if offset >= cell && end <= cell + PROGRESS_CELL_SIZE {
+            return Ok(WriteTarget::OwnProgress);
+        }
+    }
+    if offset >= RING_OFFSET
+        || (offset >= COMMIT_CELL_OFFSET && end <= COMMIT_CELL_OFFSET + COMMIT_CELL_SIZE)
+    {
+        return Ok(WriteTarget::Ring);
+    }
+    Err(oob)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hdr(index: Index, len: usize) -> EntryHeader {
+        EntryHeader {
+            index,
+            ballot: Ballot::new(3, 1),
+            commit: index - 1,
+            len: len as u32,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn one_mib_entry_round_trips() {
+        let payload: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7) as u8).collect();
+        let mut buf = Vec::new();
+        encode_entry(&mut buf, &hdr(9, payload.len()), &payload);
+        let (h, p) = decode_entry(&buf).unwrap();
+        assert_eq!(h, hdr(9, payload.len()));
+        assert_eq!(p, &payload[..]);
+        let g = RingGeometry::new(1 << 16, 64).unwrap();
+        assert!(g.max_payload() >= 1 << 20);
+        assert_eq!(
+            g.span(payload.len()) as usize,
+            entry_size(payload.len()).div_ceil(64)
+        );
+    }
+
+    #[test]
+    fn remote_write_classes() {
+        let size = RingGeometry::new(1 << 16, 64).unwrap().region_bytes();
+        assert_eq!(
+            classify_remote_write(2, progress_offset(2), 48, size),
+            Ok(WriteTarget::OwnProgress)
+        );
+        assert!(classify_remote_write(2, progress_offset(3), 48, size).is_err());
+        assert!(
+            classify_remote_write(2, 0, 8, size).is_err(),
+            "magic is never writable"
+        );
+        assert_eq!(
+            classify_remote_write(2, RING_OFFSET, 64, size),
+            Ok(WriteTarget::Ring)
+        );
+        assert!(classify_remote_write(2, size - 8, 16, size).is_err());
+        assert!(classify_remote_write(2, usize::MAX, 16, size).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn entry_round_trip(index in 1u64.., round in 0u64..1<<40, node in 0u8..16,
+                            commit in 0u64.., payload in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let h = EntryHeader { index, ballot: Ballot::new(round, node), commit,
+                                  len: payload.len() as u32, flags: flags::NOOP };
+            let mut buf = Vec::new();
+            encode_entry(&mut buf, &h, &payload);
+            let (d, p) = decode_entry(&buf).unwrap();
+            prop_assert_eq!(d, h);
+            prop_assert_eq!(p, &payload[..]);
+        }
+
+        #[test]
+        fn decode_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_entry(&bytes);
+            let _ = decode_region_info(&bytes);
+            let _ = CommitCell::decode(&bytes);
+            let _ = ProgressCell::decode(&bytes);
+            let _ = peek_len(&bytes);
+        }
+
+        #[test]
+        fn corruption_is_detected(payload in proptest::collection::vec(any::<u8>(), 1..300),
+                                  at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut buf = Vec::new();
+            encode_entry(&mut buf, &hdr(5, payload.len()), &payload);
+            let i = at.index(buf.len());
+            buf[i] ^= 1 << bit;
+            // A single flipped bit anywhere is an error, never a different valid entry
+            // (flips in padding bytes are the one exception: they carry nothing).
+            let pad = ENTRY_HEADER_SIZE + payload.len()..buf.len() - SEAL_SIZE;
+            if !pad.contains(&i) {
+                prop_assert!(decode_entry(&buf).is_err());
+            }
+        }
+
+        #[test]
+        fn cells_round_trip(b in any::<u64>(), r in any::<u64>(), p in any::<u64>(), a in any::<u64>(), c in any::<u64>()) {
+            let cell = ProgressCell { ballot: Ballot(b), received: r, persisted: p, applied: a, consumed_slots: c };
+            if cell != ProgressCell::default() {
+                prop_assert_eq!(ProgressCell::decode(&cell.encode()).unwrap(), Some(cell));
+            }
+            let cc = CommitCell { commit: r, ballot: Ballot(b) };
+            if cc != CommitCell::default() {
+                prop_assert_eq!(CommitCell::decode(&cc.encode()).unwrap(), Some(cc));
+            }
+        }
+    }
+}

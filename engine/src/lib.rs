@@ -1,0 +1,13 @@
+//! Ballot: a multi-Paxos replicated log and state-machine engine whose memory plane is
+//! shaped for one-sided RDMA.
+//!
+//! - [`layout`]: region and log-entry byte layout, shared by every fabric.
+//! - [`region`]: the memory peers write into.
+//! - [`fabric`]: the `Fabric` trait; [`mem_fabric`] is the in-process implementation.
+
+pub mod fabric;
+pub mod layout;
+pub mod region;
+pub mod types;
+
+pub use types::{Ballot, Index, NodeId, MAX_NODES};
