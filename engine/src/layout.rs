@@ -25,7 +25,7 @@ pub const COMMIT_CELL_SIZE: usize = 24;
 pub const HEARTBEAT_OFFSET: usize = 128;
 pub const PROGRESS_OFFSET: usize = 192;
 pub const PROGRESS_CELL_SIZE: usize = 64;
-pub const PROGRESS_ENCODED: usize = 48;
+pub const PROGRESS_ENCODED: usize = 56;
 pub const RING_OFFSET: usize = HEADER_SIZE;
 
 pub const ENTRY_HEADER_SIZE: usize = 40;
@@ -121,7 +121,7 @@ fn rd_u64(b: &[u8], at: usize) -> u64 {
 }
 
 /// The ring's shape: `slots` slots of `slot_size` bytes each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RingGeometry {
     pub slots: u32,
     pub slot_size: u32,
@@ -132,8 +132,8 @@ impl RingGeometry {
         let g = Self { slots, slot_size };
         let ok = slot_size as usize >= MIN_SLOT_SIZE
             && slot_size.is_power_of_two()
-            && slots >= 2
-            && g.ring_bytes() >= 2 * entry_size(MAX_PAYLOAD.min(1 << 20));
+            && slots >= 4
+            && g.ring_bytes() <= 1 << 40;
         if ok {
             Ok(g)
         } else {
@@ -157,8 +157,8 @@ impl RingGeometry {
     /// Largest payload an entry can carry in this ring (it must leave room for a wrap marker
     /// and never need more than half the ring, so that flow control always makes progress).
     pub fn max_payload(&self) -> usize {
-        let half = self.ring_bytes() / 2;
-        (half - ENTRY_HEADER_SIZE - SEAL_SIZE).min(MAX_PAYLOAD)
+        let half = (self.slots / 2) as usize * self.slot_size as usize;
+        (half - ENTRY_HEADER_SIZE - SEAL_SIZE).min(MAX_PAYLOAD) / 8 * 8
     }
 }
 
@@ -168,7 +168,7 @@ pub fn entry_size(payload: usize) -> usize {
 }
 
 /// The decoded fixed part of an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EntryHeader {
     pub index: Index,
     pub ballot: Ballot,
@@ -352,8 +352,11 @@ pub struct ProgressCell {
     /// Highest index durable (durable mode; equals `received` in volatile mode).
     pub persisted: Index,
     pub applied: Index,
-    /// Ring slots consumed since the promise: the flow-control credit.
+    /// Ring slots consumed in this stream: the flow-control credit.
     pub consumed_slots: u64,
+    /// The follower's stream id: it changes whenever the follower restarts reading its ring
+    /// at slot 0 (a promise, a restart, a resync), and cells of old streams are ignored.
+    pub stream: u64,
 }
 
 impl ProgressCell {
@@ -365,13 +368,14 @@ impl ProgressCell {
             self.persisted,
             self.applied,
             self.consumed_slots,
+            self.stream,
         ];
         let mut check = CHECK_KEY;
         for (i, w) in words.iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
             check ^= w.rotate_left(7 * i as u32 + 1);
         }
-        b[40..48].copy_from_slice(&check.to_le_bytes());
+        b[48..56].copy_from_slice(&check.to_le_bytes());
         b
     }
     pub fn decode(b: &[u8]) -> Result<Option<Self>, LayoutError> {
@@ -384,12 +388,12 @@ impl ProgressCell {
         if b[..PROGRESS_ENCODED].iter().all(|&x| x == 0) {
             return Ok(None);
         }
-        let w: [u64; 5] = std::array::from_fn(|i| rd_u64(b, i * 8));
+        let w: [u64; 6] = std::array::from_fn(|i| rd_u64(b, i * 8));
         let mut check = CHECK_KEY;
         for (i, x) in w.iter().enumerate() {
             check ^= x.rotate_left(7 * i as u32 + 1);
         }
-        if rd_u64(b, 40) != check {
+        if rd_u64(b, 48) != check {
             return Err(LayoutError::TornCell);
         }
         Ok(Some(Self {
@@ -398,6 +402,7 @@ impl ProgressCell {
             persisted: w[2],
             applied: w[3],
             consumed_slots: w[4],
+            stream: w[5],
         }))
     }
 }
@@ -484,10 +489,10 @@ mod tests {
     fn remote_write_classes() {
         let size = RingGeometry::new(1 << 16, 64).unwrap().region_bytes();
         assert_eq!(
-            classify_remote_write(2, progress_offset(2), 48, size),
+            classify_remote_write(2, progress_offset(2), PROGRESS_ENCODED, size),
             Ok(WriteTarget::OwnProgress)
         );
-        assert!(classify_remote_write(2, progress_offset(3), 48, size).is_err());
+        assert!(classify_remote_write(2, progress_offset(3), PROGRESS_ENCODED, size).is_err());
         assert!(
             classify_remote_write(2, 0, 8, size).is_err(),
             "magic is never writable"
@@ -538,8 +543,8 @@ mod tests {
         }
 
         #[test]
-        fn cells_round_trip(b in any::<u64>(), r in any::<u64>(), p in any::<u64>(), a in any::<u64>(), c in any::<u64>()) {
-            let cell = ProgressCell { ballot: Ballot(b), received: r, persisted: p, applied: a, consumed_slots: c };
+        fn cells_round_trip(b in any::<u64>(), r in any::<u64>(), p in any::<u64>(), a in any::<u64>(), c in any::<u64>(), s in any::<u64>()) {
+            let cell = ProgressCell { ballot: Ballot(b), received: r, persisted: p, applied: a, consumed_slots: c, stream: s };
             if cell != ProgressCell::default() {
                 prop_assert_eq!(ProgressCell::decode(&cell.encode()).unwrap(), Some(cell));
             }

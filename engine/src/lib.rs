@@ -8,6 +8,7 @@
 pub mod fabric;
 pub mod layout;
 pub mod region;
+pub mod ring;
 pub mod types;
 
 pub use types::{Ballot, Index, NodeId, MAX_NODES};

@@ -113,6 +113,16 @@ impl Region {
         self.cell(offset).store(v, Ordering::Release)
     }
 
+    /// Reads an aligned word anywhere in the region (a seal), `None` out of bounds.
+    pub fn load_word_at(&self, offset: usize) -> Option<u64> {
+        if offset % 8 != 0 || offset.checked_add(8)? > self.len() {
+            return None;
+        }
+        // SAFETY: aligned and in bounds.
+        let a = unsafe { AtomicU64::from_ptr(self.as_ptr().add(offset) as *mut u64) };
+        Some(a.load(Ordering::Acquire))
+    }
+
     /// Zeroes the ring and the cells (a restart in volatile mode forgets everything).
     pub fn clear(&self) {
         let zeros = vec![0u8; self.len() - layout::COMMIT_CELL_OFFSET];
