@@ -49,7 +49,7 @@ pub mod flags {
     pub const KNOWN: u32 = WRAP | NOOP;
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LayoutError {
     /// Fewer bytes than the structure needs.
     Truncated {

@@ -7,6 +7,7 @@
 
 pub mod fabric;
 pub mod layout;
+pub mod protocol;
 pub mod region;
 pub mod ring;
 pub mod types;

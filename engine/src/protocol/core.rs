@@ -1,0 +1,1539 @@
+//! The protocol core: multi-Paxos over a one-sided memory plane, with no I/O and no clock.
+//!
+//! The driver feeds it events (`propose`, `tick`, `handle_*`) and executes the [`Action`]s
+//! it queues, **in order** (a `PersistPromise` completes before the `Send` after it). See
+//! `docs/protocol.md` for the protocol and its invariants; the invariants are asserted
+//! here as contracts.
+
+use super::batch;
+use super::log::{Log, Slot};
+use super::msg::{self, Msg, Promise, RecoverResp};
+use crate::fabric::{Completion, FabricError};
+use crate::layout::{self, flags, CommitCell, EntryHeader, ProgressCell, RingGeometry};
+use crate::ring::RingCursor;
+use crate::types::{Ballot, Index, NodeId};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Durability {
+    /// Chosen once a majority (leader counted) holds the entry in memory, as in Mu.
+    Volatile,
+    /// Chosen once a majority (leader counted after its own sync) has persisted it.
+    Durable,
+}
+
+/// Deliberate protocol bugs, to prove that the simulator's checks can fail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PlantedBugs {
+    /// The acceptor promises any ballot, even one below its promise.
+    pub ignore_promise: bool,
+    /// The leader counts a quorum one short of a majority.
+    pub short_quorum: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Config {
+    pub id: NodeId,
+    /// All replicas, sorted, `id` included.
+    pub members: Vec<NodeId>,
+    pub ring: RingGeometry,
+    pub durability: Durability,
+    /// Entries in flight beyond the commit index.
+    pub window: u64,
+    /// Payload bytes the leader packs into one entry.
+    pub batch_bytes: usize,
+    /// Client commands queued at the leader before `propose` says `Busy`.
+    pub max_queue: usize,
+    /// Ticks without a heartbeat change before a follower suspects its leader.
+    pub heartbeat_timeout: u32,
+    /// Ticks a candidate waits for promises.
+    pub election_timeout: u32,
+    /// Writes outstanding per follower.
+    pub max_outstanding: u32,
+    pub seed: u64,
+    pub bugs: PlantedBugs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    NotAMember(NodeId),
+    BadMembers(String),
+    BatchTooLarge { batch: usize, max: usize },
+    Zero(&'static str),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotAMember(n) => write!(f, "node {n} is not in the member list"),
+            Self::BadMembers(s) => write!(f, "bad member list: {s}"),
+            Self::BatchTooLarge { batch, max } => {
+                write!(
+                    f,
+                    "batch of {batch} bytes exceeds the ring's entry limit {max}"
+                )
+            }
+            Self::Zero(what) => write!(f, "{what} must be positive"),
+        }
+    }
+}
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// A configuration with defaults suited to a real cluster (1 tick = 1 ms).
+    pub fn new(id: NodeId, members: Vec<NodeId>, ring: RingGeometry) -> Config {
+        Config {
+            id,
+            members,
+            ring,
+            durability: Durability::Volatile,
+            window: 256,
+            batch_bytes: 64 << 10,
+            max_queue: 1 << 16,
+            heartbeat_timeout: 100,
+            election_timeout: 100,
+            max_outstanding: 256,
+            seed: u64::from(id) + 1,
+            bugs: PlantedBugs::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.members;
+        if m.is_empty() || m.len() > crate::MAX_NODES {
+            return Err(ConfigError::BadMembers(format!("{} members", m.len())));
+        }
+        if m.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ConfigError::BadMembers("not sorted and unique".into()));
+        }
+        if m.iter().any(|&n| n as usize >= crate::MAX_NODES) {
+            return Err(ConfigError::BadMembers(format!(
+                "ids must be below {}",
+                crate::MAX_NODES
+            )));
+        }
+        if !m.contains(&self.id) {
+            return Err(ConfigError::NotAMember(self.id));
+        }
+        let max = self.ring.max_payload();
+        if self.batch_bytes > max {
+            return Err(ConfigError::BatchTooLarge {
+                batch: self.batch_bytes,
+                max,
+            });
+        }
+        for (v, what) in [
+            (self.window, "window"),
+            (self.batch_bytes as u64, "batch_bytes"),
+            (self.max_queue as u64, "max_queue"),
+            (u64::from(self.heartbeat_timeout), "heartbeat_timeout"),
+            (u64::from(self.election_timeout), "election_timeout"),
+            (u64::from(self.max_outstanding), "max_outstanding"),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(what));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn majority(&self) -> usize {
+        self.members.len() / 2 + 1
+    }
+}
+
+/// Why a proposal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProposeError {
+    /// This replica does not lead; `leader` is the one it believes leads, if any.
+    NotLeader {
+        leader: Option<NodeId>,
+    },
+    TooLarge {
+        len: usize,
+        max: usize,
+    },
+    /// The queue is full; retry later.
+    Busy,
+    ShuttingDown,
+    /// Leadership was lost while the command was in the log: it may or may not be applied.
+    Indeterminate,
+}
+
+impl std::fmt::Display for ProposeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotLeader { leader: Some(l) } => write!(f, "not the leader; try node {l}"),
+            Self::NotLeader { leader: None } => write!(f, "not the leader; leader unknown"),
+            Self::TooLarge { len, max } => write!(f, "command of {len} bytes exceeds {max}"),
+            Self::Busy => write!(f, "proposal queue full"),
+            Self::ShuttingDown => write!(f, "replica shutting down"),
+            Self::Indeterminate => write!(f, "leadership lost; outcome unknown"),
+        }
+    }
+}
+impl std::error::Error for ProposeError {}
+
+/// Bytes of a one-sided write: a shared entry or a small inline cell.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Data {
+    Shared(Arc<[u8]>),
+    Inline { buf: [u8; 64], len: u8 },
+}
+
+impl Data {
+    fn inline(b: &[u8]) -> Data {
+        let mut buf = [0u8; 64];
+        buf[..b.len()].copy_from_slice(b);
+        Data::Inline {
+            buf,
+            len: b.len() as u8,
+        }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Data::Shared(a) => a,
+            Data::Inline { buf, len } => &buf[..*len as usize],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    Write {
+        peer: NodeId,
+        offset: usize,
+        data: Data,
+        token: u64,
+    },
+    Read {
+        peer: NodeId,
+        offset: usize,
+        len: usize,
+        token: u64,
+    },
+    Send {
+        to: NodeId,
+        msg: Msg,
+    },
+    /// Grant ring write permission to this node alone.
+    SetWriter(Option<NodeId>),
+    /// Revoke every peer's write permission, feed every complete entry still in the ring to
+    /// `handle_landed`, then call `handle_fenced`.
+    FenceAndDrain,
+    /// Restart reading the local ring at slot 0: entries of `ballot` from index `expect`.
+    ResetRing {
+        ballot: Ballot,
+        expect: Index,
+    },
+    /// Make the promise durable before executing the next action.
+    PersistPromise(Ballot),
+    /// Durably write entries `from..=to` (replacing anything at or after `from`), then call
+    /// `handle_persisted(seq)`.
+    Persist {
+        from: Index,
+        to: Index,
+        seq: u64,
+    },
+    /// Apply the committed entry at `index` (in order, exactly once per incarnation).
+    Apply {
+        index: Index,
+        entry: Arc<[u8]>,
+    },
+    /// Publish the heartbeat counter in the local header.
+    Heartbeat(u64),
+    Reject {
+        ticket: u64,
+        error: ProposeError,
+    },
+    /// Outstanding proposals of this replica may or may not be applied.
+    LeadershipLost,
+    BecameLeader(Ballot),
+}
+
+/// Write tokens: kind in the top byte, the peer's stream generation, the index.
+const TOK_ENTRY: u64 = 1 << 56;
+const TOK_WRAP: u64 = 2 << 56;
+const TOK_COMMIT: u64 = 3 << 56;
+const TOK_PROGRESS: u64 = 4 << 56;
+const TOK_HEARTBEAT: u64 = 5 << 56;
+
+fn token(kind: u64, gen: u64, index: Index) -> u64 {
+    kind | (gen & 0xffff) << 40 | (index & ((1 << 40) - 1))
+}
+fn token_kind(t: u64) -> u64 {
+    t & (0xff << 56)
+}
+fn token_gen(t: u64) -> u64 {
+    (t >> 40) & 0xffff
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PeerState {
+    /// Has not promised our ballot yet: Prepare is repeated.
+    Unpromised,
+    Streaming,
+    /// Writes failed: wait for outstanding completions, then ask for a new stream.
+    Resyncing {
+        asked_at: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Peer {
+    state: PeerState,
+    stream: u64,
+    gen: u64,
+    next: Index,
+    cursor: RingCursor,
+    consumed: u64,
+    /// Highest index known accepted (volatile) or persisted (durable) by this peer.
+    acked: Index,
+    outstanding: u32,
+    last_contact: u64,
+    commit_sent: Index,
+    commit_sent_at: u64,
+    prepare_sent_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Leadership {
+    ballot: Ballot,
+    peers: BTreeMap<NodeId, Peer>,
+    since: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct Chunks {
+    chunks: u32,
+    got: BTreeMap<u32, Vec<Arc<[u8]>>>,
+    header: Option<(u64, Index, Index)>,
+}
+
+impl Chunks {
+    fn add(&mut self, chunk: u32, chunks: u32, entries: Vec<Arc<[u8]>>) {
+        if self.chunks != chunks {
+            *self = Chunks {
+                chunks,
+                ..Default::default()
+            };
+        }
+        self.got.insert(chunk, entries);
+    }
+    fn complete(&self) -> bool {
+        self.chunks > 0 && self.got.len() == self.chunks as usize
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Candidacy {
+    ballot: Ballot,
+    from: Index,
+    started: u64,
+    last_prepare: u64,
+    /// Per acceptor: stream/received/persisted (in `header`) and entries, possibly chunked.
+    promises: BTreeMap<NodeId, Chunks>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Recovery {
+    nonce: u64,
+    asked_at: u64,
+    answers: BTreeMap<NodeId, (Ballot, Index, Chunks)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Role {
+    Follower,
+    Candidate(Candidacy),
+    Leader(Leadership),
+    Recovering(Recovery),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Fenced {
+    Promise {
+        to: NodeId,
+        ballot: Ballot,
+        from: Index,
+    },
+    Candidacy,
+}
+
+/// The protocol state of one replica.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Core {
+    cfg: Config,
+    promised: Ballot,
+    max_seen: Ballot,
+    log: Log,
+    /// Entries `1..=received` match the current leader's log (the current stream's prefix).
+    received: Index,
+    commit: Index,
+    applied: Index,
+    persisted: Index,
+    persist_seq: u64,
+    /// A persist completion below `persist_barrier` may not raise `persisted` past the cap:
+    /// entries at or above `persist_cap + 1` were overwritten after it was requested.
+    persist_barrier: u64,
+    persist_cap: Index,
+    persist_from: Option<Index>,
+    stream: u64,
+    consumed: u64,
+    role: Role,
+    tick: u64,
+    rng: u64,
+    queue: VecDeque<(u64, Vec<u8>)>,
+    actions: VecDeque<Action>,
+    heartbeat: u64,
+    hb_seen: u64,
+    quiet: u32,
+    backoff: u32,
+    fenced: VecDeque<Fenced>,
+    progress_dirty: bool,
+}
+
+impl Core {
+    /// A replica with empty state: a fresh cluster, or a restart in volatile mode when
+    /// `recovering` (it then rebuilds its state from a majority before it takes part).
+    pub fn new(cfg: Config, recovering: bool) -> Result<Core, ConfigError> {
+        cfg.validate()?;
+        let mut c = Core {
+            rng: cfg.seed | 1,
+            cfg,
+            promised: Ballot::ZERO,
+            max_seen: Ballot::ZERO,
+            log: Log::default(),
+            received: 0,
+            commit: 0,
+            applied: 0,
+            persisted: 0,
+            persist_seq: 0,
+            persist_barrier: 0,
+            persist_cap: Index::MAX,
+            persist_from: None,
+            stream: 0,
+            consumed: 0,
+            role: Role::Follower,
+            tick: 0,
+            queue: VecDeque::new(),
+            actions: VecDeque::new(),
+            heartbeat: 0,
+            hb_seen: 0,
+            quiet: 0,
+            backoff: 0,
+            fenced: VecDeque::new(),
+            progress_dirty: false,
+        };
+        c.stream = c.random() >> 16;
+        if recovering {
+            let nonce = c.random();
+            c.role = Role::Recovering(Recovery {
+                nonce,
+                asked_at: 0,
+                answers: BTreeMap::new(),
+            });
+            c.push(Action::SetWriter(None));
+            c.broadcast(Msg::RecoverReq { nonce });
+        }
+        Ok(c)
+    }
+
+    /// A replica restarted in durable mode from its disk: the promise and the persisted
+    /// entries (encoded, contiguous from index 1).
+    pub fn restore(
+        cfg: Config,
+        promised: Ballot,
+        entries: Vec<Arc<[u8]>>,
+    ) -> Result<Core, ConfigError> {
+        let mut c = Core::new(cfg, false)?;
+        c.promised = promised;
+        c.max_seen = promised;
+        for bytes in entries {
+            let (h, _) = layout::decode_entry(&bytes).expect("restored entries are verified");
+            let (i, slot) = Slot::from_encoded(bytes.clone()).expect("verified");
+            assert_eq!(i, c.log.last() + 1, "restored log must be contiguous");
+            c.log.put(i, slot);
+            // An entry's piggybacked commit vouches for the prefix it was written after.
+            c.commit = c.commit.max(h.commit.min(i));
+        }
+        c.received = c.commit;
+        c.persisted = c.log.last();
+        c.apply_committed();
+        c.rejoin_leader();
+        Ok(c)
+    }
+
+    // ----- accessors -----
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn promised(&self) -> Ballot {
+        self.promised
+    }
+    pub fn commit(&self) -> Index {
+        self.commit
+    }
+    pub fn applied(&self) -> Index {
+        self.applied
+    }
+    pub fn received(&self) -> Index {
+        self.received
+    }
+    pub fn persisted(&self) -> Index {
+        self.persisted
+    }
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, Role::Leader(_))
+    }
+    pub fn is_recovering(&self) -> bool {
+        matches!(self.role, Role::Recovering(_))
+    }
+    pub fn role_name(&self) -> &'static str {
+        match self.role {
+            Role::Follower => "follower",
+            Role::Candidate(_) => "candidate",
+            Role::Leader(_) => "leader",
+            Role::Recovering(_) => "recovering",
+        }
+    }
+    /// The replica this one believes leads.
+    pub fn leader_hint(&self) -> Option<NodeId> {
+        match &self.role {
+            Role::Leader(_) => Some(self.cfg.id),
+            Role::Follower
+                if self.promised != Ballot::ZERO && self.promised.node() != self.cfg.id =>
+            {
+                Some(self.promised.node())
+            }
+            _ => None,
+        }
+    }
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+    /// Largest command `propose` accepts.
+    pub fn max_command(&self) -> usize {
+        self.cfg.batch_bytes - batch::COMMAND_OVERHEAD
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    // ----- events -----
+
+    /// Queues a client command; it is batched into an entry at the next `flush`.
+    pub fn propose(&mut self, ticket: u64, cmd: Vec<u8>) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader_hint(),
+            });
+        }
+        if cmd.len() > self.max_command() {
+            return Err(ProposeError::TooLarge {
+                len: cmd.len(),
+                max: self.max_command(),
+            });
+        }
+        if self.queue.len() >= self.cfg.max_queue {
+            return Err(ProposeError::Busy);
+        }
+        self.queue.push_back((ticket, cmd));
+        Ok(())
+    }
+
+    /// Time passes by one tick.
+    pub fn tick(&mut self) {
+        self.tick += 1;
+        match &self.role {
+            Role::Leader(_) => self.leader_tick(),
+            Role::Candidate(c) => {
+                let (started, last) = (c.started, c.last_prepare);
+                if self.tick - started > u64::from(self.cfg.election_timeout) {
+                    self.give_up_candidacy();
+                } else if self.tick - last >= u64::from(self.cfg.election_timeout / 4).max(1) {
+                    self.resend_prepares();
+                }
+            }
+            Role::Recovering(r) => {
+                if self.tick - r.asked_at >= u64::from(self.cfg.heartbeat_timeout / 2).max(1) {
+                    let nonce = r.nonce;
+                    if let Role::Recovering(r) = &mut self.role {
+                        r.asked_at = self.tick;
+                    }
+                    self.broadcast(Msg::RecoverReq { nonce });
+                }
+            }
+            Role::Follower => self.follower_tick(),
+        }
+    }
+
+    pub fn handle_message(&mut self, from: NodeId, msg: Msg) {
+        if from == self.cfg.id || !self.cfg.members.contains(&from) {
+            return;
+        }
+        match msg {
+            Msg::Prepare { ballot, from: idx } => self.on_prepare(from, ballot, idx),
+            Msg::Promise(p) => self.on_promise(from, p),
+            Msg::Nack {
+                promised,
+                leader_alive,
+            } => self.on_nack(promised, leader_alive),
+            Msg::Resync { ballot } => self.on_resync(from, ballot),
+            Msg::RecoverReq { nonce } => self.on_recover_req(from, nonce),
+            Msg::RecoverResp(r) => self.on_recover_resp(from, r),
+        }
+    }
+
+    /// A complete entry of the current stream was read from the local ring.
+    /// `consumed` is the reader's consumed-slot count after it.
+    pub fn handle_landed(&mut self, h: &EntryHeader, bytes: &[u8], consumed: u64) {
+        self.consumed = consumed;
+        self.progress_dirty = true;
+        // The reader only returns entries of the promised ballot at `received + 1`.
+        if h.ballot != self.promised || h.index != self.received + 1 || self.is_leader() {
+            return;
+        }
+        let (i, slot) = Slot::from_encoded(Arc::from(bytes)).expect("reader verified the entry");
+        self.accept(i, slot);
+        self.received = i;
+        self.learn_commit(h.commit.min(i));
+    }
+
+    /// The fence requested by `FenceAndDrain` is in force and the ring is drained.
+    pub fn handle_fenced(&mut self) {
+        match self.fenced.pop_front() {
+            Some(Fenced::Promise { to, ballot, from }) => self.promise(to, ballot, from),
+            Some(Fenced::Candidacy) => self.start_candidacy(),
+            None => {}
+        }
+    }
+
+    pub fn handle_completion(&mut self, c: Completion) {
+        let (peer, token, result) = match c {
+            Completion::Write {
+                peer,
+                token,
+                result,
+            } => (peer, token, result.map(|_| None)),
+            Completion::Read {
+                peer,
+                token,
+                result,
+            } => (peer, token, result.map(Some)),
+        };
+        match token_kind(token) {
+            TOK_HEARTBEAT => {
+                if let Ok(Some(bytes)) = result {
+                    if Some(peer) == self.leader_hint() && bytes.len() == 8 {
+                        let hb = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+                        if hb != self.hb_seen {
+                            self.hb_seen = hb;
+                            self.quiet = 0;
+                        }
+                    }
+                }
+            }
+            TOK_PROGRESS => {}
+            TOK_ENTRY | TOK_WRAP | TOK_COMMIT => {
+                self.on_write_done(peer, token, result.map(|_| ()))
+            }
+            _ => {}
+        }
+    }
+
+    /// A peer's progress cell in the local header changed.
+    pub fn handle_progress(&mut self, peer: NodeId, cell: ProgressCell) {
+        let durable = self.cfg.durability == Durability::Durable;
+        let tick = self.tick;
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        if cell.ballot != l.ballot {
+            return;
+        }
+        let Some(p) = l.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.state != PeerState::Streaming || cell.stream != p.stream {
+            return;
+        }
+        p.consumed = p.consumed.max(cell.consumed_slots.min(p.cursor.written()));
+        p.last_contact = tick;
+        if durable {
+            // Only what was written in this stream can be vouched for.
+            p.acked = p.acked.max(cell.persisted.min(p.next - 1));
+            self.advance_commit();
+        }
+    }
+
+    /// The commit cell in the local header changed.
+    pub fn handle_commit_cell(&mut self, cell: CommitCell) {
+        if cell.ballot == self.promised && !self.is_leader() {
+            self.learn_commit(cell.commit.min(self.received));
+        }
+    }
+
+    /// The persist request `seq` completed.
+    pub fn handle_persisted(&mut self, seq: u64, to: Index) {
+        if seq >= self.persist_barrier {
+            self.persist_cap = Index::MAX;
+        }
+        let upto = to.min(self.persist_cap).min(self.received);
+        if upto > self.persisted {
+            self.persisted = upto;
+            self.progress_dirty = true;
+            if self.is_leader() {
+                self.advance_commit();
+            }
+        }
+    }
+
+    /// End of a driver step: form and send entries (leader), report progress (follower).
+    pub fn flush(&mut self) {
+        if self.is_leader() {
+            self.replicate();
+        }
+        self.flush_persist();
+        if self.progress_dirty && !self.is_leader() {
+            self.progress_dirty = false;
+            if let Some(l) = self.leader_hint() {
+                let cell = ProgressCell {
+                    ballot: self.promised,
+                    received: self.received,
+                    persisted: self.reported_persisted(),
+                    applied: self.applied,
+                    consumed_slots: self.consumed,
+                    stream: self.stream,
+                };
+                let data = Data::inline(&cell.encode());
+                let offset = layout::progress_offset(self.cfg.id);
+                self.push(Action::Write {
+                    peer: l,
+                    offset,
+                    data,
+                    token: TOK_PROGRESS,
+                });
+            }
+        }
+    }
+
+    /// Gives up leadership and refuses further proposals (shutdown).
+    pub fn shutdown(&mut self) {
+        for (ticket, _) in std::mem::take(&mut self.queue) {
+            self.push(Action::Reject {
+                ticket,
+                error: ProposeError::ShuttingDown,
+            });
+        }
+    }
+
+    // ----- internals -----
+
+    fn push(&mut self, a: Action) {
+        self.actions.push_back(a);
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: deterministic from the seed.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn others(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.cfg
+            .members
+            .iter()
+            .copied()
+            .filter(move |&n| n != self.cfg.id)
+    }
+
+    fn broadcast(&mut self, msg: Msg) {
+        let others: Vec<_> = self.others().collect();
+        for to in others {
+            self.push(Action::Send {
+                to,
+                msg: msg.clone(),
+            });
+        }
+    }
+
+    fn reported_persisted(&self) -> Index {
+        match self.cfg.durability {
+            Durability::Volatile => self.received,
+            Durability::Durable => self.persisted.min(self.received),
+        }
+    }
+
+    /// Accepts `slot` at `i` into the log (and, durably, schedules it for disk).
+    fn accept(&mut self, i: Index, slot: Slot) {
+        if let Some(old) = self.log.get(i) {
+            assert!(
+                slot.ballot >= old.ballot,
+                "contract: accepted ballot at {i} never goes down"
+            );
+            if i <= self.commit {
+                assert_eq!(
+                    old.payload(),
+                    slot.payload(),
+                    "contract: a chosen value never changes"
+                );
+            }
+        }
+        self.log.put(i, slot);
+        if self.cfg.durability == Durability::Durable {
+            if i <= self.persisted || self.persist_from.is_some_and(|f| f > i) {
+                // Overwriting persisted data: completions of older requests stop at i - 1.
+                self.persisted = self.persisted.min(i - 1);
+                self.persist_cap = self.persist_cap.min(i - 1);
+                self.persist_barrier = self.persist_seq + 1;
+            }
+            self.persist_from = Some(self.persist_from.map_or(i, |f| f.min(i)));
+        }
+    }
+
+    fn flush_persist(&mut self) {
+        if let Some(from) = self.persist_from.take() {
+            self.persist_seq += 1;
+            let to = self.log.last();
+            self.push(Action::Persist {
+                from,
+                to,
+                seq: self.persist_seq,
+            });
+        }
+    }
+
+    fn learn_commit(&mut self, c: Index) {
+        if c > self.commit {
+            assert!(c <= self.log.last(), "contract: commit within the log");
+            self.commit = c;
+            self.progress_dirty = true;
+            self.apply_committed();
+        }
+    }
+
+    fn apply_committed(&mut self) {
+        while self.applied < self.commit {
+            self.applied += 1;
+            let entry = self
+                .log
+                .get(self.applied)
+                .expect("committed entry present")
+                .bytes
+                .clone();
+            self.push(Action::Apply {
+                index: self.applied,
+                entry,
+            });
+        }
+    }
+
+    // --- failure detection and elections ---
+
+    fn follower_tick(&mut self) {
+        self.quiet = self.quiet.saturating_add(1);
+        if let Some(l) = self.leader_hint() {
+            self.push(Action::Read {
+                peer: l,
+                offset: layout::HEARTBEAT_OFFSET,
+                len: 8,
+                token: TOK_HEARTBEAT,
+            });
+        }
+        if self.quiet >= self.candidacy_delay() {
+            self.quiet = 0;
+            self.backoff = 0;
+            self.fenced.push_back(Fenced::Candidacy);
+            self.push(Action::FenceAndDrain);
+        }
+    }
+
+    /// Ticks of silence before this replica stands: the timeout, then its turn in a fixed
+    /// order starting after the suspected leader, plus a random back-off after failures.
+    fn candidacy_delay(&self) -> u32 {
+        let n = self.cfg.members.len();
+        let pos = |x: NodeId| self.cfg.members.iter().position(|&m| m == x).unwrap_or(0);
+        let me = pos(self.cfg.id);
+        let rank = if self.promised == Ballot::ZERO {
+            me
+        } else {
+            (me + n - pos(self.promised.node()) - 1) % n
+        };
+        self.cfg.heartbeat_timeout
+            + rank as u32 * (self.cfg.heartbeat_timeout / 2).max(1)
+            + self.backoff
+    }
+
+    fn leader_alive(&self) -> bool {
+        match &self.role {
+            Role::Leader(l) => self.quorum_contact(l),
+            Role::Follower => {
+                self.leader_hint().is_some() && self.quiet < self.cfg.heartbeat_timeout
+            }
+            _ => false,
+        }
+    }
+
+    fn quorum_contact(&self, l: &Leadership) -> bool {
+        let recent = |p: &Peer| {
+            self.tick.saturating_sub(p.last_contact) <= u64::from(self.cfg.heartbeat_timeout)
+        };
+        let alive = 1 + l.peers.values().filter(|p| recent(p)).count();
+        alive >= self.cfg.majority() || self.tick - l.since <= u64::from(self.cfg.heartbeat_timeout)
+    }
+
+    fn start_candidacy(&mut self) {
+        if self.is_leader() || self.is_recovering() {
+            return;
+        }
+        let ballot = self.promised.max(self.max_seen).next_for(self.cfg.id);
+        self.promised = ballot;
+        self.max_seen = ballot;
+        if self.cfg.durability == Durability::Durable {
+            self.push(Action::PersistPromise(ballot));
+        }
+        self.received = self.commit;
+        self.stream = self.stream.wrapping_add(1);
+        let from = self.commit + 1;
+        let mut promises = BTreeMap::new();
+        let own: Vec<_> = self.log.range(from).map(|(_, s)| s.bytes.clone()).collect();
+        promises.insert(
+            self.cfg.id,
+            Chunks {
+                chunks: 1,
+                got: BTreeMap::from([(0, own)]),
+                header: Some((self.stream, self.commit, self.reported_persisted())),
+            },
+        );
+        self.role = Role::Candidate(Candidacy {
+            ballot,
+            from,
+            started: self.tick,
+            last_prepare: self.tick,
+            promises,
+        });
+        self.broadcast(Msg::Prepare { ballot, from });
+        self.try_win();
+    }
+
+    fn resend_prepares(&mut self) {
+        let Role::Candidate(c) = &mut self.role else {
+            return;
+        };
+        c.last_prepare = self.tick;
+        let (ballot, from) = (c.ballot, c.from);
+        let missing: Vec<_> = self
+            .cfg
+            .members
+            .iter()
+            .copied()
+            .filter(|n| c.promises.get(n).is_none_or(|p| !p.complete()))
+            .collect();
+        for to in missing {
+            self.push(Action::Send {
+                to,
+                msg: Msg::Prepare { ballot, from },
+            });
+        }
+    }
+
+    fn give_up_candidacy(&mut self) {
+        self.role = Role::Follower;
+        self.quiet = 0;
+        self.backoff = (self.random() % u64::from(self.cfg.heartbeat_timeout).max(1)) as u32;
+    }
+
+    fn step_down(&mut self) {
+        if let Role::Leader(_) = self.role {
+            self.push(Action::LeadershipLost);
+            for (ticket, _) in std::mem::take(&mut self.queue) {
+                let error = ProposeError::NotLeader { leader: None };
+                self.push(Action::Reject { ticket, error });
+            }
+        }
+        self.role = Role::Follower;
+        self.quiet = 0;
+        self.backoff = (self.random() % u64::from(self.cfg.heartbeat_timeout).max(1)) as u32;
+    }
+
+    // --- acceptor ---
+
+    fn on_prepare(&mut self, from: NodeId, ballot: Ballot, idx: Index) {
+        if self.is_recovering() {
+            return; // amnesia: no answer until recovered
+        }
+        self.max_seen = self.max_seen.max(ballot);
+        let below = ballot < self.promised && !self.cfg.bugs.ignore_promise;
+        if below || ballot.node() != from {
+            let msg = Msg::Nack {
+                promised: self.promised,
+                leader_alive: false,
+            };
+            self.push(Action::Send { to: from, msg });
+            return;
+        }
+        if ballot == self.promised {
+            // A repeated Prepare: answer again, on the same stream.
+            self.send_promise(from, ballot, idx);
+            return;
+        }
+        if self.leader_alive() && self.leader_hint() != Some(from) {
+            let msg = Msg::Nack {
+                promised: self.promised,
+                leader_alive: true,
+            };
+            self.push(Action::Send { to: from, msg });
+            return;
+        }
+        self.fenced.push_back(Fenced::Promise {
+            to: from,
+            ballot,
+            from: idx,
+        });
+        self.push(Action::FenceAndDrain);
+    }
+
+    fn promise(&mut self, to: NodeId, ballot: Ballot, from: Index) {
+        // Re-check: the drain or other events may have changed things since the request.
+        if ballot <= self.promised && !self.cfg.bugs.ignore_promise {
+            return;
+        }
+        if matches!(self.role, Role::Leader(_) | Role::Candidate(_)) {
+            self.step_down();
+        }
+        if !self.cfg.bugs.ignore_promise {
+            assert!(
+                ballot > self.promised,
+                "contract: a promise is never broken"
+            );
+        }
+        self.promised = ballot;
+        self.max_seen = self.max_seen.max(ballot);
+        if self.cfg.durability == Durability::Durable {
+            self.push(Action::PersistPromise(ballot));
+        }
+        self.quiet = 0;
+        self.hb_seen = 0;
+        self.start_stream(to);
+        self.send_promise(to, ballot, from);
+    }
+
+    /// Starts a new ring stream for leader `to`: from slot 0, from `received + 1`.
+    fn start_stream(&mut self, to: NodeId) {
+        self.received = self.commit;
+        self.stream = self.stream.wrapping_add(1);
+        self.consumed = 0;
+        self.push(Action::ResetRing {
+            ballot: self.promised,
+            expect: self.received + 1,
+        });
+        self.push(Action::SetWriter(Some(to)));
+    }
+
+    fn send_promise(&mut self, to: NodeId, ballot: Ballot, from: Index) {
+        let entries: Vec<_> = self.log.range(from).map(|(_, s)| s.bytes.clone()).collect();
+        let chunks = msg::chunk_entries(entries);
+        let n = chunks.len() as u32;
+        for (k, entries) in chunks.into_iter().enumerate() {
+            let p = Promise {
+                ballot,
+                stream: self.stream,
+                received: self.received,
+                persisted: self.reported_persisted(),
+                commit: self.commit,
+                chunk: k as u32,
+                chunks: n,
+                entries,
+            };
+            self.push(Action::Send {
+                to,
+                msg: Msg::Promise(p),
+            });
+        }
+    }
+
+    fn on_resync(&mut self, from: NodeId, ballot: Ballot) {
+        if ballot < self.promised {
+            let msg = Msg::Nack {
+                promised: self.promised,
+                leader_alive: false,
+            };
+            self.push(Action::Send { to: from, msg });
+        } else if ballot == self.promised && ballot.node() == from && !self.is_leader() {
+            // The driver drained the ring before handing us this message, so nothing the
+            // leader saw complete is lost by restarting the stream.
+            self.start_stream(from);
+            self.send_promise_header(from);
+        }
+    }
+
+    /// A promise without entries: "stream to me from `received + 1`".
+    fn send_promise_header(&mut self, to: NodeId) {
+        let p = Promise {
+            ballot: self.promised,
+            stream: self.stream,
+            received: self.received,
+            persisted: self.reported_persisted(),
+            commit: self.commit,
+            chunk: 0,
+            chunks: 1,
+            entries: vec![],
+        };
+        self.push(Action::Send {
+            to,
+            msg: Msg::Promise(p),
+        });
+    }
+
+    fn on_nack(&mut self, promised: Ballot, leader_alive: bool) {
+        self.max_seen = self.max_seen.max(promised);
+        let mine = match &self.role {
+            Role::Candidate(c) => c.ballot,
+            Role::Leader(l) => l.ballot,
+            _ => return,
+        };
+        // A "leader alive" refusal is not a verdict: the candidate keeps asking until its
+        // election times out, by when the refusers may have noticed the silence too.
+        let _ = leader_alive;
+        if promised > mine {
+            self.step_down();
+        }
+    }
+
+    // --- candidate and leader ---
+
+    fn on_promise(&mut self, from: NodeId, p: Promise) {
+        match &mut self.role {
+            Role::Candidate(c) if p.ballot == c.ballot => {
+                let e = c.promises.entry(from).or_default();
+                e.add(p.chunk, p.chunks, p.entries);
+                e.header = Some((p.stream, p.received, p.persisted));
+                self.try_win();
+            }
+            Role::Leader(l) if p.ballot == l.ballot => {
+                let durable = self.cfg.durability == Durability::Durable;
+                let tick = self.tick;
+                let peer = l.peers.get_mut(&from).expect("members have peer state");
+                if peer.state != PeerState::Unpromised && peer.stream == p.stream {
+                    return; // a duplicate
+                }
+                if peer.outstanding > 0 {
+                    // Old-stream writes are in flight; they must finish first.
+                    peer.state = PeerState::Resyncing { asked_at: None };
+                    return;
+                }
+                Self::restart_peer(peer, &p, durable, tick, self.cfg.ring);
+            }
+            _ => {}
+        }
+    }
+
+    fn restart_peer(peer: &mut Peer, p: &Promise, durable: bool, tick: u64, ring: RingGeometry) {
+        peer.state = PeerState::Streaming;
+        peer.stream = p.stream;
+        peer.gen = peer.gen.wrapping_add(1);
+        peer.next = p.received + 1;
+        peer.cursor = RingCursor::new(ring);
+        peer.consumed = 0;
+        peer.acked = if durable {
+            p.persisted.min(p.received)
+        } else {
+            p.received
+        };
+        peer.last_contact = tick;
+        peer.commit_sent = 0;
+    }
+
+    fn try_win(&mut self) {
+        let Role::Candidate(c) = &self.role else {
+            return;
+        };
+        let done = c.promises.values().filter(|p| p.complete()).count();
+        let need = if self.cfg.bugs.short_quorum {
+            self.cfg.majority() - 1
+        } else {
+            self.cfg.majority()
+        };
+        if done < need {
+            return;
+        }
+        let Role::Candidate(c) = std::mem::replace(&mut self.role, Role::Follower) else {
+            unreachable!()
+        };
+        let (ballot, from) = (c.ballot, c.from);
+        // Adopt, per index, the value accepted with the highest ballot.
+        let mut best: BTreeMap<Index, Slot> = BTreeMap::new();
+        for p in c.promises.values().filter(|p| p.complete()) {
+            for bytes in p.got.values().flatten() {
+                let Ok((i, slot)) = Slot::from_encoded(bytes.clone()) else {
+                    continue;
+                };
+                if i < from {
+                    continue;
+                }
+                if best.get(&i).is_none_or(|b| slot.ballot > b.ballot) {
+                    best.insert(i, slot);
+                }
+            }
+        }
+        let end = best
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(from - 1)
+            .max(from - 1);
+        for i in from..=end {
+            let slot = match best.get(&i) {
+                Some(s) => s.restamp(i, ballot, self.commit),
+                None => {
+                    let h = EntryHeader {
+                        index: i,
+                        ballot,
+                        commit: self.commit,
+                        len: 0,
+                        flags: flags::NOOP,
+                    };
+                    Slot::encode(&h, &[])
+                }
+            };
+            self.accept(i, slot);
+        }
+        self.log.truncate_from(end + 1);
+        self.received = end;
+        let durable = self.cfg.durability == Durability::Durable;
+        let mut peers = BTreeMap::new();
+        for n in self.others().collect::<Vec<_>>() {
+            let mut peer = Peer {
+                state: PeerState::Unpromised,
+                stream: 0,
+                gen: 0,
+                next: 1,
+                cursor: RingCursor::new(self.cfg.ring),
+                consumed: 0,
+                acked: 0,
+                outstanding: 0,
+                last_contact: self.tick,
+                commit_sent: 0,
+                commit_sent_at: 0,
+                prepare_sent_at: self.tick,
+            };
+            if let Some(p) = c.promises.get(&n).filter(|p| p.complete()) {
+                let (stream, received, persisted) =
+                    p.header.expect("complete promise has a header");
+                let pr = Promise {
+                    ballot,
+                    stream,
+                    received,
+                    persisted,
+                    commit: 0,
+                    chunk: 0,
+                    chunks: 1,
+                    entries: vec![],
+                };
+                Self::restart_peer(&mut peer, &pr, durable, self.tick, self.cfg.ring);
+            }
+            peers.insert(n, peer);
+        }
+        self.role = Role::Leader(Leadership {
+            ballot,
+            peers,
+            since: self.tick,
+        });
+        self.push(Action::BecameLeader(ballot));
+        self.heartbeat += 1;
+        self.push(Action::Heartbeat(self.heartbeat));
+        self.advance_commit();
+    }
+
+    fn leader_tick(&mut self) {
+        self.heartbeat += 1;
+        self.push(Action::Heartbeat(self.heartbeat));
+        let Role::Leader(l) = &self.role else { return };
+        if !self.quorum_contact(l) {
+            self.step_down();
+            return;
+        }
+        let (ballot, from) = (l.ballot, self.commit + 1);
+        let tick = self.tick;
+        let every = u64::from(self.cfg.heartbeat_timeout / 4).max(1);
+        let mut sends = Vec::new();
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        for (&n, p) in l.peers.iter_mut() {
+            match p.state {
+                PeerState::Unpromised if tick - p.prepare_sent_at >= every => {
+                    p.prepare_sent_at = tick;
+                    sends.push((n, Msg::Prepare { ballot, from }));
+                }
+                PeerState::Resyncing { asked_at } if p.outstanding == 0 => {
+                    if asked_at.is_none_or(|t| tick - t >= every) {
+                        p.state = PeerState::Resyncing {
+                            asked_at: Some(tick),
+                        };
+                        sends.push((n, Msg::Resync { ballot }));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (to, msg) in sends {
+            self.push(Action::Send { to, msg });
+        }
+    }
+
+    /// Forms entries from queued commands and streams the log to every follower.
+    fn replicate(&mut self) {
+        let Role::Leader(l) = &self.role else { return };
+        let ballot = l.ballot;
+        // Adaptive batching: whatever is queued, while the window has room.
+        while !self.queue.is_empty() && self.log.last() - self.commit < self.cfg.window {
+            let mut payload = Vec::with_capacity(self.cfg.batch_bytes.min(64 << 10));
+            while let Some((_, cmd)) = self.queue.front() {
+                let add = batch::COMMAND_OVERHEAD + cmd.len();
+                if !payload.is_empty() && payload.len() + add > self.cfg.batch_bytes {
+                    break;
+                }
+                let (ticket, cmd) = self.queue.pop_front().unwrap();
+                batch::push(&mut payload, batch::origin(self.cfg.id, ticket), &cmd);
+            }
+            let i = self.log.last() + 1;
+            let h = EntryHeader {
+                index: i,
+                ballot,
+                commit: self.commit,
+                len: payload.len() as u32,
+                flags: 0,
+            };
+            self.accept(i, Slot::encode(&h, &payload));
+            self.received = i;
+        }
+        let last = self.log.last();
+        let (tick, commit) = (self.tick, self.commit);
+        let every = u64::from(self.cfg.heartbeat_timeout / 4).max(1);
+        let geo = self.cfg.ring;
+        let max_out = self.cfg.max_outstanding;
+        let mut writes = Vec::new();
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        for (&n, p) in l.peers.iter_mut() {
+            if p.state != PeerState::Streaming {
+                continue;
+            }
+            while p.next <= last && p.outstanding < max_out {
+                let slot = self.log.get(p.next).expect("index within log");
+                if slot.ballot != ballot {
+                    // Catch-up below our adopted range: the chosen value, under our ballot.
+                    let s = slot.restamp(p.next, ballot, commit);
+                    self.log.put(p.next, s);
+                }
+                let slot = self.log.get(p.next).unwrap();
+                let len = layout::peek_len(&slot.bytes).expect("encoded entry");
+                let Some(at) = p.cursor.place(len, p.consumed) else {
+                    break;
+                };
+                if let Some(w) = at.wrap_at {
+                    let wh = EntryHeader {
+                        index: p.next,
+                        ballot,
+                        commit,
+                        len: 0,
+                        flags: flags::WRAP,
+                    };
+                    let mut buf = Vec::new();
+                    layout::encode_entry(&mut buf, &wh, &[]);
+                    let data = Data::inline(&buf);
+                    writes.push(Action::Write {
+                        peer: n,
+                        offset: geo.slot_offset(w),
+                        data,
+                        token: token(TOK_WRAP, p.gen, p.next),
+                    });
+                    p.outstanding += 1;
+                }
+                let data = Data::Shared(slot.bytes.clone());
+                let t = token(TOK_ENTRY, p.gen, p.next);
+                writes.push(Action::Write {
+                    peer: n,
+                    offset: geo.slot_offset(at.slot),
+                    data,
+                    token: t,
+                });
+                p.outstanding += 1;
+                p.next += 1;
+            }
+            let idle = p.next > last && p.outstanding < max_out;
+            if idle && (p.commit_sent < commit || tick - p.commit_sent_at >= every) {
+                p.commit_sent = commit;
+                p.commit_sent_at = tick;
+                let cell = CommitCell { commit, ballot }.encode();
+                let t = token(TOK_COMMIT, p.gen, commit);
+                writes.push(Action::Write {
+                    peer: n,
+                    offset: layout::COMMIT_CELL_OFFSET,
+                    data: Data::inline(&cell),
+                    token: t,
+                });
+                p.outstanding += 1;
+            }
+        }
+        self.actions.extend(writes);
+        self.advance_commit();
+    }
+
+    fn on_write_done(&mut self, peer: NodeId, token: u64, result: Result<(), FabricError>) {
+        let volatile = self.cfg.durability == Durability::Volatile;
+        let tick = self.tick;
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        let Some(p) = l.peers.get_mut(&peer) else {
+            return;
+        };
+        if token_gen(token) != p.gen & 0xffff {
+            // A completion from an earlier stream: nothing to count.
+            if result == Err(FabricError::PermissionDenied(peer)) {
+                self.step_down();
+            }
+            return;
+        }
+        p.outstanding = p.outstanding.saturating_sub(1);
+        match result {
+            Ok(()) => {
+                p.last_contact = tick;
+                let idx = token & ((1 << 40) - 1);
+                if volatile && token_kind(token) == TOK_ENTRY && p.state == PeerState::Streaming {
+                    p.acked = p.acked.max(idx);
+                    self.advance_commit();
+                }
+            }
+            Err(FabricError::PermissionDenied(_)) => self.step_down(),
+            Err(_) => {
+                if p.state == PeerState::Streaming {
+                    p.state = PeerState::Resyncing { asked_at: None };
+                }
+            }
+        }
+    }
+
+    fn advance_commit(&mut self) {
+        let Role::Leader(l) = &self.role else { return };
+        let own = match self.cfg.durability {
+            Durability::Volatile => self.log.last(),
+            Durability::Durable => self.persisted.min(self.log.last()),
+        };
+        let mut acks: Vec<Index> = std::iter::once(own)
+            .chain(l.peers.values().map(|p| p.acked))
+            .collect();
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let q = if self.cfg.bugs.short_quorum {
+            self.cfg.majority() - 1
+        } else {
+            self.cfg.majority()
+        };
+        let chosen = acks[q.max(1) - 1];
+        if chosen > self.commit {
+            self.learn_commit(chosen);
+        }
+    }
+
+    fn rejoin_leader(&mut self) {
+        if self.promised != Ballot::ZERO && self.promised.node() != self.cfg.id {
+            let l = self.promised.node();
+            self.start_stream(l);
+            self.send_promise_header(l);
+        }
+    }
+
+    // --- recovery (volatile mode amnesia) ---
+
+    fn on_recover_req(&mut self, from: NodeId, nonce: u64) {
+        if self.is_recovering() {
+            return;
+        }
+        let entries: Vec<_> = self.log.range(1).map(|(_, s)| s.bytes.clone()).collect();
+        let chunks = msg::chunk_entries(entries);
+        let n = chunks.len() as u32;
+        for (k, entries) in chunks.into_iter().enumerate() {
+            let r = RecoverResp {
+                nonce,
+                promised: self.promised,
+                commit: self.commit,
+                chunk: k as u32,
+                chunks: n,
+                entries,
+            };
+            self.push(Action::Send {
+                to: from,
+                msg: Msg::RecoverResp(r),
+            });
+        }
+    }
+
+    fn on_recover_resp(&mut self, from: NodeId, r: RecoverResp) {
+        let Role::Recovering(rec) = &mut self.role else {
+            return;
+        };
+        if r.nonce != rec.nonce {
+            return;
+        }
+        let e = rec
+            .answers
+            .entry(from)
+            .or_insert_with(|| (r.promised, r.commit, Chunks::default()));
+        e.0 = e.0.max(r.promised);
+        e.1 = e.1.max(r.commit);
+        e.2.add(r.chunk, r.chunks, r.entries);
+        // A majority of the *other* replicas: their promises cover any promise we made
+        // before we forgot it, and their logs cover anything chosen with our help.
+        let others = self.cfg.members.len() - 1;
+        let need = (others / 2 + 1).min(others);
+        let complete: Vec<_> = rec.answers.values().filter(|a| a.2.complete()).collect();
+        if complete.len() < need {
+            return;
+        }
+        let promised = complete.iter().map(|a| a.0).max().unwrap_or(Ballot::ZERO);
+        let commit = complete.iter().map(|a| a.1).max().unwrap_or(0);
+        let mut best: BTreeMap<Index, Slot> = BTreeMap::new();
+        for a in &complete {
+            for bytes in a.2.got.values().flatten() {
+                let Ok((i, slot)) = Slot::from_encoded(bytes.clone()) else {
+                    continue;
+                };
+                if best.get(&i).is_none_or(|b| slot.ballot > b.ballot) {
+                    best.insert(i, slot);
+                }
+            }
+        }
+        self.role = Role::Follower;
+        let mut log = Log::default();
+        for (i, slot) in best {
+            if i != log.last() + 1 {
+                break; // logs are contiguous from 1; a gap would mean a bad answer
+            }
+            log.put(i, slot);
+        }
+        self.log = log;
+        self.promised = promised;
+        self.max_seen = promised;
+        self.commit = commit.min(self.log.last());
+        self.received = self.commit;
+        self.persisted = self.received;
+        self.quiet = 0;
+        self.apply_committed();
+        self.rejoin_leader();
+    }
+}

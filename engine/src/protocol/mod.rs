@@ -1,0 +1,11 @@
+//! The sans-IO protocol: messages, command batches, the accepted log and the core.
+
+pub mod batch;
+pub mod core;
+pub mod log;
+pub mod msg;
+
+pub use self::core::{
+    Action, Config, ConfigError, Core, Data, Durability, PlantedBugs, ProposeError,
+};
+pub use msg::Msg;

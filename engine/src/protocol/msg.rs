@@ -1,0 +1,340 @@
+//! Control messages of the protocol (phase 1, resync, recovery) and their codec.
+//!
+//! Entries inside messages travel in the layout's entry encoding, so they carry their own
+//! checksum and seal. Decoding is total: any bytes give a message or a typed error.
+
+use crate::layout::{self, LayoutError};
+use crate::types::{Ballot, Index};
+use std::sync::Arc;
+
+/// Target size of one message's entry list; a promise or recovery answer larger than this
+/// is sent in several chunks (one entry always fits: `MAX_CONTROL` > the largest entry).
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Msg {
+    /// Phase 1a: promise `ballot` and report what you accepted from `from` on.
+    Prepare {
+        ballot: Ballot,
+        from: Index,
+    },
+    /// Phase 1b, also sent to start a new stream under an already promised ballot.
+    Promise(Promise),
+    /// Refusal: the sender promised `promised`; `leader_alive` when it sees a live leader.
+    Nack {
+        promised: Ballot,
+        leader_alive: bool,
+    },
+    /// Leader to follower: restart your ring stream (after failed writes).
+    Resync {
+        ballot: Ballot,
+    },
+    /// A restarted replica (volatile mode) asks for the cluster's state.
+    RecoverReq {
+        nonce: u64,
+    },
+    RecoverResp(RecoverResp),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Promise {
+    pub ballot: Ballot,
+    /// The follower's new ring stream: the leader writes it from slot 0.
+    pub stream: u64,
+    /// Write the stream from `received + 1`.
+    pub received: Index,
+    pub persisted: Index,
+    pub commit: Index,
+    pub chunk: u32,
+    pub chunks: u32,
+    /// Accepted entries (encoded), ascending by index.
+    pub entries: Vec<Arc<[u8]>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecoverResp {
+    pub nonce: u64,
+    pub promised: Ballot,
+    pub commit: Index,
+    pub chunk: u32,
+    pub chunks: u32,
+    pub entries: Vec<Arc<[u8]>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MsgError {
+    Truncated,
+    UnknownTag(u8),
+    BadChunk { chunk: u32, chunks: u32 },
+    BadEntry(LayoutError),
+    TrailingBytes(usize),
+}
+
+impl std::fmt::Display for MsgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Truncated => write!(f, "truncated control message"),
+            Self::UnknownTag(t) => write!(f, "unknown control message tag {t}"),
+            Self::BadChunk { chunk, chunks } => write!(f, "bad chunk {chunk} of {chunks}"),
+            Self::BadEntry(e) => write!(f, "bad entry in control message: {e}"),
+            Self::TrailingBytes(n) => write!(f, "{n} trailing bytes after control message"),
+        }
+    }
+}
+impl std::error::Error for MsgError {}
+
+const PREPARE: u8 = 1;
+const PROMISE: u8 = 2;
+const NACK: u8 = 3;
+const RESYNC: u8 = 4;
+const RECOVER_REQ: u8 = 5;
+const RECOVER_RESP: u8 = 6;
+
+struct W(Vec<u8>);
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v)
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes())
+    }
+    fn entries(&mut self, es: &[Arc<[u8]>]) {
+        self.u32(es.len() as u32);
+        for e in es {
+            self.u32(e.len() as u32);
+            self.0.extend_from_slice(e);
+        }
+    }
+}
+
+struct R<'a>(&'a [u8]);
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MsgError> {
+        if self.0.len() < n {
+            return Err(MsgError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, MsgError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, MsgError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, MsgError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn chunk(&mut self) -> Result<(u32, u32), MsgError> {
+        let (chunk, chunks) = (self.u32()?, self.u32()?);
+        if chunk >= chunks {
+            return Err(MsgError::BadChunk { chunk, chunks });
+        }
+        Ok((chunk, chunks))
+    }
+    fn entries(&mut self) -> Result<Vec<Arc<[u8]>>, MsgError> {
+        let n = self.u32()? as usize;
+        // Each entry needs at least 4 + 48 bytes: bound the allocation by what is there.
+        if n > self.0.len() / 52 {
+            return Err(MsgError::Truncated);
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = self.u32()? as usize;
+            let bytes = self.take(len)?;
+            let (h, _) = layout::decode_entry(bytes).map_err(MsgError::BadEntry)?;
+            if layout::entry_size(h.len as usize) != len {
+                return Err(MsgError::BadEntry(LayoutError::BadLength(len as u64)));
+            }
+            out.push(Arc::from(bytes));
+        }
+        Ok(out)
+    }
+}
+
+impl Msg {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64));
+        match self {
+            Msg::Prepare { ballot, from } => {
+                w.u8(PREPARE);
+                w.u64(ballot.0);
+                w.u64(*from);
+            }
+            Msg::Promise(p) => {
+                w.u8(PROMISE);
+                for v in [p.ballot.0, p.stream, p.received, p.persisted, p.commit] {
+                    w.u64(v);
+                }
+                w.u32(p.chunk);
+                w.u32(p.chunks);
+                w.entries(&p.entries);
+            }
+            Msg::Nack {
+                promised,
+                leader_alive,
+            } => {
+                w.u8(NACK);
+                w.u64(promised.0);
+                w.u8(u8::from(*leader_alive));
+            }
+            Msg::Resync { ballot } => {
+                w.u8(RESYNC);
+                w.u64(ballot.0);
+            }
+            Msg::RecoverReq { nonce } => {
+                w.u8(RECOVER_REQ);
+                w.u64(*nonce);
+            }
+            Msg::RecoverResp(r) => {
+                w.u8(RECOVER_RESP);
+                w.u64(r.nonce);
+                w.u64(r.promised.0);
+                w.u64(r.commit);
+                w.u32(r.chunk);
+                w.u32(r.chunks);
+                w.entries(&r.entries);
+            }
+        }
+        w.0
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Msg, MsgError> {
+        let mut r = R(bytes);
+        let msg = match r.u8()? {
+            PREPARE => Msg::Prepare {
+                ballot: Ballot(r.u64()?),
+                from: r.u64()?,
+            },
+            PROMISE => {
+                let ballot = Ballot(r.u64()?);
+                let (stream, received, persisted, commit) =
+                    (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let (chunk, chunks) = r.chunk()?;
+                let entries = r.entries()?;
+                Msg::Promise(Promise {
+                    ballot,
+                    stream,
+                    received,
+                    persisted,
+                    commit,
+                    chunk,
+                    chunks,
+                    entries,
+                })
+            }
+            NACK => Msg::Nack {
+                promised: Ballot(r.u64()?),
+                leader_alive: r.u8()? != 0,
+            },
+            RESYNC => Msg::Resync {
+                ballot: Ballot(r.u64()?),
+            },
+            RECOVER_REQ => Msg::RecoverReq { nonce: r.u64()? },
+            RECOVER_RESP => {
+                let (nonce, promised, commit) = (r.u64()?, Ballot(r.u64()?), r.u64()?);
+                let (chunk, chunks) = r.chunk()?;
+                let entries = r.entries()?;
+                Msg::RecoverResp(RecoverResp {
+                    nonce,
+                    promised,
+                    commit,
+                    chunk,
+                    chunks,
+                    entries,
+                })
+            }
+            t => return Err(MsgError::UnknownTag(t)),
+        };
+        if !r.0.is_empty() {
+            return Err(MsgError::TrailingBytes(r.0.len()));
+        }
+        Ok(msg)
+    }
+}
+
+/// Splits `entries` into chunks of about [`CHUNK_BYTES`] (at least one entry each, and at
+/// least one chunk even when empty).
+pub fn chunk_entries(entries: Vec<Arc<[u8]>>) -> Vec<Vec<Arc<[u8]>>> {
+    let mut out = vec![Vec::new()];
+    let mut size = 0;
+    for e in entries {
+        if size + e.len() > CHUNK_BYTES && !out.last().unwrap().is_empty() {
+            out.push(Vec::new());
+            size = 0;
+        }
+        size += e.len();
+        out.last_mut().unwrap().push(e);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{encode_entry, EntryHeader};
+    use proptest::prelude::*;
+
+    fn entry(i: u64, len: usize) -> Arc<[u8]> {
+        let mut b = Vec::new();
+        let h = EntryHeader {
+            index: i,
+            ballot: Ballot::new(2, 1),
+            commit: 0,
+            len: len as u32,
+            flags: 0,
+        };
+        encode_entry(&mut b, &h, &vec![7; len]);
+        Arc::from(b)
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(b in any::<u64>(), x in any::<u64>(), n in 0usize..5, len in 0usize..100) {
+            let es: Vec<_> = (1..=n as u64).map(|i| entry(i, len)).collect();
+            let msgs = [
+                Msg::Prepare { ballot: Ballot(b), from: x },
+                Msg::Promise(Promise { ballot: Ballot(b), stream: x, received: 3, persisted: 2,
+                    commit: 1, chunk: 0, chunks: 1, entries: es.clone() }),
+                Msg::Nack { promised: Ballot(b), leader_alive: x % 2 == 0 },
+                Msg::Resync { ballot: Ballot(b) },
+                Msg::RecoverReq { nonce: x },
+                Msg::RecoverResp(RecoverResp { nonce: x, promised: Ballot(b), commit: 4,
+                    chunk: 1, chunks: 2, entries: es }),
+            ];
+            for m in msgs {
+                prop_assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
+            }
+        }
+
+        #[test]
+        fn decode_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Msg::decode(&bytes);
+        }
+
+        #[test]
+        fn mutations_never_panic(at in any::<prop::sample::Index>(), v in any::<u8>()) {
+            let m = Msg::Promise(Promise { ballot: Ballot(9), stream: 1, received: 3, persisted: 2,
+                commit: 1, chunk: 0, chunks: 1, entries: vec![entry(1, 10), entry(2, 20)] });
+            let mut b = m.encode();
+            let i = at.index(b.len());
+            b[i] = v;
+            let _ = Msg::decode(&b);
+            b.truncate(i);
+            prop_assert!(Msg::decode(&b).is_err());
+        }
+    }
+
+    #[test]
+    fn chunks_respect_budget() {
+        let es: Vec<_> = (1..=40).map(|i| entry(i, 100_000)).collect();
+        let cs = chunk_entries(es);
+        assert!(cs.len() > 1);
+        assert_eq!(cs.iter().map(Vec::len).sum::<usize>(), 40);
+        assert_eq!(chunk_entries(vec![]).len(), 1);
+    }
+}
