@@ -6,10 +6,14 @@
 //! - [`fabric`]: the `Fabric` trait; [`mem_fabric`] is the in-process implementation.
 
 pub mod fabric;
+pub mod driver;
 pub mod layout;
+pub mod mem_fabric;
 pub mod protocol;
 pub mod region;
 pub mod ring;
 pub mod types;
 
 pub use types::{Ballot, Index, NodeId, MAX_NODES};
+#[cfg(feature = "sim")]
+pub mod sim;

@@ -115,7 +115,8 @@ impl RingReader {
     /// Returns the next complete entry of this stream, if it has landed: its header and its
     /// whole encoded bytes. Never trusts byte order: the seal must repeat the index and the
     /// checksum must match, else the entry is still arriving and `None` is returned.
-    pub fn poll(&mut self, region: &Region) -> Option<(EntryHeader, &[u8])> {
+    /// The third element is the consumed-slot count after this entry.
+    pub fn poll(&mut self, region: &Region) -> Option<(EntryHeader, &[u8], u64)> {
         loop {
             if self.slot == self.geo.slots {
                 self.slot = 0;
@@ -156,7 +157,7 @@ impl RingReader {
             self.slot += span;
             self.consumed += u64::from(span);
             self.expect += 1;
-            return Some((h, &self.buf));
+            return Some((h, &self.buf, self.consumed));
         }
     }
 }
@@ -213,7 +214,7 @@ mod tests {
                 }
                 // Read, sometimes lagging behind.
                 for _ in 0..=(steps % (lag + 1)) {
-                    if let Some((h, bytes)) = rd.poll(&region) {
+                    if let Some((h, bytes, _)) = rd.poll(&region) {
                         prop_assert_eq!(h.index as usize, next_read + 1);
                         prop_assert_eq!(h.len as usize, sizes[next_read]);
                         let (_, p) = layout::decode_entry(bytes).unwrap();

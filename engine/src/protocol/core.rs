@@ -957,11 +957,12 @@ impl Core {
 
     fn step_down(&mut self) {
         if let Role::Leader(_) = self.role {
-            self.push(Action::LeadershipLost);
+            // Queued commands never entered the log: they definitely failed.
             for (ticket, _) in std::mem::take(&mut self.queue) {
                 let error = ProposeError::NotLeader { leader: None };
                 self.push(Action::Reject { ticket, error });
             }
+            self.push(Action::LeadershipLost);
         }
         self.role = Role::Follower;
         self.quiet = 0;

@@ -1,0 +1,334 @@
+//! The replica driver: runs the core over any [`Fabric`], applies committed commands to a
+//! [`StateMachine`], and completes client tickets.
+//!
+//! `Replica::step` is one non-blocking turn of the replication loop; the simulator calls it
+//! directly, and [`crate::runtime`] calls it from a pinned thread.
+
+use crate::fabric::{Completion, Fabric, FabricEvent};
+use crate::layout::{self, CommitCell, ProgressCell};
+use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
+use crate::ring::RingReader;
+use crate::types::{Ballot, Index, NodeId};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// The replicated application. `apply` must be deterministic.
+pub trait StateMachine: Send {
+    fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8>;
+}
+
+/// Durable state of an acceptor (durable mode). Both calls return only once durable.
+pub trait Storage: Send {
+    fn save_promise(&mut self, ballot: Ballot) -> std::io::Result<()>;
+    /// Replaces every entry at or after the first one's index by `entries` (encoded).
+    fn persist(&mut self, entries: &[Arc<[u8]>]) -> std::io::Result<()>;
+}
+
+/// The outcome of one proposal.
+pub type Outcome = Result<Vec<u8>, ProposeError>;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub steps: u64,
+    pub applied_commands: u64,
+    pub bad_messages: u64,
+    pub storage_errors: u64,
+}
+
+pub struct Replica<F: Fabric, S: StateMachine> {
+    core: Core,
+    fabric: F,
+    sm: S,
+    storage: Option<Box<dyn Storage>>,
+    reader: RingReader,
+    events: Vec<FabricEvent>,
+    /// Tickets proposed here and not yet completed.
+    pending: HashSet<u64>,
+    completed: Vec<(u64, Outcome)>,
+    next_ticket: u64,
+    ticks: u64,
+    commit_cell: Option<CommitCell>,
+    progress: Vec<Option<ProgressCell>>,
+    /// Set after a storage failure: this replica stops acknowledging anything.
+    failed: Option<String>,
+    stats: Stats,
+}
+
+impl<F: Fabric, S: StateMachine> Replica<F, S> {
+    pub fn new(core: Core, fabric: F, sm: S, storage: Option<Box<dyn Storage>>) -> Self {
+        assert_eq!(core.id(), fabric.node(), "fabric and core disagree on the node id");
+        let ring = fabric.region().info().ring;
+        assert_eq!(ring, core.config().ring, "fabric region and config disagree on the ring");
+        Replica {
+            reader: RingReader::new(ring),
+            core,
+            fabric,
+            sm,
+            storage,
+            events: Vec::with_capacity(256),
+            pending: HashSet::new(),
+            completed: Vec::new(),
+            next_ticket: 1,
+            ticks: 0,
+            commit_cell: None,
+            progress: vec![None; crate::MAX_NODES],
+            failed: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Convenience: a fresh core from `cfg`.
+    pub fn with_config(cfg: Config, recovering: bool, fabric: F, sm: S) -> Result<Self, ConfigError> {
+        Ok(Self::new(Core::new(cfg, recovering)?, fabric, sm, None))
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+    pub fn fabric(&self) -> &F {
+        &self.fabric
+    }
+    pub fn fabric_mut(&mut self) -> &mut F {
+        &mut self.fabric
+    }
+    pub fn state_machine(&self) -> &S {
+        &self.sm
+    }
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Proposes `cmd`; the returned ticket completes (see `take_completed`) once the
+    /// command is applied here, or with an error.
+    pub fn propose(&mut self, cmd: Vec<u8>) -> Result<u64, ProposeError> {
+        if self.failed.is_some() {
+            return Err(ProposeError::ShuttingDown);
+        }
+        let ticket = self.next_ticket;
+        self.core.propose(ticket, cmd)?;
+        self.next_ticket += 1;
+        self.pending.insert(ticket);
+        Ok(ticket)
+    }
+
+    /// Completed tickets since the last call.
+    pub fn take_completed(&mut self) -> std::vec::Drain<'_, (u64, Outcome)> {
+        self.completed.drain(..)
+    }
+
+    /// One turn of the loop: `now_ticks` is the driver's clock in ticks. Returns whether
+    /// anything happened (for the idle strategy).
+    pub fn step(&mut self, now_ticks: u64) -> bool {
+        self.stats.steps += 1;
+        let mut busy = self.fabric.poll(&mut self.events) > 0;
+        busy |= self.drain_ring();
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
+            match ev {
+                FabricEvent::Completion(c) => self.core.handle_completion(c),
+                FabricEvent::Message { from, bytes } => match Msg::decode(&bytes) {
+                    Ok(m) => self.core.handle_message(from, m),
+                    Err(e) => {
+                        self.stats.bad_messages += 1;
+                        tracing::warn!(node = self.core.id(), from, "dropping control message: {e}");
+                    }
+                },
+            }
+        }
+        self.events = events;
+        busy |= self.poll_cells();
+        while self.ticks < now_ticks {
+            self.ticks += 1;
+            self.core.tick();
+            busy = true;
+        }
+        self.core.flush();
+        busy |= self.execute();
+        if let Err(e) = self.fabric.flush() {
+            tracing::warn!(node = self.core.id(), "fabric flush: {e}");
+        }
+        busy
+    }
+
+    /// Stops: queued proposals fail with `ShuttingDown`.
+    pub fn shutdown(&mut self) {
+        self.core.shutdown();
+        self.execute();
+        for t in self.pending.drain() {
+            self.completed.push((t, Err(ProposeError::ShuttingDown)));
+        }
+    }
+
+    fn drain_ring(&mut self) -> bool {
+        let region = self.fabric.region().clone();
+        let mut any = false;
+        while let Some((h, bytes, consumed)) = self.reader.poll(&region) {
+            self.core.handle_landed(&h, bytes, consumed);
+            any = true;
+        }
+        any
+    }
+
+    fn poll_cells(&mut self) -> bool {
+        let region = self.fabric.region().clone();
+        let mut any = false;
+        let mut buf = [0u8; layout::PROGRESS_ENCODED];
+        region.read(layout::COMMIT_CELL_OFFSET, &mut buf[..layout::COMMIT_CELL_SIZE]).expect("in bounds");
+        if let Ok(Some(c)) = CommitCell::decode(&buf) {
+            if self.commit_cell != Some(c) {
+                self.commit_cell = Some(c);
+                self.core.handle_commit_cell(c);
+                any = true;
+            }
+        }
+        if self.core.is_leader() {
+            let (me, members) = (self.core.id(), self.core.config().members.clone());
+            for n in members.into_iter().filter(|&n| n != me) {
+                region.read(layout::progress_offset(n), &mut buf).expect("in bounds");
+                if let Ok(Some(cell)) = ProgressCell::decode(&buf) {
+                    if self.progress[n as usize] != Some(cell) {
+                        self.progress[n as usize] = Some(cell);
+                        self.core.handle_progress(n, cell);
+                        any = true;
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn execute(&mut self) -> bool {
+        let mut any = false;
+        while let Some(a) = self.core.poll_action() {
+            any = true;
+            self.execute_one(a);
+        }
+        any
+    }
+
+    fn execute_one(&mut self, a: Action) {
+        let me = self.core.id();
+        // A replica whose disk failed acknowledges nothing any more.
+        if self.failed.is_some() && matches!(a, Action::Send { .. } | Action::Write { .. }) {
+            return;
+        }
+        match a {
+            Action::Write { peer, offset, data, token } => {
+                if let Err(e) = self.fabric.write(peer, offset, data.as_slice(), token) {
+                    self.core.handle_completion(Completion::Write { peer, token, result: Err(e) });
+                }
+            }
+            Action::Read { peer, offset, len, token } => {
+                if let Err(e) = self.fabric.read(peer, offset, len, token) {
+                    self.core.handle_completion(Completion::Read { peer, token, result: Err(e) });
+                }
+            }
+            Action::Send { to, msg } => {
+                if let Err(e) = self.fabric.send(to, &msg.encode()) {
+                    tracing::debug!(node = me, to, "send failed: {e}");
+                }
+            }
+            Action::SetWriter(w) => {
+                if let Err(e) = self.fabric.set_writer(w) {
+                    tracing::error!(node = me, "set_writer({w:?}) failed: {e}");
+                }
+            }
+            Action::FenceAndDrain => {
+                if let Err(e) = self.fabric.set_writer(None) {
+                    tracing::error!(node = me, "fence failed: {e}");
+                }
+                self.drain_ring();
+                self.core.handle_fenced();
+            }
+            Action::ResetRing { ballot, expect } => self.reader.reset(ballot, expect),
+            Action::PersistPromise(b) => {
+                if let Some(s) = self.storage.as_mut() {
+                    if let Err(e) = s.save_promise(b) {
+                        self.fail(format!("saving promise {b}: {e}"));
+                    }
+                }
+            }
+            Action::Persist { from, to, seq } => {
+                let entries: Vec<_> = (from..=to)
+                    .filter_map(|i| self.core.log().get(i).map(|s| s.bytes.clone()))
+                    .collect();
+                let ok = match self.storage.as_mut() {
+                    Some(s) => match s.persist(&entries) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            self.fail(format!("persisting entries {from}..={to}: {e}"));
+                            false
+                        }
+                    },
+                    None => true,
+                };
+                if ok {
+                    self.core.handle_persisted(seq, to);
+                }
+            }
+            Action::Apply { index, entry } => self.apply(index, &entry),
+            Action::Heartbeat(v) => self.fabric.region().store_word(layout::HEARTBEAT_OFFSET, v),
+            Action::Reject { ticket, error } => {
+                if self.pending.remove(&ticket) {
+                    self.completed.push((ticket, Err(error)));
+                }
+            }
+            Action::LeadershipLost => {
+                tracing::info!(node = me, "lost leadership");
+                for t in self.pending.drain() {
+                    self.completed.push((t, Err(ProposeError::Indeterminate)));
+                }
+            }
+            Action::BecameLeader(b) => tracing::info!(node = me, ballot = %b, "leading"),
+        }
+    }
+
+    fn apply(&mut self, index: Index, entry: &[u8]) {
+        let (h, payload) = layout::decode_entry(entry).expect("committed entries are verified");
+        if h.flags & layout::flags::NOOP != 0 {
+            return;
+        }
+        for item in batch::iter(payload) {
+            let Ok((origin, cmd)) = item else {
+                tracing::error!(node = self.core.id(), index, "malformed batch in a chosen entry");
+                break;
+            };
+            let out = self.sm.apply(index, cmd);
+            self.stats.applied_commands += 1;
+            if batch::origin_node(origin) == self.core.id() {
+                let t = batch::origin_ticket(origin);
+                if self.pending.remove(&t) {
+                    self.completed.push((t, Ok(out)));
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!(node = self.core.id(), "storage failure, no longer acknowledging: {why}");
+        self.stats.storage_errors += 1;
+        self.failed = Some(why);
+    }
+}
+
+impl<F: Fabric, S: StateMachine> std::fmt::Debug for Replica<F, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").field("node", &self.core.id()).field("role", &self.core.role_name()).finish()
+    }
+}
+
+/// Who this replica is, for status displays.
+pub fn describe(core: &Core) -> String {
+    format!(
+        "node={} role={} ballot={} commit={} applied={} leader={:?}",
+        core.id(),
+        core.role_name(),
+        core.promised(),
+        core.commit(),
+        core.applied(),
+        core.leader_hint().map(NodeId::from)
+    )
+}

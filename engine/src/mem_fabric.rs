@@ -1,0 +1,359 @@
+//! `MemFabric`: the fabric inside one process.
+//!
+//! Two modes. *Instant*: a write lands when posted and completes at once (threads in one
+//! process, benchmarks). *Simulated*: every operation is queued with a latency drawn from a
+//! seeded generator and happens when the simulator calls [`MemNet::deliver_until`], with
+//! fault injection: crashed nodes, partitions, loss/duplication/reordering of control
+//! messages, delayed and failed writes. Writes between a pair stay in order, as on an RC
+//! queue pair; control messages may be reordered.
+
+use crate::fabric::{Completion, Fabric, FabricError, FabricEvent, MAX_CONTROL};
+use crate::layout::{classify_remote_write, WriteTarget};
+use crate::region::Region;
+use crate::types::NodeId;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// Fault probabilities (per mille) and latencies (simulated time units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Faults {
+    pub latency_min: u64,
+    pub latency_max: u64,
+    pub msg_loss: u32,
+    pub msg_dup: u32,
+    pub msg_reorder: u32,
+    /// A write fails (connection error) without landing.
+    pub write_fail: u32,
+    /// A write is delayed by up to `slow_extra`.
+    pub write_slow: u32,
+    pub slow_extra: u64,
+}
+
+impl Faults {
+    pub fn none() -> Faults {
+        Faults {
+            latency_min: 1,
+            latency_max: 3,
+            msg_loss: 0,
+            msg_dup: 0,
+            msg_reorder: 0,
+            write_fail: 0,
+            write_slow: 0,
+            slow_extra: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Op {
+    Write { from: NodeId, to: NodeId, offset: usize, data: Vec<u8>, token: u64 },
+    Read { from: NodeId, to: NodeId, offset: usize, len: usize, token: u64 },
+    Msg { from: NodeId, to: NodeId, bytes: Vec<u8> },
+    Done { to: NodeId, c: Completion },
+}
+
+struct Timed(u64, u64, Op);
+impl PartialEq for Timed {
+    fn eq(&self, o: &Self) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+impl Eq for Timed {}
+impl PartialOrd for Timed {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Timed {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.0, o.1).cmp(&(self.0, self.1)) // min-heap
+    }
+}
+
+struct Node {
+    region: Arc<Region>,
+    writer: Option<NodeId>,
+    inbox: VecDeque<FabricEvent>,
+    up: bool,
+}
+
+struct Sim {
+    now: u64,
+    seq: u64,
+    rng: u64,
+    faults: Faults,
+    queue: BinaryHeap<Timed>,
+    /// Last delivery time per ordered (from, to) pair, to keep one-sided ops in order.
+    fifo: BTreeMap<(NodeId, NodeId), u64>,
+}
+
+struct Net {
+    nodes: BTreeMap<NodeId, Node>,
+    sim: Option<Sim>,
+    cut: BTreeSet<(NodeId, NodeId)>,
+}
+
+/// The shared in-process network.
+#[derive(Clone)]
+pub struct MemNet(Arc<Mutex<Net>>);
+
+impl MemNet {
+    pub fn instant() -> MemNet {
+        MemNet(Arc::new(Mutex::new(Net { nodes: BTreeMap::new(), sim: None, cut: BTreeSet::new() })))
+    }
+
+    pub fn simulated(seed: u64, faults: Faults) -> MemNet {
+        let sim = Sim { now: 0, seq: 0, rng: seed | 1, faults, queue: BinaryHeap::new(), fifo: BTreeMap::new() };
+        MemNet(Arc::new(Mutex::new(Net { nodes: BTreeMap::new(), sim: Some(sim), cut: BTreeSet::new() })))
+    }
+
+    /// Attaches (or re-attaches, after a restart) `node` with its region.
+    pub fn attach(&self, node: NodeId, region: Arc<Region>) -> MemFabric {
+        let mut n = self.0.lock().unwrap();
+        n.nodes.insert(node, Node { region: region.clone(), writer: None, inbox: VecDeque::new(), up: true });
+        MemFabric { node, region, net: self.clone() }
+    }
+
+    /// The node stops: it receives nothing more; operations towards it fail.
+    pub fn crash(&self, node: NodeId) {
+        if let Some(n) = self.0.lock().unwrap().nodes.get_mut(&node) {
+            n.up = false;
+            n.inbox.clear();
+        }
+    }
+
+    /// Cuts (or restores) both directions between `a` and `b`.
+    pub fn set_link(&self, a: NodeId, b: NodeId, up: bool) {
+        let mut n = self.0.lock().unwrap();
+        for k in [(a, b), (b, a)] {
+            if up {
+                n.cut.remove(&k);
+            } else {
+                n.cut.insert(k);
+            }
+        }
+    }
+
+    pub fn heal_all(&self) {
+        self.0.lock().unwrap().cut.clear();
+    }
+
+    pub fn set_faults(&self, f: Faults) {
+        if let Some(s) = self.0.lock().unwrap().sim.as_mut() {
+            s.faults = f;
+        }
+    }
+
+    pub fn now(&self) -> u64 {
+        self.0.lock().unwrap().sim.as_ref().map_or(0, |s| s.now)
+    }
+
+    /// Simulated mode: performs every operation due at or before `t`.
+    pub fn deliver_until(&self, t: u64) {
+        let mut n = self.0.lock().unwrap();
+        loop {
+            let sim = n.sim.as_mut().expect("simulated network");
+            match sim.queue.peek() {
+                Some(op) if op.0 <= t => {}
+                _ => {
+                    sim.now = t;
+                    return;
+                }
+            }
+            let Timed(at, _, op) = sim.queue.pop().unwrap();
+            sim.now = at;
+            n.perform(op);
+        }
+    }
+}
+
+impl Sim {
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn chance(&mut self, per_mille: u32) -> bool {
+        per_mille > 0 && self.random() % 1000 < u64::from(per_mille)
+    }
+    fn latency(&mut self) -> u64 {
+        let f = self.faults;
+        f.latency_min + self.random() % (f.latency_max - f.latency_min + 1)
+    }
+    fn schedule(&mut self, at: u64, op: Op) {
+        self.seq += 1;
+        self.queue.push(Timed(at, self.seq, op));
+    }
+    /// Schedules an in-order one-sided operation on the (from, to) pair.
+    fn schedule_fifo(&mut self, from: NodeId, to: NodeId, extra: u64, op: Op) {
+        let at = self.now + self.latency() + extra;
+        let last = self.fifo.entry((from, to)).or_insert(0);
+        let at = at.max(*last);
+        *last = at;
+        self.schedule(at, op);
+    }
+}
+
+impl Net {
+    fn reachable(&self, from: NodeId, to: NodeId) -> bool {
+        !self.cut.contains(&(from, to)) && self.nodes.get(&to).is_some_and(|n| n.up)
+    }
+
+    fn complete(&mut self, to: NodeId, c: Completion) {
+        match self.sim.as_mut() {
+            Some(s) => {
+                // Completions travel back in order with the pair's other operations.
+                let (a, b) = match &c {
+                    Completion::Write { peer, .. } | Completion::Read { peer, .. } => (*peer, to),
+                };
+                s.schedule_fifo(a, b, 0, Op::Done { to, c });
+            }
+            None => {
+                if let Some(n) = self.nodes.get_mut(&to) {
+                    n.inbox.push_back(FabricEvent::Completion(c));
+                }
+            }
+        }
+    }
+
+    fn perform(&mut self, op: Op) {
+        match op {
+            Op::Write { from, to, offset, data, token } => {
+                let failed = self.sim.as_mut().is_some_and(|s| {
+                    let p = s.faults.write_fail;
+                    s.chance(p)
+                });
+                let result = if failed || !self.reachable(from, to) {
+                    Err(FabricError::Disconnected(to))
+                } else {
+                    let n = self.nodes.get_mut(&to).unwrap();
+                    match classify_remote_write(from, offset, data.len(), n.region.len()) {
+                        Err(_) => Err(FabricError::OutOfBounds(to)),
+                        Ok(WriteTarget::Ring) if n.writer != Some(from) => Err(FabricError::PermissionDenied(to)),
+                        Ok(_) => {
+                            n.region.write(offset, &data).expect("classified in bounds");
+                            Ok(())
+                        }
+                    }
+                };
+                self.complete(from, Completion::Write { peer: to, token, result });
+            }
+            Op::Read { from, to, offset, len, token } => {
+                let result = if !self.reachable(from, to) {
+                    Err(FabricError::Disconnected(to))
+                } else {
+                    let mut buf = vec![0u8; len];
+                    match self.nodes[&to].region.read(offset, &mut buf) {
+                        Ok(()) => Ok(buf),
+                        Err(_) => Err(FabricError::OutOfBounds(to)),
+                    }
+                };
+                self.complete(from, Completion::Read { peer: to, token, result });
+            }
+            Op::Msg { from, to, bytes } => {
+                if self.reachable(from, to) {
+                    let n = self.nodes.get_mut(&to).unwrap();
+                    n.inbox.push_back(FabricEvent::Message { from, bytes });
+                }
+            }
+            Op::Done { to, c } => {
+                if let Some(n) = self.nodes.get_mut(&to).filter(|n| n.up) {
+                    n.inbox.push_back(FabricEvent::Completion(c));
+                }
+            }
+        }
+    }
+
+    fn post(&mut self, op: Op) {
+        let Some(s) = self.sim.as_mut() else {
+            return self.perform(op);
+        };
+        match op {
+            Op::Msg { from, to, bytes } => {
+                if s.chance(s.faults.msg_loss) {
+                    return;
+                }
+                let reorder = if s.chance(s.faults.msg_reorder) { s.faults.latency_max * 4 } else { 0 };
+                let at = s.now + s.latency() + reorder;
+                if s.chance(s.faults.msg_dup) {
+                    let at2 = s.now + s.latency();
+                    s.schedule(at2, Op::Msg { from, to, bytes: bytes.clone() });
+                }
+                s.schedule(at, Op::Msg { from, to, bytes });
+            }
+            Op::Write { from, to, .. } | Op::Read { from, to, .. } => {
+                let extra = if s.chance(s.faults.write_slow) {
+                    s.random() % (s.faults.slow_extra + 1)
+                } else {
+                    0
+                };
+                s.schedule_fifo(from, to, extra, op);
+            }
+            Op::Done { .. } => unreachable!("completions are not posted"),
+        }
+    }
+}
+
+/// One node's handle on a [`MemNet`].
+pub struct MemFabric {
+    node: NodeId,
+    region: Arc<Region>,
+    net: MemNet,
+}
+
+impl MemFabric {
+    fn check_peer(&self, n: &Net, peer: NodeId) -> Result<(), FabricError> {
+        if peer == self.node || !n.nodes.contains_key(&peer) {
+            return Err(FabricError::UnknownPeer(peer));
+        }
+        Ok(())
+    }
+}
+
+impl Fabric for MemFabric {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+    fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+    fn write(&mut self, peer: NodeId, offset: usize, data: &[u8], token: u64) -> Result<(), FabricError> {
+        let mut n = self.net.0.lock().unwrap();
+        self.check_peer(&n, peer)?;
+        n.post(Op::Write { from: self.node, to: peer, offset, data: data.to_vec(), token });
+        Ok(())
+    }
+    fn read(&mut self, peer: NodeId, offset: usize, len: usize, token: u64) -> Result<(), FabricError> {
+        let mut n = self.net.0.lock().unwrap();
+        self.check_peer(&n, peer)?;
+        n.post(Op::Read { from: self.node, to: peer, offset, len, token });
+        Ok(())
+    }
+    fn send(&mut self, peer: NodeId, msg: &[u8]) -> Result<(), FabricError> {
+        if msg.len() > MAX_CONTROL {
+            return Err(FabricError::TooLarge { len: msg.len(), max: MAX_CONTROL });
+        }
+        let mut n = self.net.0.lock().unwrap();
+        self.check_peer(&n, peer)?;
+        n.post(Op::Msg { from: self.node, to: peer, bytes: msg.to_vec() });
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), FabricError> {
+        Ok(())
+    }
+    fn poll(&mut self, out: &mut Vec<FabricEvent>) -> usize {
+        let mut n = self.net.0.lock().unwrap();
+        let Some(me) = n.nodes.get_mut(&self.node) else { return 0 };
+        let k = me.inbox.len();
+        out.extend(me.inbox.drain(..));
+        k
+    }
+    fn set_writer(&mut self, writer: Option<NodeId>) -> Result<(), FabricError> {
+        let mut n = self.net.0.lock().unwrap();
+        if let Some(me) = n.nodes.get_mut(&self.node) {
+            me.writer = writer;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! The simulator's workload: a tiny key-value register store, its command codec, its
+//! state machine, and its sequential specification for the linearizability checker.
+
+use crate::driver::StateMachine;
+use crate::types::Index;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    Put(u8, u64),
+    Get(u8),
+    Cas(u8, u64, u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ret {
+    Ok,
+    Value(u64),
+    Cas(bool),
+}
+
+impl Op {
+    pub fn key(&self) -> u8 {
+        match *self {
+            Op::Put(k, _) | Op::Get(k) | Op::Cas(k, _, _) => k,
+        }
+    }
+}
+
+/// A command: a unique id (so the checks can find it) and the operation.
+pub fn encode(id: u64, op: Op) -> Vec<u8> {
+    let mut b = Vec::with_capacity(26);
+    b.extend_from_slice(&id.to_le_bytes());
+    let (tag, k, x, y) = match op {
+        Op::Put(k, v) => (1u8, k, v, 0),
+        Op::Get(k) => (2, k, 0, 0),
+        Op::Cas(k, o, n) => (3, k, o, n),
+    };
+    b.push(tag);
+    b.push(k);
+    b.extend_from_slice(&x.to_le_bytes());
+    b.extend_from_slice(&y.to_le_bytes());
+    b
+}
+
+pub fn decode(b: &[u8]) -> Option<(u64, Op)> {
+    if b.len() != 26 {
+        return None;
+    }
+    let id = u64::from_le_bytes(b[0..8].try_into().ok()?);
+    let k = b[9];
+    let x = u64::from_le_bytes(b[10..18].try_into().ok()?);
+    let y = u64::from_le_bytes(b[18..26].try_into().ok()?);
+    let op = match b[8] {
+        1 => Op::Put(k, x),
+        2 => Op::Get(k),
+        3 => Op::Cas(k, x, y),
+        _ => return None,
+    };
+    Some((id, op))
+}
+
+pub fn encode_ret(r: Ret) -> Vec<u8> {
+    match r {
+        Ret::Ok => vec![0],
+        Ret::Value(v) => {
+            let mut b = vec![1];
+            b.extend_from_slice(&v.to_le_bytes());
+            b
+        }
+        Ret::Cas(ok) => vec![2, u8::from(ok)],
+    }
+}
+
+pub fn decode_ret(b: &[u8]) -> Option<Ret> {
+    match b.first()? {
+        0 => Some(Ret::Ok),
+        1 => Some(Ret::Value(u64::from_le_bytes(b.get(1..9)?.try_into().ok()?))),
+        2 => Some(Ret::Cas(*b.get(1)? != 0)),
+        _ => None,
+    }
+}
+
+/// Sequential specification of the store (absent keys read as 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Spec(pub BTreeMap<u8, u64>);
+
+impl Spec {
+    pub fn apply(&mut self, op: &Op) -> Ret {
+        match *op {
+            Op::Put(k, v) => {
+                self.0.insert(k, v);
+                Ret::Ok
+            }
+            Op::Get(k) => Ret::Value(self.0.get(&k).copied().unwrap_or(0)),
+            Op::Cas(k, o, n) => {
+                let cur = self.0.get(&k).copied().unwrap_or(0);
+                if cur == o {
+                    self.0.insert(k, n);
+                }
+                Ret::Cas(cur == o)
+            }
+        }
+    }
+}
+
+impl stateright::semantics::SequentialSpec for Spec {
+    type Op = Op;
+    type Ret = Ret;
+    fn invoke(&mut self, op: &Op) -> Ret {
+        self.apply(op)
+    }
+}
+
+/// The replicated state machine: the store, plus a record of what it applied, in order.
+#[derive(Debug, Default)]
+pub struct Machine {
+    pub store: Spec,
+    pub applied: Vec<(Index, u64)>,
+}
+
+impl StateMachine for Machine {
+    fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
+        match decode(command) {
+            Some((id, op)) => {
+                self.applied.push((index, id));
+                encode_ret(self.store.apply(&op))
+            }
+            None => vec![0xff],
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! The deterministic simulator: replicas on a simulated [`MemNet`], a key-value workload,
+//! injected faults, and checks after every run.
+//!
+//! Everything derives from one seed (network latencies and faults, node clocks, client
+//! choices, core randomness), and everything runs on one thread in a fixed order, so a
+//! failing seed replays exactly.
+//!
+//! Checks: agreement (one command list per index across every replica and incarnation),
+//! applied logs are prefixes of one another, no command applied twice, every acknowledged
+//! command applied and present on every live replica at the end, per-key linearizability
+//! of the client history (stateright's tester; linearizability is compositional), liveness
+//! after the faults heal, and every contract asserted in the core (a panic is a violation).
+
+pub mod kv;
+
+use crate::driver::{Replica, Storage};
+use crate::layout::{RegionInfo, RingGeometry};
+use crate::mem_fabric::{Faults, MemFabric, MemNet};
+use crate::protocol::{Config, Core, Durability, PlantedBugs, ProposeError};
+use crate::region::Region;
+use crate::types::{Ballot, Index, NodeId};
+use kv::{Machine, Op, Ret, Spec};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// Simulated time units per tick, and per replica step.
+const UNITS_PER_TICK: u64 = 100;
+const STEP_UNITS: u64 = 10;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub seed: u64,
+    pub replicas: usize,
+    pub durability: Durability,
+    /// Ticks of the faulty phase; then faults heal and liveness and convergence are checked.
+    pub ticks: u64,
+    pub faults: bool,
+    pub clients: usize,
+    pub bugs: PlantedBugs,
+}
+
+impl Options {
+    pub fn new(seed: u64, replicas: usize) -> Options {
+        Options {
+            seed,
+            replicas,
+            durability: Durability::Volatile,
+            ticks: 1500,
+            faults: true,
+            clients: 3,
+            bugs: PlantedBugs::default(),
+        }
+    }
+
+    /// The command line that replays this run.
+    pub fn replay_command(&self) -> String {
+        let mut s = format!("ballot-sim --seed {} --replicas {} --ticks {}", self.seed, self.replicas, self.ticks);
+        if self.durability == Durability::Durable {
+            s += " --durability durable";
+        }
+        if !self.faults {
+            s += " --no-faults";
+        }
+        if self.bugs.ignore_promise {
+            s += " --plant-bug ignore-promise";
+        }
+        if self.bugs.short_quorum {
+            s += " --plant-bug short-quorum";
+        }
+        s
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub commits: Index,
+    pub acked: usize,
+    pub crashes: usize,
+    pub elections: usize,
+    pub violations: Vec<String>,
+}
+
+/// The simulated disk of one replica: what `Storage` made durable.
+#[derive(Debug, Default)]
+struct Disk {
+    promised: Ballot,
+    entries: Vec<Arc<[u8]>>,
+}
+
+struct SimDisk(Arc<Mutex<Disk>>);
+
+impl Storage for SimDisk {
+    fn save_promise(&mut self, ballot: Ballot) -> std::io::Result<()> {
+        self.0.lock().unwrap().promised = ballot;
+        Ok(())
+    }
+    fn persist(&mut self, entries: &[Arc<[u8]>]) -> std::io::Result<()> {
+        let Some(first) = entries.first() else { return Ok(()) };
+        let (h, _) = crate::layout::decode_entry(first).expect("valid entry");
+        let mut d = self.0.lock().unwrap();
+        assert!(h.index as usize <= d.entries.len() + 1, "persist leaves no gap");
+        d.entries.truncate(h.index as usize - 1);
+        d.entries.extend(entries.iter().cloned());
+        Ok(())
+    }
+}
+
+struct Node {
+    replica: Option<Replica<MemFabric, Machine>>,
+    disk: Arc<Mutex<Disk>>,
+    /// Applied (index, command id) of each finished incarnation.
+    past: Vec<Vec<(Index, u64)>>,
+    skew: u64,
+    phase: u64,
+    down_until: u64,
+    slow_until: u64,
+    cut_until: u64,
+}
+
+struct Client {
+    thread: u64,
+    target: NodeId,
+    /// (node, ticket, op record index, started at tick)
+    outstanding: Option<(NodeId, u64, usize, u64)>,
+}
+
+#[derive(Debug, Clone)]
+struct OpRec {
+    thread: u64,
+    op: Op,
+    id: u64,
+    invoked: u64,
+    returned: Option<(u64, Ret)>,
+    failed: bool,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, per_million: u64) -> bool {
+        self.below(1_000_000) < per_million
+    }
+}
+
+struct Sim {
+    o: Options,
+    rng: Rng,
+    net: MemNet,
+    nodes: Vec<Node>,
+    clients: Vec<Client>,
+    ops: Vec<OpRec>,
+    seq: u64,
+    next_thread: u64,
+    report: Report,
+    geo: RingGeometry,
+}
+
+fn faulty_network() -> Faults {
+    Faults {
+        latency_min: 2,
+        latency_max: 30,
+        msg_loss: 20,
+        msg_dup: 10,
+        msg_reorder: 20,
+        write_fail: 2,
+        write_slow: 20,
+        slow_extra: 300,
+    }
+}
+
+impl Sim {
+    fn config(&self, id: NodeId) -> Config {
+        let members = (0..self.o.replicas as NodeId).collect();
+        let mut c = Config::new(id, members, self.geo);
+        c.durability = self.o.durability;
+        c.window = 8;
+        c.batch_bytes = 512;
+        c.max_queue = 64;
+        c.heartbeat_timeout = 10;
+        c.election_timeout = 12;
+        c.max_outstanding = 16;
+        c.seed = self.o.seed.wrapping_mul(31).wrapping_add(u64::from(id) * 7919 + self.nodes.get(id as usize).map_or(0, |n| n.past.len() as u64));
+        c.bugs = self.o.bugs;
+        c
+    }
+
+    fn boot(&mut self, id: NodeId, restart: bool) {
+        let info = RegionInfo { cluster: 7, node: id, ring: self.geo };
+        let region = Arc::new(Region::anonymous(info).expect("anonymous memory"));
+        let fabric = self.net.attach(id, region);
+        let cfg = self.config(id);
+        let disk = self.nodes[id as usize].disk.clone();
+        let core = match (restart, self.o.durability) {
+            (false, _) => Core::new(cfg, false),
+            (true, Durability::Volatile) => Core::new(cfg, true),
+            (true, Durability::Durable) => {
+                let d = disk.lock().unwrap();
+                Core::restore(cfg, d.promised, d.entries.clone())
+            }
+        }
+        .expect("valid config");
+        let storage: Option<Box<dyn Storage>> = match self.o.durability {
+            Durability::Durable => Some(Box::new(SimDisk(disk))),
+            Durability::Volatile => None,
+        };
+        self.nodes[id as usize].replica = Some(Replica::new(core, fabric, Machine::default(), storage));
+    }
+
+    fn crash(&mut self, id: NodeId, until: u64) {
+        let n = &mut self.nodes[id as usize];
+        if let Some(r) = n.replica.take() {
+            n.past.push(r.state_machine().applied.clone());
+        }
+        n.down_until = until;
+        self.net.crash(id);
+        self.report.crashes += 1;
+        for c in &mut self.clients {
+            if c.outstanding.is_some_and(|o| o.0 == id) {
+                c.outstanding = None; // indeterminate: never returns
+                c.thread = self.next_thread;
+                self.next_thread += 1;
+            }
+        }
+    }
+
+    /// Replicas down or still rebuilding their state after a restart.
+    fn down(&self) -> usize {
+        self.nodes.iter().filter(|n| n.replica.as_ref().is_none_or(|r| r.core().is_recovering())).count()
+    }
+
+    fn inject_faults(&mut self, tick: u64) {
+        let n = self.o.replicas as u64;
+        let f = (n - 1) / 2;
+        // Crash: in volatile mode at most f replicas may be down (amnesia beyond that loses
+        // data by definition); in durable mode any number, sometimes all at once.
+        if self.rng.chance(4_000) {
+            let id = self.rng.below(n) as NodeId;
+            let allowed = self.o.durability == Durability::Durable || (self.down() as u64) < f;
+            if allowed && self.nodes[id as usize].replica.is_some() {
+                let until = tick + 20 + self.rng.below(80);
+                self.crash(id, until);
+            }
+        }
+        if self.o.durability == Durability::Durable && self.rng.chance(600) {
+            let until = tick + 10 + self.rng.below(40);
+            for id in 0..n as NodeId {
+                if self.nodes[id as usize].replica.is_some() {
+                    self.crash(id, until);
+                }
+            }
+        }
+        // Isolate one replica (often the leader) from everyone.
+        if self.rng.chance(4_000) {
+            let leader = self.nodes.iter().position(|x| x.replica.as_ref().is_some_and(|r| r.core().is_leader()));
+            let id = match leader {
+                Some(l) if self.rng.chance(600_000) => l as NodeId,
+                _ => self.rng.below(n) as NodeId,
+            };
+            for other in 0..n as NodeId {
+                if other != id {
+                    self.net.set_link(id, other, false);
+                }
+            }
+            self.nodes[id as usize].cut_until = tick + 20 + self.rng.below(60);
+        }
+        // Cut one link.
+        if self.rng.chance(3_000) {
+            let a = self.rng.below(n) as NodeId;
+            let b = self.rng.below(n) as NodeId;
+            if a != b {
+                self.net.set_link(a, b, false);
+                let until = tick + 10 + self.rng.below(50);
+                self.nodes[a as usize].cut_until = self.nodes[a as usize].cut_until.max(until);
+            }
+        }
+        // A slow replica.
+        if self.rng.chance(3_000) {
+            let id = self.rng.below(n) as usize;
+            self.nodes[id].slow_until = tick + 20 + self.rng.below(100);
+        }
+    }
+
+    fn heal_due(&mut self, tick: u64, all: bool) {
+        for id in 0..self.o.replicas {
+            let n = &self.nodes[id];
+            if n.replica.is_none() && (all || tick >= n.down_until) {
+                self.boot(id as NodeId, true);
+            }
+            let n = &mut self.nodes[id];
+            if n.cut_until != 0 && (all || tick >= n.cut_until) {
+                n.cut_until = 0;
+                for other in 0..self.o.replicas as NodeId {
+                    if other as usize != id && self.nodes[other as usize].cut_until == 0 {
+                        self.net.set_link(id as NodeId, other, true);
+                    }
+                }
+            }
+            if all {
+                self.nodes[id].slow_until = 0;
+            }
+        }
+        if all {
+            self.net.heal_all();
+        }
+    }
+
+    fn client_turn(&mut self, tick: u64, issue: bool) {
+        for ci in 0..self.clients.len() {
+            if let Some((node, _, rec, started)) = self.clients[ci].outstanding {
+                if tick - started > 60 {
+                    // Give up: the operation stays pending forever in the history.
+                    let _ = (node, rec);
+                    self.clients[ci].outstanding = None;
+                    self.clients[ci].thread = self.next_thread;
+                    self.next_thread += 1;
+                }
+                continue;
+            }
+            if !issue || !self.rng.chance(300_000) {
+                continue;
+            }
+            let target = self.clients[ci].target;
+            let Some(r) = self.nodes[target as usize].replica.as_mut() else {
+                self.clients[ci].target = self.rng.below(self.o.replicas as u64) as NodeId;
+                continue;
+            };
+            let id = self.ops.len() as u64 + 1;
+            let key = self.rng.below(3) as u8;
+            let op = match self.rng.below(3) {
+                0 => Op::Put(key, id),
+                1 => Op::Get(key),
+                _ => {
+                    // Compare against a value that was written, or the initial 0.
+                    let puts: Vec<u64> = self.ops.iter().rev().take(8).filter(|o| o.op.key() == key).map(|o| o.id).collect();
+                    let old = if puts.is_empty() { 0 } else { puts[self.rng.below(puts.len() as u64) as usize] };
+                    Op::Cas(key, old, id)
+                }
+            };
+            match r.propose(kv::encode(id, op)) {
+                Ok(ticket) => {
+                    self.seq += 1;
+                    self.ops.push(OpRec { thread: self.clients[ci].thread, op, id, invoked: self.seq, returned: None, failed: false });
+                    self.clients[ci].outstanding = Some((target, ticket, self.ops.len() - 1, tick));
+                }
+                Err(ProposeError::NotLeader { leader }) => {
+                    self.clients[ci].target = leader.unwrap_or_else(|| self.rng.below(self.o.replicas as u64) as NodeId);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn collect(&mut self) {
+        for id in 0..self.o.replicas {
+            let Some(r) = self.nodes[id].replica.as_mut() else { continue };
+            let done: Vec<_> = r.take_completed().collect();
+            for (ticket, outcome) in done {
+                let Some(ci) = self.clients.iter().position(|c| c.outstanding.is_some_and(|o| o.0 as usize == id && o.1 == ticket)) else {
+                    continue;
+                };
+                let rec = self.clients[ci].outstanding.take().unwrap().2;
+                match outcome {
+                    Ok(bytes) => {
+                        self.seq += 1;
+                        let ret = kv::decode_ret(&bytes).expect("state machine returns");
+                        self.ops[rec].returned = Some((self.seq, ret));
+                        self.report.acked += 1;
+                    }
+                    Err(ProposeError::NotLeader { leader }) => {
+                        // Rejected before entering the log: it never happened.
+                        self.ops[rec].failed = true;
+                        if let Some(l) = leader {
+                            self.clients[ci].target = l;
+                        }
+                    }
+                    Err(_) => {
+                        self.clients[ci].thread = self.next_thread;
+                        self.next_thread += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn step_all(&mut self, t: u64, tick: u64) {
+        self.net.deliver_until(t);
+        for id in 0..self.o.replicas {
+            let n = &mut self.nodes[id];
+            if t % STEP_UNITS != n.phase % STEP_UNITS {
+                continue;
+            }
+            if n.slow_until > tick && (t / STEP_UNITS) % 5 != 0 {
+                continue;
+            }
+            let now_ticks = t * (1000 + n.skew) / 1000 / UNITS_PER_TICK;
+            if let Some(r) = n.replica.as_mut() {
+                let was = r.core().is_leader();
+                r.step(now_ticks);
+                if std::env::var("SIM_TRACE").is_ok() && tick % 5 == 0 && t % UNITS_PER_TICK < STEP_UNITS { eprintln!("t={tick} {}", crate::driver::describe(r.core())); }
+                if !was && r.core().is_leader() {
+                    self.report.elections += 1;
+                }
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        for id in 0..self.o.replicas as NodeId {
+            self.boot(id, false);
+        }
+        let fault_end = self.o.ticks;
+        let live_end = fault_end + 300;
+        let end = live_end + 150;
+        let mut acked_at_heal = None;
+        let mut live_ok = false;
+        let mut t = 0;
+        while t < end * UNITS_PER_TICK {
+            let tick = t / UNITS_PER_TICK;
+            if t % UNITS_PER_TICK == 0 {
+                if self.o.faults && tick < fault_end {
+                    self.inject_faults(tick);
+                }
+                if tick == fault_end {
+                    self.net.set_faults(Faults::none());
+                    self.heal_due(tick, true);
+                    acked_at_heal = Some(self.report.acked);
+                } else {
+                    self.heal_due(tick, false);
+                }
+                self.client_turn(tick, tick < live_end);
+            }
+            self.step_all(t, tick);
+            self.collect();
+            if let Some(a) = acked_at_heal {
+                if !live_ok && self.report.acked > a {
+                    live_ok = true;
+                    if tick > fault_end + 250 {
+                        self.violation(format!("liveness: first commit after healing took {} ticks", tick - fault_end));
+                    }
+                }
+            }
+            t += 1;
+        }
+        if !live_ok {
+            self.violation("liveness: no command committed in 300 ticks after faults healed".into());
+        }
+    }
+
+    fn violation(&mut self, v: String) {
+        if self.report.violations.len() < 20 {
+            self.report.violations.push(v);
+        }
+    }
+
+    fn check(&mut self) {
+        // Every incarnation's applied sequence, current ones included.
+        let mut seqs: Vec<(NodeId, Vec<(Index, u64)>)> = Vec::new();
+        for (id, n) in self.nodes.iter().enumerate() {
+            for p in &n.past {
+                seqs.push((id as NodeId, p.clone()));
+            }
+            if let Some(r) = &n.replica {
+                seqs.push((id as NodeId, r.state_machine().applied.clone()));
+                self.report.commits = self.report.commits.max(r.core().commit());
+            }
+        }
+        // Agreement: one command list per index.
+        let mut reference: BTreeMap<Index, Vec<u64>> = BTreeMap::new();
+        let mut where_: BTreeMap<u64, Index> = BTreeMap::new();
+        let mut violations = Vec::new();
+        for (node, s) in &seqs {
+            let mut by_index: BTreeMap<Index, Vec<u64>> = BTreeMap::new();
+            let mut seen = HashSet::new();
+            let mut last = 0;
+            for &(i, id) in s {
+                if i < last {
+                    violations.push(format!("order: node {node} applied index {i} after {last}"));
+                }
+                last = i;
+                if !seen.insert(id) {
+                    violations.push(format!("exactly-once: node {node} applied command {id} twice"));
+                }
+                by_index.entry(i).or_default().push(id);
+            }
+            for (i, ids) in by_index {
+                match reference.get(&i) {
+                    Some(r) if *r != ids => violations.push(format!("agreement: index {i}: node {node} applied {ids:?}, another applied {r:?}")),
+                    Some(_) => {}
+                    None => {
+                        for &id in &ids {
+                            if let Some(j) = where_.insert(id, i) {
+                                if j != i {
+                                    violations.push(format!("exactly-once: command {id} chosen at {j} and {i}"));
+                                }
+                            }
+                        }
+                        reference.insert(i, ids);
+                    }
+                }
+            }
+        }
+        // Prefixes: a replica that applied up to m applied every non-empty index below m.
+        for (node, s) in &seqs {
+            let m = s.last().map_or(0, |x| x.0);
+            let have: BTreeSet<Index> = s.iter().map(|x| x.0).collect();
+            if let Some((&i, _)) = reference.range(..=m).find(|(i, _)| !have.contains(i)) {
+                violations.push(format!("prefix: node {node} applied up to {m} but skipped index {i}"));
+            }
+        }
+        // Acknowledged commands are chosen, and every live replica applied them by the end.
+        let acked: Vec<&OpRec> = self.ops.iter().filter(|o| o.returned.is_some()).collect();
+        for o in &acked {
+            if !where_.contains_key(&o.id) {
+                violations.push(format!("durability: acknowledged command {} was never chosen", o.id));
+            }
+        }
+        for (id, n) in self.nodes.iter().enumerate() {
+            let Some(r) = &n.replica else { continue };
+            let have: HashSet<u64> = r.state_machine().applied.iter().map(|x| x.1).collect();
+            if let Some(o) = acked.iter().find(|o| !have.contains(&o.id)) {
+                violations.push(format!(
+                    "convergence: node {id} ({}) lacks acknowledged command {} at the end",
+                    crate::driver::describe(r.core()),
+                    o.id
+                ));
+            }
+        }
+        // Linearizability, key by key.
+        for key in 0..3u8 {
+            if let Err(v) = self.check_linearizable(key) {
+                violations.push(v);
+            }
+        }
+        for v in violations {
+            self.violation(v);
+        }
+    }
+
+    fn check_linearizable(&self, key: u8) -> Result<(), String> {
+        use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
+        let mut events: Vec<(u64, bool, usize)> = Vec::new();
+        for (k, o) in self.ops.iter().enumerate() {
+            if o.failed || o.op.key() != key {
+                continue;
+            }
+            events.push((o.invoked, true, k));
+            if let Some((s, _)) = o.returned {
+                events.push((s, false, k));
+            }
+        }
+        events.sort();
+        let mut t = LinearizabilityTester::new(Spec::default());
+        for (_, invoke, k) in events {
+            let o = &self.ops[k];
+            let r = if invoke {
+                t.on_invoke(o.thread, o.op).map(|_| ())
+            } else {
+                t.on_return(o.thread, o.returned.unwrap().1).map(|_| ())
+            };
+            r.map_err(|e| format!("history malformed for key {key}: {e}"))?;
+        }
+        if t.is_consistent() {
+            Ok(())
+        } else {
+            Err(format!("linearizability: history of key {key} ({} ops) has no linearization", t.len()))
+        }
+    }
+}
+
+/// Runs one seeded simulation and checks it.
+pub fn run(o: Options) -> Report {
+    assert!((1..=crate::MAX_NODES).contains(&o.replicas));
+    let mut rng = Rng(o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let nodes = (0..o.replicas)
+        .map(|_| Node {
+            replica: None,
+            disk: Arc::default(),
+            past: Vec::new(),
+            skew: rng.below(100),
+            phase: rng.below(STEP_UNITS),
+            down_until: 0,
+            slow_until: 0,
+            cut_until: 0,
+        })
+        .collect();
+    let faults = if o.faults { faulty_network() } else { Faults { latency_max: 10, ..Faults::none() } };
+    let net = MemNet::simulated(rng.next(), faults);
+    let clients = (0..o.clients)
+        .map(|i| Client { thread: i as u64, target: (i % o.replicas) as NodeId, outstanding: None })
+        .collect();
+    let mut sim = Sim {
+        o,
+        rng,
+        net,
+        nodes,
+        clients,
+        ops: Vec::new(),
+        seq: 0,
+        next_thread: o.clients as u64,
+        report: Report::default(),
+        geo: RingGeometry::new(64, 64).expect("valid geometry"),
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        sim.run();
+        sim.check();
+    }));
+    if let Err(p) = outcome {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        sim.violation(format!("contract: {msg}"));
+    }
+    sim.report
+}
