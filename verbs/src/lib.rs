@@ -8,8 +8,11 @@
 //!
 //! See `docs/rdma.md`.
 
+pub mod bootstrap;
 pub mod error;
+pub mod fabric;
 pub mod verbs;
 pub mod wr;
 
 pub use error::VerbsError;
+pub use fabric::{RdmaConfig, RdmaFabric};

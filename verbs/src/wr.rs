@@ -57,6 +57,12 @@ impl SendList {
     pub(crate) fn mrs(&self) -> &[*const Mr] {
         &self.mrs
     }
+    /// Makes the last request signaled (selective signaling: one completion per batch).
+    pub fn signal_last(&mut self) {
+        if let Some(w) = self.wrs.last_mut() {
+            w.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+        }
+    }
     /// Sets the `next` and `sg_list` pointers (stable: the vectors never reallocate) and
     /// returns the head of the chain.
     pub(crate) fn link(&mut self) -> *mut ibv_send_wr {
