@@ -54,6 +54,7 @@ if [ -z "$RUN" ]; then
     RUN="$ROOT/scripts/guest/default-suite.sh"
     SELFTEST="${CARGO_TARGET_DIR:-$ROOT/target}/release/verbs-selftest"
     if [ "$NO_BUILD" = 0 ]; then
+        "$ROOT/scripts/install-build-deps.sh" >&2
         echo "rxe-vm: building verbs-selftest" >&2
         (cd "$ROOT" && cargo build --release -p ballot-verbs --bin verbs-selftest) >&2
     fi
