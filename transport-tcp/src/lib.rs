@@ -816,6 +816,19 @@ fn dial(sh: &Shared, link: &Link) -> io::Result<TcpStream> {
     Ok(reader)
 }
 
+/// Takes the connection down: fails everything outstanding on it with `Disconnected`,
+/// exactly once (the caller holds the link lock; a second call finds nothing).
+fn fail_link(st: &mut LinkState, peer: NodeId) -> Vec<FabricEvent> {
+    if let Some(c) = st.conn.take() {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+    st.buf.clear();
+    st.pending
+        .drain(..)
+        .map(|p| p.fail(peer, FabricError::Disconnected(peer)))
+        .collect()
+}
+
 fn read_completions(sh: &Shared, link: &Link, mut s: TcpStream) {
     let limits = Limits {
         max_data: sh.tuning.max_read,
@@ -832,24 +845,26 @@ fn read_completions(sh: &Shared, link: &Link, mut s: TcpStream) {
         }
         let mut batch = Vec::new();
         let mut st = lock(&link.state);
-        let bad = loop {
+        // `Some((why, malformed))` ends the connection after this batch.
+        let end: Option<(String, bool)> = loop {
             let (frame, used) = match codec::decode(inb.data(), &limits) {
                 Ok(x) => x,
                 Err(CodecError::Incomplete { need: n }) => {
                     need = n;
                     break None;
                 }
-                Err(e) => break Some(e.to_string()),
+                Err(e) => break Some((e.to_string(), true)),
             };
-            let done = match (frame, st.pending.front().copied()) {
+            let (done, status) = match (frame, st.pending.front().copied()) {
                 (Frame::WriteAck { token, status }, Some(Pending::Write { token: t }))
                     if t == token =>
                 {
-                    Completion::Write {
+                    let c = Completion::Write {
                         peer,
                         token,
                         result: status_result(peer, status),
-                    }
+                    };
+                    (c, status)
                 }
                 (
                     Frame::ReadResp {
@@ -859,47 +874,45 @@ fn read_completions(sh: &Shared, link: &Link, mut s: TcpStream) {
                     },
                     Some(Pending::Read { token: t, len }),
                 ) if t == token && (status != Status::Ok || data.len() == len) => {
-                    Completion::Read {
+                    let c = Completion::Read {
                         peer,
                         token,
                         result: status_result(peer, status).map(|()| data.to_vec()),
-                    }
+                    };
+                    (c, status)
                 }
                 (f, p) => {
-                    break Some(format!(
-                        "unexpected response {} (expected {p:?})",
-                        f.describe()
-                    ))
+                    let why = format!("unexpected response {} (expected {p:?})", f.describe());
+                    break Some((why, true));
                 }
             };
             st.pending.pop_front();
             inb.start += used;
             batch.push(FabricEvent::Completion(done));
+            if status == Status::OutOfBounds {
+                // The peer closes after refusing an out-of-bounds access; take the link
+                // down now, so that nothing more is posted on the doomed connection.
+                break Some(("peer refused an out-of-bounds access".into(), false));
+            }
         };
+        if end.is_some() {
+            batch.extend(fail_link(&mut st, peer));
+        }
         drop(st);
         if !batch.is_empty() {
             bump(&sh.stats.completions, batch.len() as u64);
             let _ = sh.events.send(batch);
         }
-        if let Some(why) = bad {
-            bump(&sh.stats.refused_frames, 1);
-            warn!(node = sh.node, peer, addr = %link.addr, error = %why,
-                  "malformed response; closing");
+        if let Some((why, malformed)) = end {
+            if malformed {
+                bump(&sh.stats.refused_frames, 1);
+                warn!(node = sh.node, peer, addr = %link.addr, error = %why,
+                      "malformed response; closing");
+            }
             break 'conn why;
         }
     };
-    // Fail everything outstanding on this connection, exactly once.
-    let failed: Vec<FabricEvent> = {
-        let mut st = lock(&link.state);
-        if let Some(c) = st.conn.take() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-        st.buf.clear();
-        st.pending
-            .drain(..)
-            .map(|p| p.fail(peer, FabricError::Disconnected(peer)))
-            .collect()
-    };
+    let failed = fail_link(&mut lock(&link.state), peer);
     let _ = s.shutdown(Shutdown::Both);
     bump(&sh.stats.disconnects, 1);
     if !sh.stopped() {
@@ -1017,7 +1030,14 @@ fn nic_loop(sh: &Shared, s: &mut TcpStream, peer: NodeId, addr: SocketAddr) -> b
     let mut denied_logged = false;
     loop {
         match inb.fill(s, need) {
-            Ok(0) => return false,
+            Ok(0) => {
+                if inb.start != inb.end {
+                    bump(&sh.stats.refused_frames, 1);
+                    warn!(node = sh.node, peer, %addr, have = inb.end - inb.start, need,
+                          "connection closed inside a frame (truncated frame)");
+                }
+                return false;
+            }
             Ok(_) => {}
             Err(e) => {
                 debug!(node = sh.node, peer, %addr, error = %e, "inbound connection ended");
