@@ -71,6 +71,7 @@ fn refused_handshake(
     let before: Stats = f[0].stats();
     let mut s = raw(&f[0]);
     let r = handshake::client(&mut s, c, 0);
+    drop(s); // a client that rejects the server hangs up
     assert!(r.as_ref().is_err_and(want), "{r:?}");
     wait_until("the refusal is counted", || {
         f[0].stats().refused_handshakes > before.refused_handshakes
