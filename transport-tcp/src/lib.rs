@@ -12,6 +12,52 @@
 //! - [`nic`]: the receiver logic (apply a frame to a region under a [`nic::WritePermission`]).
 //!
 //! See `docs/tcp-fabric.md` for the wire format, the handshake and the refusals.
+//!
+//! # Starting a 3-node fabric
+//!
+//! Each node gets the same cluster id, key and address map; here all three run in one
+//! process on ephemeral loopback ports (bind the listeners first, then share the map).
+//!
+//! ```
+//! use ballot::fabric::{Completion, Fabric, FabricEvent};
+//! use ballot::layout::{RegionInfo, RingGeometry, RING_OFFSET};
+//! use ballot::region::Region;
+//! use ballot_tcp::{TcpConfig, TcpFabric};
+//! use std::collections::BTreeMap;
+//! use std::net::TcpListener;
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! let cluster = 0xC0FFEE;
+//! let key = b"shared cluster secret".to_vec();
+//! let listeners: Vec<TcpListener> =
+//!     (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+//! let peers: BTreeMap<u8, _> = listeners.iter().enumerate()
+//!     .map(|(i, l)| (i as u8, l.local_addr().unwrap())).collect();
+//! let mut nodes: Vec<TcpFabric> = listeners.into_iter().enumerate().map(|(i, l)| {
+//!     let node = i as u8;
+//!     let ring = RingGeometry::new(1 << 16, 64).unwrap();
+//!     let region = Arc::new(Region::anonymous(RegionInfo { cluster, node, ring }).unwrap());
+//!     let cfg = TcpConfig::new(node, cluster, key.clone(), peers[&node], peers.clone(), region);
+//!     TcpFabric::start_with_listener(cfg, l).unwrap()   // or TcpFabric::start(cfg)
+//! }).collect();
+//! assert!(nodes.iter().all(|n| n.wait_connected(Duration::from_secs(10))));
+//!
+//! // Node 1 grants node 0 its ring; node 0 writes an entry's bytes into it.
+//! nodes[1].set_writer(Some(0)).unwrap();
+//! nodes[0].write(1, RING_OFFSET, b"entry bytes", 7).unwrap();
+//! nodes[0].flush().unwrap();
+//! let mut events = Vec::new();
+//! while events.is_empty() {
+//!     nodes[0].wait_for_events(Duration::from_millis(10));
+//!     nodes[0].poll(&mut events);
+//! }
+//! assert!(matches!(events[0],
+//!     FabricEvent::Completion(Completion::Write { peer: 1, token: 7, result: Ok(()) })));
+//! let mut landed = [0u8; 11];
+//! nodes[1].region().read(RING_OFFSET, &mut landed).unwrap();
+//! assert_eq!(&landed, b"entry bytes");
+//! ```
 
 pub mod codec;
 pub mod handshake;
@@ -564,7 +610,7 @@ impl TcpFabric {
                 Ok(batch) => self.local.extend(batch),
                 Err(TryRecvError::Empty) => {
                     spins += 1;
-                    if spins % 1024 == 0 {
+                    if spins & 1023 == 0 {
                         if t0.elapsed() > timeout {
                             break Err(FabricError::Io("timed out".into()));
                         }
@@ -723,7 +769,8 @@ impl Fabric for TcpFabric {
 
     fn set_writer(&mut self, writer: Option<NodeId>) -> Result<(), FabricError> {
         if let Some(w) = writer {
-            if !self.shared.peers.contains_key(&w) {
+            // Granting it to ourselves is allowed: it shuts every remote peer out.
+            if w != self.shared.node && !self.shared.peers.contains_key(&w) {
                 return Err(FabricError::UnknownPeer(w));
             }
         }

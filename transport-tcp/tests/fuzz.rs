@@ -161,9 +161,8 @@ proptest! {
         let mut buf = Vec::new();
         encode_spec(&s, &mut buf);
         check_decode(&buf, &limits)?;
-        let (f, used) = codec::decode(&buf, &limits).unwrap();
+        let (_, used) = codec::decode(&buf, &limits).unwrap();
         prop_assert_eq!(used, buf.len());
-        let _ = f;
         for m in &ms {
             mutate(&mut buf, m);
             check_decode(&buf, &limits)?;

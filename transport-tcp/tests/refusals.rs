@@ -13,7 +13,6 @@ use common::*;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 
 /// Nodes 0 and 1 (good, node 1 writes node 0) and a configured-but-absent node 2 whose
 /// slot the raw sockets use.
@@ -64,7 +63,7 @@ fn assert_closed(s: &mut TcpStream) {
 }
 
 fn refused_handshake(
-    f: &mut Vec<TcpFabric>,
+    f: &mut [TcpFabric],
     c: Credentials<'static>,
     want: fn(&HandshakeError) -> bool,
 ) {
@@ -150,7 +149,7 @@ fn authed(f: &TcpFabric) -> TcpStream {
     s
 }
 
-fn refused_frame(f: &mut Vec<TcpFabric>, bytes: &[u8]) {
+fn refused_frame(f: &mut [TcpFabric], bytes: &[u8]) {
     let before = f[0].stats();
     let mut s = authed(&f[0]);
     s.write_all(bytes).unwrap();
@@ -285,5 +284,4 @@ fn write_without_permission_is_denied_not_landed() {
     );
     assert_serves(&mut f, 1, 0, 6);
     drop(s);
-    let _ = Duration::ZERO;
 }

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const CLUSTER: u64 = 0xBA11_07;
+pub const CLUSTER: u64 = 0x00BA_1107;
 pub const KEY: &[u8] = b"correct horse battery staple";
 pub const WAIT: Duration = Duration::from_secs(10);
 
