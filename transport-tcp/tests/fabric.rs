@@ -405,3 +405,76 @@ fn time_write_measures_a_round_trip() {
     });
     assert_eq!(m, b"for later");
 }
+
+/// Operations already flushed to a peer that never answers fail with `Disconnected` when
+/// that peer's connection dies, in posting order, and none is reported twice.
+#[test]
+fn in_flight_operations_fail_when_the_peer_dies() {
+    use ballot_tcp::handshake::{self, Credentials};
+    use std::io::Read;
+    let l0 = listener();
+    let fake = listener();
+    let peers: BTreeMap<NodeId, _> = [
+        (0, l0.local_addr().unwrap()),
+        (1, fake.local_addr().unwrap()),
+    ]
+    .into();
+    let mut n0 = TcpFabric::start_with_listener(config(0, CLUSTER, KEY, &peers), l0).unwrap();
+    // A fake node 1: authenticates, swallows frames, never answers, then dies.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let fake_thread = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        let me = Credentials {
+            cluster: CLUSTER,
+            key: KEY,
+            node: 1,
+        };
+        handshake::server(&mut s, me, |n| n == 0).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut got = 0usize;
+        let mut b = [0u8; 4096];
+        while go_rx.try_recv().is_err() {
+            if let Ok(n) = s.read(&mut b) {
+                got += n;
+            }
+        }
+        got
+    });
+    wait_until("node 0 reaches the fake", || n0.is_connected(1));
+    for t in 0..20 {
+        n0.write(1, RING_OFFSET, &[1; 32], t).unwrap();
+    }
+    n0.read(1, RING_OFFSET, 8, 20).unwrap();
+    n0.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut evs = Vec::new();
+    assert_eq!(
+        n0.poll(&mut evs),
+        0,
+        "nothing completes while the peer is silent"
+    );
+    go_tx.send(()).unwrap();
+    let got = fake_thread.join().unwrap(); // the fake's socket closes here
+    assert_eq!(got, 20 * (24 + 32) + 24, "the fake received every frame");
+    let tokens = wait_many(&mut n0, 21, |e| match e {
+        FabricEvent::Completion(Completion::Write {
+            peer: 1,
+            token,
+            result: Err(FabricError::Disconnected(1)),
+        })
+        | FabricEvent::Completion(Completion::Read {
+            peer: 1,
+            token,
+            result: Err(FabricError::Disconnected(1)),
+        }) => Some(*token),
+        _ => None,
+    });
+    assert_eq!(tokens, (0..21).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(50));
+    evs.clear();
+    n0.poll(&mut evs);
+    assert!(
+        !evs.iter().any(|e| matches!(e, FabricEvent::Completion(_))),
+        "an operation completed twice: {evs:?}"
+    );
+}
