@@ -8,6 +8,7 @@
 pub mod fabric;
 pub mod layout;
 pub mod region;
+pub mod storage;
 pub mod types;
 
 pub use types::{Ballot, Index, NodeId, MAX_NODES};
