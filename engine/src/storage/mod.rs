@@ -303,3 +303,6 @@ pub(crate) mod testutil {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

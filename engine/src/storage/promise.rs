@@ -87,8 +87,10 @@ impl PromiseStore {
             .len();
         if len < FILE_LEN {
             // New, or its creation was interrupted (before any store could have returned).
-            file.set_len(FILE_LEN)
-                .map_err(|e| StorageError::io("extend", &path, e))?;
+            // Zeros written, not `set_len`: a sparse file would need block allocation at
+            // the first store, which fails on a full disk.
+            file.write_all_at(&[0u8; FILE_LEN as usize], 0)
+                .map_err(|e| StorageError::io("write", &path, e))?;
             file.sync_all()
                 .map_err(|e| StorageError::io("fsync", &path, e))?;
             sync_dir(dir)?;
