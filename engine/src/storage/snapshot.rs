@@ -295,14 +295,17 @@ impl SnapshotWriter {
         t[40..44].copy_from_slice(&self.crc.to_le_bytes());
         let crc = crc32c::crc32c(&t[..44]);
         t[44..48].copy_from_slice(&crc.to_le_bytes());
-        let mut f = self.file.take().expect("file until finish");
+        // On any error below, `Drop` (file still held) removes the temporary file.
+        let f = self.file.as_mut().expect("file until finish");
         f.write_all(&t)
             .map_err(|e| StorageError::io("write", &self.tmp_path, e))?;
         f.sync_all()
             .map_err(|e| StorageError::io("fsync", &self.tmp_path, e))?;
-        drop(f);
-        std::fs::rename(&self.tmp_path, &self.final_path)
-            .map_err(|e| StorageError::io("rename", &self.final_path, e))?;
+        self.file = None;
+        if let Err(e) = std::fs::rename(&self.tmp_path, &self.final_path) {
+            let _ = std::fs::remove_file(&self.tmp_path);
+            return Err(StorageError::io("rename", &self.final_path, e));
+        }
         sync_dir(&self.dir)?;
         Ok(SnapshotMeta {
             index: self.index,
@@ -315,6 +318,12 @@ impl SnapshotWriter {
 
 impl Write for SnapshotWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.failed {
+            return Err(StorageError::Poisoned {
+                cause: "an earlier write to this snapshot failed".into(),
+            }
+            .into());
+        }
         let room = self.chunk_size - self.buf.len();
         let n = room.min(data.len());
         self.buf.extend_from_slice(&data[..n]);

@@ -734,3 +734,35 @@ fn storage_checkpoint_then_truncate_log() {
         flags: 0,
     };
 }
+
+#[test]
+fn storage_snapshot_on_a_full_disk_leaves_nothing() {
+    let Some(fs) = TinyFs::mount("snapfull", 128, false) else {
+        return;
+    };
+    let store = SnapshotStore::open(fs.path()).unwrap();
+    let data = pseudo_random(1 << 20, 7);
+    let mut w = store.begin(5, Ballot::new(1, 1)).unwrap();
+    match w.write_all(&data) {
+        Err(e) => {
+            // Through io::Write: the kind is kept, the message names the file.
+            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+            assert!(
+                e.to_string().contains("snap-00000000000000000005.ckpt.tmp"),
+                "{e}"
+            );
+            drop(w);
+        }
+        Ok(()) => {
+            let err = w.finish().unwrap_err();
+            assert!(err.is_no_space(), "{err}");
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(fs.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("snap-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(store.latest().unwrap(), None);
+}
