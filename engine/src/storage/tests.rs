@@ -746,7 +746,8 @@ fn storage_snapshot_on_a_full_disk_leaves_nothing() {
     match w.write_all(&data) {
         Err(e) => {
             // Through io::Write: the kind is kept, the message names the file.
-            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+            let inner = e.get_ref().and_then(|i| i.downcast_ref::<StorageError>());
+            assert!(inner.is_some_and(StorageError::is_no_space), "{e}");
             assert!(
                 e.to_string().contains("snap-00000000000000000005.ckpt.tmp"),
                 "{e}"
