@@ -483,6 +483,7 @@ fn ballot_verbs_fabric_checks(a: &Args) -> R<()> {
         persisted: 1,
         applied: 0,
         consumed_slots: 4,
+        stream: 1,
     };
     fs[1]
         .write(0, layout::progress_offset(1), &pc.encode(), 111)
