@@ -56,9 +56,17 @@ pub struct Replica<F: Fabric, S: StateMachine> {
 
 impl<F: Fabric, S: StateMachine> Replica<F, S> {
     pub fn new(core: Core, fabric: F, sm: S, storage: Option<Box<dyn Storage>>) -> Self {
-        assert_eq!(core.id(), fabric.node(), "fabric and core disagree on the node id");
+        assert_eq!(
+            core.id(),
+            fabric.node(),
+            "fabric and core disagree on the node id"
+        );
         let ring = fabric.region().info().ring;
-        assert_eq!(ring, core.config().ring, "fabric region and config disagree on the ring");
+        assert_eq!(
+            ring,
+            core.config().ring,
+            "fabric region and config disagree on the ring"
+        );
         Replica {
             reader: RingReader::new(ring),
             core,
@@ -78,7 +86,12 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
     }
 
     /// Convenience: a fresh core from `cfg`.
-    pub fn with_config(cfg: Config, recovering: bool, fabric: F, sm: S) -> Result<Self, ConfigError> {
+    pub fn with_config(
+        cfg: Config,
+        recovering: bool,
+        fabric: F,
+        sm: S,
+    ) -> Result<Self, ConfigError> {
         Ok(Self::new(Core::new(cfg, recovering)?, fabric, sm, None))
     }
 
@@ -133,7 +146,11 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                     Ok(m) => self.core.handle_message(from, m),
                     Err(e) => {
                         self.stats.bad_messages += 1;
-                        tracing::warn!(node = self.core.id(), from, "dropping control message: {e}");
+                        tracing::warn!(
+                            node = self.core.id(),
+                            from,
+                            "dropping control message: {e}"
+                        );
                     }
                 },
             }
@@ -176,7 +193,12 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         let region = self.fabric.region().clone();
         let mut any = false;
         let mut buf = [0u8; layout::PROGRESS_ENCODED];
-        region.read(layout::COMMIT_CELL_OFFSET, &mut buf[..layout::COMMIT_CELL_SIZE]).expect("in bounds");
+        region
+            .read(
+                layout::COMMIT_CELL_OFFSET,
+                &mut buf[..layout::COMMIT_CELL_SIZE],
+            )
+            .expect("in bounds");
         if let Ok(Some(c)) = CommitCell::decode(&buf) {
             if self.commit_cell != Some(c) {
                 self.commit_cell = Some(c);
@@ -187,7 +209,9 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         if self.core.is_leader() {
             let (me, members) = (self.core.id(), self.core.config().members.clone());
             for n in members.into_iter().filter(|&n| n != me) {
-                region.read(layout::progress_offset(n), &mut buf).expect("in bounds");
+                region
+                    .read(layout::progress_offset(n), &mut buf)
+                    .expect("in bounds");
                 if let Ok(Some(cell)) = ProgressCell::decode(&buf) {
                     if self.progress[n as usize] != Some(cell) {
                         self.progress[n as usize] = Some(cell);
@@ -216,14 +240,32 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             return;
         }
         match a {
-            Action::Write { peer, offset, data, token } => {
+            Action::Write {
+                peer,
+                offset,
+                data,
+                token,
+            } => {
                 if let Err(e) = self.fabric.write(peer, offset, data.as_slice(), token) {
-                    self.core.handle_completion(Completion::Write { peer, token, result: Err(e) });
+                    self.core.handle_completion(Completion::Write {
+                        peer,
+                        token,
+                        result: Err(e),
+                    });
                 }
             }
-            Action::Read { peer, offset, len, token } => {
+            Action::Read {
+                peer,
+                offset,
+                len,
+                token,
+            } => {
                 if let Err(e) = self.fabric.read(peer, offset, len, token) {
-                    self.core.handle_completion(Completion::Read { peer, token, result: Err(e) });
+                    self.core.handle_completion(Completion::Read {
+                        peer,
+                        token,
+                        result: Err(e),
+                    });
                 }
             }
             Action::Send { to, msg } => {
@@ -293,7 +335,11 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         }
         for item in batch::iter(payload) {
             let Ok((origin, cmd)) = item else {
-                tracing::error!(node = self.core.id(), index, "malformed batch in a chosen entry");
+                tracing::error!(
+                    node = self.core.id(),
+                    index,
+                    "malformed batch in a chosen entry"
+                );
                 break;
             };
             let out = self.sm.apply(index, cmd);
@@ -308,7 +354,10 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
     }
 
     fn fail(&mut self, why: String) {
-        tracing::error!(node = self.core.id(), "storage failure, no longer acknowledging: {why}");
+        tracing::error!(
+            node = self.core.id(),
+            "storage failure, no longer acknowledging: {why}"
+        );
         self.stats.storage_errors += 1;
         self.failed = Some(why);
     }
@@ -316,7 +365,10 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
 
 impl<F: Fabric, S: StateMachine> std::fmt::Debug for Replica<F, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica").field("node", &self.core.id()).field("role", &self.core.role_name()).finish()
+        f.debug_struct("Replica")
+            .field("node", &self.core.id())
+            .field("role", &self.core.role_name())
+            .finish()
     }
 }
 

@@ -5,8 +5,8 @@
 //! - [`region`]: the memory peers write into.
 //! - [`fabric`]: the `Fabric` trait; [`mem_fabric`] is the in-process implementation.
 
-pub mod fabric;
 pub mod driver;
+pub mod fabric;
 pub mod layout;
 pub mod mem_fabric;
 pub mod protocol;

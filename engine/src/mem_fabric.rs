@@ -46,10 +46,29 @@ impl Faults {
 
 #[derive(Debug)]
 enum Op {
-    Write { from: NodeId, to: NodeId, offset: usize, data: Vec<u8>, token: u64 },
-    Read { from: NodeId, to: NodeId, offset: usize, len: usize, token: u64 },
-    Msg { from: NodeId, to: NodeId, bytes: Vec<u8> },
-    Done { to: NodeId, c: Completion },
+    Write {
+        from: NodeId,
+        to: NodeId,
+        offset: usize,
+        data: Vec<u8>,
+        token: u64,
+    },
+    Read {
+        from: NodeId,
+        to: NodeId,
+        offset: usize,
+        len: usize,
+        token: u64,
+    },
+    Msg {
+        from: NodeId,
+        to: NodeId,
+        bytes: Vec<u8>,
+    },
+    Done {
+        to: NodeId,
+        c: Completion,
+    },
 }
 
 struct Timed(u64, u64, Op);
@@ -99,19 +118,46 @@ pub struct MemNet(Arc<Mutex<Net>>);
 
 impl MemNet {
     pub fn instant() -> MemNet {
-        MemNet(Arc::new(Mutex::new(Net { nodes: BTreeMap::new(), sim: None, cut: BTreeSet::new() })))
+        MemNet(Arc::new(Mutex::new(Net {
+            nodes: BTreeMap::new(),
+            sim: None,
+            cut: BTreeSet::new(),
+        })))
     }
 
     pub fn simulated(seed: u64, faults: Faults) -> MemNet {
-        let sim = Sim { now: 0, seq: 0, rng: seed | 1, faults, queue: BinaryHeap::new(), fifo: BTreeMap::new() };
-        MemNet(Arc::new(Mutex::new(Net { nodes: BTreeMap::new(), sim: Some(sim), cut: BTreeSet::new() })))
+        let sim = Sim {
+            now: 0,
+            seq: 0,
+            rng: seed | 1,
+            faults,
+            queue: BinaryHeap::new(),
+            fifo: BTreeMap::new(),
+        };
+        MemNet(Arc::new(Mutex::new(Net {
+            nodes: BTreeMap::new(),
+            sim: Some(sim),
+            cut: BTreeSet::new(),
+        })))
     }
 
     /// Attaches (or re-attaches, after a restart) `node` with its region.
     pub fn attach(&self, node: NodeId, region: Arc<Region>) -> MemFabric {
         let mut n = self.0.lock().unwrap();
-        n.nodes.insert(node, Node { region: region.clone(), writer: None, inbox: VecDeque::new(), up: true });
-        MemFabric { node, region, net: self.clone() }
+        n.nodes.insert(
+            node,
+            Node {
+                region: region.clone(),
+                writer: None,
+                inbox: VecDeque::new(),
+                up: true,
+            },
+        );
+        MemFabric {
+            node,
+            region,
+            net: self.clone(),
+        }
     }
 
     /// The node stops: it receives nothing more; operations towards it fail.
@@ -219,7 +265,13 @@ impl Net {
 
     fn perform(&mut self, op: Op) {
         match op {
-            Op::Write { from, to, offset, data, token } => {
+            Op::Write {
+                from,
+                to,
+                offset,
+                data,
+                token,
+            } => {
                 let failed = self.sim.as_mut().is_some_and(|s| {
                     let p = s.faults.write_fail;
                     s.chance(p)
@@ -230,16 +282,31 @@ impl Net {
                     let n = self.nodes.get_mut(&to).unwrap();
                     match classify_remote_write(from, offset, data.len(), n.region.len()) {
                         Err(_) => Err(FabricError::OutOfBounds(to)),
-                        Ok(WriteTarget::Ring) if n.writer != Some(from) => Err(FabricError::PermissionDenied(to)),
+                        Ok(WriteTarget::Ring) if n.writer != Some(from) => {
+                            Err(FabricError::PermissionDenied(to))
+                        }
                         Ok(_) => {
                             n.region.write(offset, &data).expect("classified in bounds");
                             Ok(())
                         }
                     }
                 };
-                self.complete(from, Completion::Write { peer: to, token, result });
+                self.complete(
+                    from,
+                    Completion::Write {
+                        peer: to,
+                        token,
+                        result,
+                    },
+                );
             }
-            Op::Read { from, to, offset, len, token } => {
+            Op::Read {
+                from,
+                to,
+                offset,
+                len,
+                token,
+            } => {
                 let result = if !self.reachable(from, to) {
                     Err(FabricError::Disconnected(to))
                 } else {
@@ -249,7 +316,14 @@ impl Net {
                         Err(_) => Err(FabricError::OutOfBounds(to)),
                     }
                 };
-                self.complete(from, Completion::Read { peer: to, token, result });
+                self.complete(
+                    from,
+                    Completion::Read {
+                        peer: to,
+                        token,
+                        result,
+                    },
+                );
             }
             Op::Msg { from, to, bytes } => {
                 if self.reachable(from, to) {
@@ -274,11 +348,22 @@ impl Net {
                 if s.chance(s.faults.msg_loss) {
                     return;
                 }
-                let reorder = if s.chance(s.faults.msg_reorder) { s.faults.latency_max * 4 } else { 0 };
+                let reorder = if s.chance(s.faults.msg_reorder) {
+                    s.faults.latency_max * 4
+                } else {
+                    0
+                };
                 let at = s.now + s.latency() + reorder;
                 if s.chance(s.faults.msg_dup) {
                     let at2 = s.now + s.latency();
-                    s.schedule(at2, Op::Msg { from, to, bytes: bytes.clone() });
+                    s.schedule(
+                        at2,
+                        Op::Msg {
+                            from,
+                            to,
+                            bytes: bytes.clone(),
+                        },
+                    );
                 }
                 s.schedule(at, Op::Msg { from, to, bytes });
             }
@@ -318,25 +403,56 @@ impl Fabric for MemFabric {
     fn region(&self) -> &Arc<Region> {
         &self.region
     }
-    fn write(&mut self, peer: NodeId, offset: usize, data: &[u8], token: u64) -> Result<(), FabricError> {
+    fn write(
+        &mut self,
+        peer: NodeId,
+        offset: usize,
+        data: &[u8],
+        token: u64,
+    ) -> Result<(), FabricError> {
         let mut n = self.net.0.lock().unwrap();
         self.check_peer(&n, peer)?;
-        n.post(Op::Write { from: self.node, to: peer, offset, data: data.to_vec(), token });
+        n.post(Op::Write {
+            from: self.node,
+            to: peer,
+            offset,
+            data: data.to_vec(),
+            token,
+        });
         Ok(())
     }
-    fn read(&mut self, peer: NodeId, offset: usize, len: usize, token: u64) -> Result<(), FabricError> {
+    fn read(
+        &mut self,
+        peer: NodeId,
+        offset: usize,
+        len: usize,
+        token: u64,
+    ) -> Result<(), FabricError> {
         let mut n = self.net.0.lock().unwrap();
         self.check_peer(&n, peer)?;
-        n.post(Op::Read { from: self.node, to: peer, offset, len, token });
+        n.post(Op::Read {
+            from: self.node,
+            to: peer,
+            offset,
+            len,
+            token,
+        });
         Ok(())
     }
     fn send(&mut self, peer: NodeId, msg: &[u8]) -> Result<(), FabricError> {
         if msg.len() > MAX_CONTROL {
-            return Err(FabricError::TooLarge { len: msg.len(), max: MAX_CONTROL });
+            return Err(FabricError::TooLarge {
+                len: msg.len(),
+                max: MAX_CONTROL,
+            });
         }
         let mut n = self.net.0.lock().unwrap();
         self.check_peer(&n, peer)?;
-        n.post(Op::Msg { from: self.node, to: peer, bytes: msg.to_vec() });
+        n.post(Op::Msg {
+            from: self.node,
+            to: peer,
+            bytes: msg.to_vec(),
+        });
         Ok(())
     }
     fn flush(&mut self) -> Result<(), FabricError> {
@@ -344,7 +460,9 @@ impl Fabric for MemFabric {
     }
     fn poll(&mut self, out: &mut Vec<FabricEvent>) -> usize {
         let mut n = self.net.0.lock().unwrap();
-        let Some(me) = n.nodes.get_mut(&self.node) else { return 0 };
+        let Some(me) = n.nodes.get_mut(&self.node) else {
+            return 0;
+        };
         let k = me.inbox.len();
         out.extend(me.inbox.drain(..));
         k

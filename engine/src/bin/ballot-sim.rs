@@ -25,18 +25,35 @@ fn main() -> ExitCode {
     let mut verbose = false;
     while let Some(a) = args.next() {
         let mut val = |name: &str| -> Result<u64, ExitCode> {
-            args.next().and_then(|v| v.parse().ok()).ok_or_else(|| usage(&format!("{name} needs a number")))
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| usage(&format!("{name} needs a number")))
         };
         match a.as_str() {
-            "--seeds" => match val("--seeds") { Ok(v) => seeds = v, Err(e) => return e },
-            "--first-seed" => match val("--first-seed") { Ok(v) => first = v, Err(e) => return e },
-            "--seed" => match val("--seed") { Ok(v) => { first = v; seeds = 1 } Err(e) => return e },
+            "--seeds" => match val("--seeds") {
+                Ok(v) => seeds = v,
+                Err(e) => return e,
+            },
+            "--first-seed" => match val("--first-seed") {
+                Ok(v) => first = v,
+                Err(e) => return e,
+            },
+            "--seed" => match val("--seed") {
+                Ok(v) => {
+                    first = v;
+                    seeds = 1
+                }
+                Err(e) => return e,
+            },
             "--replicas" => match val("--replicas") {
                 Ok(v) if (1..=16).contains(&v) => o.replicas = v as usize,
                 Ok(_) => return usage("--replicas must be 1..=16"),
                 Err(e) => return e,
             },
-            "--ticks" => match val("--ticks") { Ok(v) => o.ticks = v, Err(e) => return e },
+            "--ticks" => match val("--ticks") {
+                Ok(v) => o.ticks = v,
+                Err(e) => return e,
+            },
             "--durability" => match args.next().as_deref() {
                 Some("volatile") => o.durability = Durability::Volatile,
                 Some("durable") => o.durability = Durability::Durable,
@@ -64,16 +81,31 @@ fn main() -> ExitCode {
         let r = sim::run(opts);
         commits += r.commits;
         if verbose {
-            println!("seed={seed} commits={} acked={} crashes={} elections={} violations={}", r.commits, r.acked, r.crashes, r.elections, r.violations.len());
+            println!(
+                "seed={seed} commits={} acked={} crashes={} elections={} violations={}",
+                r.commits,
+                r.acked,
+                r.crashes,
+                r.elections,
+                r.violations.len()
+            );
         }
         if !r.violations.is_empty() {
             violations += r.violations.len() as u64;
-            println!("FAIL seed={seed}: {} | replay: {}", r.violations[0], opts.replay_command());
+            println!(
+                "FAIL seed={seed}: {} | replay: {}",
+                r.violations[0],
+                opts.replay_command()
+            );
             for v in &r.violations[1..] {
                 println!("    {v}");
             }
         }
     }
     println!("seeds={seeds} violations={violations} commits={commits}");
-    if violations > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if violations > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -643,7 +643,8 @@ impl Core {
                     }
                 }
             }
-            TOK_PROGRESS => {}
+            // A lost progress report would leave the leader without credit: send it again.
+            TOK_PROGRESS => self.progress_dirty |= result.is_err(),
             TOK_ENTRY | TOK_WRAP | TOK_COMMIT => {
                 self.on_write_done(peer, token, result.map(|_| ()))
             }
@@ -844,6 +845,11 @@ impl Core {
 
     fn follower_tick(&mut self) {
         self.quiet = self.quiet.saturating_add(1);
+        // Refresh the progress cell now and then, so a leader that missed a report (or
+        // restarted its view of us) regains flow-control credit.
+        if self.tick % u64::from(self.cfg.heartbeat_timeout / 4).max(1) == 0 {
+            self.progress_dirty = true;
+        }
         if let Some(l) = self.leader_hint() {
             self.push(Action::Read {
                 peer: l,
@@ -1050,6 +1056,7 @@ impl Core {
         for (k, entries) in chunks.into_iter().enumerate() {
             let p = Promise {
                 ballot,
+                from,
                 stream: self.stream,
                 received: self.received,
                 persisted: self.reported_persisted(),
@@ -1084,6 +1091,7 @@ impl Core {
     fn send_promise_header(&mut self, to: NodeId) {
         let p = Promise {
             ballot: self.promised,
+            from: msg::STREAM_ONLY,
             stream: self.stream,
             received: self.received,
             persisted: self.reported_persisted(),
@@ -1117,7 +1125,9 @@ impl Core {
 
     fn on_promise(&mut self, from: NodeId, p: Promise) {
         match &mut self.role {
-            Role::Candidate(c) if p.ballot == c.ballot => {
+            // Only an answer to our Prepare reports what the acceptor accepted; a stream-only
+            // promise (a restarted replica rejoining) does not count towards phase 1.
+            Role::Candidate(c) if p.ballot == c.ballot && p.from == c.from => {
                 let e = c.promises.entry(from).or_default();
                 e.add(p.chunk, p.chunks, p.entries);
                 e.header = Some((p.stream, p.received, p.persisted));
@@ -1235,6 +1245,7 @@ impl Core {
                     p.header.expect("complete promise has a header");
                 let pr = Promise {
                     ballot,
+                    from,
                     stream,
                     received,
                     persisted,

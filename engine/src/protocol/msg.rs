@@ -36,9 +36,15 @@ pub enum Msg {
     RecoverResp(RecoverResp),
 }
 
+/// `Promise::from` of a promise that only (re)starts a ring stream and reports no entries.
+pub const STREAM_ONLY: Index = Index::MAX;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Promise {
     pub ballot: Ballot,
+    /// The `from` of the Prepare this answers (entries from there on are included), or
+    /// [`STREAM_ONLY`].
+    pub from: Index,
     /// The follower's new ring stream: the leader writes it from slot 0.
     pub stream: u64,
     /// Write the stream from `received + 1`.
@@ -167,7 +173,14 @@ impl Msg {
             }
             Msg::Promise(p) => {
                 w.u8(PROMISE);
-                for v in [p.ballot.0, p.stream, p.received, p.persisted, p.commit] {
+                for v in [
+                    p.ballot.0,
+                    p.from,
+                    p.stream,
+                    p.received,
+                    p.persisted,
+                    p.commit,
+                ] {
                     w.u64(v);
                 }
                 w.u32(p.chunk);
@@ -211,13 +224,14 @@ impl Msg {
                 from: r.u64()?,
             },
             PROMISE => {
-                let ballot = Ballot(r.u64()?);
+                let (ballot, from) = (Ballot(r.u64()?), r.u64()?);
                 let (stream, received, persisted, commit) =
                     (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
                 let (chunk, chunks) = r.chunk()?;
                 let entries = r.entries()?;
                 Msg::Promise(Promise {
                     ballot,
+                    from,
                     stream,
                     received,
                     persisted,
@@ -298,7 +312,7 @@ mod tests {
             let es: Vec<_> = (1..=n as u64).map(|i| entry(i, len)).collect();
             let msgs = [
                 Msg::Prepare { ballot: Ballot(b), from: x },
-                Msg::Promise(Promise { ballot: Ballot(b), stream: x, received: 3, persisted: 2,
+                Msg::Promise(Promise { ballot: Ballot(b), from: 4, stream: x, received: 3, persisted: 2,
                     commit: 1, chunk: 0, chunks: 1, entries: es.clone() }),
                 Msg::Nack { promised: Ballot(b), leader_alive: x % 2 == 0 },
                 Msg::Resync { ballot: Ballot(b) },
@@ -318,7 +332,7 @@ mod tests {
 
         #[test]
         fn mutations_never_panic(at in any::<prop::sample::Index>(), v in any::<u8>()) {
-            let m = Msg::Promise(Promise { ballot: Ballot(9), stream: 1, received: 3, persisted: 2,
+            let m = Msg::Promise(Promise { ballot: Ballot(9), from: 1, stream: 1, received: 3, persisted: 2,
                 commit: 1, chunk: 0, chunks: 1, entries: vec![entry(1, 10), entry(2, 20)] });
             let mut b = m.encode();
             let i = at.index(b.len());

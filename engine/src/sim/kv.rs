@@ -75,7 +75,9 @@ pub fn encode_ret(r: Ret) -> Vec<u8> {
 pub fn decode_ret(b: &[u8]) -> Option<Ret> {
     match b.first()? {
         0 => Some(Ret::Ok),
-        1 => Some(Ret::Value(u64::from_le_bytes(b.get(1..9)?.try_into().ok()?))),
+        1 => Some(Ret::Value(u64::from_le_bytes(
+            b.get(1..9)?.try_into().ok()?,
+        ))),
         2 => Some(Ret::Cas(*b.get(1)? != 0)),
         _ => None,
     }
