@@ -102,6 +102,9 @@ done
 echo "cluster: survivors $ALIVE converged (identical digests, $((2 * CMDS)) commands, all of leader $L1's)"
 for i in $ALIVE; do case $i in 0) kill $P0 ;; 1) kill $P1 ;; 2) kill $P2 ;; esac; done
 wait 2>/dev/null
+for i in 0 1 2; do # what each replica saw (role changes, broken QPs), at most 12 lines each
+    grep -v '^WORKLOAD' "$D/log.$i" | head -n 12 | sed "s/^/cluster: log.$i: /"
+done
 
 echo "== ib_write_lat 64 B (same guest, for comparison)"
 ib_write_lat -d "$RXE_DEV" -x "$RXE_GID_INDEX" -n 1000 -s 64 >/tmp/lat-server.log 2>&1 &

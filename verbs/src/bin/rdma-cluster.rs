@@ -97,7 +97,8 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-const USAGE: &str = "usage: rdma-cluster --id N --peers 0=IP:PORT,1=IP:PORT,2=IP:PORT [--dev NAME] \
+const USAGE: &str =
+    "usage: rdma-cluster --id N --peers 0=IP:PORT,1=IP:PORT,2=IP:PORT [--dev NAME] \
 [--gid-index N] [--commands N] [--depth N] [--state-dir DIR] [--heartbeat-ms N] [--election-ms N] \
 [--recovering]";
 
@@ -175,7 +176,12 @@ fn main() {
         .expect("anonymous region"),
     );
     let listen = args.peers.iter().find(|(n, _)| *n == me).unwrap().1;
-    let others: Vec<_> = args.peers.iter().copied().filter(|(n, _)| *n != me).collect();
+    let others: Vec<_> = args
+        .peers
+        .iter()
+        .copied()
+        .filter(|(n, _)| *n != me)
+        .collect();
     let mut rc = RdmaConfig::new(me, listen, others.clone());
     rc.cluster = CLUSTER;
     rc.device = args.dev.clone();
@@ -302,8 +308,7 @@ fn main() {
             wl.done = true;
             println!("{}", wl.summary(me));
         }
-        if wl.started.is_some() && !wl.done && !rep.core().is_leader() && wl.in_flight.is_empty()
-        {
+        if wl.started.is_some() && !wl.done && !rep.core().is_leader() && wl.in_flight.is_empty() {
             // Lost leadership mid-workload: report what we have.
             wl.done = true;
             println!("{} (leadership lost)", wl.summary(me));
@@ -317,9 +322,16 @@ fn main() {
                     .entry(p)
                     .or_insert((now, Duration::from_millis(20)));
                 if now >= e.0 {
+                    let why = rep.fabric().data_error(p).map(|e| e.to_string());
                     match rep.fabric_mut().reconnect(p) {
-                        Ok(()) => {}
-                        Err(err) => println!("rdma-cluster[{me}]: reconnect {p}: {err}"),
+                        Ok(()) => println!(
+                            "rdma-cluster[{me}]: t={now_ticks}ms data QP to {p} broken ({}): reconnect requested",
+                            why.unwrap_or_default()
+                        ),
+                        Err(err) => println!(
+                            "rdma-cluster[{me}]: t={now_ticks}ms data QP to {p} broken ({}): reconnect failed: {err}",
+                            why.unwrap_or_default()
+                        ),
                     }
                     e.1 = (e.1 * 2).min(Duration::from_secs(2));
                     e.0 = now + e.1;
