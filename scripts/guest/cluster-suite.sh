@@ -1,5 +1,6 @@
 # The rxe-vm cluster suite: three Ballot replicas (rdma-cluster), one process each, all on
-# rxe0 (lo, 127.0.0.1, the same GID; TCP bootstrap on ports 7100-7102). Checks:
+# rxe0 (lo, 127.0.0.1, the same GID; TCP bootstrap on ports $CLUSTER_PORT.. (7100-7102)).
+# CLUSTER_CMDS (500), CLUSTER_DEPTH (1: proposals in flight), CLUSTER_DIR select a run. Checks:
 #   1. a leader is elected and commits a workload of $CMDS commands;
 #   2. all three replicas apply identical logs (digest = count, last index, hash);
 #   3. kill -9 of the leader: a survivor is elected and commits $CMDS more;
@@ -9,9 +10,10 @@
 set -u
 CMDS="${CLUSTER_CMDS:-500}"
 DEPTH="${CLUSTER_DEPTH:-1}"
-D=/tmp/cluster
+D="${CLUSTER_DIR:-/tmp/cluster}"
+PORT="${CLUSTER_PORT:-7100}"
 mkdir -p "$D"
-PEERS="0=127.0.0.1:7100,1=127.0.0.1:7101,2=127.0.0.1:7102"
+PEERS="0=127.0.0.1:$PORT,1=127.0.0.1:$((PORT + 1)),2=127.0.0.1:$((PORT + 2))"
 now() { cut -d' ' -f1 /proc/uptime; }
 field() { # field FILE KEY
     sed -n "s/.* $2=\([^ ]*\).*/\1/p; s/^$2=\([^ ]*\).*/\1/p" "$1" 2>/dev/null | head -1
@@ -114,7 +116,7 @@ ib_write_lat -d "$RXE_DEV" -x "$RXE_GID_INDEX" -n 1000 -s 64 "$RXE_IP" >/tmp/lat
 wait $srv
 LAT="$(awk '$1 == 64 && NF >= 8 { print "t_typical_us=" $5 " t_avg_us=" $6 " p99_us=" $8 }' /tmp/lat-client.log)"
 [ -n "$LAT" ] || { cat /tmp/lat-client.log; fail "cannot parse ib_write_lat output"; }
-echo "FIGURES replication phase1: $(echo "$P1_LINE" | sed 's/^WORKLOAD //')"
-echo "FIGURES replication phase2: $(echo "$P2_LINE" | sed 's/^WORKLOAD //')"
+echo "FIGURES depth $DEPTH replication phase1: $(echo "$P1_LINE" | sed 's/^WORKLOAD //')"
+echo "FIGURES depth $DEPTH replication phase2: $(echo "$P2_LINE" | sed 's/^WORKLOAD //')"
 echo "FIGURES ib_write_lat 64B: $LAT"
 echo "cluster-suite: PASS"
