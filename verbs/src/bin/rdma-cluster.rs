@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const CLUSTER: u64 = 0xba11_07;
+const CLUSTER: u64 = 0x00ba_1107;
 
 struct Args {
     id: NodeId,
