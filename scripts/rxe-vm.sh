@@ -7,14 +7,17 @@
 #
 # usage: scripts/rxe-vm.sh [--bin HOST_BINARY]... [--file HOST_FILE[:GUEST_PATH]]...
 #                          [--run GUEST_SCRIPT] [--timeout SECONDS] [--log FILE]
-#                          [--no-build]
+#                          [--suite default|cluster|all] [--no-build]
 #   --bin     copied to /opt/bin/<name> in the guest, with its shared-library closure
 #   --file    copied to GUEST_PATH (default /opt/files/<name>)
 #   --run     a sh script run in the guest as `sh /opt/run.sh` (busybox sh; PATH has
 #             /opt/bin); exit status 0 means PASS. The rxe device is rxe0, its IPv4-mapped
 #             GID index is in $RXE_GID_INDEX, its IPv4 address in $RXE_IP.
-#   No --run: the default suite (ibv_devices, ballot's verbs-selftest, ib_write_lat),
-#             building verbs-selftest with cargo first (unless --no-build).
+#   No --run: --suite all (the default): the default suite (ibv_devices, ballot's
+#             verbs-selftest, ib_write_lat), then the cluster suite (three rdma-cluster
+#             replicas: elect, commit, kill -9 the leader, re-elect, commit, converge; vs
+#             ib_write_lat), building verbs-selftest and rdma-cluster with cargo first
+#             (unless --no-build). --suite default / --suite cluster: only one of them.
 #
 # Everything the guest needs is fetched as Debian packages (apt-get download + dpkg -x)
 # into .cache/rxe-vm/ (cached between runs); only qemu-system-x86 is installed on the host.
@@ -28,6 +31,7 @@ TIMEOUT=300
 LOG=""
 RUN=""
 NO_BUILD=0
+SUITE=all
 BINS=()
 FILES=()
 
@@ -41,7 +45,8 @@ while [ $# -gt 0 ]; do
         --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; TIMEOUT="$2"; shift 2 ;;
         --log) [ $# -ge 2 ] || die "--log needs a file"; LOG="$2"; shift 2 ;;
         --no-build) NO_BUILD=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --suite) [ $# -ge 2 ] || die "--suite needs default|cluster|all"; SUITE="$2"; shift 2 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -51,15 +56,24 @@ for f in "${FILES[@]+"${FILES[@]}"}"; do [ -f "${f%%:*}" ] || die "--file ${f%%:
 [ -z "$RUN" ] || [ -f "$RUN" ] || die "--run $RUN: no such file"
 
 if [ -z "$RUN" ]; then
-    RUN="$ROOT/scripts/guest/default-suite.sh"
-    SELFTEST="${CARGO_TARGET_DIR:-$ROOT/target}/release/verbs-selftest"
+    case "$SUITE" in
+        default) RUN="$ROOT/scripts/guest/default-suite.sh"; WANT="verbs-selftest" ;;
+        cluster) RUN="$ROOT/scripts/guest/cluster-suite.sh"; WANT="rdma-cluster" ;;
+        all) RUN="$ROOT/scripts/guest/all-suites.sh"; WANT="verbs-selftest rdma-cluster"
+             FILES+=("$ROOT/scripts/guest/default-suite.sh:/opt/default-suite.sh"
+                     "$ROOT/scripts/guest/cluster-suite.sh:/opt/cluster-suite.sh") ;;
+        *) die "--suite wants default, cluster or all, got '$SUITE'" ;;
+    esac
     if [ "$NO_BUILD" = 0 ]; then
         "$ROOT/scripts/install-build-deps.sh" >&2
-        echo "rxe-vm: building verbs-selftest" >&2
-        (cd "$ROOT" && cargo build --release -p ballot-verbs --bin verbs-selftest) >&2
+        echo "rxe-vm: building $WANT" >&2
+        (cd "$ROOT" && cargo build --release -p ballot-verbs $(for b in $WANT; do echo --bin "$b"; done)) >&2
     fi
-    [ -x "$SELFTEST" ] || die "$SELFTEST missing (build it or drop --no-build)"
-    BINS+=("$SELFTEST")
+    for b in $WANT; do
+        b="${CARGO_TARGET_DIR:-$ROOT/target}/release/$b"
+        [ -x "$b" ] || die "$b missing (build it or drop --no-build)"
+        BINS+=("$b")
+    done
 fi
 
 # ---------------------------------------------------------------- host tools

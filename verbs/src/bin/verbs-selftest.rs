@@ -493,7 +493,7 @@ fn ballot_verbs_fabric_checks(a: &Args) -> R<()> {
     drive(&mut fs, &mut evs, "cells", |e| {
         write_result(&e[0], 110).is_some() && write_result(&e[1], 111).is_some()
     })?;
-    let mut b = [0u8; 48];
+    let mut b = [0u8; layout::PROGRESS_ENCODED];
     regions[1]
         .read(layout::COMMIT_CELL_OFFSET, &mut b[..24])
         .unwrap();
