@@ -85,7 +85,11 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("id", &self.id).field("seq", &self.seq).field("target", &self.target).finish()
+        f.debug_struct("Client")
+            .field("id", &self.id)
+            .field("seq", &self.seq)
+            .field("target", &self.target)
+            .finish()
     }
 }
 
@@ -108,7 +112,15 @@ impl Client {
 
     pub fn with_config(cfg: ClientConfig) -> Self {
         let id = cfg.client_id.unwrap_or_else(random_id);
-        Client { cfg, id, seq: 0, next: 0, target: None, conn: None, last_attempts: 0 }
+        Client {
+            cfg,
+            id,
+            seq: 0,
+            next: 0,
+            target: None,
+            conn: None,
+            last_attempts: 0,
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -151,7 +163,15 @@ impl Client {
     /// Runs one command to completion (see the module docs for the retry rules).
     pub fn execute(&mut self, op: Op) -> Result<KvResult, ClientError> {
         self.seq += 1;
-        let req = Request::Command(Command { client: self.id, seq: self.seq, op }.encode()).encode();
+        let req = Request::Command(
+            Command {
+                client: self.id,
+                seq: self.seq,
+                op,
+            }
+            .encode(),
+        )
+        .encode();
         let deadline = Instant::now() + self.cfg.deadline;
         let mut backoff = Duration::from_millis(5);
         let mut last_err = String::from("no attempt");
@@ -164,7 +184,8 @@ impl Client {
             let resp = self.connect().and_then(|s| exchange(s, &req));
             let pause = match resp {
                 Ok(Response::Ok(payload)) => {
-                    return KvResult::decode(&payload).map_err(|e| ClientError::Rejected(format!("bad result: {e}")))
+                    return KvResult::decode(&payload)
+                        .map_err(|e| ClientError::Rejected(format!("bad result: {e}")))
                 }
                 Ok(Response::Error(e)) => return Err(ClientError::Rejected(e)),
                 Ok(Response::NotLeader { leader, addr }) => {
@@ -200,7 +221,10 @@ impl Client {
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
-        match self.execute(Op::Put { key: key.to_vec(), value: value.to_vec() })? {
+        match self.execute(Op::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        })? {
             KvResult::Ok => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -230,7 +254,11 @@ impl Client {
         expected: Option<&[u8]>,
         new: &[u8],
     ) -> Result<Result<(), Option<Vec<u8>>>, ClientError> {
-        let op = Op::Cas { key: key.to_vec(), expected: expected.map(<[u8]>::to_vec), new: new.to_vec() };
+        let op = Op::Cas {
+            key: key.to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            new: new.to_vec(),
+        };
         match self.execute(op)? {
             KvResult::Ok => Ok(Ok(())),
             KvResult::CasFailed(cur) => Ok(Err(cur)),
@@ -240,7 +268,16 @@ impl Client {
 
     /// Asks every node for its status.
     pub fn cluster_status(&self) -> Vec<(String, Result<NodeStatus, String>)> {
-        self.cfg.addrs.iter().map(|a| (a.clone(), status(a, self.cfg.connect_timeout.max(Duration::from_secs(1))))).collect()
+        self.cfg
+            .addrs
+            .iter()
+            .map(|a| {
+                (
+                    a.clone(),
+                    status(a, self.cfg.connect_timeout.max(Duration::from_secs(1))),
+                )
+            })
+            .collect()
     }
 }
 

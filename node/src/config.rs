@@ -12,7 +12,11 @@ use std::time::Duration;
 pub const KEY_ENV: &str = "BALLOT_CLUSTER_KEY";
 
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "ballot-node", version, about = "One replica of a Ballot replicated key-value cluster")]
+#[command(
+    name = "ballot-node",
+    version,
+    about = "One replica of a Ballot replicated key-value cluster"
+)]
 pub struct Flags {
     /// TOML configuration file (flags override its values).
     #[arg(long, short = 'c')]
@@ -123,15 +127,23 @@ pub fn parse_id_list(what: &str, items: &[String]) -> Result<BTreeMap<u8, String
         let (id, addr) = item
             .split_once('=')
             .ok_or_else(|| format!("{what}: {item:?} is not of the form id=host:port"))?;
-        let id: u8 = id
-            .trim()
-            .parse()
-            .map_err(|_| format!("{what}: {item:?}: id {id:?} is not a number in 0..{}", ballot::MAX_NODES))?;
+        let id: u8 = id.trim().parse().map_err(|_| {
+            format!(
+                "{what}: {item:?}: id {id:?} is not a number in 0..{}",
+                ballot::MAX_NODES
+            )
+        })?;
         if id as usize >= ballot::MAX_NODES {
-            return Err(format!("{what}: {item:?}: id {id} must be below {}", ballot::MAX_NODES));
+            return Err(format!(
+                "{what}: {item:?}: id {id} must be below {}",
+                ballot::MAX_NODES
+            ));
         }
         let addr = addr.trim();
-        if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
             return Err(format!("{what}: {item:?}: {addr:?} is not host:port"));
         }
         if out.insert(id, addr.to_string()).is_some() {
@@ -145,7 +157,8 @@ pub fn parse_id_list(what: &str, items: &[String]) -> Result<BTreeMap<u8, String
 fn load_key(key_file: Option<&PathBuf>) -> Result<Vec<u8>, String> {
     let key = match key_file {
         Some(p) => {
-            let mut k = std::fs::read(p).map_err(|e| format!("cannot read key file {}: {e}", p.display()))?;
+            let mut k = std::fs::read(p)
+                .map_err(|e| format!("cannot read key file {}: {e}", p.display()))?;
             while k.last().is_some_and(|b| b.is_ascii_whitespace()) {
                 k.pop();
             }
@@ -153,7 +166,11 @@ fn load_key(key_file: Option<&PathBuf>) -> Result<Vec<u8>, String> {
         }
         None => match std::env::var_os(KEY_ENV) {
             Some(v) => v.into_encoded_bytes(),
-            None => return Err(format!("no cluster key: give --key-file FILE or set {KEY_ENV}")),
+            None => {
+                return Err(format!(
+                    "no cluster key: give --key-file FILE or set {KEY_ENV}"
+                ))
+            }
         },
     };
     if key.is_empty() {
@@ -167,15 +184,21 @@ impl NodeConfig {
     pub fn load(flags: Flags) -> Result<NodeConfig, String> {
         let file = match &flags.config {
             Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).map_err(|e| format!("cannot read config file {}: {e}", p.display()))?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| format!("config file {}: {e}", p.display()))?
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read config file {}: {e}", p.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| format!("config file {}: {e}", p.display()))?
             }
             None => FileConfig::default(),
         };
-        let node = flags.node.or(file.node).ok_or("missing node id (--node or `node =`)")?;
+        let node = flags
+            .node
+            .or(file.node)
+            .ok_or("missing node id (--node or `node =`)")?;
         let cluster = match (flags.cluster, file.cluster) {
-            (Some(s), _) => parse_u64(&s).ok_or_else(|| format!("cluster id {s:?} is not a number"))?,
+            (Some(s), _) => {
+                parse_u64(&s).ok_or_else(|| format!("cluster id {s:?} is not a number"))?
+            }
             (None, Some(toml::Value::Integer(i))) if i >= 0 => i as u64,
             (None, Some(toml::Value::String(s))) => {
                 parse_u64(&s).ok_or_else(|| format!("cluster id {s:?} is not a number"))?
@@ -183,41 +206,76 @@ impl NodeConfig {
             (None, Some(v)) => return Err(format!("cluster id {v} is not a non-negative number")),
             (None, None) => return Err("missing cluster id (--cluster or `cluster =`)".into()),
         };
-        let peers_raw = if flags.peers.is_empty() { file.peers.unwrap_or_default() } else { flags.peers };
+        let peers_raw = if flags.peers.is_empty() {
+            file.peers.unwrap_or_default()
+        } else {
+            flags.peers
+        };
         if peers_raw.is_empty() {
             return Err("missing peers (--peers id=host:port,... or `peers = [...]`)".into());
         }
         let peers = parse_id_list("peers", &peers_raw)?;
         if !peers.contains_key(&node) {
-            return Err(format!("own id {node} is not in the peer list {:?}", peers.keys().collect::<Vec<_>>()));
+            return Err(format!(
+                "own id {node} is not in the peer list {:?}",
+                peers.keys().collect::<Vec<_>>()
+            ));
         }
         let peers = peers
             .into_iter()
             .map(|(id, a)| Ok((id, resolve(&format!("peer {id}"), &a)?)))
             .collect::<Result<BTreeMap<_, _>, String>>()?;
-        let client_addr = flags.client_addr.or(file.client_addr).ok_or("missing client address (--client-addr)")?;
+        let client_addr = flags
+            .client_addr
+            .or(file.client_addr)
+            .ok_or("missing client address (--client-addr)")?;
         let client_addr = resolve("client address", &client_addr)?;
-        let cp_raw = if flags.client_peers.is_empty() { file.client_peers.unwrap_or_default() } else { flags.client_peers };
+        let cp_raw = if flags.client_peers.is_empty() {
+            file.client_peers.unwrap_or_default()
+        } else {
+            flags.client_peers
+        };
         let mut client_peers = parse_id_list("client-peers", &cp_raw)?;
         if let Some(id) = client_peers.keys().find(|id| !peers.contains_key(id)) {
             return Err(format!("client-peers: id {id} is not in the peer list"));
         }
-        client_peers.entry(node).or_insert_with(|| client_addr.to_string());
+        client_peers
+            .entry(node)
+            .or_insert_with(|| client_addr.to_string());
         match flags.fabric.or(file.fabric).as_deref().unwrap_or("tcp") {
             "tcp" => {}
             "rdma" => {
-                return Err("fabric `rdma` is not yet wired into ballot-node (use `tcp`; \
+                return Err(
+                    "fabric `rdma` is not yet wired into ballot-node (use `tcp`; \
                             ballot_verbs::RdmaFabric is available to embedders)"
-                    .into())
+                        .into(),
+                )
             }
             f => return Err(format!("unknown fabric {f:?} (expected `tcp` or `rdma`)")),
         }
-        match flags.durability.or(file.durability).as_deref().unwrap_or("volatile") {
+        match flags
+            .durability
+            .or(file.durability)
+            .as_deref()
+            .unwrap_or("volatile")
+        {
             "volatile" => {}
-            "durable" => return Err("durability `durable` is not supported by ballot-node yet (use `volatile`)".into()),
-            d => return Err(format!("unknown durability {d:?} (expected `volatile` or `durable`)")),
+            "durable" => {
+                return Err(
+                    "durability `durable` is not supported by ballot-node yet (use `volatile`)"
+                        .into(),
+                )
+            }
+            d => {
+                return Err(format!(
+                    "unknown durability {d:?} (expected `volatile` or `durable`)"
+                ))
+            }
         }
-        let data_dir = flags.data_dir.or(file.data_dir).ok_or("missing data directory (--data-dir)")?;
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .ok_or("missing data directory (--data-dir)")?;
         let key = load_key(flags.key_file.or(file.key_file).as_ref())?;
         let ms = |v: Option<u32>, what: &str, default: u32| -> Result<Duration, String> {
             match v.unwrap_or(default) {
@@ -239,7 +297,11 @@ impl NodeConfig {
                 "heartbeat timeout",
                 100,
             )?,
-            election_timeout: ms(flags.election_timeout_ms.or(file.election_timeout_ms), "election timeout", 100)?,
+            election_timeout: ms(
+                flags.election_timeout_ms.or(file.election_timeout_ms),
+                "election timeout",
+                100,
+            )?,
         })
     }
 }
@@ -263,11 +325,24 @@ mod tests {
         std::fs::write(&key, "secret\n").unwrap();
         let kf = key.to_str().unwrap();
         let base = [
-            "--node", "1", "--cluster", "0x10", "--peers", "0=127.0.0.1:1,1=127.0.0.1:2", "--client-addr",
-            "127.0.0.1:3", "--data-dir", "/tmp/x", "--key-file", kf,
+            "--node",
+            "1",
+            "--cluster",
+            "0x10",
+            "--peers",
+            "0=127.0.0.1:1,1=127.0.0.1:2",
+            "--client-addr",
+            "127.0.0.1:3",
+            "--data-dir",
+            "/tmp/x",
+            "--key-file",
+            kf,
         ];
         let ok = NodeConfig::load(flags(&base)).unwrap();
-        assert_eq!((ok.node, ok.cluster, ok.key.as_slice()), (1, 16, &b"secret"[..]));
+        assert_eq!(
+            (ok.node, ok.cluster, ok.key.as_slice()),
+            (1, 16, &b"secret"[..])
+        );
         assert_eq!(ok.client_peers[&1], "127.0.0.1:3");
         let err = |args: &[&str]| NodeConfig::load(flags(args)).unwrap_err();
         let with = |k: &str, v: &str| {
@@ -306,8 +381,12 @@ mod tests {
         let c = NodeConfig::load(flags(&["-c", file.to_str().unwrap(), "--node", "1"])).unwrap();
         assert_eq!((c.node, c.cluster), (1, 7));
         std::fs::write(&file, "node = 0\nbogus = 1\n").unwrap();
-        assert!(NodeConfig::load(flags(&["-c", file.to_str().unwrap()])).unwrap_err().contains("bogus"));
-        assert!(NodeConfig::load(flags(&["-c", "/nonexistent.toml"])).unwrap_err().contains("cannot read config"));
+        assert!(NodeConfig::load(flags(&["-c", file.to_str().unwrap()]))
+            .unwrap_err()
+            .contains("bogus"));
+        assert!(NodeConfig::load(flags(&["-c", "/nonexistent.toml"]))
+            .unwrap_err()
+            .contains("cannot read config"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -38,11 +38,22 @@ pub mod res {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Op {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Get { key: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Get {
+        key: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
     /// Sets `key` to `new` if its current value is `expected` (`None`: the key is absent).
-    Cas { key: Vec<u8>, expected: Option<Vec<u8>>, new: Vec<u8> },
+    Cas {
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -135,16 +146,26 @@ impl Command {
             return Err("empty key".into());
         }
         let op = match tag {
-            op::PUT => Op::Put { key, value: r.bytes(MAX_VALUE).map_err(|e| format!("value: {e}"))? },
+            op::PUT => Op::Put {
+                key,
+                value: r.bytes(MAX_VALUE).map_err(|e| format!("value: {e}"))?,
+            },
             op::GET => Op::Get { key },
             op::DELETE => Op::Delete { key },
             op::CAS => {
                 let expected = match r.u8().ok_or("cas: missing expected flag")? {
                     0 => None,
-                    1 => Some(r.bytes(MAX_VALUE).map_err(|e| format!("cas expected: {e}"))?),
+                    1 => Some(
+                        r.bytes(MAX_VALUE)
+                            .map_err(|e| format!("cas expected: {e}"))?,
+                    ),
                     f => return Err(format!("cas: bad expected flag {f}")),
                 };
-                Op::Cas { key, expected, new: r.bytes(MAX_VALUE).map_err(|e| format!("cas new: {e}"))? }
+                Op::Cas {
+                    key,
+                    expected,
+                    new: r.bytes(MAX_VALUE).map_err(|e| format!("cas new: {e}"))?,
+                }
             }
             t => return Err(format!("unknown op {t}")),
         };
@@ -213,17 +234,21 @@ impl Reader<'_> {
         self.take(1).map(|b| b[0])
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
     fn bytes(&mut self, max: usize) -> Result<Vec<u8>, String> {
         let n = self.u32().ok_or("truncated length")? as usize;
         if n > max {
             return Err(format!("{n} bytes exceeds the limit {max}"));
         }
-        self.take(n).map(<[u8]>::to_vec).ok_or_else(|| format!("truncated: {n} bytes announced"))
+        self.take(n)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| format!("truncated: {n} bytes announced"))
     }
 }
 
@@ -293,8 +318,11 @@ impl StateMachine for KvMachine {
                 return out.clone();
             }
             if cmd.seq < *last {
-                return KvResult::Error(format!("stale sequence number {} (last applied {last})", cmd.seq))
-                    .encode();
+                return KvResult::Error(format!(
+                    "stale sequence number {} (last applied {last})",
+                    cmd.seq
+                ))
+                .encode();
             }
         }
         let out = self.execute(cmd.op).encode();
@@ -318,37 +346,126 @@ mod tests {
     fn ops_and_dedup() {
         let mut m = KvMachine::default();
         let r = |m: &mut KvMachine, c: Vec<u8>| KvResult::decode(&m.apply(1, &c)).unwrap();
-        assert_eq!(r(&mut m, cmd(1, 1, Op::Get { key: k("a") })), KvResult::NotFound);
-        assert_eq!(r(&mut m, cmd(1, 2, Op::Put { key: k("a"), value: k("x") })), KvResult::Ok);
-        assert_eq!(r(&mut m, cmd(2, 1, Op::Put { key: k("a"), value: k("y") })), KvResult::Ok);
+        assert_eq!(
+            r(&mut m, cmd(1, 1, Op::Get { key: k("a") })),
+            KvResult::NotFound
+        );
+        assert_eq!(
+            r(
+                &mut m,
+                cmd(
+                    1,
+                    2,
+                    Op::Put {
+                        key: k("a"),
+                        value: k("x")
+                    }
+                )
+            ),
+            KvResult::Ok
+        );
+        assert_eq!(
+            r(
+                &mut m,
+                cmd(
+                    2,
+                    1,
+                    Op::Put {
+                        key: k("a"),
+                        value: k("y")
+                    }
+                )
+            ),
+            KvResult::Ok
+        );
         // Retried put of client 1 seq 2: not applied again.
-        assert_eq!(r(&mut m, cmd(1, 2, Op::Put { key: k("a"), value: k("x") })), KvResult::Ok);
-        assert_eq!(r(&mut m, cmd(1, 3, Op::Get { key: k("a") })), KvResult::Value(k("y")));
-        assert!(matches!(r(&mut m, cmd(1, 1, Op::Get { key: k("a") })), KvResult::Error(_)));
-        let cas = |e: Option<&str>, n: &str| Op::Cas { key: k("a"), expected: e.map(k), new: k(n) };
-        assert_eq!(r(&mut m, cmd(3, 1, cas(Some("x"), "z"))), KvResult::CasFailed(Some(k("y"))));
+        assert_eq!(
+            r(
+                &mut m,
+                cmd(
+                    1,
+                    2,
+                    Op::Put {
+                        key: k("a"),
+                        value: k("x")
+                    }
+                )
+            ),
+            KvResult::Ok
+        );
+        assert_eq!(
+            r(&mut m, cmd(1, 3, Op::Get { key: k("a") })),
+            KvResult::Value(k("y"))
+        );
+        assert!(matches!(
+            r(&mut m, cmd(1, 1, Op::Get { key: k("a") })),
+            KvResult::Error(_)
+        ));
+        let cas = |e: Option<&str>, n: &str| Op::Cas {
+            key: k("a"),
+            expected: e.map(k),
+            new: k(n),
+        };
+        assert_eq!(
+            r(&mut m, cmd(3, 1, cas(Some("x"), "z"))),
+            KvResult::CasFailed(Some(k("y")))
+        );
         assert_eq!(r(&mut m, cmd(3, 2, cas(Some("y"), "z"))), KvResult::Ok);
-        assert_eq!(r(&mut m, cmd(3, 3, Op::Delete { key: k("a") })), KvResult::Ok);
-        assert_eq!(r(&mut m, cmd(3, 4, Op::Delete { key: k("a") })), KvResult::NotFound);
+        assert_eq!(
+            r(&mut m, cmd(3, 3, Op::Delete { key: k("a") })),
+            KvResult::Ok
+        );
+        assert_eq!(
+            r(&mut m, cmd(3, 4, Op::Delete { key: k("a") })),
+            KvResult::NotFound
+        );
         assert_eq!(r(&mut m, cmd(3, 5, cas(None, "n"))), KvResult::Ok);
         assert_eq!(m.get(b"a"), Some(&b"n"[..]));
         // Client 0: no dedup.
-        assert_eq!(r(&mut m, cmd(0, 0, Op::Delete { key: k("a") })), KvResult::Ok);
-        assert_eq!(r(&mut m, cmd(0, 0, Op::Delete { key: k("a") })), KvResult::NotFound);
+        assert_eq!(
+            r(&mut m, cmd(0, 0, Op::Delete { key: k("a") })),
+            KvResult::Ok
+        );
+        assert_eq!(
+            r(&mut m, cmd(0, 0, Op::Delete { key: k("a") })),
+            KvResult::NotFound
+        );
     }
 
     #[test]
     fn big_values_roundtrip() {
-        let c = Command { client: 9, seq: 1, op: Op::Put { key: k("big"), value: vec![7; MAX_VALUE] } };
+        let c = Command {
+            client: 9,
+            seq: 1,
+            op: Op::Put {
+                key: k("big"),
+                value: vec![7; MAX_VALUE],
+            },
+        };
         assert_eq!(Command::decode(&c.encode()).unwrap(), c);
-        let too_big = Command { client: 9, seq: 2, op: Op::Put { key: k("big"), value: vec![7; MAX_VALUE + 1] } };
+        let too_big = Command {
+            client: 9,
+            seq: 2,
+            op: Op::Put {
+                key: k("big"),
+                value: vec![7; MAX_VALUE + 1],
+            },
+        };
         assert!(Command::decode(&too_big.encode()).is_err());
     }
 
     #[test]
     fn decoding_is_total() {
         let mut m = KvMachine::default();
-        let good = cmd(5, 1, Op::Cas { key: k("key"), expected: Some(k("old")), new: k("new") });
+        let good = cmd(
+            5,
+            1,
+            Op::Cas {
+                key: k("key"),
+                expected: Some(k("old")),
+                new: k("new"),
+            },
+        );
         // Every prefix, every single-byte corruption, and some junk: never a panic.
         for n in 0..good.len() {
             let out = KvResult::decode(&m.apply(1, &good[..n])).unwrap();
@@ -363,7 +480,10 @@ mod tests {
         }
         let mut junk = good.clone();
         junk.push(0);
-        assert!(matches!(KvResult::decode(&m.apply(1, &junk)).unwrap(), KvResult::Error(_)));
+        assert!(matches!(
+            KvResult::decode(&m.apply(1, &junk)).unwrap(),
+            KvResult::Error(_)
+        ));
         assert!(KvResult::decode(&[]).is_err());
         assert!(KvResult::decode(&[9]).is_err());
     }

@@ -28,7 +28,8 @@ pub fn ring() -> RingGeometry {
 
 /// Reads or creates the boot marker; `Ok(true)` when this is a restart.
 pub fn boot_marker(dir: &Path, cluster: u64, node: u8) -> Result<bool, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
     let path = dir.join(MARKER);
     let want = format!("cluster={cluster:#x} node={node}\n");
     match std::fs::read_to_string(&path) {
@@ -78,12 +79,24 @@ impl Node {
     pub fn start(cfg: NodeConfig) -> Result<Node, String> {
         let recovering = boot_marker(&cfg.data_dir, cfg.cluster, cfg.node)?;
         let ring = ring();
-        let region = Region::anonymous(RegionInfo { cluster: cfg.cluster, node: cfg.node, ring })
-            .map_err(|e| format!("cannot allocate the region: {e}"))?;
+        let region = Region::anonymous(RegionInfo {
+            cluster: cfg.cluster,
+            node: cfg.node,
+            ring,
+        })
+        .map_err(|e| format!("cannot allocate the region: {e}"))?;
         let listen = cfg.peers[&cfg.node];
         let fabric_listener = bind_retry(listen, "the fabric")?;
-        let tcp = TcpConfig::new(cfg.node, cfg.cluster, cfg.key.clone(), listen, cfg.peers.clone(), Arc::new(region));
-        let fabric = TcpFabric::start_with_listener(tcp, fabric_listener).map_err(|e| format!("fabric: {e}"))?;
+        let tcp = TcpConfig::new(
+            cfg.node,
+            cfg.cluster,
+            cfg.key.clone(),
+            listen,
+            cfg.peers.clone(),
+            Arc::new(region),
+        );
+        let fabric = TcpFabric::start_with_listener(tcp, fabric_listener)
+            .map_err(|e| format!("fabric: {e}"))?;
         let members: Vec<u8> = cfg.peers.keys().copied().collect();
         let mut pc = Config::new(cfg.node, members, ring);
         pc.batch_bytes = crate::kv::MAX_COMMAND + 64;
@@ -91,11 +104,20 @@ impl Node {
         pc.election_timeout = cfg.election_timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
         let core = Core::new(pc, recovering).map_err(|e| format!("bad configuration: {e}"))?;
         let replica = Replica::new(core, fabric, KvMachine::default(), None);
-        let rc = RuntimeConfig { core: cfg.core, name: format!("replica-{}", cfg.node), ..RuntimeConfig::default() };
-        let runtime = Runtime::start(replica, rc).map_err(|e| format!("cannot start the replica thread: {e}"))?;
+        let rc = RuntimeConfig {
+            core: cfg.core,
+            name: format!("replica-{}", cfg.node),
+            ..RuntimeConfig::default()
+        };
+        let runtime = Runtime::start(replica, rc)
+            .map_err(|e| format!("cannot start the replica thread: {e}"))?;
         let client_listener = bind_retry(cfg.client_addr, "clients")?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (h, st, peers) = (runtime.handle(), stop.clone(), Arc::new(cfg.client_peers.clone()));
+        let (h, st, peers) = (
+            runtime.handle(),
+            stop.clone(),
+            Arc::new(cfg.client_peers.clone()),
+        );
         std::thread::Builder::new()
             .name("client-accept".into())
             .spawn(move || accept_loop(client_listener, h, peers, st))
@@ -107,7 +129,11 @@ impl Node {
             clients = %cfg.client_addr,
             "ballot-node started"
         );
-        Ok(Node { runtime, recovering, stop })
+        Ok(Node {
+            runtime,
+            recovering,
+            stop,
+        })
     }
 
     pub fn handle(&self) -> Handle {
@@ -131,9 +157,13 @@ fn accept_loop(
         match l.accept() {
             Ok((s, _)) => {
                 let (h, p) = (h.clone(), peers.clone());
-                let _ = std::thread::Builder::new().name("client-conn".into()).spawn(move || serve(s, h, p));
+                let _ = std::thread::Builder::new()
+                    .name("client-conn".into())
+                    .spawn(move || serve(s, h, p));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
             Err(e) => {
                 tracing::warn!("accept: {e}");
                 std::thread::sleep(Duration::from_millis(50));
@@ -175,13 +205,14 @@ fn serve(mut s: TcpStream, h: Handle, peers: Arc<std::collections::BTreeMap<u8, 
                 Err(e) => Response::Error(format!("bad command: {e}")),
                 Ok(_) => match h.propose(cmd, PROPOSE_TIMEOUT) {
                     Ok(out) => Response::Ok(out),
-                    Err(ProposeError::NotLeader { leader }) => {
-                        Response::NotLeader { leader, addr: leader.and_then(|l| peers.get(&l).cloned()) }
-                    }
+                    Err(ProposeError::NotLeader { leader }) => Response::NotLeader {
+                        leader,
+                        addr: leader.and_then(|l| peers.get(&l).cloned()),
+                    },
                     Err(e @ ProposeError::TooLarge { .. }) => Response::Error(e.to_string()),
-                    Err(ProposeError::Indeterminate) => {
-                        Response::Unavailable("outcome unknown; retry with the same sequence number".into())
-                    }
+                    Err(ProposeError::Indeterminate) => Response::Unavailable(
+                        "outcome unknown; retry with the same sequence number".into(),
+                    ),
                     Err(e) => Response::Unavailable(e.to_string()),
                 },
             },

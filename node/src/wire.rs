@@ -30,7 +30,10 @@ pub enum Request {
 pub enum Response {
     /// A command's encoded [`crate::kv::KvResult`], or an encoded [`NodeStatus`].
     Ok(Vec<u8>),
-    NotLeader { leader: Option<u8>, addr: Option<String> },
+    NotLeader {
+        leader: Option<u8>,
+        addr: Option<String>,
+    },
     /// Permanent: retrying will not help.
     Error(String),
     /// Transient: retry (with the same client id and sequence number).
@@ -159,7 +162,8 @@ impl Response {
                 if rest.len() != 3 + n {
                     return Err("trailing bytes in not-leader response".into());
                 }
-                let addr = String::from_utf8(a.to_vec()).map_err(|_| "leader address is not UTF-8")?;
+                let addr =
+                    String::from_utf8(a.to_vec()).map_err(|_| "leader address is not UTF-8")?;
                 Response::NotLeader {
                     leader: (rest[0] != 0xFF).then_some(rest[0]),
                     addr: (!addr.is_empty()).then_some(addr),
@@ -174,7 +178,10 @@ impl Response {
 
 pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
     if body.len() > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame too large",
+        ));
     }
     let mut b = Vec::with_capacity(4 + body.len());
     b.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -198,7 +205,10 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     }
     let n = u32::from_le_bytes(len) as usize;
     if n > MAX_FRAME {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {n} bytes exceeds {MAX_FRAME}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {n} bytes exceeds {MAX_FRAME}"),
+        ));
     }
     let mut body = vec![0u8; n];
     r.read_exact(&mut body)?;
@@ -213,8 +223,14 @@ mod tests {
     fn roundtrips() {
         for r in [
             Response::Ok(vec![1, 2]),
-            Response::NotLeader { leader: Some(2), addr: Some("127.0.0.1:9".into()) },
-            Response::NotLeader { leader: None, addr: None },
+            Response::NotLeader {
+                leader: Some(2),
+                addr: Some("127.0.0.1:9".into()),
+            },
+            Response::NotLeader {
+                leader: None,
+                addr: None,
+            },
             Response::Error("nope".into()),
             Response::Unavailable("later".into()),
         ] {
@@ -230,7 +246,10 @@ mod tests {
             leader: Some(1),
         };
         assert_eq!(NodeStatus::decode(&s.encode()).unwrap(), s);
-        assert_eq!(Request::decode(Request::Status.encode()).unwrap(), Request::Status);
+        assert_eq!(
+            Request::decode(Request::Status.encode()).unwrap(),
+            Request::Status
+        );
         assert!(Request::decode(vec![]).is_err());
         assert!(Response::decode(&[1, 0]).is_err());
         let mut buf = Vec::new();

@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "ballot-cli", version, about = "Talk to a Ballot key-value cluster")]
+#[command(
+    name = "ballot-cli",
+    version,
+    about = "Talk to a Ballot key-value cluster"
+)]
 struct Cli {
     /// Client addresses of the nodes, comma-separated (host:port,...).
     #[arg(long, value_delimiter = ',', required = true)]
@@ -29,7 +33,11 @@ enum Cmd {
     /// Deletes KEY (exit 1 if absent).
     Delete { key: String },
     /// Sets KEY to NEW if it is OLD (exit 1 otherwise).
-    Cas { key: String, old: String, new: String },
+    Cas {
+        key: String,
+        old: String,
+        new: String,
+    },
     /// Shows every node's role, ballot, commit and applied index.
     Status {
         #[arg(long)]
@@ -78,17 +86,22 @@ fn main() -> ExitCode {
             }
             Err(e) => unavailable(e),
         },
-        Cmd::Cas { key, old, new } => match c.cas(key.as_bytes(), Some(old.as_bytes()), new.as_bytes()) {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(cur)) => {
-                match cur {
-                    Some(v) => eprintln!("ballot-cli: cas failed; current value: {}", String::from_utf8_lossy(&v)),
-                    None => eprintln!("ballot-cli: cas failed; key not found"),
+        Cmd::Cas { key, old, new } => {
+            match c.cas(key.as_bytes(), Some(old.as_bytes()), new.as_bytes()) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(cur)) => {
+                    match cur {
+                        Some(v) => eprintln!(
+                            "ballot-cli: cas failed; current value: {}",
+                            String::from_utf8_lossy(&v)
+                        ),
+                        None => eprintln!("ballot-cli: cas failed; key not found"),
+                    }
+                    ExitCode::from(1)
                 }
-                ExitCode::from(1)
+                Err(e) => unavailable(e),
             }
-            Err(e) => unavailable(e),
-        },
+        }
         Cmd::Status { json } => {
             let all = c.cluster_status();
             let any = all.iter().any(|(_, r)| r.is_ok());
