@@ -504,3 +504,53 @@ fn checker_rejects_a_stale_read() {
     ];
     assert!(check_linearizable(&ok, 0).is_ok());
 }
+
+#[test]
+fn cli_exit_codes() {
+    let cl = Cluster::new(3, "cli");
+    cl.wait_serving("after boot");
+    let all = cl.addrs().join(",");
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ballot-cli"))
+            .args(["--cluster", &all, "--timeout", "10"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(cli(&["put", "a", "1"]).0, 0);
+    assert_eq!(cli(&["get", "a"]), (0, "1\n".to_string()));
+    assert_eq!(cli(&["get", "nope"]).0, 1);
+    assert_eq!(cli(&["cas", "a", "2", "3"]).0, 1);
+    assert_eq!(cli(&["cas", "a", "1", "3"]).0, 0);
+    assert_eq!(cli(&["delete", "a"]).0, 0);
+    assert_eq!(cli(&["delete", "a"]).0, 1);
+    assert_eq!(cli(&["frobnicate"]).0, 2);
+    let (code, json) = cli(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    assert_eq!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["status"]["role"] == "leader")
+            .count(),
+        1
+    );
+    let dead = Command::new(env!("CARGO_BIN_EXE_ballot-cli"))
+        .args([
+            "--cluster",
+            &format!("127.0.0.1:{}", free_port()),
+            "--timeout",
+            "1",
+            "get",
+            "a",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(dead.status.code(), Some(3));
+}
