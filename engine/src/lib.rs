@@ -12,6 +12,7 @@ pub mod mem_fabric;
 pub mod protocol;
 pub mod region;
 pub mod ring;
+pub mod runtime;
 pub mod storage;
 pub mod types;
 

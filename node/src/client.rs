@@ -1,0 +1,303 @@
+//! A client for the replicated key-value service.
+//!
+//! A [`Client`] has one client id (random unless given) and numbers its commands 1, 2, ...
+//! It sends each command to the node it believes leads, follows `NotLeader` redirects, and on
+//! a time-out, a lost connection or an `Unavailable` answer sends the *same* command (same
+//! client id and sequence number) again, to the same or another node, until its deadline:
+//! the state machine applies a command at most once, so retries are safe. One command is
+//! outstanding per client; use several clients for concurrency.
+
+use crate::kv::{Command, KvResult, Op};
+use crate::wire::{self, NodeStatus, Request, Response};
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Client addresses of the nodes (`host:port`).
+    pub addrs: Vec<String>,
+    /// How long one attempt waits for an answer before retrying.
+    pub attempt_timeout: Duration,
+    /// How long one command may take in all before [`ClientError::Unavailable`].
+    pub deadline: Duration,
+    pub connect_timeout: Duration,
+    /// `None`: a random id.
+    pub client_id: Option<u64>,
+}
+
+impl ClientConfig {
+    pub fn new(addrs: Vec<String>) -> Self {
+        Self {
+            addrs,
+            attempt_timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(15),
+            connect_timeout: Duration::from_millis(500),
+            client_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// No node answered the command before the deadline. The command may or may not have
+    /// taken effect.
+    Unavailable(String),
+    /// The cluster refused the command (malformed, too large): it did not take effect.
+    Rejected(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Unavailable(s) => write!(f, "cluster unavailable: {s}"),
+            ClientError::Rejected(s) => write!(f, "rejected: {s}"),
+        }
+    }
+}
+impl std::error::Error for ClientError {}
+
+/// A random non-zero id.
+pub fn random_id() -> u64 {
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(Instant::now().elapsed().as_nanos());
+        h.write_u32(std::process::id());
+        let v = h.finish();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+pub struct Client {
+    cfg: ClientConfig,
+    id: u64,
+    seq: u64,
+    /// Index in `cfg.addrs` tried next when there is no redirect.
+    next: usize,
+    target: Option<String>,
+    conn: Option<TcpStream>,
+    /// Attempts made by the last command (1 = no retry).
+    pub last_attempts: u32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.id)
+            .field("seq", &self.seq)
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    addr.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address")))
+}
+
+fn exchange(stream: &mut TcpStream, req: &[u8]) -> io::Result<Response> {
+    wire::write_frame(stream, req)?;
+    let body = wire::read_frame(stream)?.ok_or(io::ErrorKind::UnexpectedEof)?;
+    Response::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+impl Client {
+    pub fn new(addrs: Vec<String>) -> Self {
+        Self::with_config(ClientConfig::new(addrs))
+    }
+
+    pub fn with_config(cfg: ClientConfig) -> Self {
+        let id = cfg.client_id.unwrap_or_else(random_id);
+        Client {
+            cfg,
+            id,
+            seq: 0,
+            next: 0,
+            target: None,
+            conn: None,
+            last_attempts: 0,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// The sequence number of the last command sent.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn connect(&mut self) -> io::Result<&mut TcpStream> {
+        if self.conn.is_none() {
+            let target = match &self.target {
+                Some(t) => t.clone(),
+                None => {
+                    if self.cfg.addrs.is_empty() {
+                        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no addresses"));
+                    }
+                    let t = self.cfg.addrs[self.next % self.cfg.addrs.len()].clone();
+                    self.target = Some(t.clone());
+                    t
+                }
+            };
+            let s = TcpStream::connect_timeout(&resolve(&target)?, self.cfg.connect_timeout)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(self.cfg.attempt_timeout))?;
+            s.set_write_timeout(Some(self.cfg.attempt_timeout))?;
+            self.conn = Some(s);
+        }
+        Ok(self.conn.as_mut().expect("connected"))
+    }
+
+    /// Drops the connection and moves to the next address of the list.
+    fn rotate(&mut self) {
+        self.conn = None;
+        self.target = None;
+        self.next = self.next.wrapping_add(1);
+    }
+
+    /// Runs one command to completion (see the module docs for the retry rules).
+    pub fn execute(&mut self, op: Op) -> Result<KvResult, ClientError> {
+        self.seq += 1;
+        let req = Request::Command(
+            Command {
+                client: self.id,
+                seq: self.seq,
+                op,
+            }
+            .encode(),
+        )
+        .encode();
+        let deadline = Instant::now() + self.cfg.deadline;
+        let mut backoff = Duration::from_millis(5);
+        let mut last_err = String::from("no attempt");
+        self.last_attempts = 0;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Unavailable(last_err));
+            }
+            self.last_attempts += 1;
+            let resp = self.connect().and_then(|s| exchange(s, &req));
+            let pause = match resp {
+                Ok(Response::Ok(payload)) => {
+                    return KvResult::decode(&payload)
+                        .map_err(|e| ClientError::Rejected(format!("bad result: {e}")))
+                }
+                Ok(Response::Error(e)) => return Err(ClientError::Rejected(e)),
+                Ok(Response::NotLeader { leader, addr }) => {
+                    last_err = format!("not leader (hint {leader:?})");
+                    self.conn = None;
+                    match addr {
+                        Some(a) if Some(&a) != self.target.as_ref() => {
+                            self.target = Some(a);
+                            continue;
+                        }
+                        _ => {
+                            self.rotate();
+                            true
+                        }
+                    }
+                }
+                Ok(Response::Unavailable(e)) => {
+                    last_err = e;
+                    true
+                }
+                Err(e) => {
+                    last_err = format!("{}: {e}", self.target.as_deref().unwrap_or("?"));
+                    self.rotate();
+                    true
+                }
+            };
+            if pause {
+                let left = deadline.saturating_duration_since(Instant::now());
+                std::thread::sleep(backoff.min(left));
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        match self.execute(Op::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        })? {
+            KvResult::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        match self.execute(Op::Get { key: key.to_vec() })? {
+            KvResult::Value(v) => Ok(Some(v)),
+            KvResult::NotFound => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `true` if the key existed.
+    pub fn delete(&mut self, key: &[u8]) -> Result<bool, ClientError> {
+        match self.execute(Op::Delete { key: key.to_vec() })? {
+            KvResult::Ok => Ok(true),
+            KvResult::NotFound => Ok(false),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `Ok(Ok(()))` when swapped, `Ok(Err(current))` when the current value did not match.
+    pub fn cas(
+        &mut self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<Result<(), Option<Vec<u8>>>, ClientError> {
+        let op = Op::Cas {
+            key: key.to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            new: new.to_vec(),
+        };
+        match self.execute(op)? {
+            KvResult::Ok => Ok(Ok(())),
+            KvResult::CasFailed(cur) => Ok(Err(cur)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks every node for its status.
+    pub fn cluster_status(&self) -> Vec<(String, Result<NodeStatus, String>)> {
+        self.cfg
+            .addrs
+            .iter()
+            .map(|a| {
+                (
+                    a.clone(),
+                    status(a, self.cfg.connect_timeout.max(Duration::from_secs(1))),
+                )
+            })
+            .collect()
+    }
+}
+
+fn unexpected(r: KvResult) -> ClientError {
+    match r {
+        KvResult::Error(e) => ClientError::Rejected(e),
+        other => ClientError::Rejected(format!("unexpected result {other:?}")),
+    }
+}
+
+/// One node's status.
+pub fn status(addr: &str, timeout: Duration) -> Result<NodeStatus, String> {
+    let go = || -> io::Result<Response> {
+        let mut s = TcpStream::connect_timeout(&resolve(addr)?, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        exchange(&mut s, &Request::Status.encode())
+    };
+    match go().map_err(|e| e.to_string())? {
+        Response::Ok(b) => NodeStatus::decode(&b),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}

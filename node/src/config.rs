@@ -1,0 +1,392 @@
+//! `ballot-node` configuration: a TOML file and/or flags (flags win), validated into a
+//! [`NodeConfig`]. Every mistake is a clear error, never a panic.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Environment variable that may hold the cluster key (instead of `--key-file`).
+pub const KEY_ENV: &str = "BALLOT_CLUSTER_KEY";
+
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "ballot-node",
+    version,
+    about = "One replica of a Ballot replicated key-value cluster"
+)]
+pub struct Flags {
+    /// TOML configuration file (flags override its values).
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// This replica's id (0..15).
+    #[arg(long)]
+    pub node: Option<u8>,
+    /// Cluster id (shared by all replicas; decimal or 0x-hex).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Fabric address of every replica, this one included: `id=host:port`, comma-separated
+    /// or repeated.
+    #[arg(long = "peers", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Where this replica serves clients (`host:port`).
+    #[arg(long)]
+    pub client_addr: Option<String>,
+    /// Client addresses of the replicas, `id=host:port` (for redirecting clients to the leader).
+    #[arg(long = "client-peers", value_delimiter = ',')]
+    pub client_peers: Vec<String>,
+    /// `tcp` (or `rdma`, not wired yet).
+    #[arg(long)]
+    pub fabric: Option<String>,
+    /// Data directory (holds the boot marker that tells a restart from a first boot).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// `volatile` (or `durable`, not supported yet).
+    #[arg(long)]
+    pub durability: Option<String>,
+    /// File holding the cluster key (or set BALLOT_CLUSTER_KEY).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Pin the replication thread to this core and busy-poll.
+    #[arg(long)]
+    pub core: Option<usize>,
+    /// Milliseconds without leader heartbeat before a follower suspects the leader.
+    #[arg(long)]
+    pub heartbeat_timeout_ms: Option<u32>,
+    /// Milliseconds a candidate waits for promises.
+    #[arg(long)]
+    pub election_timeout_ms: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node: Option<u8>,
+    pub cluster: Option<toml::Value>,
+    pub peers: Option<Vec<String>>,
+    pub client_addr: Option<String>,
+    pub client_peers: Option<Vec<String>>,
+    pub fabric: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub durability: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub core: Option<usize>,
+    pub heartbeat_timeout_ms: Option<u32>,
+    pub election_timeout_ms: Option<u32>,
+}
+
+/// A validated configuration.
+#[derive(Clone)]
+pub struct NodeConfig {
+    pub node: u8,
+    pub cluster: u64,
+    pub peers: BTreeMap<u8, SocketAddr>,
+    pub client_addr: SocketAddr,
+    pub client_peers: BTreeMap<u8, String>,
+    pub data_dir: PathBuf,
+    pub key: Vec<u8>,
+    pub core: Option<usize>,
+    pub heartbeat_timeout: Duration,
+    pub election_timeout: Duration,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("node", &self.node)
+            .field("cluster", &self.cluster)
+            .field("peers", &self.peers)
+            .field("client_addr", &self.client_addr)
+            .field("data_dir", &self.data_dir)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    let s = s.trim();
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn resolve(what: &str, s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("{what} {s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{what} {s:?}: resolves to no address"))
+}
+
+/// Parses `id=host:port` entries; ids unique and below `MAX_NODES`.
+pub fn parse_id_list(what: &str, items: &[String]) -> Result<BTreeMap<u8, String>, String> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{what}: {item:?} is not of the form id=host:port"))?;
+        let id: u8 = id.trim().parse().map_err(|_| {
+            format!(
+                "{what}: {item:?}: id {id:?} is not a number in 0..{}",
+                ballot::MAX_NODES
+            )
+        })?;
+        if id as usize >= ballot::MAX_NODES {
+            return Err(format!(
+                "{what}: {item:?}: id {id} must be below {}",
+                ballot::MAX_NODES
+            ));
+        }
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(format!("{what}: {item:?}: {addr:?} is not host:port"));
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(format!("{what}: duplicate id {id}"));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the key from `key_file`, else from `BALLOT_CLUSTER_KEY`.
+fn load_key(key_file: Option<&PathBuf>) -> Result<Vec<u8>, String> {
+    let key = match key_file {
+        Some(p) => {
+            let mut k = std::fs::read(p)
+                .map_err(|e| format!("cannot read key file {}: {e}", p.display()))?;
+            while k.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                k.pop();
+            }
+            k
+        }
+        None => match std::env::var_os(KEY_ENV) {
+            Some(v) => v.into_encoded_bytes(),
+            None => {
+                return Err(format!(
+                    "no cluster key: give --key-file FILE or set {KEY_ENV}"
+                ))
+            }
+        },
+    };
+    if key.is_empty() {
+        return Err("the cluster key is empty".into());
+    }
+    Ok(key)
+}
+
+impl NodeConfig {
+    /// Merges the file named by `--config` (if any) with the flags and validates.
+    pub fn load(flags: Flags) -> Result<NodeConfig, String> {
+        let file = match &flags.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read config file {}: {e}", p.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| format!("config file {}: {e}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let node = flags
+            .node
+            .or(file.node)
+            .ok_or("missing node id (--node or `node =`)")?;
+        let cluster = match (flags.cluster, file.cluster) {
+            (Some(s), _) => {
+                parse_u64(&s).ok_or_else(|| format!("cluster id {s:?} is not a number"))?
+            }
+            (None, Some(toml::Value::Integer(i))) if i >= 0 => i as u64,
+            (None, Some(toml::Value::String(s))) => {
+                parse_u64(&s).ok_or_else(|| format!("cluster id {s:?} is not a number"))?
+            }
+            (None, Some(v)) => return Err(format!("cluster id {v} is not a non-negative number")),
+            (None, None) => return Err("missing cluster id (--cluster or `cluster =`)".into()),
+        };
+        let peers_raw = if flags.peers.is_empty() {
+            file.peers.unwrap_or_default()
+        } else {
+            flags.peers
+        };
+        if peers_raw.is_empty() {
+            return Err("missing peers (--peers id=host:port,... or `peers = [...]`)".into());
+        }
+        let peers = parse_id_list("peers", &peers_raw)?;
+        if !peers.contains_key(&node) {
+            return Err(format!(
+                "own id {node} is not in the peer list {:?}",
+                peers.keys().collect::<Vec<_>>()
+            ));
+        }
+        let peers = peers
+            .into_iter()
+            .map(|(id, a)| Ok((id, resolve(&format!("peer {id}"), &a)?)))
+            .collect::<Result<BTreeMap<_, _>, String>>()?;
+        let client_addr = flags
+            .client_addr
+            .or(file.client_addr)
+            .ok_or("missing client address (--client-addr)")?;
+        let client_addr = resolve("client address", &client_addr)?;
+        let cp_raw = if flags.client_peers.is_empty() {
+            file.client_peers.unwrap_or_default()
+        } else {
+            flags.client_peers
+        };
+        let mut client_peers = parse_id_list("client-peers", &cp_raw)?;
+        if let Some(id) = client_peers.keys().find(|id| !peers.contains_key(id)) {
+            return Err(format!("client-peers: id {id} is not in the peer list"));
+        }
+        client_peers
+            .entry(node)
+            .or_insert_with(|| client_addr.to_string());
+        match flags.fabric.or(file.fabric).as_deref().unwrap_or("tcp") {
+            "tcp" => {}
+            "rdma" => {
+                return Err(
+                    "fabric `rdma` is not yet wired into ballot-node (use `tcp`; \
+                            ballot_verbs::RdmaFabric is available to embedders)"
+                        .into(),
+                )
+            }
+            f => return Err(format!("unknown fabric {f:?} (expected `tcp` or `rdma`)")),
+        }
+        match flags
+            .durability
+            .or(file.durability)
+            .as_deref()
+            .unwrap_or("volatile")
+        {
+            "volatile" => {}
+            "durable" => {
+                return Err(
+                    "durability `durable` is not supported by ballot-node yet (use `volatile`)"
+                        .into(),
+                )
+            }
+            d => {
+                return Err(format!(
+                    "unknown durability {d:?} (expected `volatile` or `durable`)"
+                ))
+            }
+        }
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .ok_or("missing data directory (--data-dir)")?;
+        let key = load_key(flags.key_file.or(file.key_file).as_ref())?;
+        let ms = |v: Option<u32>, what: &str, default: u32| -> Result<Duration, String> {
+            match v.unwrap_or(default) {
+                0 => Err(format!("{what} must be positive")),
+                v => Ok(Duration::from_millis(u64::from(v))),
+            }
+        };
+        Ok(NodeConfig {
+            node,
+            cluster,
+            peers,
+            client_addr,
+            client_peers,
+            data_dir,
+            key,
+            core: flags.core.or(file.core),
+            heartbeat_timeout: ms(
+                flags.heartbeat_timeout_ms.or(file.heartbeat_timeout_ms),
+                "heartbeat timeout",
+                100,
+            )?,
+            election_timeout: ms(
+                flags.election_timeout_ms.or(file.election_timeout_ms),
+                "election timeout",
+                100,
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(extra: &[&str]) -> Flags {
+        let mut args = vec!["ballot-node"];
+        args.extend_from_slice(extra);
+        Flags::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        std::env::remove_var(KEY_ENV);
+        let dir = std::env::temp_dir().join(format!("ballot-node-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "secret\n").unwrap();
+        let kf = key.to_str().unwrap();
+        let base = [
+            "--node",
+            "1",
+            "--cluster",
+            "0x10",
+            "--peers",
+            "0=127.0.0.1:1,1=127.0.0.1:2",
+            "--client-addr",
+            "127.0.0.1:3",
+            "--data-dir",
+            "/tmp/x",
+            "--key-file",
+            kf,
+        ];
+        let ok = NodeConfig::load(flags(&base)).unwrap();
+        assert_eq!(
+            (ok.node, ok.cluster, ok.key.as_slice()),
+            (1, 16, &b"secret"[..])
+        );
+        assert_eq!(ok.client_peers[&1], "127.0.0.1:3");
+        let err = |args: &[&str]| NodeConfig::load(flags(args)).unwrap_err();
+        let with = |k: &str, v: &str| {
+            let mut a: Vec<&str> = base.to_vec();
+            let i = a.iter().position(|x| *x == k).unwrap();
+            a[i + 1] = Box::leak(v.to_string().into_boxed_str());
+            err(&a)
+        };
+        assert!(with("--peers", "0=127.0.0.1:1,0=127.0.0.1:2").contains("duplicate id 0"));
+        assert!(with("--peers", "0=127.0.0.1:1").contains("own id 1"));
+        assert!(with("--peers", "0127.0.0.1:1").contains("id=host:port"));
+        assert!(with("--peers", "0=localhost").contains("host:port"));
+        assert!(with("--peers", "99=127.0.0.1:1").contains("below"));
+        assert!(with("--key-file", "/nonexistent/key").contains("cannot read key file"));
+        assert!(with("--cluster", "abc").contains("not a number"));
+        let mut no_key: Vec<&str> = base.to_vec();
+        no_key.truncate(no_key.len() - 2);
+        assert!(err(&no_key).contains(KEY_ENV));
+        let mut a = base.to_vec();
+        a.extend(["--durability", "durable"]);
+        assert!(err(&a).contains("not supported"));
+        let mut a = base.to_vec();
+        a.extend(["--fabric", "rdma"]);
+        assert!(err(&a).contains("not yet wired"));
+        assert!(Flags::try_parse_from(["ballot-node", "--bogus"]).is_err());
+        // TOML, with flags overriding.
+        let file = dir.join("node.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "node = 0\ncluster = 7\npeers = [\"0=127.0.0.1:1\", \"1=127.0.0.1:2\"]\n\
+                 client_addr = \"127.0.0.1:5\"\ndata_dir = \"/tmp/d\"\nkey_file = \"{kf}\"\n"
+            ),
+        )
+        .unwrap();
+        let c = NodeConfig::load(flags(&["-c", file.to_str().unwrap(), "--node", "1"])).unwrap();
+        assert_eq!((c.node, c.cluster), (1, 7));
+        std::fs::write(&file, "node = 0\nbogus = 1\n").unwrap();
+        assert!(NodeConfig::load(flags(&["-c", file.to_str().unwrap()]))
+            .unwrap_err()
+            .contains("bogus"));
+        assert!(NodeConfig::load(flags(&["-c", "/nonexistent.toml"]))
+            .unwrap_err()
+            .contains("cannot read config"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,13 @@
+//! `ballot-node`: a replicated key-value service on Ballot.
+//!
+//! - [`kv`]: the state machine (put, get, delete, compare-and-set, per-client dedup).
+//! - [`wire`]: the client protocol's frames (`docs/client-protocol.md`).
+//! - [`client`]: the client library (redirects, retries with the same sequence number).
+//! - [`config`]: the replica's configuration (TOML and flags).
+//! - [`server`]: the replica process.
+
+pub mod client;
+pub mod config;
+pub mod kv;
+pub mod server;
+pub mod wire;

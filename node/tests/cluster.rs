@@ -1,0 +1,556 @@
+//! Real `ballot-node` processes on 127.0.0.1 under real faults (kill -9, restart, SIGSTOP /
+//! SIGCONT), with concurrent clients whose history is checked for linearizability.
+
+use ballot::sim::kv::{Op as SOp, Ret, Spec};
+use ballot_node::client::{self, Client, ClientConfig, ClientError};
+use ballot_node::kv::{KvResult, Op};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ballot-node");
+/// The cluster must serve again within this bound after each fault.
+const SERVE_BOUND: Duration = Duration::from_secs(10);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    n: usize,
+    dir: PathBuf,
+    fabric: Vec<u16>,
+    client: Vec<u16>,
+    children: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    fn new(n: usize, name: &str) -> Cluster {
+        let dir =
+            std::env::temp_dir().join(format!("ballot-node-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("key"), "test cluster key\n").unwrap();
+        let mut c = Cluster {
+            n,
+            dir,
+            fabric: (0..n).map(|_| free_port()).collect(),
+            client: (0..n).map(|_| free_port()).collect(),
+            children: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            c.start(i);
+        }
+        c
+    }
+
+    fn addrs(&self) -> Vec<String> {
+        self.client
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect()
+    }
+
+    fn start(&mut self, i: usize) {
+        assert!(self.children[i].is_none());
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .enumerate()
+                .map(|(j, p)| format!("{j}=127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node{i}.log")))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["--node", &i.to_string(), "--cluster", "0xBA11"])
+            .args([
+                "--peers",
+                &list(&self.fabric),
+                "--client-peers",
+                &list(&self.client),
+            ])
+            .args(["--client-addr", &format!("127.0.0.1:{}", self.client[i])])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("data{i}")))
+            .arg("--key-file")
+            .arg(self.dir.join("key"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ballot-node");
+        self.children[i] = Some(child);
+    }
+
+    fn signal(&self, i: usize, sig: libc::c_int) {
+        let pid = self.children[i].as_ref().expect("running").id() as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    fn kill9(&mut self, i: usize) {
+        self.signal(i, libc::SIGKILL);
+        let mut c = self.children[i].take().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn status(&self, i: usize) -> Option<ballot_node::wire::NodeStatus> {
+        self.children[i].as_ref()?;
+        client::status(
+            &format!("127.0.0.1:{}", self.client[i]),
+            Duration::from_millis(300),
+        )
+        .ok()
+    }
+
+    /// The node that says it leads (highest ballot), waiting up to `SERVE_BOUND`.
+    fn leader(&self) -> usize {
+        let deadline = Instant::now() + SERVE_BOUND;
+        loop {
+            let best = (0..self.n)
+                .filter_map(|i| self.status(i).map(|s| (i, s)))
+                .filter(|(_, s)| s.role == "leader")
+                .max_by_key(|(_, s)| s.ballot);
+            if let Some((i, _)) = best {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader within {SERVE_BOUND:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until a fresh client's put succeeds; returns how long it took.
+    fn wait_serving(&self, what: &str) -> Duration {
+        let t = Instant::now();
+        let mut cfg = ClientConfig::new(self.addrs());
+        cfg.deadline = SERVE_BOUND;
+        cfg.attempt_timeout = Duration::from_millis(500);
+        let mut c = Client::with_config(cfg);
+        c.put(b"probe", b"1")
+            .unwrap_or_else(|e| panic!("cluster not serving within {SERVE_BOUND:?} {what}: {e}"));
+        let d = t.elapsed();
+        eprintln!("serving again {d:?} {what}");
+        d
+    }
+
+    /// Waits until node `i` has recovered (answers, not recovering, has applied something).
+    fn wait_recovered(&self, i: usize) {
+        let deadline = Instant::now() + SERVE_BOUND;
+        loop {
+            if let Some(s) = self.status(i) {
+                if s.role != "recovering" && s.applied > 0 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} did not recover within {SERVE_BOUND:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// One operation of the history.
+struct Rec {
+    thread: u64,
+    key: u8,
+    op: SOp,
+    invoked: Instant,
+    returned: Option<(Instant, Ret)>,
+}
+
+const KEYS: u8 = 4;
+
+fn key_name(k: u8) -> Vec<u8> {
+    format!("k{k}").into_bytes()
+}
+fn val(v: u64) -> Vec<u8> {
+    v.to_string().into_bytes()
+}
+fn parse(v: &[u8]) -> u64 {
+    std::str::from_utf8(v).unwrap().parse().unwrap()
+}
+
+fn worker(
+    addrs: Vec<String>,
+    id: u64,
+    stop: Arc<AtomicBool>,
+    next_thread: Arc<AtomicU64>,
+) -> Vec<Rec> {
+    let new_client = || {
+        let mut cfg = ClientConfig::new(addrs.clone());
+        cfg.deadline = Duration::from_secs(12);
+        cfg.attempt_timeout = Duration::from_millis(800);
+        Client::with_config(cfg)
+    };
+    let mut c = new_client();
+    let mut thread = id;
+    let mut rng = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut last_seen = [0u64; KEYS as usize];
+    let mut counter = 0u64;
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let k = (rng % u64::from(KEYS)) as u8;
+        counter += 1;
+        let fresh = (id + 1) * 1_000_000 + counter;
+        let (sop, op) = match (rng >> 8) % 3 {
+            0 => (
+                SOp::Put(k, fresh),
+                Op::Put {
+                    key: key_name(k),
+                    value: val(fresh),
+                },
+            ),
+            1 => (SOp::Get(k), Op::Get { key: key_name(k) }),
+            _ => {
+                let old = last_seen[k as usize];
+                let expected = (old != 0).then(|| val(old));
+                (
+                    SOp::Cas(k, old, fresh),
+                    Op::Cas {
+                        key: key_name(k),
+                        expected,
+                        new: val(fresh),
+                    },
+                )
+            }
+        };
+        let invoked = Instant::now();
+        let res = c.execute(op);
+        let now = Instant::now();
+        let ret = match res {
+            Ok(KvResult::Ok) => match sop {
+                SOp::Cas(..) => Ret::Cas(true),
+                _ => Ret::Ok,
+            },
+            Ok(KvResult::Value(v)) => Ret::Value(parse(&v)),
+            Ok(KvResult::NotFound) => Ret::Value(0),
+            Ok(KvResult::CasFailed(cur)) => {
+                last_seen[k as usize] = cur.as_deref().map_or(0, parse);
+                Ret::Cas(false)
+            }
+            Ok(KvResult::Error(e)) | Err(ClientError::Rejected(e)) => {
+                panic!("command rejected: {e}")
+            }
+            Err(ClientError::Unavailable(e)) => {
+                // Outcome unknown: the op stays pending forever; continue as a new thread.
+                eprintln!("worker {id}: op indeterminate ({e})");
+                out.push(Rec {
+                    thread,
+                    key: k,
+                    op: sop,
+                    invoked,
+                    returned: None,
+                });
+                thread = next_thread.fetch_add(1, Ordering::Relaxed);
+                c = new_client();
+                continue;
+            }
+        };
+        if let Ret::Value(v) = ret {
+            last_seen[k as usize] = v;
+        }
+        if let (SOp::Put(_, v) | SOp::Cas(_, _, v), Ret::Ok | Ret::Cas(true)) = (sop, ret) {
+            last_seen[k as usize] = v;
+        }
+        out.push(Rec {
+            thread,
+            key: k,
+            op: sop,
+            invoked,
+            returned: Some((now, ret)),
+        });
+        std::thread::sleep(Duration::from_millis(4));
+    }
+    out
+}
+
+fn check_linearizable(history: &[Rec], key: u8) -> Result<usize, String> {
+    use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
+    let mut events: Vec<(Instant, bool, usize)> = Vec::new();
+    for (i, r) in history.iter().enumerate().filter(|(_, r)| r.key == key) {
+        events.push((r.invoked, true, i));
+        if let Some((t, _)) = r.returned {
+            events.push((t, false, i));
+        }
+    }
+    // Returns before invokes at equal instants (conservative: no false overlap).
+    events.sort_by_key(|&(t, inv, i)| (t, inv, i));
+    let mut t = LinearizabilityTester::new(Spec::default());
+    for (_, invoke, i) in events {
+        let r = &history[i];
+        let res = if invoke {
+            t.on_invoke(r.thread, r.op).map(|_| ())
+        } else {
+            t.on_return(r.thread, r.returned.unwrap().1).map(|_| ())
+        };
+        res.map_err(|e| format!("history malformed for key {key}: {e}"))?;
+    }
+    if t.is_consistent() {
+        Ok(t.len())
+    } else {
+        Err(format!(
+            "key {key}: history of {} ops has no linearization",
+            t.len()
+        ))
+    }
+}
+
+#[test]
+fn three_nodes_survive_kill_restart_and_stop() {
+    let started = Instant::now();
+    let mut cl = Cluster::new(3, "three");
+    cl.wait_serving("after boot");
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_thread = Arc::new(AtomicU64::new(1000));
+    const WORKERS: u64 = 4;
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|id| {
+            let (a, s, n) = (cl.addrs(), stop.clone(), next_thread.clone());
+            std::thread::spawn(move || worker(a, id, s, n))
+        })
+        .collect();
+    // A writer of unique keys: every acknowledged one must be there at the end.
+    let acked = {
+        let (addrs, stop) = (cl.addrs(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::new(addrs);
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if c.put(format!("w{n}").as_bytes(), &val(n)).is_ok() {
+                    acked.push(n);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            acked
+        })
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(1500));
+    settle();
+
+    // 1. kill -9 the leader, then restart it.
+    let l = cl.leader();
+    eprintln!("kill -9 leader {l}");
+    cl.kill9(l);
+    cl.wait_serving("after kill -9 of the leader");
+    settle();
+    cl.start(l);
+    cl.wait_recovered(l);
+    cl.wait_serving("after restarting the old leader");
+    settle();
+
+    // 2. kill -9 a follower, then restart it.
+    let l = cl.leader();
+    let f = (l + 1) % 3;
+    eprintln!("kill -9 follower {f}");
+    cl.kill9(f);
+    cl.wait_serving("after kill -9 of a follower");
+    settle();
+    cl.start(f);
+    cl.wait_recovered(f);
+    cl.wait_serving("after restarting the follower");
+    settle();
+
+    // 3. SIGSTOP the leader, then SIGCONT.
+    let l = cl.leader();
+    eprintln!("SIGSTOP leader {l}");
+    cl.signal(l, libc::SIGSTOP);
+    cl.wait_serving("after SIGSTOP of the leader");
+    settle();
+    cl.signal(l, libc::SIGCONT);
+    cl.wait_serving("after SIGCONT");
+    settle();
+
+    stop.store(true, Ordering::Relaxed);
+    let mut history: Vec<Rec> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    let acked = acked.join().unwrap();
+
+    // Final reads, after every worker has stopped.
+    let mut c = Client::new(cl.addrs());
+    for k in 0..KEYS {
+        let invoked = Instant::now();
+        let v = c
+            .get(&key_name(k))
+            .expect("final read")
+            .map_or(0, |v| parse(&v));
+        history.push(Rec {
+            thread: 1,
+            key: k,
+            op: SOp::Get(k),
+            invoked,
+            returned: Some((Instant::now(), Ret::Value(v))),
+        });
+    }
+    let mut missing = Vec::new();
+    for &n in &acked {
+        if c.get(format!("w{n}").as_bytes()).expect("read back") != Some(val(n)) {
+            missing.push(n);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing: {missing:?}"
+    );
+    let completed = history.iter().filter(|r| r.returned.is_some()).count();
+    eprintln!(
+        "{} ops ({completed} completed), {} acknowledged unique writes, {:?} so far",
+        history.len(),
+        acked.len(),
+        started.elapsed()
+    );
+    assert!(completed > 200, "too few operations completed: {completed}");
+    // The tester searches recursively: give it a deep stack.
+    let history = Arc::new(history);
+    for k in 0..KEYS {
+        let h = history.clone();
+        let t = Instant::now();
+        let r = std::thread::Builder::new()
+            .stack_size(1 << 30)
+            .spawn(move || check_linearizable(&h, k))
+            .unwrap()
+            .join()
+            .unwrap();
+        let n = r.unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "key {k}: {n} ops linearizable (checked in {:?})",
+            t.elapsed()
+        );
+    }
+    eprintln!("total {:?}", started.elapsed());
+}
+
+#[test]
+fn five_nodes_smoke() {
+    let mut cl = Cluster::new(5, "five");
+    cl.wait_serving("after boot");
+    let mut c = Client::new(cl.addrs());
+    c.put(b"x", b"1").unwrap();
+    assert_eq!(c.get(b"x").unwrap(), Some(b"1".to_vec()));
+    let l = cl.leader();
+    cl.kill9(l);
+    let f = (l + 1) % 5;
+    cl.kill9(f);
+    cl.wait_serving("after killing two of five");
+    assert_eq!(c.cas(b"x", Some(b"1"), b"2").unwrap(), Ok(()));
+    assert_eq!(c.get(b"x").unwrap(), Some(b"2".to_vec()));
+    assert!(c.delete(b"x").unwrap());
+    assert_eq!(c.get(b"x").unwrap(), None);
+}
+
+#[test]
+fn checker_rejects_a_stale_read() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let rec = |thread, op, i, r, ret| Rec {
+        thread,
+        key: 0,
+        op,
+        invoked: at(i),
+        returned: Some((at(r), ret)),
+    };
+    // put 5 completes, then a later get returns the old value 0: not linearizable.
+    let bad = vec![
+        rec(1, SOp::Put(0, 5), 0, 1, Ret::Ok),
+        rec(2, SOp::Get(0), 2, 3, Ret::Value(0)),
+    ];
+    assert!(check_linearizable(&bad, 0).is_err());
+    // Overlapping: either order is fine.
+    let ok = vec![
+        rec(1, SOp::Put(0, 5), 0, 3, Ret::Ok),
+        rec(2, SOp::Get(0), 1, 2, Ret::Value(0)),
+    ];
+    assert!(check_linearizable(&ok, 0).is_ok());
+}
+
+#[test]
+fn cli_exit_codes() {
+    let cl = Cluster::new(3, "cli");
+    cl.wait_serving("after boot");
+    let all = cl.addrs().join(",");
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ballot-cli"))
+            .args(["--cluster", &all, "--timeout", "10"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(cli(&["put", "a", "1"]).0, 0);
+    assert_eq!(cli(&["get", "a"]), (0, "1\n".to_string()));
+    assert_eq!(cli(&["get", "nope"]).0, 1);
+    assert_eq!(cli(&["cas", "a", "2", "3"]).0, 1);
+    assert_eq!(cli(&["cas", "a", "1", "3"]).0, 0);
+    assert_eq!(cli(&["delete", "a"]).0, 0);
+    assert_eq!(cli(&["delete", "a"]).0, 1);
+    assert_eq!(cli(&["frobnicate"]).0, 2);
+    let (code, json) = cli(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    assert_eq!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["status"]["role"] == "leader")
+            .count(),
+        1
+    );
+    let dead = Command::new(env!("CARGO_BIN_EXE_ballot-cli"))
+        .args([
+            "--cluster",
+            &format!("127.0.0.1:{}", free_port()),
+            "--timeout",
+            "1",
+            "get",
+            "a",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(dead.status.code(), Some(3));
+}
