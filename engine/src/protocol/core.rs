@@ -517,6 +517,19 @@ impl Core {
             _ => None,
         }
     }
+    /// The leader's view of its followers, for diagnostics.
+    pub fn peer_summary(&self) -> String {
+        match &self.role {
+            Role::Leader(l) => l
+                .peers
+                .iter()
+                .map(|(n, p)| format!("{n}:{:?} next={} acked={} out={} consumed={}/{}", p.state, p.next, p.acked, p.outstanding, p.consumed, p.cursor.written()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => String::new(),
+        }
+    }
+
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
@@ -1387,8 +1400,12 @@ impl Core {
                 p.outstanding += 1;
                 p.next += 1;
             }
-            let idle = p.next > last && p.outstanding < max_out;
-            if idle && (p.commit_sent < commit || tick - p.commit_sent_at >= every) {
+            // The commit cell carries the commit when no entry does, and doubles as a
+            // periodic probe: a follower that stopped consuming (it may have fenced us) is
+            // still written to, so a refusal reaches us.
+            let idle = p.next > last;
+            let due = tick - p.commit_sent_at >= every;
+            if p.outstanding < max_out && ((idle && p.commit_sent < commit) || due) {
                 p.commit_sent = commit;
                 p.commit_sent_at = tick;
                 let cell = CommitCell { commit, ballot }.encode();

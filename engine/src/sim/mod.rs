@@ -603,6 +603,11 @@ impl Sim {
             let Some(r) = &n.replica else { continue };
             let have: HashSet<u64> = r.state_machine().applied.iter().map(|x| x.1).collect();
             if let Some(o) = acked.iter().find(|o| !have.contains(&o.id)) {
+                if std::env::var_os("SIM_TRACE").is_some() {
+                    for m in self.nodes.iter().filter_map(|n| n.replica.as_ref()) {
+                        eprintln!("end: {} {}", crate::driver::describe(m.core()), m.core().peer_summary());
+                    }
+                }
                 violations.push(format!(
                     "convergence: node {id} ({}) lacks acknowledged command {} at the end",
                     crate::driver::describe(r.core()),
