@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's test command (README quick start, CI). Runs, in order:
+#   1. cargo test for the whole workspace (unit, property, simulator seeds, planted bugs,
+#      TCP fabric refusals, real ballot-node processes under kill -9 / SIGSTOP);
+#   2. ballot-sim over 1000 seeds with 3 and with 5 replicas;
+#   3. the Soft-RoCE guest (QEMU + rdma_rxe): verbs tests, a 3-replica RDMA cluster with a
+#      leader kill, and ib_write_lat side by side (skip with BALLOT_SKIP_RXE=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-build-deps.sh
+echo "== cargo test (workspace)"
+cargo test --workspace --release 2>&1 | tee /tmp/ballot-cargo-test.log | grep -E "^(test result|running|FAIL|failures|error)" || true
+if grep -qE "^test result: FAILED|^error" /tmp/ballot-cargo-test.log || ! grep -q "^test result" /tmp/ballot-cargo-test.log; then
+    echo "cargo test failed; see /tmp/ballot-cargo-test.log" >&2
+    grep -E "panicked|FAILED|failures:" -A3 /tmp/ballot-cargo-test.log | head -60 >&2
+    exit 1
+fi
+echo "== ballot-sim"
+cargo build --release -p ballot --bin ballot-sim
+./target/release/ballot-sim --seeds 1000 --replicas 3
+./target/release/ballot-sim --seeds 1000 --replicas 5
+if [ "${BALLOT_SKIP_RXE:-0}" != 1 ]; then
+    echo "== Soft-RoCE guest"
+    scripts/rxe-vm.sh
+fi
+passed=$(grep -E "^test result: ok" /tmp/ballot-cargo-test.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
+echo "ALL CHECKS: $passed passed, 0 failed"
