@@ -624,10 +624,18 @@ impl Core {
 
     /// The fence requested by `FenceAndDrain` is in force and the ring is drained.
     pub fn handle_fenced(&mut self) {
+        let queued = self.actions.len();
         match self.fenced.pop_front() {
             Some(Fenced::Promise { to, ballot, from }) => self.promise(to, ballot, from),
             Some(Fenced::Candidacy) => self.start_candidacy(),
             None => {}
+        }
+        // What the fence decided (a new writer, a new stream, the promise) must take effect
+        // before anything queued earlier, in particular before another fence: otherwise a
+        // later candidacy's revocation could be undone by this promise's grant.
+        let decided: Vec<_> = self.actions.drain(queued..).collect();
+        for a in decided.into_iter().rev() {
+            self.actions.push_front(a);
         }
     }
 
