@@ -686,6 +686,32 @@ impl Core {
         let Some(p) = l.peers.get_mut(&peer) else {
             return;
         };
+        if cell.stream != p.stream && cell.consumed_slots == 0 && p.state != PeerState::Unpromised {
+            // The follower restarted its stream and the promise saying so was lost: its cell
+            // says where the new stream starts.
+            if p.outstanding > 0 {
+                p.state = PeerState::Resyncing { asked_at: None };
+            } else {
+                let pr = Promise {
+                    ballot: cell.ballot,
+                    from: msg::STREAM_ONLY,
+                    stream: cell.stream,
+                    received: cell.received,
+                    persisted: cell.persisted,
+                    commit: 0,
+                    chunk: 0,
+                    chunks: 1,
+                    entries: vec![],
+                };
+                Self::restart_peer(p, &pr, durable, tick, self.cfg.ring);
+            }
+            return;
+        }
+        if cell.stream != p.stream && p.state == PeerState::Streaming {
+            // The follower reads a stream we are not writing: start over.
+            p.state = PeerState::Resyncing { asked_at: None };
+            return;
+        }
         if p.state != PeerState::Streaming || cell.stream != p.stream {
             return;
         }
