@@ -1,0 +1,201 @@
+//! Building in-process endpoints of each fabric, and the idle strategy.
+
+use ballot::layout::{RegionInfo, RingGeometry};
+use ballot::mem_fabric::{MemFabric, MemNet};
+use ballot::region::Region;
+use ballot::NodeId;
+use ballot_tcp::{TcpConfig, TcpFabric};
+use ballot_verbs::{RdmaConfig, RdmaFabric};
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const CLUSTER: u64 = 0xBA11_07BE_4C40;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FabricKind {
+    Mem,
+    Tcp,
+    Rdma,
+}
+
+impl FabricKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FabricKind::Mem => "mem",
+            FabricKind::Tcp => "tcp",
+            FabricKind::Rdma => "rdma",
+        }
+    }
+}
+
+/// Whether an RDMA device is present; `Err` says why not.
+pub fn rdma_available() -> Result<String, String> {
+    match ballot_verbs::verbs::device_names() {
+        Ok(names) if !names.is_empty() => Ok(names.join(",")),
+        Ok(_) => Err("no RDMA device".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The fastest fabric available here: RDMA if a device is found, else TCP.
+pub fn best() -> (FabricKind, Option<String>) {
+    match rdma_available() {
+        Ok(_) => (FabricKind::Rdma, None),
+        Err(why) => (FabricKind::Tcp, Some(why)),
+    }
+}
+
+/// A ring large enough for entries carrying `batch_bytes` of commands.
+pub fn geometry(batch_bytes: usize) -> RingGeometry {
+    const SLOT: u32 = 128;
+    let entry = ballot::layout::entry_size(batch_bytes);
+    // max_payload() is half the ring; leave room for the whole window of small entries too.
+    let need = (entry * 4).div_ceil(SLOT as usize).next_power_of_two();
+    let slots = need.max(1 << 16) as u32;
+    RingGeometry::new(slots, SLOT).expect("valid geometry")
+}
+
+pub fn regions(n: usize, ring: RingGeometry) -> Vec<Arc<Region>> {
+    (0..n)
+        .map(|i| {
+            let info = RegionInfo {
+                cluster: CLUSTER,
+                node: i as NodeId,
+                ring,
+            };
+            Arc::new(Region::anonymous(info).expect("anonymous mapping"))
+        })
+        .collect()
+}
+
+pub fn mem(regions: Vec<Arc<Region>>) -> Vec<MemFabric> {
+    let net = MemNet::instant();
+    regions
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| net.attach(i as NodeId, r))
+        .collect()
+}
+
+pub fn tcp(regions: Vec<Arc<Region>>) -> Result<Vec<TcpFabric>, String> {
+    let key = b"ballot-bench in-process cluster".to_vec();
+    let listeners: Vec<TcpListener> = (0..regions.len())
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("binding 127.0.0.1: {e}"))?;
+    let peers: BTreeMap<NodeId, SocketAddr> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as NodeId, l.local_addr().expect("bound")))
+        .collect();
+    let nodes: Vec<TcpFabric> = listeners
+        .into_iter()
+        .zip(regions)
+        .enumerate()
+        .map(|(i, (l, region))| {
+            let node = i as NodeId;
+            let cfg = TcpConfig::new(
+                node,
+                CLUSTER,
+                key.clone(),
+                peers[&node],
+                peers.clone(),
+                region,
+            );
+            TcpFabric::start_with_listener(cfg, l).map_err(|e| format!("tcp node {node}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    for n in &nodes {
+        if !n.wait_connected(Duration::from_secs(10)) {
+            return Err("tcp fabric: peers did not connect within 10 s".into());
+        }
+    }
+    Ok(nodes)
+}
+
+/// Connects `regions.len()` RDMA endpoints in this process (one bootstrap thread each,
+/// since `connect` blocks until every peer is connected).
+pub fn rdma(regions: Vec<Arc<Region>>) -> Result<Vec<RdmaFabric>, String> {
+    let n = regions.len();
+    let ports: Vec<SocketAddr> = (0..n)
+        .map(|_| {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("reserving a bootstrap port: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let handles: Vec<_> = regions
+        .into_iter()
+        .enumerate()
+        .map(|(i, region)| {
+            let peers = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| (j as NodeId, ports[j]))
+                .collect();
+            let mut cfg = RdmaConfig::new(i as NodeId, ports[i], peers);
+            cfg.cluster = CLUSTER;
+            cfg.connect_timeout = Duration::from_secs(20);
+            std::thread::spawn(move || RdmaFabric::connect(&cfg, region))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut err = None;
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join().expect("rdma connect thread") {
+            Ok(f) => out.push(f),
+            Err(e) => {
+                err.get_or_insert(format!("rdma node {i}: {e}"));
+            }
+        }
+    }
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// Spin, then yield, then sleep briefly: on a 2-core machine running three replicas and a
+/// load generator, nobody may spin forever.
+pub struct Idle {
+    spins: u32,
+}
+
+impl Idle {
+    const SPIN: u32 = 200;
+    const YIELD: u32 = 400;
+
+    pub fn new() -> Self {
+        Idle { spins: 0 }
+    }
+
+    pub fn tick(&mut self, busy: bool) {
+        if busy {
+            self.spins = 0;
+            return;
+        }
+        self.spins = self.spins.saturating_add(1);
+        if self.spins <= Self::SPIN {
+            std::hint::spin_loop();
+        } else if self.spins <= Self::YIELD {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+}
+
+impl Default for Idle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Sleeps of tens of microseconds are only that short with a small timer slack.
+pub fn tighten_timer_slack() {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) takes a plain integer and affects this thread only.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64);
+    }
+}

@@ -1,0 +1,312 @@
+//! `ballot-bench`: cluster throughput and latency, raw fabric baselines, and a side-by-side
+//! comparison of the fabrics. See `docs/benchmarks.md`.
+
+mod cluster;
+mod fabrics;
+mod raw;
+mod stats;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use cluster::ClusterOpts;
+use fabrics::FabricKind;
+use stats::BenchResult;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ballot-bench",
+    about = "Ballot benchmarks: replicated-log throughput/latency, raw fabric round trips, fabric comparison",
+    long_about = "With no subcommand: runs a cluster of replicas in this process on the best fabric \
+                  available (RDMA if a device is found, else TCP on 127.0.0.1) and reports commits/s \
+                  and commit latency."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The fabric's own round trip: one-sided WRITE of one entry + completion, no protocol.
+    Raw,
+    /// Raw round trip and cluster on every available fabric (or `--fabric`), side by side.
+    Compare,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Topology {
+    Threads,
+    Processes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DurabilityArg {
+    Volatile,
+    Durable,
+}
+
+#[derive(Args, Debug)]
+struct Opts {
+    /// Fabric; default: rdma if a device is present, else tcp (compare: every available one).
+    #[arg(long, value_enum, global = true)]
+    fabric: Option<FabricKind>,
+    /// Where the replicas run.
+    #[arg(long, value_enum, default_value = "threads", global = true)]
+    topology: Topology,
+    #[arg(long, default_value_t = 3, global = true)]
+    replicas: usize,
+    /// Command size in bytes.
+    #[arg(long, default_value_t = 64, global = true)]
+    payload: usize,
+    /// Closed-loop clients.
+    #[arg(long, default_value_t = 32, global = true)]
+    clients: usize,
+    /// Commands each closed-loop client keeps outstanding.
+    #[arg(long, default_value_t = 4, global = true)]
+    outstanding: usize,
+    /// Core window: entries in flight beyond the commit index (default: the core's, 256).
+    #[arg(long, global = true)]
+    pipeline: Option<u64>,
+    /// Payload bytes packed into one entry (default 64 KiB); 0 = one command per entry.
+    #[arg(long, global = true)]
+    batch_bytes: Option<usize>,
+    /// Measured time, e.g. 10, 10s, 500ms.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration, global = true)]
+    warmup: Duration,
+    /// Measured time of each raw baseline in `compare`.
+    #[arg(long, default_value = "3s", value_parser = parse_duration, global = true)]
+    raw_duration: Duration,
+    /// Pin replica threads: replica i runs on core LIST[i % len], e.g. 0,1 or 0-1.
+    #[arg(long, global = true)]
+    cores: Option<String>,
+    /// Open loop: commands per second at fixed intervals; latency from the intended send time.
+    #[arg(long, value_name = "RATE", global = true)]
+    open_loop: Option<f64>,
+    /// One JSON object per result on stdout (progress stays on stderr).
+    #[arg(long, global = true)]
+    json: bool,
+    #[arg(long, value_enum, default_value = "volatile", global = true)]
+    durability: DurabilityArg,
+    /// No per-second progress lines.
+    #[arg(long, global = true)]
+    quiet: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+fn parse_cores(s: &str) -> Result<Vec<core_affinity::CoreId>, String> {
+    let avail = core_affinity::get_core_ids().unwrap_or_default();
+    let mut ids = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let bad = || format!("bad core list {s:?}");
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.parse::<usize>().map_err(|_| bad())?,
+                b.parse::<usize>().map_err(|_| bad())?,
+            ),
+            None => {
+                let a = part.parse::<usize>().map_err(|_| bad())?;
+                (a, a)
+            }
+        };
+        for id in a..=b {
+            if !avail.iter().any(|c| c.id == id) {
+                return Err(format!("core {id} is not available (have {})", avail.len()));
+            }
+            ids.push(core_affinity::CoreId { id });
+        }
+    }
+    if ids.is_empty() {
+        return Err(format!("empty core list {s:?}"));
+    }
+    Ok(ids)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ballot-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let o = &cli.opts;
+    if o.durability == DurabilityArg::Durable {
+        return Err(
+            "--durability durable is not yet supported by ballot-bench (volatile only)".into(),
+        );
+    }
+    if o.topology == Topology::Processes {
+        return Err(
+            "--topology processes is not yet supported (it needs the ballot-node process); use --topology threads"
+                .into(),
+        );
+    }
+    let cores = o
+        .cores
+        .as_deref()
+        .map(parse_cores)
+        .transpose()?
+        .unwrap_or_default();
+    let copts = ClusterOpts {
+        replicas: o.replicas,
+        payload: o.payload,
+        clients: o.clients,
+        outstanding: o.outstanding,
+        pipeline: o.pipeline,
+        batch_bytes: o.batch_bytes,
+        warmup: o.warmup,
+        duration: o.duration,
+        cores,
+        open_loop: o.open_loop,
+        progress: !o.quiet,
+    };
+    let results = match cli.cmd {
+        None => {
+            let kind = pick(o.fabric);
+            eprintln!("{}", describe_cluster(kind, &copts));
+            vec![cluster::run(kind, &copts)?]
+        }
+        Some(Cmd::Raw) => {
+            let kind = pick(o.fabric);
+            eprintln!(
+                "raw {}: one-sided WRITE of a {}-byte entry + completion, {:?} warm-up, {:?} measured",
+                kind.name(),
+                ballot::layout::entry_size(o.payload + ballot::protocol::batch::COMMAND_OVERHEAD),
+                o.warmup,
+                o.duration
+            );
+            vec![raw::run(kind, o.payload, o.warmup, o.duration)?]
+        }
+        Some(Cmd::Compare) => compare(o, &copts)?,
+    };
+    if o.json {
+        for r in &results {
+            println!("{}", r.to_json());
+        }
+    } else {
+        print!("{}", stats::table(&results));
+        if matches!(cli.cmd, Some(Cmd::Compare)) {
+            print!("{}", cross_ratios(&results));
+        }
+    }
+    Ok(())
+}
+
+/// The requested fabric, or the best available.
+fn pick(f: Option<FabricKind>) -> FabricKind {
+    f.unwrap_or_else(|| {
+        let (k, why) = fabrics::best();
+        if let Some(why) = why {
+            eprintln!("rdma unavailable ({why}); using {}", k.name());
+        }
+        k
+    })
+}
+
+fn describe_cluster(kind: FabricKind, o: &ClusterOpts) -> String {
+    let load = match o.open_loop {
+        Some(r) => format!("open loop at {} cmd/s", stats::si(r)),
+        None => format!(
+            "{} closed-loop clients x {} outstanding",
+            o.clients, o.outstanding
+        ),
+    };
+    format!(
+        "cluster: {} replicas (threads) on {}, {}-byte commands, {}, {:?} warm-up, {:?} measured, {}",
+        o.replicas,
+        kind.name(),
+        o.payload,
+        load,
+        o.warmup,
+        o.duration,
+        if o.cores.is_empty() {
+            "unpinned".to_string()
+        } else {
+            format!("pinned to {:?}", o.cores.iter().map(|c| c.id).collect::<Vec<_>>())
+        }
+    )
+}
+
+fn compare(o: &Opts, copts: &ClusterOpts) -> Result<Vec<BenchResult>, String> {
+    let kinds: Vec<FabricKind> = match o.fabric {
+        Some(k) => vec![k],
+        None => {
+            let mut v = Vec::new();
+            match fabrics::rdma_available() {
+                Ok(dev) => {
+                    eprintln!("rdma: device(s) {dev}");
+                    v.push(FabricKind::Rdma);
+                }
+                Err(why) => eprintln!("rdma: skipped ({why})"),
+            }
+            v.extend([FabricKind::Tcp, FabricKind::Mem]);
+            v
+        }
+    };
+    let mut out = Vec::new();
+    for k in kinds {
+        eprintln!("== {}: raw round trip ({:?})", k.name(), o.raw_duration);
+        let raw = raw::run(k, o.payload, Duration::from_millis(500), o.raw_duration)?;
+        eprintln!("   raw p50 {:.1} us, p99 {:.1} us", raw.p50_us, raw.p99_us);
+        eprintln!("== {}", describe_cluster(k, copts));
+        let mut c = cluster::run(k, copts)?;
+        c.raw_p50_us = Some(raw.p50_us);
+        c.ratio_p50 = (raw.p50_us > 0.0).then(|| c.p50_us / raw.p50_us);
+        out.push(raw);
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// TCP against RDMA, when both ran.
+fn cross_ratios(results: &[BenchResult]) -> String {
+    let find = |kind: &str, fabric: &str| {
+        results
+            .iter()
+            .find(|r| r.kind == kind && r.fabric == fabric)
+    };
+    let mut s = String::new();
+    for (kind, what) in [("raw", "raw round trip"), ("cluster", "cluster")] {
+        if let (Some(t), Some(r)) = (find(kind, "tcp"), find(kind, "rdma")) {
+            s.push_str(&format!(
+                "tcp/rdma {what}: p50 x{:.2}, p99 x{:.2}, throughput x{:.2}\n",
+                t.p50_us / r.p50_us,
+                t.p99_us / r.p99_us,
+                t.throughput_ops_s / r.throughput_ops_s
+            ));
+        }
+    }
+    if s.is_empty() {
+        s.push_str("tcp/rdma: not both available in this run\n");
+    }
+    s
+}
