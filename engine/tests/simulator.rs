@@ -8,16 +8,31 @@ fn sweep(seeds: std::ops::Range<u64>, replicas: usize, durability: Durability) {
     let mut failures = Vec::new();
     let mut commits = 0;
     for seed in seeds.clone() {
-        let o = Options { durability, ..Options::new(seed, replicas) };
+        let o = Options {
+            durability,
+            ..Options::new(seed, replicas)
+        };
         let r = sim::run(o);
         commits += r.commits;
         if !r.violations.is_empty() {
-            failures.push(format!("{}: {}", o.replay_command(), r.violations.join("; ")));
+            failures.push(format!(
+                "{}: {}",
+                o.replay_command(),
+                r.violations.join("; ")
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failing seeds:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // A run that commits nothing proves nothing.
-    assert!(commits > 100 * (seeds.end - seeds.start), "too few commits: {commits}");
+    assert!(
+        commits > 100 * (seeds.end - seeds.start),
+        "too few commits: {commits}"
+    );
 }
 
 #[test]
@@ -39,20 +54,36 @@ fn three_replicas_durable_60_seeds() {
 fn same_seed_replays_exactly() {
     let a = sim::run(Options::new(42, 3));
     let b = sim::run(Options::new(42, 3));
-    assert_eq!((a.commits, a.acked, a.crashes, a.elections), (b.commits, b.acked, b.crashes, b.elections));
+    assert_eq!(
+        (a.commits, a.acked, a.crashes, a.elections),
+        (b.commits, b.acked, b.crashes, b.elections)
+    );
 }
 
 /// Runs seeds with a planted bug until one is caught; the checks must catch it.
 fn caught(bugs: PlantedBugs) -> bool {
-    (1..=60).any(|seed| !sim::run(Options { bugs, ..Options::new(seed, 3) }).violations.is_empty())
+    (1..=60).any(|seed| {
+        !sim::run(Options {
+            bugs,
+            ..Options::new(seed, 3)
+        })
+        .violations
+        .is_empty()
+    })
 }
 
 #[test]
 fn planted_short_quorum_is_caught() {
-    assert!(caught(PlantedBugs { short_quorum: true, ..Default::default() }));
+    assert!(caught(PlantedBugs {
+        short_quorum: true,
+        ..Default::default()
+    }));
 }
 
 #[test]
 fn planted_broken_promise_is_caught() {
-    assert!(caught(PlantedBugs { ignore_promise: true, ..Default::default() }));
+    assert!(caught(PlantedBugs {
+        ignore_promise: true,
+        ..Default::default()
+    }));
 }

@@ -523,7 +523,17 @@ impl Core {
             Role::Leader(l) => l
                 .peers
                 .iter()
-                .map(|(n, p)| format!("{n}:{:?} next={} acked={} out={} consumed={}/{}", p.state, p.next, p.acked, p.outstanding, p.consumed, p.cursor.written()))
+                .map(|(n, p)| {
+                    format!(
+                        "{n}:{:?} next={} acked={} out={} consumed={}/{}",
+                        p.state,
+                        p.next,
+                        p.acked,
+                        p.outstanding,
+                        p.consumed,
+                        p.cursor.written()
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" "),
             _ => String::new(),

@@ -605,7 +605,11 @@ impl Sim {
             if let Some(o) = acked.iter().find(|o| !have.contains(&o.id)) {
                 if std::env::var_os("SIM_TRACE").is_some() {
                     for m in self.nodes.iter().filter_map(|n| n.replica.as_ref()) {
-                        eprintln!("end: {} {}", crate::driver::describe(m.core()), m.core().peer_summary());
+                        eprintln!(
+                            "end: {} {}",
+                            crate::driver::describe(m.core()),
+                            m.core().peer_summary()
+                        );
                     }
                 }
                 violations.push(format!(
