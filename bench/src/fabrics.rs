@@ -163,8 +163,8 @@ pub struct Idle {
 }
 
 impl Idle {
-    const SPIN: u32 = 200;
-    const YIELD: u32 = 400;
+    const SPIN: u32 = 50;
+    const YIELD: u32 = 100;
 
     pub fn new() -> Self {
         Idle { spins: 0 }
