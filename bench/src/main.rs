@@ -3,6 +3,8 @@
 
 mod cluster;
 mod fabrics;
+mod plot;
+mod procs;
 mod raw;
 mod stats;
 
@@ -53,17 +55,26 @@ struct Opts {
     /// Fabric; default: rdma if a device is present, else tcp (compare: every available one).
     #[arg(long, value_enum, global = true)]
     fabric: Option<FabricKind>,
-    /// Where the replicas run.
-    #[arg(long, value_enum, default_value = "threads", global = true)]
-    topology: Topology,
+    /// Where the replicas run: `threads` (one process) or `processes` (ballot-node processes
+    /// on 127.0.0.1, driven through the client library). Default: threads; `compare` runs
+    /// both (processes on tcp, when ballot-node is built).
+    #[arg(long, value_enum, global = true)]
+    topology: Option<Topology>,
     #[arg(long, default_value_t = 3, global = true)]
     replicas: usize,
     /// Command size in bytes.
     #[arg(long, default_value_t = 64, global = true)]
     payload: usize,
-    /// Closed-loop clients.
+    /// Closed-loop clients (processes: client threads, one command outstanding each).
     #[arg(long, default_value_t = 32, global = true)]
     clients: usize,
+    /// Run the cluster once per client count, e.g. `--sweep 1,4,16,64`
+    /// (default list: 1,2,4,8,16,32,64); `--outstanding` stays fixed.
+    #[arg(long, value_name = "LIST", num_args = 0..=1, default_missing_value = "1,2,4,8,16,32,64", global = true)]
+    sweep: Option<String>,
+    /// Write throughput-vs-latency and latency-distribution plots to this SVG file.
+    #[arg(long, value_name = "FILE.svg", global = true)]
+    plot: Option<std::path::PathBuf>,
     /// Commands each closed-loop client keeps outstanding.
     #[arg(long, default_value_t = 4, global = true)]
     outstanding: usize,
@@ -164,10 +175,28 @@ fn run(cli: Cli) -> Result<(), String> {
             "--durability durable is not yet supported by ballot-bench (volatile only)".into(),
         );
     }
-    if o.topology == Topology::Processes {
+    let sweep: Vec<usize> = match &o.sweep {
+        None => vec![o.clients],
+        Some(list) => list
+            .split(',')
+            .filter(|x| !x.trim().is_empty())
+            .map(|x| {
+                x.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        format!("bad --sweep list {list:?} (client counts, e.g. 1,4,16)")
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if sweep.is_empty() {
+        return Err("empty --sweep list".into());
+    }
+    if o.sweep.is_some() && o.open_loop.is_some() {
         return Err(
-            "--topology processes is not yet supported (it needs the ballot-node process); use --topology threads"
-                .into(),
+            "--sweep varies closed-loop clients; it cannot be combined with --open-loop".into(),
         );
     }
     let cores = o
@@ -190,10 +219,28 @@ fn run(cli: Cli) -> Result<(), String> {
         progress: !o.quiet,
     };
     let results = match cli.cmd {
+        None if o.topology == Some(Topology::Processes) => {
+            check_processes_fabric(o.fabric)?;
+            let mut out = Vec::new();
+            for &n in &sweep {
+                let p = proc_opts(o, &copts, n);
+                eprintln!("{}", describe_processes(&p));
+                out.push(procs::run(&p)?);
+            }
+            out
+        }
         None => {
             let kind = pick(o.fabric);
-            eprintln!("{}", describe_cluster(kind, &copts));
-            vec![cluster::run(kind, &copts)?]
+            let mut out = Vec::new();
+            for &n in &sweep {
+                let c = ClusterOpts {
+                    clients: n,
+                    ..copts.clone()
+                };
+                eprintln!("{}", describe_cluster(kind, &c));
+                out.push(cluster::run(kind, &c)?);
+            }
+            out
         }
         Some(Cmd::Raw) => {
             let kind = pick(o.fabric);
@@ -206,8 +253,21 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             vec![raw::run(kind, o.payload, o.warmup, o.duration)?]
         }
-        Some(Cmd::Compare) => compare(o, &copts)?,
+        Some(Cmd::Compare) => compare(o, &copts, &sweep)?,
     };
+    if let Some(path) = &o.plot {
+        let sub = format!(
+            "ballot-bench on {} ({} CPUs): {} replicas, {}-byte commands, {:?} per point, volatile",
+            machine(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            o.replicas,
+            o.payload,
+            o.duration
+        );
+        std::fs::write(path, plot::svg(&results, &sub))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+    }
     if o.json {
         for r in &results {
             println!("{}", r.to_json());
@@ -219,6 +279,66 @@ fn run(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn check_processes_fabric(f: Option<FabricKind>) -> Result<(), String> {
+    match f {
+        None | Some(FabricKind::Tcp) => Ok(()),
+        Some(k) => Err(format!(
+            "--topology processes runs ballot-node, which speaks tcp only (not {})",
+            k.name()
+        )),
+    }
+}
+
+fn proc_opts(o: &Opts, c: &ClusterOpts, clients: usize) -> procs::ProcOpts {
+    procs::ProcOpts {
+        replicas: o.replicas,
+        payload: o.payload,
+        clients,
+        warmup: o.warmup,
+        duration: o.duration,
+        cores: c.cores.iter().map(|c| c.id).collect(),
+        open_loop: o.open_loop,
+        progress: !o.quiet,
+    }
+}
+
+fn describe_processes(p: &procs::ProcOpts) -> String {
+    let load = match p.open_loop {
+        Some(r) => format!(
+            "open loop at {} cmd/s over {} client threads",
+            stats::si(r),
+            p.clients
+        ),
+        None => format!("{} closed-loop client threads x 1 outstanding", p.clients),
+    };
+    format!(
+        "cluster: {} ballot-node processes on tcp 127.0.0.1, puts of {}-byte values, {}, {:?} warm-up, {:?} measured, {}",
+        p.replicas,
+        p.payload,
+        load,
+        p.warmup,
+        p.duration,
+        if p.cores.is_empty() {
+            "shared cores".to_string()
+        } else {
+            format!("--core {:?} (busy-poll)", p.cores)
+        }
+    )
+}
+
+/// The CPU model, for the plot's caption.
+fn machine() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// The requested fabric, or the best available.
@@ -256,9 +376,29 @@ fn describe_cluster(kind: FabricKind, o: &ClusterOpts) -> String {
     )
 }
 
-fn compare(o: &Opts, copts: &ClusterOpts) -> Result<Vec<BenchResult>, String> {
+fn compare(o: &Opts, copts: &ClusterOpts, sweep: &[usize]) -> Result<Vec<BenchResult>, String> {
+    let threads = o.topology != Some(Topology::Processes);
+    let processes = match o.topology {
+        Some(Topology::Processes) => {
+            check_processes_fabric(o.fabric)?;
+            true
+        }
+        Some(Topology::Threads) => false,
+        None => {
+            let want = matches!(o.fabric, None | Some(FabricKind::Tcp));
+            match (want, procs::find_node_binary()) {
+                (true, Ok(_)) => true,
+                (true, Err(e)) => {
+                    eprintln!("processes: skipped ({e})");
+                    false
+                }
+                (false, _) => false,
+            }
+        }
+    };
     let kinds: Vec<FabricKind> = match o.fabric {
         Some(k) => vec![k],
+        None if !threads => vec![FabricKind::Tcp],
         None => {
             let mut v = Vec::new();
             match fabrics::rdma_available() {
@@ -277,12 +417,30 @@ fn compare(o: &Opts, copts: &ClusterOpts) -> Result<Vec<BenchResult>, String> {
         eprintln!("== {}: raw round trip ({:?})", k.name(), o.raw_duration);
         let raw = raw::run(k, o.payload, Duration::from_millis(500), o.raw_duration)?;
         eprintln!("   raw p50 {:.1} us, p99 {:.1} us", raw.p50_us, raw.p99_us);
-        eprintln!("== {}", describe_cluster(k, copts));
-        let mut c = cluster::run(k, copts)?;
-        c.raw_p50_us = Some(raw.p50_us);
-        c.ratio_p50 = (raw.p50_us > 0.0).then(|| c.p50_us / raw.p50_us);
-        out.push(raw);
-        out.push(c);
+        let mut runs = Vec::new();
+        if threads {
+            for &n in sweep {
+                let c = ClusterOpts {
+                    clients: n,
+                    ..copts.clone()
+                };
+                eprintln!("== {}", describe_cluster(k, &c));
+                runs.push(cluster::run(k, &c)?);
+            }
+        }
+        if processes && k == FabricKind::Tcp {
+            for &n in sweep {
+                let p = proc_opts(o, copts, n);
+                eprintln!("== {}", describe_processes(&p));
+                runs.push(procs::run(&p)?);
+            }
+        }
+        out.push(raw.clone());
+        for mut c in runs {
+            c.raw_p50_us = Some(raw.p50_us);
+            c.ratio_p50 = (raw.p50_us > 0.0).then(|| c.p50_us / raw.p50_us);
+            out.push(c);
+        }
     }
     Ok(out)
 }
@@ -297,6 +455,7 @@ fn cross_ratios(results: &[BenchResult]) -> String {
     let mut s = String::new();
     for (kind, what) in [("raw", "raw round trip"), ("cluster", "cluster")] {
         if let (Some(t), Some(r)) = (find(kind, "tcp"), find(kind, "rdma")) {
+            // With a sweep, the first run of each (its smallest client count).
             s.push_str(&format!(
                 "tcp/rdma {what}: p50 x{:.2}, p99 x{:.2}, throughput x{:.2}\n",
                 t.p50_us / r.p50_us,

@@ -43,6 +43,9 @@ pub struct BenchResult {
     pub ratio_p50: Option<f64>,
     /// Commands per entry, averaged over the run (leader's log growth), where known.
     pub commands_per_entry: Option<f64>,
+    /// The latency distribution for plots: (nines, us) with nines = -log10(1 - quantile),
+    /// from 0 (quantile 0) to the resolution of the sample count. Not in JSON.
+    pub curve: Vec<(f64, f64)>,
 }
 
 impl BenchResult {
@@ -56,6 +59,17 @@ impl BenchResult {
         } else {
             h.max() as f64 / 1000.0
         };
+        self.curve.clear();
+        if !h.is_empty() {
+            // Up to 1 - 1/count (beyond that the curve is one sample), at most 5 nines.
+            let top = (h.len() as f64).log10().min(5.0);
+            let mut x = 0.0f64;
+            while x <= top + 1e-9 {
+                let q = 1.0 - 10f64.powf(-x);
+                self.curve.push((x, us(h, q)));
+                x += 0.05;
+            }
+        }
     }
 
     pub fn to_json(&self) -> String {
@@ -106,8 +120,8 @@ fn opt_cell(v: Option<f64>, prec: usize) -> String {
 pub fn table(results: &[BenchResult]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "{:<7} {:<5} {:>3} {:>7} {:>7} {:>6} {:>7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} {:>6}\n",
-        "kind", "fabric", "n", "payload", "clients", "batch", "secs", "ops/s", "p50 us", "p90 us",
+        "{:<7} {:<5} {:<9} {:>3} {:>7} {:>7} {:>6} {:>7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} {:>6}\n",
+        "kind", "fabric", "topo", "n", "payload", "clients", "batch", "secs", "ops/s", "p50 us", "p90 us",
         "p99 us", "p99.9 us", "max us", "raw p50", "p50/raw", "cmd/e"
     ));
     for r in results {
@@ -117,9 +131,10 @@ pub fn table(results: &[BenchResult]) -> String {
             None => format!("{}x{}", r.clients, r.outstanding),
         };
         s.push_str(&format!(
-            "{:<7} {:<5} {:>3} {:>7} {:>7} {:>6} {:>7.1} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>8} {:>8} {:>6}\n",
+            "{:<7} {:<5} {:<9} {:>3} {:>7} {:>7} {:>6} {:>7.1} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>8} {:>8} {:>6}\n",
             r.kind,
             r.fabric,
+            if r.kind == "raw" { "-" } else { r.topology },
             r.replicas,
             r.payload,
             clients,

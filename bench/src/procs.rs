@@ -1,0 +1,464 @@
+//! Topology `processes`: real `ballot-node` processes on 127.0.0.1, driven by client threads
+//! through the client library (`ballot_node::client`), over the same TCP a deployment uses.
+//!
+//! The processes are owned by a [`NodeCluster`] guard: dropping it stops them (SIGTERM, then
+//! SIGKILL) and removes the temporary directory. Because the release profile aborts on
+//! panic (no unwinding, so no `Drop`), the children are also killed from a panic hook and
+//! from a SIGINT/SIGTERM handler, and each child gets `PR_SET_PDEATHSIG = SIGKILL`, so
+//! they die with the bench even on `kill -9`.
+
+use crate::stats::{self, BenchResult};
+use ballot_node::client::{self, Client, ClientConfig};
+use hdrhistogram::Histogram;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct ProcOpts {
+    pub replicas: usize,
+    /// Value size of each `put`, in bytes (the key is 8 more).
+    pub payload: usize,
+    /// Client threads, one command outstanding each (the client library's model).
+    pub clients: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Node `i` gets `--core cores[i % len]` (busy-polling); empty: shared cores.
+    pub cores: Vec<usize>,
+    /// Open loop: commands per second over all clients; latency from the intended send time.
+    pub open_loop: Option<f64>,
+    pub progress: bool,
+}
+
+/// Pids of the running children, for the signal handler and the panic hook.
+static PIDS: [AtomicI32; ballot::MAX_NODES] = [const { AtomicI32::new(0) }; ballot::MAX_NODES];
+
+fn kill_all_children() {
+    for p in &PIDS {
+        let pid = p.swap(0, Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill(2) is async-signal-safe; the pid is our own child's.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    kill_all_children();
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(128 + sig) }
+}
+
+fn install_cleanup_hooks() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            kill_all_children();
+            prev(info);
+        }));
+        // SAFETY: the handler only calls async-signal-safe functions.
+        unsafe {
+            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        }
+    });
+}
+
+/// `ballot-node` next to this binary (`target/<profile>/`), or `$BALLOT_NODE_BIN`.
+pub fn find_node_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("BALLOT_NODE_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("BALLOT_NODE_BIN={} is not a file", p.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot locate this binary: {e}"))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    // `target/<profile>/ballot-bench`, or `target/<profile>/deps/` for test binaries.
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        let cand = d.join("ballot-node");
+        if cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    let release = dir.ends_with("release") || dir.parent().is_some_and(|p| p.ends_with("release"));
+    Err(format!(
+        "--topology processes needs the ballot-node binary next to ballot-bench (looked in {}); \
+         build it with `cargo build{} -p ballot-node`, or set BALLOT_NODE_BIN",
+        dir.display(),
+        if release { " --release" } else { "" }
+    ))
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
+}
+
+/// Removes `ballot-bench-<pid>` temp dirs of runs that are gone (an interrupted run exits
+/// from its signal handler, where removing a directory tree is not safe).
+fn remove_stale_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ballot-bench-"))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && e.path().join("node0.log").exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Running `ballot-node` processes; dropping it stops them and removes the directory.
+pub struct NodeCluster {
+    pub dir: PathBuf,
+    pub client_addrs: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl NodeCluster {
+    pub fn start(bin: &Path, n: usize, cores: &[usize]) -> Result<NodeCluster, String> {
+        install_cleanup_hooks();
+        remove_stale_dirs();
+        let dir = std::env::temp_dir().join(format!("ballot-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let fabric: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let clients: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .enumerate()
+                .map(|(j, p)| format!("{j}=127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        // A fresh key per run, handed over in the environment (never on a command line).
+        let key = format!(
+            "bench-{:016x}{:016x}",
+            client::random_id(),
+            client::random_id()
+        );
+        let mut c = NodeCluster {
+            dir: dir.clone(),
+            client_addrs: clients.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+            children: Vec::new(),
+        };
+        for i in 0..n {
+            let log = std::fs::File::create(dir.join(format!("node{i}.log")))
+                .map_err(|e| format!("cannot create a log file in {}: {e}", dir.display()))?;
+            let mut cmd = Command::new(bin);
+            cmd.args(["--node", &i.to_string(), "--cluster", "0xBE4C"])
+                .args(["--peers", &list(&fabric), "--client-peers", &list(&clients)])
+                .args(["--client-addr", &c.client_addrs[i]])
+                .arg("--data-dir")
+                .arg(dir.join(format!("data{i}")))
+                .env(ballot_node::config::KEY_ENV, &key)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            if !cores.is_empty() {
+                cmd.args(["--core", &cores[i % cores.len()].to_string()]);
+            }
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+            PIDS[i].store(child.id() as i32, Ordering::SeqCst);
+            c.children.push(child);
+        }
+        Ok(c)
+    }
+
+    /// The last lines of node `i`'s log (for error messages).
+    fn log_tail(&self, i: usize) -> String {
+        let s = std::fs::read_to_string(self.dir.join(format!("node{i}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n    ")
+    }
+
+    /// Waits until one node says it leads and a `put` through the client library succeeds.
+    pub fn wait_ready(&mut self, within: Duration) -> Result<usize, String> {
+        let deadline = Instant::now() + within;
+        loop {
+            for (i, ch) in self.children.iter_mut().enumerate() {
+                if let Ok(Some(st)) = ch.try_wait() {
+                    return Err(format!(
+                        "ballot-node {i} exited ({st}) during start-up:\n    {}",
+                        self.log_tail(i)
+                    ));
+                }
+            }
+            let leader = self.client_addrs.iter().enumerate().find_map(|(i, a)| {
+                client::status(a, Duration::from_millis(300))
+                    .ok()
+                    .filter(|s| s.role == "leader")
+                    .map(|_| i)
+            });
+            if let Some(l) = leader {
+                let mut cfg = ClientConfig::new(self.client_addrs.clone());
+                cfg.deadline = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100));
+                if Client::with_config(cfg).put(b"bench-ready", b"1").is_ok() {
+                    return Ok(l);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the ballot-node cluster did not serve within {within:?}; logs in {}",
+                    self.dir.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The leader's commit index, if a node says it leads.
+    pub fn leader_commit(&self) -> Option<u64> {
+        self.client_addrs
+            .iter()
+            .filter_map(|a| client::status(a, Duration::from_millis(500)).ok())
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.ballot)
+            .map(|s| s.commit)
+    }
+}
+
+impl Drop for NodeCluster {
+    fn drop(&mut self) {
+        for c in &self.children {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for c in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+        for p in &PIDS {
+            p.store(0, Ordering::SeqCst);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Shared {
+    stop: AtomicBool,
+    /// Commands completed (for the progress lines), all phases.
+    done: AtomicU64,
+}
+
+/// One client thread's tally of the measured window.
+struct Tally {
+    hist: Histogram<u64>,
+    commits: u64,
+    errors: u64,
+}
+
+pub fn run(o: &ProcOpts) -> Result<BenchResult, String> {
+    if o.replicas == 0 || o.replicas > ballot::MAX_NODES {
+        return Err(format!("--replicas must be 1..={}", ballot::MAX_NODES));
+    }
+    if o.clients == 0 {
+        return Err("--clients must be positive".into());
+    }
+    if o.payload > ballot_node::kv::MAX_VALUE {
+        return Err(format!(
+            "--payload must be at most {} with --topology processes (a put's value)",
+            ballot_node::kv::MAX_VALUE
+        ));
+    }
+    let bin = find_node_binary()?;
+    let mut cluster = NodeCluster::start(&bin, o.replicas, &o.cores)?;
+    cluster.wait_ready(Duration::from_secs(20))?;
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        done: AtomicU64::new(0),
+    });
+    let t0 = Instant::now() + Duration::from_millis(20);
+    let warm_end = t0 + o.warmup;
+    let end = warm_end + o.duration;
+    let tallies = Arc::new(Mutex::new(Vec::<Tally>::new()));
+    let mut threads = Vec::new();
+    for c in 0..o.clients {
+        let (addrs, sh, tallies) = (
+            cluster.client_addrs.clone(),
+            shared.clone(),
+            tallies.clone(),
+        );
+        let value = vec![0xA5u8; o.payload];
+        // Open loop: client c sends at t0 + (c + k * clients) / rate.
+        let gap = o
+            .open_loop
+            .map(|r| Duration::from_secs_f64(o.clients as f64 / r.max(1e-3)));
+        let offset = o
+            .open_loop
+            .map(|r| Duration::from_secs_f64(c as f64 / r.max(1e-3)))
+            .unwrap_or_default();
+        let spawn = std::thread::Builder::new()
+            .name(format!("client-{c}"))
+            .spawn(move || {
+                let mut cl = Client::new(addrs);
+                let key = (c as u64).to_le_bytes();
+                let mut t = Tally {
+                    hist: stats::histogram(),
+                    commits: 0,
+                    errors: 0,
+                };
+                let mut intended = t0 + offset;
+                loop {
+                    let now = Instant::now();
+                    if now >= end || sh.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let from = match gap {
+                        Some(g) => {
+                            if intended > now {
+                                std::thread::sleep(intended - now);
+                            }
+                            let i = intended;
+                            intended += g;
+                            i
+                        }
+                        None => now,
+                    };
+                    if from >= end {
+                        break;
+                    }
+                    let ok = cl.put(&key, &value).is_ok();
+                    let done = Instant::now();
+                    sh.done.fetch_add(1, Ordering::Relaxed);
+                    // Count commands sent in the measured window and completed in it.
+                    if from >= warm_end && done <= end {
+                        if ok {
+                            let _ = t.hist.record((done - from).as_nanos().max(1) as u64);
+                            t.commits += 1;
+                        } else {
+                            t.errors += 1;
+                        }
+                    }
+                }
+                tallies.lock().expect("tallies").push(t);
+            });
+        match spawn {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                for h in threads {
+                    let _ = h.join();
+                }
+                return Err(format!("cannot start a client thread: {e}"));
+            }
+        }
+    }
+    // Progress, and the leader's commit index at the window's edges (commands per entry).
+    let mut commit_at_start = None;
+    let mut last = (Instant::now(), 0u64);
+    let mut next = t0 + Duration::from_secs(1);
+    while Instant::now() < end {
+        let now = Instant::now();
+        if commit_at_start.is_none() && now >= warm_end {
+            commit_at_start = cluster.leader_commit();
+        }
+        if o.progress && now >= next {
+            let d = shared.done.load(Ordering::Relaxed);
+            eprintln!(
+                "  {:>5.1}s {:<8} {:>10.0} commits/s",
+                now.saturating_duration_since(t0).as_secs_f64(),
+                if now >= warm_end {
+                    "measure"
+                } else {
+                    "warm-up"
+                },
+                (d - last.1) as f64 / now.duration_since(last.0).as_secs_f64()
+            );
+            last = (now, d);
+            next += Duration::from_secs(1);
+        }
+        std::thread::sleep(
+            Duration::from_millis(5).min(end.saturating_duration_since(Instant::now())),
+        );
+    }
+    let commit_at_end = cluster.leader_commit();
+    for h in threads {
+        let _ = h.join();
+    }
+    drop(cluster);
+    let mut total = stats::histogram();
+    let (mut commits, mut errors) = (0u64, 0u64);
+    for t in tallies.lock().expect("tallies").iter() {
+        let _ = total.add(&t.hist);
+        commits += t.commits;
+        errors += t.errors;
+    }
+    let secs = o.duration.as_secs_f64();
+    let entries = match (commit_at_start, commit_at_end) {
+        (Some(a), Some(b)) if b > a => Some(b - a),
+        _ => None,
+    };
+    let mut r = BenchResult {
+        kind: "cluster",
+        fabric: "tcp".into(),
+        topology: "processes",
+        replicas: o.replicas,
+        payload: o.payload,
+        // Open loop too: the client threads that carried the arrivals.
+        clients: o.clients,
+        outstanding: 1,
+        pipeline: ballot::protocol::Config::new(0, vec![0], ballot_node::server::ring()).window,
+        batch_bytes: ballot_node::kv::MAX_COMMAND + 64,
+        open_loop_rate: o.open_loop,
+        durability: "volatile",
+        duration_s: secs,
+        commits,
+        errors,
+        throughput_ops_s: commits as f64 / secs,
+        // Commands per entry counts all the window's commits against all its entries
+        // (entries also carry the commands that straddle the window's edges).
+        commands_per_entry: entries.map(|e| commits as f64 / e as f64),
+        ..Default::default()
+    };
+    r.fill_latency(&total);
+    Ok(r)
+}
