@@ -1,6 +1,6 @@
 //! `--plot FILE.svg`: a hand-written SVG with two panels (no plotting dependency).
 //!
-//! - Left: throughput against latency, one line per fabric/topology through the runs of a
+//! - Left: throughput against latency (both log scales), one line per fabric/topology through the runs of a
 //!   sweep (`--sweep`), p50 solid with filled dots and p99 dashed with open dots, each dot
 //!   labelled with its load (clients x outstanding, or the open-loop rate).
 //! - Right: the latency distribution (percentile curve from the HDR histogram) of each
@@ -10,7 +10,7 @@
 use crate::stats::{si, BenchResult};
 use std::fmt::Write;
 
-const W: f64 = 1100.0;
+const W: f64 = 1170.0;
 const H: f64 = 600.0;
 const PW: f64 = 440.0; // panel plot-area width
 const PH: f64 = 330.0; // panel plot-area height
@@ -242,38 +242,39 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
             .iter()
             .flat_map(|(_, v)| v.iter().flat_map(|r| [r.p50_us, r.p99_us])),
     );
-    let xmax = series
-        .iter()
-        .flat_map(|(_, v)| v.iter().map(|r| r.throughput_ops_s))
-        .fold(0.0f64, f64::max)
-        .max(1.0);
-    // A round top for the throughput axis: 1, 2 or 5 x 10^k.
-    let mag = 10f64.powf(xmax.log10().floor());
-    let step = [0.1, 0.2, 0.25, 0.5, 1.0, 2.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|st| xmax / st <= 6.0)
-        .unwrap_or(mag);
-    let xtop = (xmax / step).ceil() * step;
+    // Throughput spans decades (one client on TCP to many on mem): log scale too.
+    let xax = LogAxis::new(
+        series
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|r| r.throughput_ops_s)),
+    );
     frame(
         &mut s,
         &left,
         "Throughput vs latency",
-        "throughput (commands/s)",
+        "throughput (commands/s, log)",
         "commit latency (log)",
     );
     y_axis(&mut s, &left, &ax);
-    let mut t = 0.0;
-    while t <= xtop * 1.0001 {
-        let x = left.px(t / xtop);
+    for d in xax.decades() {
+        let x = left.px(xax.frac(d));
         let _ = writeln!(
             s,
-            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#eee"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" font-size="12">{}</text>"##,
+            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" font-size="12">{}</text>"##,
             TOP + PH,
             TOP + PH + 18.0,
-            si(t)
+            si(d)
         );
-        t += step;
+        for m in [2.0, 5.0] {
+            if d * m < xax.hi {
+                let x = left.px(xax.frac(d * m));
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#f0f0f0"/>"##,
+                    TOP + PH
+                );
+            }
+        }
     }
     let mut items = Vec::new();
     for ((fabric, topo), runs) in &series {
@@ -283,7 +284,7 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
                 .iter()
                 .map(|r| {
                     let v = if q == 0.5 { r.p50_us } else { r.p99_us };
-                    (left.px(r.throughput_ops_s / xtop), left.py(ax.frac(v)))
+                    (left.px(xax.frac(r.throughput_ops_s)), left.py(ax.frac(v)))
                 })
                 .collect();
             polyline(&mut s, &pts, col, dashed);
@@ -314,7 +315,7 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
 
     // Right panel: the latency distribution.
     let right = Panel {
-        x0: 90.0 + PW + 130.0,
+        x0: 90.0 + PW + 140.0,
     };
     let reps: Vec<(&(String, &str), &BenchResult)> = series
         .iter()
