@@ -255,6 +255,12 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Some(Cmd::Compare) => compare(o, &copts, &sweep)?,
     };
+    for r in results.iter().filter(|r| r.errors > 0) {
+        eprintln!(
+            "warning: {} {} {}: {} commands failed in the measured window (not counted in ops/s or latency)",
+            r.kind, r.fabric, r.topology, r.errors
+        );
+    }
     if let Some(path) = &o.plot {
         let sub = format!(
             "ballot-bench on {} ({} CPUs): {} replicas, {}-byte commands, {:?} per point, volatile",

@@ -411,3 +411,52 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
     s.push_str("</svg>\n");
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{histogram, BenchResult};
+
+    fn run(
+        kind: &'static str,
+        fabric: &str,
+        topology: &'static str,
+        clients: usize,
+        base: u64,
+    ) -> BenchResult {
+        let mut h = histogram();
+        for i in 0..10_000u64 {
+            h.record(base + i * 7).unwrap();
+        }
+        let mut r = BenchResult {
+            kind,
+            fabric: fabric.into(),
+            topology,
+            clients,
+            outstanding: 4,
+            throughput_ops_s: 1000.0 * clients as f64,
+            ..Default::default()
+        };
+        r.fill_latency(&h);
+        r
+    }
+
+    #[test]
+    fn svg_has_every_series_and_no_nan() {
+        let rs = vec![
+            run("raw", "tcp", "threads", 1, 10_000),
+            run("cluster", "tcp", "threads", 1, 100_000),
+            run("cluster", "tcp", "threads", 8, 150_000),
+            run("cluster", "tcp", "processes", 4, 300_000),
+        ];
+        let s = svg(&rs, "test <machine>");
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        assert!(!s.contains("NaN") && !s.contains("inf"));
+        assert!(s.contains("tcp threads: p50") && s.contains("tcp processes: p50"));
+        assert!(s.contains("tcp raw fabric round trip"));
+        assert!(s.contains("test &lt;machine&gt;"));
+        // Empty input still gives a valid document.
+        let e = svg(&[], "");
+        assert!(e.trim_end().ends_with("</svg>") && !e.contains("NaN"));
+    }
+}
