@@ -252,6 +252,16 @@ pub fn decode_entry(bytes: &[u8]) -> Result<(EntryHeader, &[u8]), LayoutError> {
     Ok((h, payload))
 }
 
+/// Flags and payload of an entry that was already verified by [`decode_entry`] (e.g. one
+/// held in the accepted log), without checking it again.
+pub fn trusted_parts(bytes: &[u8]) -> (u32, &[u8]) {
+    let len = rd_u32(bytes, 24) as usize;
+    (
+        rd_u32(bytes, 28),
+        &bytes[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + len],
+    )
+}
+
 /// Reads only the length field of an entry that may still be arriving, to know how many
 /// bytes to look at. `None` when fewer than a header's bytes are given.
 pub fn peek_len(bytes: &[u8]) -> Option<usize> {

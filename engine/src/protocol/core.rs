@@ -94,7 +94,12 @@ impl Config {
             heartbeat_timeout: 100,
             election_timeout: 100,
             max_outstanding: 256,
-            seed: u64::from(id) + 1,
+            // Different on every start: seeds ticket numbers and stream ids. Set a fixed seed
+            // for reproducible runs (the simulator does).
+            seed: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                ^ u64::from(id) << 56,
             bugs: PlantedBugs::default(),
         }
     }
@@ -380,6 +385,8 @@ pub struct Core {
     persist_cap: Index,
     persist_from: Option<Index>,
     stream: u64,
+    /// Random per start (from the seed): keeps ticket numbers of incarnations apart.
+    incarnation: u64,
     consumed: u64,
     role: Role,
     tick: u64,
@@ -414,6 +421,7 @@ impl Core {
             persist_cap: Index::MAX,
             persist_from: None,
             stream: 0,
+            incarnation: 0,
             consumed: 0,
             role: Role::Follower,
             tick: 0,
@@ -427,6 +435,7 @@ impl Core {
             progress_dirty: false,
         };
         c.stream = c.random() >> 16;
+        c.incarnation = c.random() >> 40;
         if recovering {
             let nonce = c.random();
             c.role = Role::Recovering(Recovery {
@@ -472,6 +481,11 @@ impl Core {
     }
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+    /// The first ticket number this incarnation should use: entries proposed by an earlier
+    /// incarnation of this replica (same node id) must not complete this one's tickets.
+    pub fn first_ticket(&self) -> u64 {
+        (self.incarnation & 0xff_ffff) << 32 | 1
     }
     pub fn promised(&self) -> Ballot {
         self.promised
