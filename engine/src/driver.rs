@@ -9,7 +9,7 @@ use crate::layout::{self, CommitCell, ProgressCell};
 use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
 use crate::ring::RingReader;
 use crate::types::{Ballot, Index, NodeId};
-use std::collections::HashSet;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// The replicated application. `apply` must be deterministic.
@@ -17,11 +17,68 @@ pub trait StateMachine: Send {
     fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8>;
 }
 
-/// Durable state of an acceptor (durable mode). Both calls return only once durable.
+/// Durable state of an acceptor (durable mode), usually served by a persister thread.
+///
+/// Contract, which the simulator's disk model enforces and recovery relies on:
+/// - `save_promise` returns only once the promise is durable.
+/// - `submit(seq, entries)` starts making `entries` (encoded, contiguous) durable, replacing
+///   every entry at or after the first one's index. Submissions complete in order and are
+///   reported by `poll_persisted`.
+/// - After a crash, an *append* (first index = durable end + 1) may survive as any prefix,
+///   but a *rewrite* (first index at or below the durable end) survives whole or not at all:
+///   entries persisted before must never be lost to a torn replacement.
 pub trait Storage: Send {
     fn save_promise(&mut self, ballot: Ballot) -> std::io::Result<()>;
-    /// Replaces every entry at or after the first one's index by `entries` (encoded).
-    fn persist(&mut self, entries: &[Arc<[u8]>]) -> std::io::Result<()>;
+    fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> std::io::Result<()>;
+    /// Appends the sequence numbers of submissions that are now durable, in order.
+    fn poll_persisted(&mut self, done: &mut Vec<u64>) -> std::io::Result<()>;
+}
+
+/// Tickets are issued in order; this tracks which are still outstanding without hashing.
+#[derive(Debug, Default)]
+struct Tickets {
+    base: u64,
+    open: VecDeque<bool>,
+}
+
+impl Tickets {
+    fn insert(&mut self, t: u64) {
+        if self.open.is_empty() {
+            self.base = t;
+        }
+        debug_assert_eq!(
+            t,
+            self.base + self.open.len() as u64,
+            "tickets are issued in order"
+        );
+        self.open.push_back(true);
+    }
+    fn remove(&mut self, t: u64) -> bool {
+        let Some(k) = t.checked_sub(self.base) else {
+            return false;
+        };
+        let Some(slot) = self.open.get_mut(k as usize) else {
+            return false;
+        };
+        let was = std::mem::replace(slot, false);
+        while self.open.front() == Some(&false) {
+            self.open.pop_front();
+            self.base += 1;
+        }
+        was
+    }
+    fn drain(&mut self) -> Vec<u64> {
+        let base = self.base;
+        let out = self
+            .open
+            .iter()
+            .enumerate()
+            .filter(|(_, &o)| o)
+            .map(|(k, _)| base + k as u64)
+            .collect();
+        self.open.clear();
+        out
+    }
 }
 
 /// The outcome of one proposal.
@@ -43,10 +100,15 @@ pub struct Replica<F: Fabric, S: StateMachine> {
     reader: RingReader,
     events: Vec<FabricEvent>,
     /// Tickets proposed here and not yet completed.
-    pending: HashSet<u64>,
+    pending: Tickets,
+    /// Persist submissions in flight: (seq, last index).
+    persisting: VecDeque<(u64, Index)>,
+    persisted_buf: Vec<u64>,
     completed: Vec<(u64, Outcome)>,
     next_ticket: u64,
-    ticks: u64,
+    /// The clock at the last step; `None` before the first (a replica started late does not
+    /// replay the ticks it never lived through).
+    ticks: Option<u64>,
     commit_cell: Option<CommitCell>,
     progress: Vec<Option<ProgressCell>>,
     /// Set after a storage failure: this replica stops acknowledging anything.
@@ -67,6 +129,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             core.config().ring,
             "fabric region and config disagree on the ring"
         );
+        let next_ticket = core.first_ticket();
         Replica {
             reader: RingReader::new(ring),
             core,
@@ -74,10 +137,12 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             sm,
             storage,
             events: Vec::with_capacity(256),
-            pending: HashSet::new(),
+            pending: Tickets::default(),
+            persisting: VecDeque::new(),
+            persisted_buf: Vec::new(),
             completed: Vec::new(),
-            next_ticket: 1,
-            ticks: 0,
+            next_ticket,
+            ticks: None,
             commit_cell: None,
             progress: vec![None; crate::MAX_NODES],
             failed: None,
@@ -157,8 +222,10 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         }
         self.events = events;
         busy |= self.poll_cells();
-        while self.ticks < now_ticks {
-            self.ticks += 1;
+        busy |= self.poll_storage();
+        let ticks = self.ticks.get_or_insert(now_ticks);
+        while *ticks < now_ticks {
+            *ticks += 1;
             self.core.tick();
             busy = true;
         }
@@ -177,6 +244,31 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         for t in self.pending.drain() {
             self.completed.push((t, Err(ProposeError::ShuttingDown)));
         }
+    }
+
+    fn poll_storage(&mut self) -> bool {
+        let Some(s) = self.storage.as_mut() else {
+            return false;
+        };
+        if self.persisting.is_empty() || self.failed.is_some() {
+            return false;
+        }
+        let mut done = std::mem::take(&mut self.persisted_buf);
+        if let Err(e) = s.poll_persisted(&mut done) {
+            self.fail(format!("persisting: {e}"));
+            return true;
+        }
+        let any = !done.is_empty();
+        for seq in done.drain(..) {
+            let (want, to) = self
+                .persisting
+                .pop_front()
+                .expect("completion of a submission");
+            assert_eq!(want, seq, "storage completes submissions in order");
+            self.core.handle_persisted(seq, to);
+        }
+        self.persisted_buf = done;
+        any
     }
 
     fn drain_ring(&mut self) -> bool {
@@ -297,24 +389,18 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 let entries: Vec<_> = (from..=to)
                     .filter_map(|i| self.core.log().get(i).map(|s| s.bytes.clone()))
                     .collect();
-                let ok = match self.storage.as_mut() {
-                    Some(s) => match s.persist(&entries) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            self.fail(format!("persisting entries {from}..={to}: {e}"));
-                            false
-                        }
+                match self.storage.as_mut() {
+                    Some(s) => match s.submit(seq, entries) {
+                        Ok(()) => self.persisting.push_back((seq, to)),
+                        Err(e) => self.fail(format!("persisting entries {from}..={to}: {e}")),
                     },
-                    None => true,
-                };
-                if ok {
-                    self.core.handle_persisted(seq, to);
+                    None => self.core.handle_persisted(seq, to),
                 }
             }
             Action::Apply { index, entry } => self.apply(index, &entry),
             Action::Heartbeat(v) => self.fabric.region().store_word(layout::HEARTBEAT_OFFSET, v),
             Action::Reject { ticket, error } => {
-                if self.pending.remove(&ticket) {
+                if self.pending.remove(ticket) {
                     self.completed.push((ticket, Err(error)));
                 }
             }
@@ -329,8 +415,9 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
     }
 
     fn apply(&mut self, index: Index, entry: &[u8]) {
-        let (h, payload) = layout::decode_entry(entry).expect("committed entries are verified");
-        if h.flags & layout::flags::NOOP != 0 {
+        // Verified when it was accepted: no second checksum on the apply path.
+        let (flags, payload) = layout::trusted_parts(entry);
+        if flags & layout::flags::NOOP != 0 {
             return;
         }
         for item in batch::iter(payload) {
@@ -346,7 +433,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             self.stats.applied_commands += 1;
             if batch::origin_node(origin) == self.core.id() {
                 let t = batch::origin_ticket(origin);
-                if self.pending.remove(&t) {
+                if self.pending.remove(t) {
                     self.completed.push((t, Ok(out)));
                 }
             }

@@ -178,6 +178,26 @@ pub struct EntryHeader {
     pub flags: u32,
 }
 
+/// Completes an entry whose payload was written in place: `buf` holds
+/// `ENTRY_HEADER_SIZE` bytes of room followed by exactly `h.len` payload bytes. Fills the
+/// header, pads, appends the seal and the checksum.
+pub fn seal_entry(buf: &mut Vec<u8>, h: &EntryHeader) {
+    let len = h.len as usize;
+    assert_eq!(buf.len(), ENTRY_HEADER_SIZE + len, "header room + payload");
+    assert!(len <= MAX_PAYLOAD, "payload over MAX_PAYLOAD");
+    buf[0..8].copy_from_slice(&h.index.to_le_bytes());
+    buf[8..16].copy_from_slice(&h.ballot.0.to_le_bytes());
+    buf[16..24].copy_from_slice(&h.commit.to_le_bytes());
+    buf[24..28].copy_from_slice(&h.len.to_le_bytes());
+    buf[28..32].copy_from_slice(&h.flags.to_le_bytes());
+    buf[32..40].fill(0);
+    let sum = entry_checksum(&buf[..ENTRY_HEADER_SIZE], &buf[ENTRY_HEADER_SIZE..]);
+    buf[32..36].copy_from_slice(&sum.to_le_bytes());
+    buf.resize(ENTRY_HEADER_SIZE + len.div_ceil(8) * 8, 0);
+    buf.extend_from_slice(&h.index.to_le_bytes());
+    debug_assert_eq!(buf.len(), entry_size(len));
+}
+
 /// Writes a complete entry into `out` (cleared first). `out.len()` becomes [`entry_size`].
 pub fn encode_entry(out: &mut Vec<u8>, h: &EntryHeader, payload: &[u8]) {
     assert_eq!(
@@ -250,6 +270,16 @@ pub fn decode_entry(bytes: &[u8]) -> Result<(EntryHeader, &[u8]), LayoutError> {
         flags,
     };
     Ok((h, payload))
+}
+
+/// Flags and payload of an entry that was already verified by [`decode_entry`] (e.g. one
+/// held in the accepted log), without checking it again.
+pub fn trusted_parts(bytes: &[u8]) -> (u32, &[u8]) {
+    let len = rd_u32(bytes, 24) as usize;
+    (
+        rd_u32(bytes, 28),
+        &bytes[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + len],
+    )
 }
 
 /// Reads only the length field of an entry that may still be arriving, to know how many
@@ -516,6 +546,17 @@ mod tests {
             let (d, p) = decode_entry(&buf).unwrap();
             prop_assert_eq!(d, h);
             prop_assert_eq!(p, &payload[..]);
+        }
+
+        #[test]
+        fn sealing_in_place_matches_encoding(payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let h = hdr(7, payload.len());
+            let mut a = Vec::new();
+            encode_entry(&mut a, &h, &payload);
+            let mut b = vec![0u8; ENTRY_HEADER_SIZE];
+            b.extend_from_slice(&payload);
+            seal_entry(&mut b, &h);
+            prop_assert_eq!(a, b);
         }
 
         #[test]

@@ -221,10 +221,13 @@ fn permission_fence() {
         wait_writes(&mut f[1], 2, &[5, 6]),
         vec![Ok(()), Err(FabricError::OutOfBounds(2))]
     );
-    assert_eq!(read_region(f[2].region(), progress_offset(1), 48), cell);
     assert_eq!(
-        read_region(f[2].region(), progress_offset(0), 48),
-        vec![0; 48]
+        read_region(f[2].region(), progress_offset(1), cell.len()),
+        cell
+    );
+    assert_eq!(
+        read_region(f[2].region(), progress_offset(0), cell.len()),
+        vec![0; cell.len()]
     );
     // Permission moves: now a is fenced and b writes.
     wait_until("b reconnects", || f[1].is_connected(2));

@@ -94,7 +94,12 @@ impl Config {
             heartbeat_timeout: 100,
             election_timeout: 100,
             max_outstanding: 256,
-            seed: u64::from(id) + 1,
+            // Different on every start: seeds ticket numbers and stream ids. Set a fixed seed
+            // for reproducible runs (the simulator does).
+            seed: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                ^ u64::from(id) << 56,
             bugs: PlantedBugs::default(),
         }
     }
@@ -380,6 +385,8 @@ pub struct Core {
     persist_cap: Index,
     persist_from: Option<Index>,
     stream: u64,
+    /// Random per start (from the seed): keeps ticket numbers of incarnations apart.
+    incarnation: u64,
     consumed: u64,
     role: Role,
     tick: u64,
@@ -414,6 +421,7 @@ impl Core {
             persist_cap: Index::MAX,
             persist_from: None,
             stream: 0,
+            incarnation: 0,
             consumed: 0,
             role: Role::Follower,
             tick: 0,
@@ -427,6 +435,7 @@ impl Core {
             progress_dirty: false,
         };
         c.stream = c.random() >> 16;
+        c.incarnation = c.random() >> 40;
         if recovering {
             let nonce = c.random();
             c.role = Role::Recovering(Recovery {
@@ -472,6 +481,11 @@ impl Core {
     }
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+    /// The first ticket number this incarnation should use: entries proposed by an earlier
+    /// incarnation of this replica (same node id) must not complete this one's tickets.
+    pub fn first_ticket(&self) -> u64 {
+        (self.incarnation & 0xff_ffff) << 32 | 1
     }
     pub fn promised(&self) -> Ballot {
         self.promised
@@ -626,7 +640,15 @@ impl Core {
         if h.ballot != self.promised || h.index != self.received + 1 || self.is_leader() {
             return;
         }
-        let (i, slot) = Slot::from_encoded(Arc::from(bytes)).expect("reader verified the entry");
+        // The reader verified seal and checksum: keep the bytes without decoding them again.
+        let (i, slot) = (
+            h.index,
+            Slot {
+                ballot: h.ballot,
+                flags: h.flags,
+                bytes: Arc::from(bytes),
+            },
+        );
         self.accept(i, slot);
         self.received = i;
         self.learn_commit(h.commit.min(i));
@@ -1369,24 +1391,37 @@ impl Core {
         let ballot = l.ballot;
         // Adaptive batching: whatever is queued, while the window has room.
         while !self.queue.is_empty() && self.log.last() - self.commit < self.cfg.window {
-            let mut payload = Vec::with_capacity(self.cfg.batch_bytes.min(64 << 10));
+            // The batch is built in place, behind room for the entry header: one buffer,
+            // one checksum pass.
+            let hdr = layout::ENTRY_HEADER_SIZE;
+            let mut buf = Vec::with_capacity(hdr + self.cfg.batch_bytes.min(64 << 10) + 16);
+            buf.resize(hdr, 0);
             while let Some((_, cmd)) = self.queue.front() {
                 let add = batch::COMMAND_OVERHEAD + cmd.len();
-                if !payload.is_empty() && payload.len() + add > self.cfg.batch_bytes {
+                if buf.len() > hdr && buf.len() - hdr + add > self.cfg.batch_bytes {
                     break;
                 }
                 let (ticket, cmd) = self.queue.pop_front().unwrap();
-                batch::push(&mut payload, batch::origin(self.cfg.id, ticket), &cmd);
+                batch::push(&mut buf, batch::origin(self.cfg.id, ticket), &cmd);
             }
             let i = self.log.last() + 1;
+            let len = (buf.len() - hdr) as u32;
             let h = EntryHeader {
                 index: i,
                 ballot,
                 commit: self.commit,
-                len: payload.len() as u32,
+                len,
                 flags: 0,
             };
-            self.accept(i, Slot::encode(&h, &payload));
+            layout::seal_entry(&mut buf, &h);
+            self.accept(
+                i,
+                Slot {
+                    ballot,
+                    flags: 0,
+                    bytes: Arc::from(buf),
+                },
+            );
             self.received = i;
         }
         let last = self.log.last();
@@ -1394,7 +1429,7 @@ impl Core {
         let every = u64::from(self.cfg.heartbeat_timeout / 4).max(1);
         let geo = self.cfg.ring;
         let max_out = self.cfg.max_outstanding;
-        let mut writes = Vec::new();
+        let writes = &mut self.actions;
         let Role::Leader(l) = &mut self.role else {
             return;
         };
@@ -1425,7 +1460,7 @@ impl Core {
                     let mut buf = Vec::new();
                     layout::encode_entry(&mut buf, &wh, &[]);
                     let data = Data::inline(&buf);
-                    writes.push(Action::Write {
+                    writes.push_back(Action::Write {
                         peer: n,
                         offset: geo.slot_offset(w),
                         data,
@@ -1435,7 +1470,7 @@ impl Core {
                 }
                 let data = Data::Shared(slot.bytes.clone());
                 let t = token(TOK_ENTRY, p.gen, p.next);
-                writes.push(Action::Write {
+                writes.push_back(Action::Write {
                     peer: n,
                     offset: geo.slot_offset(at.slot),
                     data,
@@ -1454,7 +1489,7 @@ impl Core {
                 p.commit_sent_at = tick;
                 let cell = CommitCell { commit, ballot }.encode();
                 let t = token(TOK_COMMIT, p.gen, commit);
-                writes.push(Action::Write {
+                writes.push_back(Action::Write {
                     peer: n,
                     offset: layout::COMMIT_CELL_OFFSET,
                     data: Data::inline(&cell),
@@ -1463,7 +1498,6 @@ impl Core {
                 p.outstanding += 1;
             }
         }
-        self.actions.extend(writes);
         self.advance_commit();
     }
 

@@ -83,32 +83,84 @@ pub struct Report {
     pub violations: Vec<String>,
 }
 
-/// The simulated disk of one replica: what `Storage` made durable.
+/// The simulated disk of one replica. Submissions become durable after a seeded delay, in
+/// order; a crash loses what is still pending, except that the oldest pending submission may
+/// tear: an append survives as a random prefix, a rewrite whole or not at all (the
+/// `Storage` contract).
 #[derive(Debug, Default)]
 struct Disk {
     promised: Ballot,
     entries: Vec<Arc<[u8]>>,
+    pending: std::collections::VecDeque<(u64, u64, Vec<Arc<[u8]>>)>,
+    rng: u64,
 }
 
-struct SimDisk(Arc<Mutex<Disk>>);
+impl Disk {
+    fn random(&mut self) -> u64 {
+        self.rng = self
+            .rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.rng >> 33
+    }
+
+    fn write(&mut self, entries: &[Arc<[u8]>]) {
+        let Some(first) = entries.first() else { return };
+        let (h, _) = crate::layout::decode_entry(first).expect("valid entry");
+        assert!(
+            h.index as usize <= self.entries.len() + 1,
+            "persist leaves no gap"
+        );
+        self.entries.truncate(h.index as usize - 1);
+        self.entries.extend(entries.iter().cloned());
+    }
+
+    /// Power loss: pending submissions vanish, the oldest may tear.
+    fn crash(&mut self) {
+        if let Some((_, _, entries)) = self.pending.pop_front() {
+            let first = entries
+                .first()
+                .map(|e| crate::layout::decode_entry(e).expect("valid").0.index);
+            let append = first.is_some_and(|i| i as usize == self.entries.len() + 1);
+            let keep = if append {
+                (self.random() % (entries.len() as u64 + 1)) as usize
+            } else if self.random() % 2 == 0 {
+                entries.len()
+            } else {
+                0
+            };
+            self.write(&entries[..keep]);
+        }
+        self.pending.clear();
+    }
+}
+
+struct SimDisk {
+    disk: Arc<Mutex<Disk>>,
+    net: MemNet,
+}
 
 impl Storage for SimDisk {
     fn save_promise(&mut self, ballot: Ballot) -> std::io::Result<()> {
-        self.0.lock().unwrap().promised = ballot;
+        self.disk.lock().unwrap().promised = ballot;
         Ok(())
     }
-    fn persist(&mut self, entries: &[Arc<[u8]>]) -> std::io::Result<()> {
-        let Some(first) = entries.first() else {
-            return Ok(());
-        };
-        let (h, _) = crate::layout::decode_entry(first).expect("valid entry");
-        let mut d = self.0.lock().unwrap();
-        assert!(
-            h.index as usize <= d.entries.len() + 1,
-            "persist leaves no gap"
-        );
-        d.entries.truncate(h.index as usize - 1);
-        d.entries.extend(entries.iter().cloned());
+    fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> std::io::Result<()> {
+        let now = self.net.now();
+        let mut d = self.disk.lock().unwrap();
+        let last = d.pending.back().map_or(0, |p| p.1);
+        let due = (now + 5 + d.random() % 150).max(last);
+        d.pending.push_back((seq, due, entries));
+        Ok(())
+    }
+    fn poll_persisted(&mut self, done: &mut Vec<u64>) -> std::io::Result<()> {
+        let now = self.net.now();
+        let mut d = self.disk.lock().unwrap();
+        while d.pending.front().is_some_and(|p| p.1 <= now) {
+            let (seq, _, entries) = d.pending.pop_front().unwrap();
+            d.write(&entries);
+            done.push(seq);
+        }
         Ok(())
     }
 }
@@ -232,7 +284,10 @@ impl Sim {
         }
         .expect("valid config");
         let storage: Option<Box<dyn Storage>> = match self.o.durability {
-            Durability::Durable => Some(Box::new(SimDisk(disk))),
+            Durability::Durable => Some(Box::new(SimDisk {
+                disk,
+                net: self.net.clone(),
+            })),
             Durability::Volatile => None,
         };
         self.nodes[id as usize].replica =
@@ -252,6 +307,7 @@ impl Sim {
         if let Some(r) = n.replica.take() {
             n.past.push(r.state_machine().applied.clone());
         }
+        n.disk.lock().unwrap().crash();
         n.down_until = until;
         self.net.crash(id);
         self.report.crashes += 1;
@@ -619,6 +675,49 @@ impl Sim {
                 ));
             }
         }
+        // The log is the linearization: replaying it must give every acknowledged result,
+        // and an operation that returned before another was invoked must come first in it.
+        // (Cheaper and more precise than the search below; both must hold.)
+        let mut order: Vec<u64> = Vec::new();
+        for ids in reference.values() {
+            order.extend(ids);
+        }
+        let pos: BTreeMap<u64, usize> = order.iter().enumerate().map(|(k, &id)| (id, k)).collect();
+        let by_id: BTreeMap<u64, &OpRec> = self.ops.iter().map(|o| (o.id, o)).collect();
+        let mut spec = Spec::default();
+        for id in &order {
+            let Some(o) = by_id.get(id) else { continue };
+            let ret = spec.apply(&o.op);
+            if let Some((_, got)) = o.returned {
+                if got != ret {
+                    violations.push(format!("linearizability: command {id} ({:?}) returned {got:?}, the log gives {ret:?}", o.op));
+                }
+            }
+        }
+        let mut done: Vec<&OpRec> = acked.clone();
+        done.sort_by_key(|o| o.returned.unwrap().0);
+        let mut latest: Option<&OpRec> = None; // acked op with the highest log position returned so far
+        let mut k = 0;
+        let mut invoked: Vec<&OpRec> = self
+            .ops
+            .iter()
+            .filter(|o| !o.failed && pos.contains_key(&o.id))
+            .collect();
+        invoked.sort_by_key(|o| o.invoked);
+        for b in invoked {
+            while k < done.len() && done[k].returned.unwrap().0 < b.invoked {
+                if latest.is_none_or(|l| pos[&l.id] < pos[&done[k].id]) {
+                    latest = Some(done[k]);
+                }
+                k += 1;
+            }
+            if let Some(a) = latest {
+                if pos[&a.id] > pos[&b.id] {
+                    violations.push(format!("real-time order: command {} returned before {} was invoked, but follows it in the log", a.id, b.id));
+                    break;
+                }
+            }
+        }
         // Linearizability, key by key (skipped when the log itself is already wrong: the
         // search for a linearization of a broken history can take exponential time).
         let clean = violations.is_empty();
@@ -673,7 +772,10 @@ pub fn run(o: Options) -> Report {
     let nodes = (0..o.replicas)
         .map(|_| Node {
             replica: None,
-            disk: Arc::default(),
+            disk: Arc::new(Mutex::new(Disk {
+                rng: rng.next(),
+                ..Disk::default()
+            })),
             past: Vec::new(),
             skew: rng.below(100),
             phase: rng.below(STEP_UNITS),
