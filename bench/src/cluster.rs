@@ -59,6 +59,20 @@ struct Shared {
     leader: AtomicUsize,
     /// The leader's commit index (for commands per entry).
     commit: AtomicU64,
+    /// Failed commands by cause: not leader, busy, indeterminate, other.
+    failures: [AtomicU64; 4],
+    /// Times a replica became leader (the first election included).
+    elections: AtomicU64,
+}
+
+fn failure_slot(e: &ballot::protocol::ProposeError) -> usize {
+    use ballot::protocol::ProposeError as E;
+    match e {
+        E::NotLeader { .. } => 0,
+        E::Busy => 1,
+        E::Indeterminate => 2,
+        _ => 3,
+    }
 }
 
 pub fn run(kind: FabricKind, o: &ClusterOpts) -> Result<BenchResult, String> {
@@ -108,6 +122,8 @@ fn run_with<F: Fabric + 'static>(
         stop: AtomicBool::new(false),
         leader: AtomicUsize::new(NO_LEADER),
         commit: AtomicU64::new(0),
+        failures: Default::default(),
+        elections: AtomicU64::new(0),
     });
     let start = Instant::now();
     let (resp_tx, resp_rx) = channel::unbounded::<Vec<Resp>>();
@@ -130,6 +146,23 @@ fn run_with<F: Fabric + 'static>(
     drop(resp_tx);
     let result = load(o, &shared, &senders, &resp_rx);
     shared.stop.store(true, Ordering::SeqCst);
+    let f: Vec<u64> = shared
+        .failures
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .collect();
+    let elections = shared.elections.load(Ordering::Relaxed);
+    if f.iter().any(|x| *x > 0) || elections > 1 {
+        eprintln!(
+            "  leader changes: {} (after the first election); failed commands (whole run): \
+             not leader {}, busy {}, indeterminate {}, other {}",
+            elections.saturating_sub(1),
+            f[0],
+            f[1],
+            f[2],
+            f[3]
+        );
+    }
     for t in threads {
         let _ = t.join();
     }
@@ -161,9 +194,12 @@ fn replica_loop<F: Fabric>(
                     Ok(t) => {
                         tickets.insert(t, r.tag);
                     }
-                    Err(_) => out.push(Resp {
+                    Err(e) => out.push(Resp {
                         tag: r.tag,
-                        ok: false,
+                        ok: {
+                            shared.failures[failure_slot(&e)].fetch_add(1, Ordering::Relaxed);
+                            false
+                        },
                     }),
                 }
             }
@@ -171,6 +207,9 @@ fn replica_loop<F: Fabric>(
         busy |= rep.step(start.elapsed().as_millis() as u64);
         for (t, outcome) in rep.take_completed() {
             if let Some(tag) = tickets.remove(&t) {
+                if let Err(e) = &outcome {
+                    shared.failures[failure_slot(e)].fetch_add(1, Ordering::Relaxed);
+                }
                 out.push(Resp {
                     tag,
                     ok: outcome.is_ok(),
@@ -182,7 +221,9 @@ fn replica_loop<F: Fabric>(
             let _ = resp.send(std::mem::take(&mut out));
         }
         if rep.core().is_leader() {
-            shared.leader.store(id, Ordering::Relaxed);
+            if shared.leader.swap(id, Ordering::Relaxed) != id {
+                shared.elections.fetch_add(1, Ordering::Relaxed);
+            }
             shared.commit.store(rep.core().commit(), Ordering::Relaxed);
         } else if shared.leader.load(Ordering::Relaxed) == id {
             let _ =
