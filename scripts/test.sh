@@ -2,7 +2,7 @@
 # The project's test command (README quick start, CI). Runs, in order:
 #   1. cargo test for the whole workspace (unit, property, simulator seeds, planted bugs,
 #      TCP fabric refusals, real ballot-node processes under kill -9 / SIGSTOP);
-#   2. ballot-sim over 1000 seeds with 3 and with 5 replicas;
+#   2. ballot-sim over 1000 seeds: 3 and 5 replicas volatile, 3 replicas durable;
 #   3. the Soft-RoCE guest (QEMU + rdma_rxe): verbs tests, a 3-replica RDMA cluster with a
 #      leader kill, and ib_write_lat side by side (skip with BALLOT_SKIP_RXE=1).
 set -euo pipefail
@@ -19,6 +19,7 @@ echo "== ballot-sim"
 cargo build --release -p ballot --bin ballot-sim
 ./target/release/ballot-sim --seeds 1000 --replicas 3
 ./target/release/ballot-sim --seeds 1000 --replicas 5
+./target/release/ballot-sim --seeds 1000 --replicas 3 --durability durable
 if [ "${BALLOT_SKIP_RXE:-0}" != 1 ]; then
     echo "== Soft-RoCE guest"
     scripts/rxe-vm.sh
