@@ -283,6 +283,11 @@ fn load(
         .map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3)));
     let mut next_arrival = t0;
     let mut measured_from = t0;
+    // Closed loop: a refused command (e.g. `NotLeader` while leadership moves) is sent
+    // again after RETRY_AFTER, not at once, so that a leader change does not turn into a
+    // flood of refusals.
+    const RETRY_AFTER: Duration = Duration::from_millis(1);
+    let mut retry: Vec<(Instant, u64)> = Vec::new();
     let mut idle = Idle::new();
     loop {
         let now = Instant::now();
@@ -346,7 +351,10 @@ fn load(
                 } else if measuring {
                     errors += 1;
                 }
-                if closed {
+                if closed && !r.ok {
+                    *slot = t + RETRY_AFTER;
+                    retry.push((t + RETRY_AFTER, r.tag));
+                } else if closed {
                     *slot = t;
                     out.push(Req {
                         tag: r.tag,
@@ -356,6 +364,20 @@ fn load(
                     free.push(r.tag);
                 }
             }
+        }
+        if !retry.is_empty() {
+            let now = Instant::now();
+            retry.retain(|&(at, tag)| {
+                if at <= now {
+                    out.push(Req {
+                        tag,
+                        cmd: cmd.clone(),
+                    });
+                    false
+                } else {
+                    true
+                }
+            });
         }
         if !out.is_empty() {
             let l = shared.leader.load(Ordering::Relaxed);
