@@ -407,7 +407,14 @@ impl Core {
     pub fn new(cfg: Config, recovering: bool) -> Result<Core, ConfigError> {
         cfg.validate()?;
         let mut c = Core {
-            rng: cfg.seed | 1,
+            // splitmix64 of the seed: nearby seeds (`| 1` would merge 2k and 2k+1) must give
+            // unrelated streams, since incarnation numbers come from here.
+            rng: {
+                let mut z = cfg.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) | 1
+            },
             cfg,
             promised: Ballot::ZERO,
             max_seen: Ballot::ZERO,
