@@ -264,6 +264,13 @@ fn serve(mut s: TcpStream, h: Handle, peers: Arc<std::collections::BTreeMap<u8, 
                         addr: leader.and_then(|l| peers.get(&l).cloned()),
                     },
                     Err(e @ ProposeError::TooLarge { .. }) => Response::Error(e.to_string()),
+                    // Stopping, or its disk failed: send the client elsewhere (it retries
+                    // with the same sequence number, so this is safe even if the command
+                    // was proposed here).
+                    Err(ProposeError::ShuttingDown) => Response::NotLeader {
+                        leader: None,
+                        addr: None,
+                    },
                     Err(ProposeError::Indeterminate) => Response::Unavailable(
                         "outcome unknown; retry with the same sequence number".into(),
                     ),

@@ -38,23 +38,27 @@ impl Cluster {
     }
 
     fn with_mode(n: usize, name: &str, durable: bool) -> Cluster {
+        let mut c = Cluster::unstarted(n, name, durable);
+        for i in 0..n {
+            c.start(i);
+        }
+        c
+    }
+
+    fn unstarted(n: usize, name: &str, durable: bool) -> Cluster {
         let dir =
             std::env::temp_dir().join(format!("ballot-node-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("key"), "test cluster key\n").unwrap();
-        let mut c = Cluster {
+        Cluster {
             n,
             dir,
             fabric: (0..n).map(|_| free_port()).collect(),
             client: (0..n).map(|_| free_port()).collect(),
             children: (0..n).map(|_| None).collect(),
             durable,
-        };
-        for i in 0..n {
-            c.start(i);
         }
-        c
     }
 
     fn addrs(&self) -> Vec<String> {
@@ -96,7 +100,10 @@ impl Cluster {
                 "--durability",
                 if self.durable { "durable" } else { "volatile" },
             ])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -815,4 +822,85 @@ fn durable_torn_tail_is_truncated_and_the_node_rejoins() {
     let other = (0..3).find(|&i| i != l && i != victim).unwrap();
     cl.kill9(other);
     load(&cl, "v", 20);
+}
+
+/// A tmpfs of `kib` KiB mounted at `dir` (unmounted on drop); `None` when this process may
+/// not mount (not root / no CAP_SYS_ADMIN).
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    fn mount(dir: &std::path::Path, kib: u64) -> Option<TinyFs> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let src = CString::new("tmpfs").unwrap();
+        let opts = CString::new(format!("size={kib}k")).unwrap();
+        // SAFETY: valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            eprintln!(
+                "cannot mount a tmpfs ({}); skipping",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(TinyFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let t = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// A replica whose disk fills up stops acknowledging (it says why); the other two go on.
+#[test]
+fn durable_full_disk_stops_the_replica_not_the_cluster() {
+    // Node 0 usually leads first: both a follower's and (likely) the leader's disk filling.
+    full_disk(2, "durable-full-f");
+    full_disk(0, "durable-full-l");
+}
+
+fn full_disk(victim: usize, name: &str) {
+    let mut cl = Cluster::unstarted(3, name, true);
+    let Some(_fs) = TinyFs::mount(&cl.data_dir(victim), 256) else {
+        return;
+    };
+    for i in 0..3 {
+        cl.start(i);
+    }
+    cl.wait_serving("after boot");
+    eprintln!("leader {} fills node {victim}'s disk", cl.leader());
+    let mut c = Client::new(cl.addrs());
+    let big = vec![b'x'; 8 << 10];
+    for k in 0..80 {
+        c.put(format!("big{k}").as_bytes(), &big).expect("put");
+    }
+    let deadline = Instant::now() + SERVE_BOUND;
+    while !cl.node_log(victim).contains("no longer acknowledging") {
+        assert!(
+            Instant::now() < deadline,
+            "no storage failure reported:\n{}",
+            cl.node_log(victim)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = cl.node_log(victim);
+    assert!(log.contains("No space left on device"), "{log}");
+    cl.wait_serving("with the full replica");
+    cl.kill9(victim);
 }
