@@ -41,6 +41,7 @@ pub const REWRITE_LOG: &str = "rewrite.log";
 /// Test hook: where the thread stops as if the process had been killed.
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub(crate) enum CrashPoint {
     /// `rewrite.tmp` written (not synced or renamed).
     RewriteTmpWritten,
@@ -155,11 +156,16 @@ fn apply_rewrite<E: AsRef<[u8]>>(
     if crash == Some(CrashPoint::RewriteTruncated) {
         return Err(crashed());
     }
-    for (_k, e) in entries.iter().enumerate() {
+    #[cfg(test)]
+    let mut appended = 0;
+    for e in entries {
         log.append_encoded(e.as_ref())?;
         #[cfg(test)]
-        if crash == Some(CrashPoint::RewriteAppended(_k + 1)) {
-            return Err(crashed());
+        {
+            appended += 1;
+            if crash == Some(CrashPoint::RewriteAppended(appended)) {
+                return Err(crashed());
+            }
         }
     }
     log.sync()?;
