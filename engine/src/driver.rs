@@ -327,8 +327,14 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
 
     fn execute_one(&mut self, a: Action) {
         let me = self.core.id();
-        // A replica whose disk failed acknowledges nothing any more.
-        if self.failed.is_some() && matches!(a, Action::Send { .. } | Action::Write { .. }) {
+        // A replica whose disk failed acknowledges nothing any more, and stops its heartbeat
+        // so that, if it leads, the others see it as dead and elect another leader.
+        if self.failed.is_some()
+            && matches!(
+                a,
+                Action::Send { .. } | Action::Write { .. } | Action::Heartbeat(_)
+            )
+        {
             return;
         }
         match a {

@@ -43,7 +43,8 @@ pub struct Flags {
     /// Data directory (holds the boot marker that tells a restart from a first boot).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// `volatile` (or `durable`, not supported yet).
+    /// `volatile` (default: log in memory, a majority must stay up) or `durable` (log and
+    /// promises on disk in the data directory, fsynced before acknowledging).
     #[arg(long)]
     pub durability: Option<String>,
     /// File holding the cluster key (or set BALLOT_CLUSTER_KEY).
@@ -86,6 +87,8 @@ pub struct NodeConfig {
     pub client_addr: SocketAddr,
     pub client_peers: BTreeMap<u8, String>,
     pub data_dir: PathBuf,
+    /// `--durability durable`.
+    pub durable: bool,
     pub key: Vec<u8>,
     pub core: Option<usize>,
     pub heartbeat_timeout: Duration,
@@ -100,6 +103,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("peers", &self.peers)
             .field("client_addr", &self.client_addr)
             .field("data_dir", &self.data_dir)
+            .field("durable", &self.durable)
             .field("key", &"<redacted>")
             .finish()
     }
@@ -253,25 +257,20 @@ impl NodeConfig {
             }
             f => return Err(format!("unknown fabric {f:?} (expected `tcp` or `rdma`)")),
         }
-        match flags
+        let durable = match flags
             .durability
             .or(file.durability)
             .as_deref()
             .unwrap_or("volatile")
         {
-            "volatile" => {}
-            "durable" => {
-                return Err(
-                    "durability `durable` is not supported by ballot-node yet (use `volatile`)"
-                        .into(),
-                )
-            }
+            "volatile" => false,
+            "durable" => true,
             d => {
                 return Err(format!(
                     "unknown durability {d:?} (expected `volatile` or `durable`)"
                 ))
             }
-        }
+        };
         let data_dir = flags
             .data_dir
             .or(file.data_dir)
@@ -290,6 +289,7 @@ impl NodeConfig {
             client_addr,
             client_peers,
             data_dir,
+            durable,
             key,
             core: flags.core.or(file.core),
             heartbeat_timeout: ms(
@@ -363,7 +363,10 @@ mod tests {
         assert!(err(&no_key).contains(KEY_ENV));
         let mut a = base.to_vec();
         a.extend(["--durability", "durable"]);
-        assert!(err(&a).contains("not supported"));
+        assert!(NodeConfig::load(flags(&a)).unwrap().durable);
+        let mut a = base.to_vec();
+        a.extend(["--durability", "sometimes"]);
+        assert!(err(&a).contains("unknown durability"));
         let mut a = base.to_vec();
         a.extend(["--fabric", "rdma"]);
         assert!(err(&a).contains("not yet wired"));

@@ -3,11 +3,12 @@
 use crate::config::NodeConfig;
 use crate::kv::{Command, KvMachine};
 use crate::wire::{self, NodeStatus, Request, Response};
-use ballot::driver::Replica;
+use ballot::driver::{Replica, Storage};
 use ballot::layout::{RegionInfo, RingGeometry};
-use ballot::protocol::{Config, Core, ProposeError};
+use ballot::protocol::{Config, Core, Durability, ProposeError};
 use ballot::region::Region;
 use ballot::runtime::{Handle, Runtime, RuntimeConfig};
+use ballot::storage::{Persister, PersisterOptions};
 use ballot_tcp::{TcpConfig, TcpFabric};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -53,6 +54,51 @@ pub fn boot_marker(dir: &Path, cluster: u64, node: u8) -> Result<bool, String> {
         }
         Err(e) => Err(format!("cannot read boot marker {}: {e}", path.display())),
     }
+}
+
+/// Durable mode: recovers the promise and the log from the data dir (torn tail cut and
+/// reported; corruption refused, naming file and offset) and rebuilds the core from them.
+fn open_durable(cfg: &NodeConfig, pc: Config, restart: bool) -> Result<(Core, Persister), String> {
+    let dir = &cfg.data_dir;
+    if restart && !dir.join("promise").exists() {
+        return Err(format!(
+            "data dir {} has a boot marker but no durable state (was it run in volatile \
+             mode?): refusing to start a durable replica that may have forgotten promises",
+            dir.display()
+        ));
+    }
+    let (p, rec) = Persister::open(dir, PersisterOptions::default()).map_err(|e| {
+        format!(
+            "cannot recover the durable state in {}: {e}; refusing to start",
+            dir.display()
+        )
+    })?;
+    if let Some(t) = &rec.log.torn_tail {
+        tracing::warn!(
+            file = %t.file.display(),
+            offset = t.offset,
+            discarded_bytes = t.discarded_bytes,
+            reason = %t.reason,
+            "recovery: torn tail truncated (an append interrupted by a crash)"
+        );
+        eprintln!(
+            "ballot-node: recovery: torn tail truncated in {} at offset {} ({} bytes discarded: {})",
+            t.file.display(),
+            t.offset,
+            t.discarded_bytes,
+            t.reason
+        );
+    }
+    tracing::info!(
+        promised = %rec.promised,
+        entries = rec.entries.len(),
+        rewrite_replayed = ?rec.rewrite_replayed,
+        rewrite_discarded = rec.rewrite_discarded,
+        "recovered durable state"
+    );
+    let core = Core::restore(pc, rec.promised, rec.entries)
+        .map_err(|e| format!("bad configuration: {e}"))?;
+    Ok((core, p))
 }
 
 fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, String> {
@@ -102,8 +148,15 @@ impl Node {
         pc.batch_bytes = crate::kv::MAX_COMMAND + 64;
         pc.heartbeat_timeout = cfg.heartbeat_timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
         pc.election_timeout = cfg.election_timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
-        let core = Core::new(pc, recovering).map_err(|e| format!("bad configuration: {e}"))?;
-        let replica = Replica::new(core, fabric, KvMachine::default(), None);
+        let (core, storage) = if cfg.durable {
+            pc.durability = Durability::Durable;
+            let (core, p) = open_durable(&cfg, pc, recovering)?;
+            (core, Some(Box::new(p) as Box<dyn Storage>))
+        } else {
+            let core = Core::new(pc, recovering).map_err(|e| format!("bad configuration: {e}"))?;
+            (core, None)
+        };
+        let replica = Replica::new(core, fabric, KvMachine::default(), storage);
         let rc = RuntimeConfig {
             core: cfg.core,
             name: format!("replica-{}", cfg.node),
@@ -125,6 +178,7 @@ impl Node {
         tracing::info!(
             node = cfg.node,
             recovering,
+            durable = cfg.durable,
             fabric = %listen,
             clients = %cfg.client_addr,
             "ballot-node started"
@@ -210,6 +264,13 @@ fn serve(mut s: TcpStream, h: Handle, peers: Arc<std::collections::BTreeMap<u8, 
                         addr: leader.and_then(|l| peers.get(&l).cloned()),
                     },
                     Err(e @ ProposeError::TooLarge { .. }) => Response::Error(e.to_string()),
+                    // Stopping, or its disk failed: send the client elsewhere (it retries
+                    // with the same sequence number, so this is safe even if the command
+                    // was proposed here).
+                    Err(ProposeError::ShuttingDown) => Response::NotLeader {
+                        leader: None,
+                        addr: None,
+                    },
                     Err(ProposeError::Indeterminate) => Response::Unavailable(
                         "outcome unknown; retry with the same sequence number".into(),
                     ),

@@ -29,26 +29,36 @@ struct Cluster {
     fabric: Vec<u16>,
     client: Vec<u16>,
     children: Vec<Option<Child>>,
+    durable: bool,
 }
 
 impl Cluster {
     fn new(n: usize, name: &str) -> Cluster {
+        Cluster::with_mode(n, name, false)
+    }
+
+    fn with_mode(n: usize, name: &str, durable: bool) -> Cluster {
+        let mut c = Cluster::unstarted(n, name, durable);
+        for i in 0..n {
+            c.start(i);
+        }
+        c
+    }
+
+    fn unstarted(n: usize, name: &str, durable: bool) -> Cluster {
         let dir =
             std::env::temp_dir().join(format!("ballot-node-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("key"), "test cluster key\n").unwrap();
-        let mut c = Cluster {
+        Cluster {
             n,
             dir,
             fabric: (0..n).map(|_| free_port()).collect(),
             client: (0..n).map(|_| free_port()).collect(),
             children: (0..n).map(|_| None).collect(),
-        };
-        for i in 0..n {
-            c.start(i);
+            durable,
         }
-        c
     }
 
     fn addrs(&self) -> Vec<String> {
@@ -86,7 +96,14 @@ impl Cluster {
             .arg(self.dir.join(format!("data{i}")))
             .arg("--key-file")
             .arg(self.dir.join("key"))
-            .env("RUST_LOG", "warn")
+            .args([
+                "--durability",
+                if self.durable { "durable" } else { "volatile" },
+            ])
+            .env(
+                "RUST_LOG",
+                std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -553,4 +570,337 @@ fn cli_exit_codes() {
         .output()
         .unwrap();
     assert_eq!(dead.status.code(), Some(3));
+}
+
+impl Cluster {
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("data{i}"))
+    }
+
+    fn node_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node{i}.log"))).unwrap_or_default()
+    }
+
+    /// The segment files of node `i`, oldest first.
+    fn segments(&self, i: usize) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(self.data_dir(i))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_str().unwrap();
+                n.starts_with("seg-") && n.ends_with(".log")
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Waits for node `i` to exit on its own; its exit code.
+    fn wait_exit(&mut self, i: usize, bound: Duration) -> Option<i32> {
+        let deadline = Instant::now() + bound;
+        loop {
+            let c = self.children[i].as_mut().expect("started");
+            if let Some(st) = c.try_wait().unwrap() {
+                self.children[i] = None;
+                return st.code();
+            }
+            assert!(Instant::now() < deadline, "node {i} still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn check_all_keys(history: Vec<Rec>) {
+    let history = Arc::new(history);
+    for k in 0..KEYS {
+        let h = history.clone();
+        let t = Instant::now();
+        let r = std::thread::Builder::new()
+            .stack_size(1 << 30)
+            .spawn(move || check_linearizable(&h, k))
+            .unwrap()
+            .join()
+            .unwrap();
+        let n = r.unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "key {k}: {n} ops linearizable (checked in {:?})",
+            t.elapsed()
+        );
+    }
+}
+
+/// Durable mode: kill -9 all three replicas at random moments under a concurrent write
+/// load, restart them, 20 times. Every acknowledged write must survive and the history
+/// must be linearizable (in volatile mode a whole-cluster crash loses everything).
+#[test]
+fn durable_three_nodes_survive_repeated_kill9_of_all() {
+    let started = Instant::now();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}");
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut cl = Cluster::with_mode(3, "durable-kill", true);
+    cl.wait_serving("after boot");
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_thread = Arc::new(AtomicU64::new(1000));
+    let workers: Vec<_> = (0..3u64)
+        .map(|id| {
+            let (a, s, n) = (cl.addrs(), stop.clone(), next_thread.clone());
+            std::thread::spawn(move || worker(a, id, s, n))
+        })
+        .collect();
+    let acked = {
+        let (addrs, stop) = (cl.addrs(), stop.clone());
+        std::thread::spawn(move || {
+            let mut cfg = ClientConfig::new(addrs);
+            cfg.deadline = Duration::from_secs(12);
+            cfg.attempt_timeout = Duration::from_millis(800);
+            let mut c = Client::with_config(cfg);
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if c.put(format!("w{n}").as_bytes(), &val(n)).is_ok() {
+                    acked.push(n);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            acked
+        })
+    };
+    const CYCLES: usize = 20;
+    for cycle in 0..CYCLES {
+        std::thread::sleep(Duration::from_millis(150 + rand(500)));
+        // All three, in a random order, a few milliseconds apart.
+        let first = rand(3) as usize;
+        for k in 0..3 {
+            cl.kill9((first + k) % 3);
+            std::thread::sleep(Duration::from_millis(rand(20)));
+        }
+        std::thread::sleep(Duration::from_millis(rand(100)));
+        for i in 0..3 {
+            cl.start(i);
+        }
+        cl.wait_serving(&format!("after cycle {cycle}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let mut history: Vec<Rec> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    let acked = acked.join().unwrap();
+    let mut c = Client::new(cl.addrs());
+    for k in 0..KEYS {
+        let invoked = Instant::now();
+        let v = c
+            .get(&key_name(k))
+            .expect("final read")
+            .map_or(0, |v| parse(&v));
+        history.push(Rec {
+            thread: 1,
+            key: k,
+            op: SOp::Get(k),
+            invoked,
+            returned: Some((Instant::now(), Ret::Value(v))),
+        });
+    }
+    let mut missing = Vec::new();
+    for &n in &acked {
+        if c.get(format!("w{n}").as_bytes()).expect("read back") != Some(val(n)) {
+            missing.push(n);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes lost after kill -9 of all: {missing:?}"
+    );
+    let completed = history.iter().filter(|r| r.returned.is_some()).count();
+    eprintln!(
+        "{CYCLES} kill-all cycles: {} ops ({completed} completed), {} acknowledged unique \
+         writes, {:?}",
+        history.len(),
+        acked.len(),
+        started.elapsed()
+    );
+    assert!(acked.len() > 100, "too few acknowledged writes");
+    assert!(completed > 100, "too few operations completed: {completed}");
+    check_all_keys(history);
+    eprintln!("total {:?}", started.elapsed());
+}
+
+/// Writes `n` unique keys through a fresh client.
+fn load(cl: &Cluster, tag: &str, n: usize) {
+    let mut c = Client::new(cl.addrs());
+    for k in 0..n {
+        c.put(format!("{tag}{k}").as_bytes(), &val(k as u64))
+            .expect("put");
+    }
+}
+
+/// A byte flipped in the middle of a segment: the node refuses to start, naming the file
+/// and the offset, and exits non-zero.
+#[test]
+fn durable_mid_log_corruption_refuses_to_start() {
+    let mut cl = Cluster::with_mode(3, "durable-corrupt", true);
+    cl.wait_serving("after boot");
+    load(&cl, "c", 300);
+    let l = cl.leader();
+    let victim = (l + 1) % 3;
+    cl.kill9(victim);
+    let seg = cl.segments(victim).pop().expect("a segment");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&seg, &bytes).unwrap();
+    cl.start(victim);
+    let code = cl.wait_exit(victim, Duration::from_secs(10));
+    assert!(code.is_some_and(|c| c != 0), "exit code {code:?}");
+    let log = cl.node_log(victim);
+    let name = seg.file_name().unwrap().to_str().unwrap();
+    assert!(
+        log.contains(name) && log.contains("at offset") && log.contains("refusing to start"),
+        "node log does not name the file and offset:\n{log}"
+    );
+    eprintln!("{}", log.lines().last().unwrap_or(""));
+    // The other two still serve.
+    cl.wait_serving("with the corrupt node down");
+}
+
+/// The tail cut in the middle of a record (a torn append): the node starts, says so, and
+/// rejoins (catches up with what the others chose since).
+#[test]
+fn durable_torn_tail_is_truncated_and_the_node_rejoins() {
+    let mut cl = Cluster::with_mode(3, "durable-torn", true);
+    cl.wait_serving("after boot");
+    load(&cl, "t", 200);
+    let l = cl.leader();
+    let victim = (l + 1) % 3;
+    cl.kill9(victim);
+    let seg = cl.segments(victim).pop().expect("a segment");
+    let len = std::fs::metadata(&seg).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 13)
+        .unwrap();
+    load(&cl, "u", 100);
+    cl.start(victim);
+    cl.wait_recovered(victim);
+    let log = cl.node_log(victim);
+    assert!(
+        log.contains("torn tail truncated"),
+        "node does not report the torn tail:\n{log}"
+    );
+    // It catches up with the leader.
+    let deadline = Instant::now() + SERVE_BOUND;
+    loop {
+        let lead = cl.status(cl.leader()).expect("leader status");
+        let me = cl.status(victim).expect("victim status");
+        if me.applied >= lead.commit && lead.commit > 300 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {victim} did not catch up: applied {} vs commit {}",
+            me.applied,
+            lead.commit
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And it serves in a quorum: kill the other follower.
+    let l = cl.leader();
+    let other = (0..3).find(|&i| i != l && i != victim).unwrap();
+    cl.kill9(other);
+    load(&cl, "v", 20);
+}
+
+/// A tmpfs of `kib` KiB mounted at `dir` (unmounted on drop); `None` when this process may
+/// not mount (not root / no CAP_SYS_ADMIN).
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    fn mount(dir: &std::path::Path, kib: u64) -> Option<TinyFs> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let src = CString::new("tmpfs").unwrap();
+        let opts = CString::new(format!("size={kib}k")).unwrap();
+        // SAFETY: valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            eprintln!(
+                "cannot mount a tmpfs ({}); skipping",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(TinyFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let t = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// A replica whose disk fills up stops acknowledging (it says why); the other two go on.
+#[test]
+fn durable_full_disk_stops_the_replica_not_the_cluster() {
+    // Node 0 usually leads first: both a follower's and (likely) the leader's disk filling.
+    full_disk(2, "durable-full-f");
+    full_disk(0, "durable-full-l");
+}
+
+fn full_disk(victim: usize, name: &str) {
+    let mut cl = Cluster::unstarted(3, name, true);
+    let Some(_fs) = TinyFs::mount(&cl.data_dir(victim), 256) else {
+        return;
+    };
+    for i in 0..3 {
+        cl.start(i);
+    }
+    cl.wait_serving("after boot");
+    eprintln!("leader {} fills node {victim}'s disk", cl.leader());
+    let mut c = Client::new(cl.addrs());
+    let big = vec![b'x'; 8 << 10];
+    for k in 0..80 {
+        c.put(format!("big{k}").as_bytes(), &big).expect("put");
+    }
+    let deadline = Instant::now() + SERVE_BOUND;
+    while !cl.node_log(victim).contains("no longer acknowledging") {
+        assert!(
+            Instant::now() < deadline,
+            "no storage failure reported:\n{}",
+            cl.node_log(victim)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = cl.node_log(victim);
+    assert!(log.contains("No space left on device"), "{log}");
+    cl.wait_serving("with the full replica");
+    cl.kill9(victim);
 }

@@ -10,15 +10,19 @@
 //!   crash recovery (torn tail truncated, middle corruption refused).
 //! - [`promise`]: [`PromiseStore`], the acceptor's promised ballot, durable before
 //!   `store` returns.
+//! - [`persister`]: [`Persister`], the `driver::Storage` of durable mode: a thread owning
+//!   the segment log and the promise store (group commit, crash-atomic rewrites).
 //! - [`snapshot`]: [`SnapshotStore`], streamed state-machine checkpoints with chunk
 //!   checksums and a trailer, written atomically.
 //!
 //! See `docs/durability.md` for the file formats and the recovery rules.
 
+pub mod persister;
 pub mod promise;
 pub mod segment;
 pub mod snapshot;
 
+pub use persister::{Persister, PersisterOptions, Recovered};
 pub use promise::PromiseStore;
 pub use segment::{LogEntry, LogOptions, LogReader, Recovery, SegmentLog, TornTail};
 pub use snapshot::{SnapshotMeta, SnapshotReader, SnapshotStore, SnapshotWriter};

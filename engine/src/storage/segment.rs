@@ -131,7 +131,7 @@ fn parse_segment_name(name: &str) -> Option<Index> {
 /// Decodes and checks one record at the start of `b`: the layout's seal and checksum, plus
 /// what the layout cannot check (zero padding, no ring-only flags, index not 0).
 /// Returns the header, the payload and the record's size.
-fn decode_record(b: &[u8]) -> std::result::Result<(EntryHeader, &[u8], usize), String> {
+pub(crate) fn decode_record(b: &[u8]) -> std::result::Result<(EntryHeader, &[u8], usize), String> {
     let (h, payload) = decode_entry(b).map_err(layout_reason)?;
     let size = entry_size(h.len as usize);
     if b[ENTRY_HEADER_SIZE + payload.len()..size - SEAL_SIZE]
