@@ -38,6 +38,9 @@ const RECV_SLOTS: usize = 16;
 /// Enough send slots for one message of MAX_CONTROL bytes plus progress-cell writes.
 const CTRL_SLOTS: usize = MAX_CONTROL.div_ceil(FRAG_PAYLOAD) + 8;
 
+/// How long a data-QP reconnect request waits for the peer's ack before it is asked again.
+const RECONNECT_RETRY: Duration = Duration::from_secs(2);
+
 const KIND_DATA: u64 = 0;
 const KIND_CTRL_SEND: u64 = 1;
 const KIND_CTRL_RECV: u64 = 2;
@@ -74,8 +77,8 @@ pub struct RdmaConfig {
     /// This process restarted (its peers still hold QPs to its previous incarnation): dial
     /// every peer instead of waiting for the higher ids, so they replace our QPs.
     pub rejoin: bool,
-    /// Reconnect broken data QPs from `poll` (back-off 20 ms doubling to 2 s), as
-    /// `rdma-cluster` does by hand with [`RdmaFabric::reconnect`].
+    /// Reconnect broken data QPs from `poll` (one request per break, asked again after 2 s
+    /// without the peer's ack), as `rdma-cluster` does by hand with [`RdmaFabric::reconnect`].
     pub auto_reconnect: bool,
     /// Device name; `None`: the first device.
     pub device: Option<String>,
@@ -590,6 +593,9 @@ impl RdmaFabric {
         if !self.auto_reconnect {
             return;
         }
+        // One request per break, answered by the peer's ack; asked again only if no ack came
+        // within RECONNECT_RETRY (peer gone, message lost). Asking sooner would make the
+        // peer reset its end again before our end follows (a reset storm under load).
         let now = Instant::now();
         for i in 0..self.peers.len() {
             let p = self.peers[i].id;
@@ -597,16 +603,23 @@ impl RdmaFabric {
                 self.retry[p as usize] = None;
                 continue;
             }
-            let (at, backoff) =
-                *self.retry[p as usize].get_or_insert((now, Duration::from_millis(20)));
-            if now < at {
-                continue;
+            match self.retry[p as usize] {
+                Some((at, _)) if now < at => continue,
+                Some(_) => self.peers[i].reconnecting = false,
+                None => {}
             }
-            // A request that was never acknowledged (peer gone) is asked again.
-            self.peers[i].reconnecting = false;
-            let _ = self.reconnect(p);
-            let backoff = (backoff * 2).min(Duration::from_secs(2));
-            self.retry[p as usize] = Some((now + backoff, backoff));
+            let why = self.peers[i].broken.clone().map(|e| e.to_string());
+            let r = self.reconnect(p);
+            eprintln!(
+                "ballot-verbs: node {}: data QP to {p} broken ({}): reconnect {}",
+                self.node,
+                why.unwrap_or_default(),
+                match r {
+                    Ok(()) => "requested".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                }
+            );
+            self.retry[p as usize] = Some((now + RECONNECT_RETRY, RECONNECT_RETRY));
         }
     }
 
@@ -758,7 +771,9 @@ impl RdmaFabric {
             }
             self.flush_peer(i);
             self.progress();
-            if start.elapsed() > Duration::from_secs(1) {
+            // Bounded: a peer that stopped answering must not stall the replica thread
+            // (the protocol resends what matters on its timers).
+            if start.elapsed() > Duration::from_millis(5) {
                 return Err(FabricError::Busy);
             }
         }
