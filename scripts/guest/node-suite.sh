@@ -129,6 +129,9 @@ done <"$D/expect"
 echo "node-suite: all $(wc -l <"$D/expect") acknowledged keys read back ($(wc -l <"$D/acked") acknowledged writes)"
 kill $P0 $P1 $P2 2>/dev/null
 wait 2>/dev/null
+for i in 0 1 2; do # elections won, data-QP reconnects, re-bootstraps, refused bootstrap connections
+    echo "node-suite: node$i.log: $(grep -c ' leading ' "$D/node$i.log") terms led, $(grep -c 'reconnect requested' "$D/node$i.log") data-QP reconnects, $(grep -c 're-bootstrapped' "$D/node$i.log") re-bootstraps, $(grep -c 'refused' "$D/node$i.log") refused"
+done
 
 echo "== ballot-bench compare --fabric rdma (3 replica threads, this guest)"
 ballot-bench compare --fabric rdma --clients 1 --outstanding 1 --duration 3 --warmup 1 --raw-duration 2 --quiet --json \
