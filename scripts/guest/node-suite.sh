@@ -117,6 +117,22 @@ for i in 0 1 2; do
 done
 echo "node-suite: survivors replaced node $L1's QPs: $(grep -h "re-bootstrapped" "$D"/node*.log | sed 's/.*node \([0-9]\): peer \([0-9]\).*/\1<-\2/' | tr '\n' ' ')"
 
+echo "== nodes: a process with the wrong cluster key is refused at the RDMA bootstrap"
+echo "not the cluster key" >"$D/wrongkey"
+ballot-node --node 2 --cluster 0xBA11 --peers "0=127.0.0.1:$PORT,1=127.0.0.1:$((PORT + 1)),2=127.0.0.1:$((PORT + 9))" \
+    --client-addr "127.0.0.1:$((PORT + 19))" --data-dir "$D/rogue" --key-file "$D/wrongkey" \
+    --fabric rdma --rdma-device "$RXE_DEV" --rdma-gid-index "$RXE_GID_INDEX" >"$D/rogue.log" 2>&1 &
+rp=$!
+n=100; while [ $n -gt 0 ] && kill -0 $rp 2>/dev/null; do sleep 0.1; n=$((n - 1)); done
+kill -0 $rp 2>/dev/null && { kill -9 $rp; fail "the wrong-key node is still running"; }
+wait $rp; rrc=$?
+[ "$rrc" != 0 ] || fail "the wrong-key node exited 0"
+grep -q "refused" "$D/rogue.log" || fail "the wrong-key node did not report a refusal: $(cat "$D/rogue.log")"
+n=50; while [ $n -gt 0 ] && ! grep -q "bootstrap connection from .* refused" "$D/node0.log"; do sleep 0.1; n=$((n - 1)); done
+grep -q "bootstrap connection from .* refused" "$D/node0.log" || fail "node 0 did not log the refused bootstrap connection"
+converged || fail "the cluster is not converged after the wrong-key attempt"
+echo "node-suite: wrong key: exit $rrc, \"$(grep -o 'refused.*' "$D/rogue.log" | head -1 | cut -c1-120)\"; node 0: \"$(grep -o 'bootstrap connection from .* refused.*' "$D/node0.log" | head -1 | cut -c1-120)\""
+
 echo "== nodes: every acknowledged put is readable"
 # The last acknowledged value of each key.
 awk '{ v[$1] = $2 } END { for (k in v) print k, v[k] }' "$D/acked" >"$D/expect"

@@ -83,7 +83,15 @@ fn admit(
     s.set_nodelay(true).ok();
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
-    handshake::server(s, auth.creds(), known).map_err(|e| e.to_string())
+    handshake::server(s, auth.creds(), known).map_err(|e| match e {
+        // Server side: the client hung up, typically after rejecting our key proof.
+        handshake::HandshakeError::Refused => {
+            "the peer closed the connection during the handshake (it rejected our key proof: \
+             a different cluster key?)"
+                .to_string()
+        }
+        e => e.to_string(),
+    })
 }
 
 /// The re-bootstrap listener: accepts, authenticates (refusals are counted in `refused`
