@@ -7,7 +7,7 @@
 #
 # usage: scripts/rxe-vm.sh [--bin HOST_BINARY]... [--file HOST_FILE[:GUEST_PATH]]...
 #                          [--run GUEST_SCRIPT] [--timeout SECONDS] [--log FILE]
-#                          [--suite default|cluster|all] [--no-build]
+#                          [--suite default|cluster|node|all] [--no-build]
 #   --bin     copied to /opt/bin/<name> in the guest, with its shared-library closure
 #   --file    copied to GUEST_PATH (default /opt/files/<name>)
 #   --run     a sh script run in the guest as `sh /opt/run.sh` (busybox sh; PATH has
@@ -16,8 +16,11 @@
 #   No --run: --suite all (the default): the default suite (ibv_devices, ballot's
 #             verbs-selftest, ib_write_lat), then the cluster suite (three rdma-cluster
 #             replicas: elect, commit, kill -9 the leader, re-elect, commit, converge; vs
-#             ib_write_lat), building verbs-selftest and rdma-cluster with cargo first
-#             (unless --no-build). --suite default / --suite cluster: only one of them.
+#             ib_write_lat), then the node suite (three `ballot-node --fabric rdma`, a
+#             ballot-cli workload, kill -9 the leader, restart it, catch-up, every
+#             acknowledged put readable; `ballot-bench compare --fabric rdma` vs ib_write_lat),
+#             building the binaries with cargo first (unless --no-build).
+#             --suite default / cluster / node: only one of them.
 #
 # Everything the guest needs is fetched as Debian packages (apt-get download + dpkg -x)
 # into .cache/rxe-vm/ (cached between runs); only qemu-system-x86 is installed on the host.
@@ -45,8 +48,8 @@ while [ $# -gt 0 ]; do
         --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; TIMEOUT="$2"; shift 2 ;;
         --log) [ $# -ge 2 ] || die "--log needs a file"; LOG="$2"; shift 2 ;;
         --no-build) NO_BUILD=1; shift ;;
-        --suite) [ $# -ge 2 ] || die "--suite needs default|cluster|all"; SUITE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --suite) [ $# -ge 2 ] || die "--suite needs default|cluster|node|all"; SUITE="$2"; shift 2 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -59,15 +62,19 @@ if [ -z "$RUN" ]; then
     case "$SUITE" in
         default) RUN="$ROOT/scripts/guest/default-suite.sh"; WANT="verbs-selftest" ;;
         cluster) RUN="$ROOT/scripts/guest/cluster-suite.sh"; WANT="rdma-cluster" ;;
-        all) RUN="$ROOT/scripts/guest/all-suites.sh"; WANT="verbs-selftest rdma-cluster"
+        node) RUN="$ROOT/scripts/guest/node-suite.sh"; WANT="ballot-node ballot-cli ballot-bench" ;;
+        all) RUN="$ROOT/scripts/guest/all-suites.sh"
+             WANT="verbs-selftest rdma-cluster ballot-node ballot-cli ballot-bench"
              FILES+=("$ROOT/scripts/guest/default-suite.sh:/opt/default-suite.sh"
-                     "$ROOT/scripts/guest/cluster-suite.sh:/opt/cluster-suite.sh") ;;
-        *) die "--suite wants default, cluster or all, got '$SUITE'" ;;
+                     "$ROOT/scripts/guest/cluster-suite.sh:/opt/cluster-suite.sh"
+                     "$ROOT/scripts/guest/node-suite.sh:/opt/node-suite.sh") ;;
+        *) die "--suite wants default, cluster, node or all, got '$SUITE'" ;;
     esac
     if [ "$NO_BUILD" = 0 ]; then
         "$ROOT/scripts/install-build-deps.sh" >&2
         echo "rxe-vm: building $WANT" >&2
-        (cd "$ROOT" && cargo build --release -p ballot-verbs $(for b in $WANT; do echo --bin "$b"; done)) >&2
+        (cd "$ROOT" && cargo build --release -p ballot-verbs -p ballot-node -p ballot-bench \
+            $(for b in $WANT; do echo --bin "$b"; done)) >&2
     fi
     for b in $WANT; do
         b="${CARGO_TARGET_DIR:-$ROOT/target}/release/$b"

@@ -4,7 +4,9 @@
 #      TCP fabric refusals, real ballot-node processes under kill -9 / SIGSTOP);
 #   2. ballot-sim over 1000 seeds: 3 and 5 replicas volatile, 3 replicas durable;
 #   3. the Soft-RoCE guest (QEMU + rdma_rxe): verbs tests, a 3-replica RDMA cluster with a
-#      leader kill, and ib_write_lat side by side (skip with BALLOT_SKIP_RXE=1).
+#      leader kill, three `ballot-node --fabric rdma` under a ballot-cli workload with a
+#      leader kill and restart, ballot-bench and ib_write_lat side by side
+#      (skip with BALLOT_SKIP_RXE=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-build-deps.sh

@@ -136,6 +136,7 @@ pub fn rdma(regions: Vec<Arc<Region>>) -> Result<Vec<RdmaFabric>, String> {
                 .collect();
             let mut cfg = RdmaConfig::new(i as NodeId, ports[i], peers);
             cfg.cluster = CLUSTER;
+            cfg.key = b"ballot-bench in-process cluster".to_vec();
             cfg.connect_timeout = Duration::from_secs(20);
             std::thread::spawn(move || RdmaFabric::connect(&cfg, region))
         })

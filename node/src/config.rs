@@ -37,9 +37,16 @@ pub struct Flags {
     /// Client addresses of the replicas, `id=host:port` (for redirecting clients to the leader).
     #[arg(long = "client-peers", value_delimiter = ',')]
     pub client_peers: Vec<String>,
-    /// `tcp` (or `rdma`, not wired yet).
+    /// `tcp` (default) or `rdma` (libibverbs; `--peers` are then the RDMA bootstrap
+    /// addresses, authenticated with the cluster key).
     #[arg(long)]
     pub fabric: Option<String>,
+    /// RDMA device name (default: the first one), with `--fabric rdma`.
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// RDMA GID index (default: the port's first IPv4-mapped GID), with `--fabric rdma`.
+    #[arg(long)]
+    pub rdma_gid_index: Option<u32>,
     /// Data directory (holds the boot marker that tells a restart from a first boot).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -70,6 +77,8 @@ pub struct FileConfig {
     pub client_addr: Option<String>,
     pub client_peers: Option<Vec<String>>,
     pub fabric: Option<String>,
+    pub rdma_device: Option<String>,
+    pub rdma_gid_index: Option<u32>,
     pub data_dir: Option<PathBuf>,
     pub durability: Option<String>,
     pub key_file: Option<PathBuf>,
@@ -78,9 +87,22 @@ pub struct FileConfig {
     pub election_timeout_ms: Option<u32>,
 }
 
+/// The replication fabric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FabricChoice {
+    Tcp,
+    /// RDMA over libibverbs: device (default: the first) and GID index (default: the first
+    /// IPv4-mapped GID).
+    Rdma {
+        device: Option<String>,
+        gid_index: Option<u32>,
+    },
+}
+
 /// A validated configuration.
 #[derive(Clone)]
 pub struct NodeConfig {
+    pub fabric: FabricChoice,
     pub node: u8,
     pub cluster: u64,
     pub peers: BTreeMap<u8, SocketAddr>,
@@ -99,6 +121,7 @@ impl std::fmt::Debug for NodeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeConfig")
             .field("node", &self.node)
+            .field("fabric", &self.fabric)
             .field("cluster", &self.cluster)
             .field("peers", &self.peers)
             .field("client_addr", &self.client_addr)
@@ -246,17 +269,21 @@ impl NodeConfig {
         client_peers
             .entry(node)
             .or_insert_with(|| client_addr.to_string());
-        match flags.fabric.or(file.fabric).as_deref().unwrap_or("tcp") {
-            "tcp" => {}
-            "rdma" => {
-                return Err(
-                    "fabric `rdma` is not yet wired into ballot-node (use `tcp`; \
-                            ballot_verbs::RdmaFabric is available to embedders)"
-                        .into(),
-                )
+        let rdma_device = flags.rdma_device.or(file.rdma_device);
+        let rdma_gid_index = flags.rdma_gid_index.or(file.rdma_gid_index);
+        let fabric = match flags.fabric.or(file.fabric).as_deref().unwrap_or("tcp") {
+            "tcp" => {
+                if rdma_device.is_some() || rdma_gid_index.is_some() {
+                    return Err("--rdma-device / --rdma-gid-index need --fabric rdma".into());
+                }
+                FabricChoice::Tcp
             }
+            "rdma" => FabricChoice::Rdma {
+                device: rdma_device,
+                gid_index: rdma_gid_index,
+            },
             f => return Err(format!("unknown fabric {f:?} (expected `tcp` or `rdma`)")),
-        }
+        };
         let durable = match flags
             .durability
             .or(file.durability)
@@ -283,6 +310,7 @@ impl NodeConfig {
             }
         };
         Ok(NodeConfig {
+            fabric,
             node,
             cluster,
             peers,
@@ -368,8 +396,20 @@ mod tests {
         a.extend(["--durability", "sometimes"]);
         assert!(err(&a).contains("unknown durability"));
         let mut a = base.to_vec();
-        a.extend(["--fabric", "rdma"]);
-        assert!(err(&a).contains("not yet wired"));
+        a.extend(["--fabric", "rdma", "--rdma-gid-index", "1"]);
+        assert_eq!(
+            NodeConfig::load(flags(&a)).unwrap().fabric,
+            FabricChoice::Rdma {
+                device: None,
+                gid_index: Some(1)
+            }
+        );
+        let mut a = base.to_vec();
+        a.extend(["--fabric", "ib"]);
+        assert!(err(&a).contains("unknown fabric"));
+        let mut a = base.to_vec();
+        a.extend(["--rdma-device", "rxe0"]);
+        assert!(err(&a).contains("need --fabric rdma"));
         assert!(Flags::try_parse_from(["ballot-node", "--bogus"]).is_err());
         // TOML, with flags overriding.
         let file = dir.join("node.toml");

@@ -1,6 +1,7 @@
-//! The replica process: boot marker, TCP fabric, replica runtime, and the client listener.
+//! The replica process: boot marker, fabric (TCP or RDMA), replica runtime, and the client
+//! listener.
 
-use crate::config::NodeConfig;
+use crate::config::{FabricChoice, NodeConfig};
 use crate::kv::{Command, KvMachine};
 use crate::wire::{self, NodeStatus, Request, Response};
 use ballot::driver::{Replica, Storage};
@@ -10,6 +11,7 @@ use ballot::region::Region;
 use ballot::runtime::{Handle, Runtime, RuntimeConfig};
 use ballot::storage::{Persister, PersisterOptions};
 use ballot_tcp::{TcpConfig, TcpFabric};
+use ballot_verbs::{RdmaConfig, RdmaFabric};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -114,11 +116,71 @@ fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, Str
     }
 }
 
+/// The replica thread, on whichever fabric.
+pub enum NodeRuntime {
+    Tcp(Runtime<TcpFabric, KvMachine>),
+    Rdma(Runtime<RdmaFabric, KvMachine>),
+}
+
+impl NodeRuntime {
+    pub fn handle(&self) -> Handle {
+        match self {
+            NodeRuntime::Tcp(r) => r.handle(),
+            NodeRuntime::Rdma(r) => r.handle(),
+        }
+    }
+    pub fn shutdown(self) {
+        match self {
+            NodeRuntime::Tcp(r) => {
+                r.shutdown();
+            }
+            NodeRuntime::Rdma(r) => {
+                r.shutdown();
+            }
+        }
+    }
+}
+
 /// A running node.
 pub struct Node {
-    pub runtime: Runtime<TcpFabric, KvMachine>,
+    pub runtime: NodeRuntime,
     pub recovering: bool,
     stop: Arc<AtomicBool>,
+}
+
+/// Connects the RDMA fabric: `--peers` are the bootstrap addresses (authenticated with the
+/// cluster key); a restarted node (`recovering`) dials every peer so they replace its QPs.
+fn rdma_fabric(
+    cfg: &NodeConfig,
+    device: &Option<String>,
+    gid_index: Option<u32>,
+    recovering: bool,
+    region: Arc<Region>,
+) -> Result<RdmaFabric, String> {
+    let listen = cfg.peers[&cfg.node];
+    let others = cfg
+        .peers
+        .iter()
+        .filter(|(id, _)| **id != cfg.node)
+        .map(|(id, a)| (*id, *a))
+        .collect();
+    let mut rc = RdmaConfig::new(cfg.node, listen, others);
+    rc.cluster = cfg.cluster;
+    rc.key = cfg.key.clone();
+    rc.device = device.clone();
+    rc.gid_index = gid_index;
+    rc.rejoin = recovering;
+    rc.auto_reconnect = true;
+    // The default staging (8 MiB per peer) holds the largest write: one entry, at most
+    // half the 8 MiB ring.
+    let f = RdmaFabric::connect(&rc, region).map_err(|e| format!("rdma fabric: {e}"))?;
+    tracing::info!(
+        device = f.device(),
+        gid_index = f.gid_index(),
+        mtu = f.mtu_bytes(),
+        "rdma fabric connected"
+    );
+    Ok(f)
 }
 
 impl Node {
@@ -132,17 +194,7 @@ impl Node {
         })
         .map_err(|e| format!("cannot allocate the region: {e}"))?;
         let listen = cfg.peers[&cfg.node];
-        let fabric_listener = bind_retry(listen, "the fabric")?;
-        let tcp = TcpConfig::new(
-            cfg.node,
-            cfg.cluster,
-            cfg.key.clone(),
-            listen,
-            cfg.peers.clone(),
-            Arc::new(region),
-        );
-        let fabric = TcpFabric::start_with_listener(tcp, fabric_listener)
-            .map_err(|e| format!("fabric: {e}"))?;
+        let region = Arc::new(region);
         let members: Vec<u8> = cfg.peers.keys().copied().collect();
         let mut pc = Config::new(cfg.node, members, ring);
         pc.batch_bytes = crate::kv::MAX_COMMAND + 64;
@@ -156,14 +208,34 @@ impl Node {
             let core = Core::new(pc, recovering).map_err(|e| format!("bad configuration: {e}"))?;
             (core, None)
         };
-        let replica = Replica::new(core, fabric, KvMachine::default(), storage);
         let rc = RuntimeConfig {
             core: cfg.core,
             name: format!("replica-{}", cfg.node),
             ..RuntimeConfig::default()
         };
-        let runtime = Runtime::start(replica, rc)
-            .map_err(|e| format!("cannot start the replica thread: {e}"))?;
+        let start = |e: std::io::Error| format!("cannot start the replica thread: {e}");
+        let runtime = match &cfg.fabric {
+            FabricChoice::Tcp => {
+                let fabric_listener = bind_retry(listen, "the fabric")?;
+                let tcp = TcpConfig::new(
+                    cfg.node,
+                    cfg.cluster,
+                    cfg.key.clone(),
+                    listen,
+                    cfg.peers.clone(),
+                    region,
+                );
+                let fabric = TcpFabric::start_with_listener(tcp, fabric_listener)
+                    .map_err(|e| format!("fabric: {e}"))?;
+                let replica = Replica::new(core, fabric, KvMachine::default(), storage);
+                NodeRuntime::Tcp(Runtime::start(replica, rc).map_err(start)?)
+            }
+            FabricChoice::Rdma { device, gid_index } => {
+                let fabric = rdma_fabric(&cfg, device, *gid_index, recovering, region)?;
+                let replica = Replica::new(core, fabric, KvMachine::default(), storage);
+                NodeRuntime::Rdma(Runtime::start(replica, rc).map_err(start)?)
+            }
+        };
         let client_listener = bind_retry(cfg.client_addr, "clients")?;
         let stop = Arc::new(AtomicBool::new(false));
         let (h, st, peers) = (
@@ -180,6 +252,7 @@ impl Node {
             recovering,
             durable = cfg.durable,
             fabric = %listen,
+            kind = if matches!(cfg.fabric, FabricChoice::Tcp) { "tcp" } else { "rdma" },
             clients = %cfg.client_addr,
             "ballot-node started"
         );

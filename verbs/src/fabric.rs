@@ -24,7 +24,9 @@ use ballot::layout::{self, WriteTarget};
 use ballot::region::Region;
 use ballot::NodeId;
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,9 @@ const RECV_SLOTS: usize = 16;
 /// Enough send slots for one message of MAX_CONTROL bytes plus progress-cell writes.
 const CTRL_SLOTS: usize = MAX_CONTROL.div_ceil(FRAG_PAYLOAD) + 8;
 
+/// How long a data-QP reconnect request waits for the peer's ack before it is asked again.
+const RECONNECT_RETRY: Duration = Duration::from_secs(2);
+
 const KIND_DATA: u64 = 0;
 const KIND_CTRL_SEND: u64 = 1;
 const KIND_CTRL_RECV: u64 = 2;
@@ -45,11 +50,18 @@ const MSG_RECONNECT: u8 = 1;
 const MSG_RECONNECT_ACK: u8 = 2;
 const FLAG_FIRST: u8 = 1;
 
-fn wr_id(kind: u64, peer: NodeId, seq: u64) -> u64 {
-    kind << 62 | u64::from(peer) << 54 | (seq & ((1 << 54) - 1))
+/// kind (2 bits) | peer generation (4 bits) | peer (4 bits) | sequence (54 bits). The
+/// generation tells completions of a replaced peer's old QPs from those of its new ones.
+fn wr_id(kind: u64, peer: NodeId, gen: u8, seq: u64) -> u64 {
+    kind << 62 | u64::from(gen & 0xf) << 58 | u64::from(peer & 0xf) << 54 | (seq & ((1 << 54) - 1))
 }
-fn split_wr_id(id: u64) -> (u64, NodeId, u64) {
-    (id >> 62, (id >> 54) as u8, id & ((1 << 54) - 1))
+fn split_wr_id(id: u64) -> (u64, NodeId, u8, u64) {
+    (
+        id >> 62,
+        (id >> 54) as u8 & 0xf,
+        (id >> 58) as u8 & 0xf,
+        id & ((1 << 54) - 1),
+    )
 }
 fn same_seq(full: u64, low: u64) -> bool {
     full & ((1 << 54) - 1) == low
@@ -59,6 +71,15 @@ fn same_seq(full: u64, low: u64) -> bool {
 pub struct RdmaConfig {
     pub node: NodeId,
     pub cluster: u64,
+    /// The cluster key: every bootstrap connection is authenticated with it
+    /// (`ballot_tcp::handshake`). Must not be empty.
+    pub key: Vec<u8>,
+    /// This process restarted (its peers still hold QPs to its previous incarnation): dial
+    /// every peer instead of waiting for the higher ids, so they replace our QPs.
+    pub rejoin: bool,
+    /// Reconnect broken data QPs from `poll` (one request per break, asked again after 2 s
+    /// without the peer's ack), as `rdma-cluster` does by hand with [`RdmaFabric::reconnect`].
+    pub auto_reconnect: bool,
     /// Device name; `None`: the first device.
     pub device: Option<String>,
     /// GID index (RoCE v2 IPv4-mapped); `None`: the first IPv4-mapped GID of the port.
@@ -82,6 +103,9 @@ impl RdmaConfig {
         Self {
             node,
             cluster: 0,
+            key: Vec::new(),
+            rejoin: false,
+            auto_reconnect: false,
             device: None,
             gid_index: None,
             path: PathConfig::default(),
@@ -114,6 +138,8 @@ struct Pending {
 
 struct Peer {
     id: NodeId,
+    /// Incremented each time the peer re-bootstraps (mod 16).
+    gen: u8,
     remote: Hello,
     mine: Hello,
     data: Qp,
@@ -144,8 +170,34 @@ struct Peer {
     ctrl_broken: Option<FabricError>,
 }
 
+/// What building a peer's QPs and MRs needs.
+struct Shared {
+    ctx: Arc<Context>,
+    pd: Arc<Pd>,
+    cq: Arc<Cq>,
+    region: Arc<Region>,
+    read_mr: Arc<Mr>,
+    ring_mr: Arc<Mr>,
+    commit_mr: Arc<Mr>,
+    gid: [u8; 16],
+    mtu: u32,
+    cluster: u64,
+    max_outstanding: usize,
+    staging_bytes: usize,
+}
+
 pub struct RdmaFabric {
     node: NodeId,
+    shared: Shared,
+    /// Authenticated bootstrap streams of restarted peers, from the listener thread.
+    rebootstrap: Receiver<(NodeId, TcpStream)>,
+    stop_listener: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+    rebootstraps: u64,
+    auto_reconnect: bool,
+    /// Per peer slot: when to try reconnecting its data QP next, and the back-off.
+    retry: Vec<Option<(Instant, Duration)>>,
+    timeout: Duration,
     region: Arc<Region>,
     ctx: Arc<Context>,
     cq: Arc<Cq>,
@@ -176,7 +228,9 @@ fn psn(node: NodeId, peer: NodeId, epoch: u32, ctrl: bool) -> u32 {
 
 impl RdmaFabric {
     /// Opens the device, registers `region`, creates the QPs and connects to every peer
-    /// through the TCP bootstrap. Blocks until all peers are connected or the timeout.
+    /// through the authenticated TCP bootstrap. Blocks until all peers are connected or the
+    /// timeout. The bootstrap listener then keeps running (until drop) so that a restarted
+    /// peer can re-bootstrap: `poll` replaces its QPs.
     pub fn connect(cfg: &RdmaConfig, region: Arc<Region>) -> Result<RdmaFabric, FabricError> {
         let bad = |s: String| FabricError::Io(s);
         if cfg
@@ -196,6 +250,11 @@ impl RdmaFabric {
         {
             return Err(bad(
                 "max_outstanding >= 2 and 1 <= signal_every <= max_outstanding/2 required".into(),
+            ));
+        }
+        if cfg.key.is_empty() {
+            return Err(bad(
+                "bootstrap: no cluster key (RdmaConfig::key is empty)".into()
             ));
         }
         let ctx = Context::open(cfg.device.as_deref()).map_err(fe)?;
@@ -242,155 +301,46 @@ impl RdmaFabric {
             Access::REMOTE_RW,
         )
         .map_err(fe)?;
+        let shared = Shared {
+            ctx,
+            pd,
+            cq,
+            region,
+            read_mr,
+            ring_mr,
+            commit_mr,
+            gid,
+            mtu,
+            cluster: cfg.cluster,
+            max_outstanding: cfg.max_outstanding,
+            staging_bytes: cfg.staging_bytes,
+        };
+        let auth = bootstrap::Auth {
+            cluster: cfg.cluster,
+            key: cfg.key.clone(),
+            node: cfg.node,
+        };
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| bad(format!("bootstrap: bind {}: {e}", cfg.listen)))?;
-        let streams = bootstrap::open_streams(cfg.node, &listener, &cfg.peers, cfg.connect_timeout)
-            .map_err(bad)?;
+        let streams = bootstrap::open_streams(
+            &auth,
+            &listener,
+            &cfg.peers,
+            cfg.rejoin,
+            cfg.connect_timeout,
+        )
+        .map_err(bad)?;
 
         let mut peers = Vec::new();
         let mut conns = Vec::new();
         for (p, stream) in streams {
-            let ppd = Pd::new(&ctx).map_err(fe)?;
-            let progress_mr = Mr::register_region(
-                &ppd,
-                &region,
-                layout::progress_offset(p),
-                layout::PROGRESS_CELL_SIZE,
-                Access {
-                    local_write: true,
-                    remote_write: true,
-                    remote_read: false,
-                },
-            )
-            .map_err(fe)?;
-            let stage = Mr::alloc(&pd, cfg.staging_bytes, Access::LOCAL).map_err(fe)?;
-            let ctrl_stage = Mr::alloc(&ppd, CTRL_SLOTS * FRAG, Access::LOCAL).map_err(fe)?;
-            let recv_buf = Mr::alloc(&ppd, RECV_SLOTS * FRAG, Access::LOCAL).map_err(fe)?;
-            let mut data = Qp::create_rc(
-                &pd,
-                &cq,
-                &cq,
-                QpCaps {
-                    max_send_wr: cfg.max_outstanding as u32,
-                    max_recv_wr: 1,
-                    max_sge: 1,
-                },
-            )
-            .map_err(fe)?;
-            let mut ctrl = Qp::create_rc(
-                &ppd,
-                &cq,
-                &cq,
-                QpCaps {
-                    max_send_wr: CTRL_SLOTS as u32,
-                    max_recv_wr: RECV_SLOTS as u32,
-                    max_sge: 1,
-                },
-            )
-            .map_err(fe)?;
-            for m in [&read_mr, &ring_mr, &commit_mr, &stage] {
-                data.hold(m).map_err(fe)?;
-            }
-            for m in [&progress_mr, &ctrl_stage, &recv_buf] {
-                ctrl.hold(m).map_err(fe)?;
-            }
-            let mine = Hello {
-                cluster: cfg.cluster,
-                from: cfg.node,
-                to: p,
-                gid,
-                data_qpn: data.num(),
-                data_psn: psn(cfg.node, p, 0, false),
-                ctrl_qpn: ctrl.num(),
-                ctrl_psn: psn(cfg.node, p, 0, true),
-                mtu,
-                region_len: len as u64,
-                read_addr: read_mr.addr(),
-                read_rkey: read_mr.rkey(),
-                ring_addr: ring_mr.addr(),
-                ring_rkey: ring_mr.rkey(),
-                commit_addr: commit_mr.addr(),
-                commit_rkey: commit_mr.rkey(),
-                progress_addr: progress_mr.addr(),
-                progress_rkey: progress_mr.rkey(),
-            };
-            peers.push(Peer {
-                id: p,
-                remote: Hello::default(),
-                mine,
-                data,
-                ctrl,
-                stage,
-                stage_head: 0,
-                stage_tail: 0,
-                pending: VecDeque::with_capacity(cfg.max_outstanding),
-                seq: 0,
-                unsignaled: 0,
-                list: SendList::with_capacity(cfg.max_outstanding),
-                broken: None,
-                reconnect_epoch: 0,
-                reconnecting: false,
-                ctrl_stage,
-                ctrl_seq: 0,
-                ctrl_done: 0,
-                ctrl_writes: VecDeque::with_capacity(CTRL_SLOTS),
-                ctrl_list: SendList::with_capacity(CTRL_SLOTS),
-                recv_buf,
-                recv_list: RecvList::with_capacity(RECV_SLOTS),
-                reasm: Vec::with_capacity(MAX_CONTROL),
-                reasm_kind: 0,
-                reasm_total: 0,
-                ctrl_broken: None,
-            });
+            peers.push(Self::make_peer(&shared, cfg.node, p, 0).map_err(fe)?);
             conns.push(stream);
         }
         // Exchange, connect (no peer may write until set_writer grants it), post receives,
         // then a barrier so nobody sends before the other side can receive.
         for (peer, s) in peers.iter_mut().zip(conns.iter_mut()) {
-            peer.remote = bootstrap::exchange(s, &peer.mine).map_err(bad)?;
-            let mtu = mtu.min(peer.remote.mtu);
-            let r = &peer.remote;
-            peer.data
-                .connect(
-                    peer.mine.data_psn,
-                    &Endpoint {
-                        qpn: r.data_qpn,
-                        psn: r.data_psn,
-                        gid: r.gid,
-                    },
-                    Access::REMOTE_READ,
-                    &path,
-                    mtu,
-                )
-                .map_err(fe)?;
-            peer.ctrl
-                .connect(
-                    peer.mine.ctrl_psn,
-                    &Endpoint {
-                        qpn: r.ctrl_qpn,
-                        psn: r.ctrl_psn,
-                        gid: r.gid,
-                    },
-                    Access {
-                        local_write: false,
-                        remote_write: true,
-                        remote_read: false,
-                    },
-                    &path,
-                    mtu,
-                )
-                .map_err(fe)?;
-            for i in 0..RECV_SLOTS {
-                peer.recv_list
-                    .recv(
-                        wr_id(KIND_CTRL_RECV, peer.id, i as u64),
-                        &peer.recv_buf,
-                        i * FRAG,
-                        FRAG,
-                    )
-                    .map_err(fe)?;
-            }
-            peer.ctrl.post_recv(&mut peer.recv_list).map_err(fe)?;
+            Self::connect_peer(peer, s, &path, mtu, false)?;
         }
         for s in conns.iter_mut() {
             bootstrap::barrier(s).map_err(bad)?;
@@ -399,11 +349,36 @@ impl RdmaFabric {
         for (i, p) in peers.iter().enumerate() {
             slot[p.id as usize] = Some(i);
         }
+        let (tx, rx) = mpsc::channel();
+        let stop_listener = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        bootstrap::spawn_listener(
+            listener,
+            auth,
+            cfg.peers.iter().map(|p| p.0).collect(),
+            tx,
+            stop_listener.clone(),
+            refused.clone(),
+        )
+        .map_err(|e| bad(format!("bootstrap: cannot start the listener thread: {e}")))?;
+        let mrs = vec![
+            shared.read_mr.clone(),
+            shared.ring_mr.clone(),
+            shared.commit_mr.clone(),
+        ];
         Ok(RdmaFabric {
             node: cfg.node,
-            region,
-            ctx,
-            cq,
+            region: shared.region.clone(),
+            ctx: shared.ctx.clone(),
+            cq: shared.cq.clone(),
+            shared,
+            rebootstrap: rx,
+            stop_listener,
+            refused,
+            rebootstraps: 0,
+            auto_reconnect: cfg.auto_reconnect,
+            retry: vec![None; ballot::MAX_NODES],
+            timeout: cfg.connect_timeout.min(Duration::from_secs(5)),
             path,
             mtu,
             peers,
@@ -412,8 +387,240 @@ impl RdmaFabric {
             events: VecDeque::with_capacity(4 * cfg.max_outstanding),
             wcs: vec![WorkCompletion::default(); 32],
             signal_every: cfg.signal_every,
-            _mrs: vec![read_mr, ring_mr, commit_mr],
+            _mrs: mrs,
         })
+    }
+
+    /// Creates the QPs, protection domain and MRs of one peer (not yet connected).
+    fn make_peer(sh: &Shared, node: NodeId, p: NodeId, gen: u8) -> Result<Peer, VerbsError> {
+        let ppd = Pd::new(&sh.ctx)?;
+        let progress_mr = Mr::register_region(
+            &ppd,
+            &sh.region,
+            layout::progress_offset(p),
+            layout::PROGRESS_CELL_SIZE,
+            Access {
+                local_write: true,
+                remote_write: true,
+                remote_read: false,
+            },
+        )?;
+        let stage = Mr::alloc(&sh.pd, sh.staging_bytes, Access::LOCAL)?;
+        let ctrl_stage = Mr::alloc(&ppd, CTRL_SLOTS * FRAG, Access::LOCAL)?;
+        let recv_buf = Mr::alloc(&ppd, RECV_SLOTS * FRAG, Access::LOCAL)?;
+        let mut data = Qp::create_rc(
+            &sh.pd,
+            &sh.cq,
+            &sh.cq,
+            QpCaps {
+                max_send_wr: sh.max_outstanding as u32,
+                max_recv_wr: 1,
+                max_sge: 1,
+            },
+        )?;
+        let mut ctrl = Qp::create_rc(
+            &ppd,
+            &sh.cq,
+            &sh.cq,
+            QpCaps {
+                max_send_wr: CTRL_SLOTS as u32,
+                max_recv_wr: RECV_SLOTS as u32,
+                max_sge: 1,
+            },
+        )?;
+        for m in [&sh.read_mr, &sh.ring_mr, &sh.commit_mr, &stage] {
+            data.hold(m)?;
+        }
+        for m in [&progress_mr, &ctrl_stage, &recv_buf] {
+            ctrl.hold(m)?;
+        }
+        let mine = Hello {
+            cluster: sh.cluster,
+            from: node,
+            to: p,
+            gid: sh.gid,
+            data_qpn: data.num(),
+            data_psn: psn(node, p, 0, false),
+            ctrl_qpn: ctrl.num(),
+            ctrl_psn: psn(node, p, 0, true),
+            mtu: sh.mtu,
+            region_len: sh.region.len() as u64,
+            read_addr: sh.read_mr.addr(),
+            read_rkey: sh.read_mr.rkey(),
+            ring_addr: sh.ring_mr.addr(),
+            ring_rkey: sh.ring_mr.rkey(),
+            commit_addr: sh.commit_mr.addr(),
+            commit_rkey: sh.commit_mr.rkey(),
+            progress_addr: progress_mr.addr(),
+            progress_rkey: progress_mr.rkey(),
+        };
+        Ok(Peer {
+            id: p,
+            gen,
+            remote: Hello::default(),
+            mine,
+            data,
+            ctrl,
+            stage,
+            stage_head: 0,
+            stage_tail: 0,
+            pending: VecDeque::with_capacity(sh.max_outstanding),
+            seq: 0,
+            unsignaled: 0,
+            list: SendList::with_capacity(sh.max_outstanding),
+            broken: None,
+            reconnect_epoch: 0,
+            reconnecting: false,
+            ctrl_stage,
+            ctrl_seq: 0,
+            ctrl_done: 0,
+            ctrl_writes: VecDeque::with_capacity(CTRL_SLOTS),
+            ctrl_list: SendList::with_capacity(CTRL_SLOTS),
+            recv_buf,
+            recv_list: RecvList::with_capacity(RECV_SLOTS),
+            reasm: Vec::with_capacity(MAX_CONTROL),
+            reasm_kind: 0,
+            reasm_total: 0,
+            ctrl_broken: None,
+        })
+    }
+
+    /// Exchanges hellos on `s`, connects both QPs and posts the receives.
+    fn connect_peer(
+        peer: &mut Peer,
+        s: &mut TcpStream,
+        path: &PathConfig,
+        mtu: u32,
+        may_write: bool,
+    ) -> Result<(), FabricError> {
+        peer.remote = bootstrap::exchange(s, &peer.mine).map_err(FabricError::Io)?;
+        let mtu = mtu.min(peer.remote.mtu);
+        let r = &peer.remote;
+        peer.data
+            .connect(
+                peer.mine.data_psn,
+                &Endpoint {
+                    qpn: r.data_qpn,
+                    psn: r.data_psn,
+                    gid: r.gid,
+                },
+                Access {
+                    local_write: false,
+                    remote_write: may_write,
+                    remote_read: true,
+                },
+                path,
+                mtu,
+            )
+            .map_err(fe)?;
+        peer.ctrl
+            .connect(
+                peer.mine.ctrl_psn,
+                &Endpoint {
+                    qpn: r.ctrl_qpn,
+                    psn: r.ctrl_psn,
+                    gid: r.gid,
+                },
+                Access {
+                    local_write: false,
+                    remote_write: true,
+                    remote_read: false,
+                },
+                path,
+                mtu,
+            )
+            .map_err(fe)?;
+        for i in 0..RECV_SLOTS {
+            peer.recv_list
+                .recv(
+                    wr_id(KIND_CTRL_RECV, peer.id, peer.gen, i as u64),
+                    &peer.recv_buf,
+                    i * FRAG,
+                    FRAG,
+                )
+                .map_err(fe)?;
+        }
+        peer.ctrl.post_recv(&mut peer.recv_list).map_err(fe)
+    }
+
+    /// A restarted peer dialled us: build new QPs for it, connect them, and replace the old
+    /// ones (whose outstanding requests fail with `Disconnected`).
+    fn rebootstrap_peer(&mut self, p: NodeId, mut s: TcpStream) -> Result<(), FabricError> {
+        let i = self.peer_index(p)?;
+        s.set_read_timeout(Some(self.timeout)).ok();
+        let gen = self.peers[i].gen.wrapping_add(1) & 0xf;
+        let mut fresh = Self::make_peer(&self.shared, self.node, p, gen).map_err(fe)?;
+        let path = self.path;
+        Self::connect_peer(&mut fresh, &mut s, &path, self.mtu, self.writer == Some(p))?;
+        bootstrap::barrier(&mut s).map_err(FabricError::Io)?;
+        let old = std::mem::replace(&mut self.peers[i], fresh);
+        let mut old = old;
+        Self::fail_data(&mut old, &mut self.events, FabricError::Disconnected(p));
+        while let Some((_, token)) = old.ctrl_writes.pop_front() {
+            self.events
+                .push_back(FabricEvent::Completion(Completion::Write {
+                    peer: p,
+                    token,
+                    result: Err(FabricError::Disconnected(p)),
+                }));
+        }
+        self.retry[p as usize] = None;
+        self.rebootstraps += 1;
+        Ok(())
+    }
+
+    /// Peers replaced after re-bootstrapping, and bootstrap connections refused (bad key,
+    /// unknown node) since start.
+    pub fn bootstrap_counters(&self) -> (u64, u64) {
+        (self.rebootstraps, self.refused.load(Ordering::Relaxed))
+    }
+
+    /// Takes re-bootstrap streams from the listener, and (with `auto_reconnect`) retries
+    /// broken data QPs.
+    fn maintain(&mut self) {
+        while let Ok((p, s)) = self.rebootstrap.try_recv() {
+            match self.rebootstrap_peer(p, s) {
+                Ok(()) => eprintln!(
+                    "ballot-verbs: node {}: peer {p} re-bootstrapped (new QPs, rkeys and region)",
+                    self.node
+                ),
+                Err(e) => eprintln!(
+                    "ballot-verbs: node {}: re-bootstrap of peer {p} failed: {e}",
+                    self.node
+                ),
+            }
+        }
+        if !self.auto_reconnect {
+            return;
+        }
+        // One request per break, answered by the peer's ack; asked again only if no ack came
+        // within RECONNECT_RETRY (peer gone, message lost). Asking sooner would make the
+        // peer reset its end again before our end follows (a reset storm under load).
+        let now = Instant::now();
+        for i in 0..self.peers.len() {
+            let p = self.peers[i].id;
+            if self.peers[i].broken.is_none() {
+                self.retry[p as usize] = None;
+                continue;
+            }
+            match self.retry[p as usize] {
+                Some((at, _)) if now < at => continue,
+                Some(_) => self.peers[i].reconnecting = false,
+                None => {}
+            }
+            let why = self.peers[i].broken.clone().map(|e| e.to_string());
+            let r = self.reconnect(p);
+            eprintln!(
+                "ballot-verbs: node {}: data QP to {p} broken ({}): reconnect {}",
+                self.node,
+                why.unwrap_or_default(),
+                match r {
+                    Ok(()) => "requested".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                }
+            );
+            self.retry[p as usize] = Some((now + RECONNECT_RETRY, RECONNECT_RETRY));
+        }
     }
 
     pub fn device(&self) -> &str {
@@ -482,7 +689,7 @@ impl RdmaFabric {
         if signaled {
             peer.unsignaled = 0;
         }
-        let id = wr_id(KIND_DATA, peer.id, seq);
+        let id = wr_id(KIND_DATA, peer.id, peer.gen, seq);
         let r = match op {
             Op::Write => peer.list.write(id, &peer.stage, off, len, remote, signaled),
             Op::Read => peer.list.read(id, &peer.stage, off, len, remote, signaled),
@@ -564,7 +771,9 @@ impl RdmaFabric {
             }
             self.flush_peer(i);
             self.progress();
-            if start.elapsed() > Duration::from_secs(1) {
+            // Bounded: a peer that stopped answering must not stall the replica thread
+            // (the protocol resends what matters on its timers).
+            if start.elapsed() > Duration::from_millis(5) {
                 return Err(FabricError::Busy);
             }
         }
@@ -584,7 +793,7 @@ impl RdmaFabric {
             let seq = peer.ctrl_seq;
             peer.ctrl_list
                 .send(
-                    wr_id(KIND_CTRL_SEND, peer.id, seq),
+                    wr_id(KIND_CTRL_SEND, peer.id, peer.gen, seq),
                     &peer.ctrl_stage,
                     off,
                     FRAG_HDR + chunk.len(),
@@ -627,7 +836,7 @@ impl RdmaFabric {
         };
         peer.ctrl_list
             .write(
-                wr_id(KIND_CTRL_SEND, peer.id, peer.ctrl_seq),
+                wr_id(KIND_CTRL_SEND, peer.id, peer.gen, peer.ctrl_seq),
                 &peer.ctrl_stage,
                 slot * FRAG,
                 data.len(),
@@ -645,10 +854,13 @@ impl RdmaFabric {
             let n = self.cq.poll(&mut self.wcs).unwrap_or_default();
             for k in 0..n {
                 let wc = self.wcs[k];
-                let (kind, p, seq) = split_wr_id(wc.wr_id);
+                let (kind, p, gen, seq) = split_wr_id(wc.wr_id);
                 let Some(i) = self.slot.get(p as usize).copied().flatten() else {
                     continue;
                 };
+                if self.peers[i].gen != gen {
+                    continue; // a replaced peer's old QPs
+                }
                 match kind {
                     KIND_DATA => self.on_data(i, seq, &wc),
                     KIND_CTRL_SEND => self.on_ctrl_send(i, seq, &wc),
@@ -748,7 +960,7 @@ impl RdmaFabric {
                 }
             }
             // Repost the buffer.
-            let id = wr_id(KIND_CTRL_RECV, peer.id, slot as u64);
+            let id = wr_id(KIND_CTRL_RECV, peer.id, peer.gen, slot as u64);
             if peer
                 .recv_list
                 .recv(id, &peer.recv_buf, slot * FRAG, FRAG)
@@ -842,6 +1054,12 @@ impl RdmaFabric {
     }
 }
 
+impl Drop for RdmaFabric {
+    fn drop(&mut self) {
+        self.stop_listener.store(true, Ordering::Release);
+    }
+}
+
 impl Fabric for RdmaFabric {
     fn node(&self) -> NodeId {
         self.node
@@ -919,6 +1137,7 @@ impl Fabric for RdmaFabric {
     }
 
     fn poll(&mut self, out: &mut Vec<FabricEvent>) -> usize {
+        self.maintain();
         self.progress();
         let n = self.events.len();
         out.extend(self.events.drain(..));

@@ -15,6 +15,9 @@
 //! - `digest.N`: `applied=<commands> last=<index> hash=<fnv64 of (index, id) pairs>`
 //! - `applied.N`: the applied log, one `index id` line per command
 //!
+//! The bootstrap is authenticated with `BALLOT_CLUSTER_KEY` (default: a fixed test key).
+//! `--recovering` also makes the process dial every peer (re-bootstrap after a restart).
+//!
 //! so a test script can compare replicas without talking to them. A data QP that breaks
 //! (`data_error(peer)`, e.g. after a fence) is reconnected with back-off; the driver itself
 //! does not know about reconnects.
@@ -184,6 +187,12 @@ fn main() {
         .collect();
     let mut rc = RdmaConfig::new(me, listen, others.clone());
     rc.cluster = CLUSTER;
+    // The bootstrap is authenticated: BALLOT_CLUSTER_KEY, or a fixed test key.
+    rc.key = std::env::var_os("BALLOT_CLUSTER_KEY")
+        .map(|k| k.into_encoded_bytes())
+        .filter(|k| !k.is_empty())
+        .unwrap_or_else(|| b"rdma-cluster test key".to_vec());
+    rc.rejoin = args.recovering;
     rc.device = args.dev.clone();
     rc.gid_index = args.gid_index;
     let t0 = Instant::now();

@@ -410,6 +410,7 @@ fn ballot_verbs_fabric_checks(a: &Args) -> R<()> {
             (0..3).filter(|&p| p != n).map(|p| (p, addr(p))).collect(),
         );
         cfg.cluster = 7;
+        cfg.key = b"verbs-selftest key".to_vec();
         cfg.device = a.dev.clone();
         cfg.gid_index = a.gid_index;
         let r = regions[n as usize].clone();
