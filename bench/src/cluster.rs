@@ -33,6 +33,9 @@ pub struct ClusterOpts {
     /// Open loop at this many commands per second; `None`: closed loop.
     pub open_loop: Option<f64>,
     pub progress: bool,
+    /// Durable mode: each replica persists to its own directory under the system temp dir
+    /// (group commit + fdatasync by the persister thread) before an entry counts.
+    pub durable: bool,
 }
 
 /// The replicated application: does nothing, answers nothing.
@@ -95,6 +98,9 @@ pub fn run(kind: FabricKind, o: &ClusterOpts) -> Result<BenchResult, String> {
     for i in 0..o.replicas {
         let mut c = Config::new(i as u8, (0..o.replicas as u8).collect(), ring);
         c.batch_bytes = batch;
+        if o.durable {
+            c.durability = ballot::protocol::Durability::Durable;
+        }
         if let Some(w) = o.pipeline {
             c.window = w;
         }
@@ -131,7 +137,12 @@ fn run_with<F: Fabric + 'static>(
     let mut threads = Vec::new();
     for (i, (fabric, cfg)) in fabrics.into_iter().zip(cfgs).enumerate() {
         let core = Core::new(cfg, false).map_err(|e| format!("config: {e}"))?;
-        let rep = Replica::new(core, fabric, Null, None);
+        let storage = if o.durable {
+            Some(durable_storage(i)?)
+        } else {
+            None
+        };
+        let rep = Replica::new(core, fabric, Null, storage);
         let (tx, rx) = channel::unbounded::<Vec<Req>>();
         senders.push(tx);
         let (sh, rtx) = (shared.clone(), resp_tx.clone());
@@ -400,7 +411,7 @@ fn load(
         clients: if closed { o.clients } else { 0 },
         outstanding: if closed { o.outstanding } else { 0 },
         open_loop_rate: o.open_loop,
-        durability: "volatile",
+        durability: if o.durable { "durable" } else { "volatile" },
         duration_s: secs,
         commits,
         errors,
@@ -410,4 +421,15 @@ fn load(
     };
     r.fill_latency(&total);
     Ok(r)
+}
+
+/// A fresh data directory and persister for replica `i` of this run.
+fn durable_storage(i: usize) -> Result<Box<dyn ballot::driver::Storage>, String> {
+    use ballot::storage::persister::{Persister, PersisterOptions};
+    let dir = std::env::temp_dir().join(format!("ballot-bench-{}-{i}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (p, _) = Persister::open(&dir, PersisterOptions::default())
+        .map_err(|e| format!("durable storage in {}: {e}", dir.display()))?;
+    Ok(Box::new(p))
 }

@@ -170,11 +170,6 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     let o = &cli.opts;
-    if o.durability == DurabilityArg::Durable {
-        return Err(
-            "--durability durable is not yet supported by ballot-bench (volatile only)".into(),
-        );
-    }
     let sweep: Vec<usize> = match &o.sweep {
         None => vec![o.clients],
         Some(list) => list
@@ -217,6 +212,7 @@ fn run(cli: Cli) -> Result<(), String> {
         cores,
         open_loop: o.open_loop,
         progress: !o.quiet,
+        durable: o.durability == DurabilityArg::Durable,
     };
     let results = match cli.cmd {
         None if o.topology == Some(Topology::Processes) => {
@@ -307,6 +303,7 @@ fn proc_opts(o: &Opts, c: &ClusterOpts, clients: usize) -> procs::ProcOpts {
         cores: c.cores.iter().map(|c| c.id).collect(),
         open_loop: o.open_loop,
         progress: !o.quiet,
+        durable: c.durable,
     }
 }
 

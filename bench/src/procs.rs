@@ -32,6 +32,7 @@ pub struct ProcOpts {
     /// Open loop: commands per second over all clients; latency from the intended send time.
     pub open_loop: Option<f64>,
     pub progress: bool,
+    pub durable: bool,
 }
 
 /// Pids of the running children, for the signal handler and the panic hook.
@@ -138,7 +139,12 @@ pub struct NodeCluster {
 }
 
 impl NodeCluster {
-    pub fn start(bin: &Path, n: usize, cores: &[usize]) -> Result<NodeCluster, String> {
+    pub fn start(
+        bin: &Path,
+        n: usize,
+        cores: &[usize],
+        durable: bool,
+    ) -> Result<NodeCluster, String> {
         install_cleanup_hooks();
         remove_stale_dirs();
         let dir = std::env::temp_dir().join(format!("ballot-bench-{}", std::process::id()));
@@ -173,6 +179,7 @@ impl NodeCluster {
             cmd.args(["--node", &i.to_string(), "--cluster", "0xBE4C"])
                 .args(["--peers", &list(&fabric), "--client-peers", &list(&clients)])
                 .args(["--client-addr", &c.client_addrs[i]])
+                .args(["--durability", if durable { "durable" } else { "volatile" }])
                 .arg("--data-dir")
                 .arg(dir.join(format!("data{i}")))
                 .env(ballot_node::config::KEY_ENV, &key)
@@ -310,7 +317,7 @@ pub fn run(o: &ProcOpts) -> Result<BenchResult, String> {
         ));
     }
     let bin = find_node_binary()?;
-    let mut cluster = NodeCluster::start(&bin, o.replicas, &o.cores)?;
+    let mut cluster = NodeCluster::start(&bin, o.replicas, &o.cores, o.durable)?;
     cluster.wait_ready(Duration::from_secs(20))?;
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
@@ -449,7 +456,7 @@ pub fn run(o: &ProcOpts) -> Result<BenchResult, String> {
         pipeline: ballot::protocol::Config::new(0, vec![0], ballot_node::server::ring()).window,
         batch_bytes: ballot_node::kv::MAX_COMMAND + 64,
         open_loop_rate: o.open_loop,
-        durability: "volatile",
+        durability: if o.durable { "durable" } else { "volatile" },
         duration_s: secs,
         commits,
         errors,
