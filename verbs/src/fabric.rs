@@ -159,6 +159,8 @@ struct Peer {
     ctrl_stage: Arc<Mr>,
     ctrl_seq: u64,
     ctrl_done: u64,
+    /// When a control send last completed (or the peer connected).
+    ctrl_last_done: Instant,
     /// Progress-cell writes awaiting completion: (ctrl seq, token).
     ctrl_writes: VecDeque<(u64, u64)>,
     ctrl_list: SendList,
@@ -474,6 +476,7 @@ impl RdmaFabric {
             ctrl_stage,
             ctrl_seq: 0,
             ctrl_done: 0,
+            ctrl_last_done: Instant::now(),
             ctrl_writes: VecDeque::with_capacity(CTRL_SLOTS),
             ctrl_list: SendList::with_capacity(CTRL_SLOTS),
             recv_buf,
@@ -771,9 +774,12 @@ impl RdmaFabric {
             }
             self.flush_peer(i);
             self.progress();
-            // Bounded: a peer that stopped answering must not stall the replica thread
-            // (the protocol resends what matters on its timers).
-            if start.elapsed() > Duration::from_millis(5) {
+            // Bounded: wait (up to 1 s) while the peer completes our sends, but give up at
+            // once (5 ms) on a peer with no completion for 100 ms: one that stopped answering
+            // must not stall the replica thread (the protocol resends on its timers).
+            let waited = start.elapsed();
+            let silent = self.peers[i].ctrl_last_done.elapsed() > Duration::from_millis(100);
+            if waited > Duration::from_secs(1) || (silent && waited > Duration::from_millis(5)) {
                 return Err(FabricError::Busy);
             }
         }
@@ -903,6 +909,9 @@ impl RdmaFabric {
     fn on_ctrl_send(&mut self, i: usize, seq: u64, wc: &WorkCompletion) {
         let peer = &mut self.peers[i];
         peer.ctrl_done = peer.ctrl_done.max(seq);
+        if wc.ok() {
+            peer.ctrl_last_done = Instant::now();
+        }
         while let Some(&(s, token)) = peer.ctrl_writes.front() {
             if s > seq {
                 break;
