@@ -8,7 +8,7 @@ use crate::fabric::{Completion, Fabric, FabricEvent};
 use crate::layout::{self, CommitCell, ProgressCell};
 use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
 use crate::ring::RingReader;
-use crate::types::{Ballot, Index, NodeId};
+use crate::types::{Ballot, Index};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -474,6 +474,6 @@ pub fn describe(core: &Core) -> String {
         core.promised(),
         core.commit(),
         core.applied(),
-        core.leader_hint().map(NodeId::from)
+        core.leader_hint()
     )
 }

@@ -99,7 +99,7 @@ impl Region {
 
     fn cell(&self, offset: usize) -> &AtomicU64 {
         assert!(
-            offset % 8 == 0 && offset + 8 <= layout::HEADER_SIZE,
+            offset.is_multiple_of(8) && offset + 8 <= layout::HEADER_SIZE,
             "header word {offset}"
         );
         // SAFETY: aligned (page-aligned mapping + multiple of 8), in bounds, lives with self.
@@ -115,7 +115,7 @@ impl Region {
 
     /// Reads an aligned word anywhere in the region (a seal), `None` out of bounds.
     pub fn load_word_at(&self, offset: usize) -> Option<u64> {
-        if offset % 8 != 0 || offset.checked_add(8)? > self.len() {
+        if !offset.is_multiple_of(8) || offset.checked_add(8)? > self.len() {
             return None;
         }
         // SAFETY: aligned and in bounds.

@@ -933,7 +933,10 @@ impl Core {
         self.quiet = self.quiet.saturating_add(1);
         // Refresh the progress cell now and then, so a leader that missed a report (or
         // restarted its view of us) regains flow-control credit.
-        if self.tick % u64::from(self.cfg.heartbeat_timeout / 4).max(1) == 0 {
+        if self
+            .tick
+            .is_multiple_of(u64::from(self.cfg.heartbeat_timeout / 4).max(1))
+        {
             self.progress_dirty = true;
         }
         if let Some(l) = self.leader_hint() {
@@ -1376,13 +1379,13 @@ impl Core {
                     p.prepare_sent_at = tick;
                     sends.push((n, Msg::Prepare { ballot, from }));
                 }
-                PeerState::Resyncing { asked_at } if p.outstanding == 0 => {
-                    if asked_at.is_none_or(|t| tick - t >= every) {
-                        p.state = PeerState::Resyncing {
-                            asked_at: Some(tick),
-                        };
-                        sends.push((n, Msg::Resync { ballot }));
-                    }
+                PeerState::Resyncing { asked_at }
+                    if p.outstanding == 0 && asked_at.is_none_or(|t| tick - t >= every) =>
+                {
+                    p.state = PeerState::Resyncing {
+                        asked_at: Some(tick),
+                    };
+                    sends.push((n, Msg::Resync { ballot }));
                 }
                 _ => {}
             }

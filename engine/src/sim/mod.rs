@@ -87,11 +87,14 @@ pub struct Report {
 /// order; a crash loses what is still pending, except that the oldest pending submission may
 /// tear: an append survives as a random prefix, a rewrite whole or not at all (the
 /// `Storage` contract).
+/// A submission in flight: (seq, due time, entries).
+type PendingWrite = (u64, u64, Vec<Arc<[u8]>>);
+
 #[derive(Debug, Default)]
 struct Disk {
     promised: Ballot,
     entries: Vec<Arc<[u8]>>,
-    pending: std::collections::VecDeque<(u64, u64, Vec<Arc<[u8]>>)>,
+    pending: std::collections::VecDeque<PendingWrite>,
     rng: u64,
 }
 
@@ -124,7 +127,7 @@ impl Disk {
             let append = first.is_some_and(|i| i as usize == self.entries.len() + 1);
             let keep = if append {
                 (self.random() % (entries.len() as u64 + 1)) as usize
-            } else if self.random() % 2 == 0 {
+            } else if self.random().is_multiple_of(2) {
                 entries.len()
             } else {
                 0
@@ -516,7 +519,7 @@ impl Sim {
             if t % STEP_UNITS != n.phase % STEP_UNITS {
                 continue;
             }
-            if n.slow_until > tick && (t / STEP_UNITS) % 5 != 0 {
+            if n.slow_until > tick && !(t / STEP_UNITS).is_multiple_of(5) {
                 continue;
             }
             let now_ticks = t * (1000 + n.skew) / 1000 / UNITS_PER_TICK;
