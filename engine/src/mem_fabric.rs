@@ -215,10 +215,7 @@ impl MemNet {
 
 impl Sim {
     fn random(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        crate::types::xorshift(&mut self.rng)
     }
     fn chance(&mut self, per_mille: u32) -> bool {
         per_mille > 0 && self.random() % 1000 < u64::from(per_mille)

@@ -37,3 +37,12 @@ impl std::fmt::Display for Ballot {
         write!(f, "{}.{}", self.round(), self.node())
     }
 }
+
+/// xorshift64*, the one deterministic generator of the core, `MemFabric` and the simulator:
+/// everything random derives from a seed so that runs replay exactly.
+pub(crate) fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}

@@ -831,11 +831,7 @@ impl Core {
     }
 
     fn random(&mut self) -> u64 {
-        // xorshift64*: deterministic from the seed.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        crate::types::xorshift(&mut self.rng)
     }
 
     fn others(&self) -> impl Iterator<Item = NodeId> + '_ {
