@@ -425,32 +425,7 @@ fn three_nodes_survive_kill_restart_and_stop() {
         .collect();
     let acked = acked.join().unwrap();
 
-    // Final reads, after every worker has stopped.
-    let mut c = Client::new(cl.addrs());
-    for k in 0..KEYS {
-        let invoked = Instant::now();
-        let v = c
-            .get(&key_name(k))
-            .expect("final read")
-            .map_or(0, |v| parse(&v));
-        history.push(Rec {
-            thread: 1,
-            key: k,
-            op: SOp::Get(k),
-            invoked,
-            returned: Some((Instant::now(), Ret::Value(v))),
-        });
-    }
-    let mut missing = Vec::new();
-    for &n in &acked {
-        if c.get(format!("w{n}").as_bytes()).expect("read back") != Some(val(n)) {
-            missing.push(n);
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "acknowledged writes missing: {missing:?}"
-    );
+    final_reads_and_acked_check(&cl, &mut history, &acked, "after the faults");
     let completed = history.iter().filter(|r| r.returned.is_some()).count();
     eprintln!(
         "{} ops ({completed} completed), {} acknowledged unique writes, {:?} so far",
@@ -459,23 +434,7 @@ fn three_nodes_survive_kill_restart_and_stop() {
         started.elapsed()
     );
     assert!(completed > 200, "too few operations completed: {completed}");
-    // The tester searches recursively: give it a deep stack.
-    let history = Arc::new(history);
-    for k in 0..KEYS {
-        let h = history.clone();
-        let t = Instant::now();
-        let r = std::thread::Builder::new()
-            .stack_size(1 << 30)
-            .spawn(move || check_linearizable(&h, k))
-            .unwrap()
-            .join()
-            .unwrap();
-        let n = r.unwrap_or_else(|e| panic!("{e}"));
-        eprintln!(
-            "key {k}: {n} ops linearizable (checked in {:?})",
-            t.elapsed()
-        );
-    }
+    check_all_keys(history);
     eprintln!("total {:?}", started.elapsed());
 }
 
@@ -610,6 +569,35 @@ impl Cluster {
     }
 }
 
+/// After the workers stopped: reads every key once more into `history` (the last word on
+/// each register) and checks that every acknowledged unique write is readable.
+fn final_reads_and_acked_check(cl: &Cluster, history: &mut Vec<Rec>, acked: &[u64], when: &str) {
+    let mut c = Client::new(cl.addrs());
+    for k in 0..KEYS {
+        let invoked = Instant::now();
+        let v = c
+            .get(&key_name(k))
+            .expect("final read")
+            .map_or(0, |v| parse(&v));
+        history.push(Rec {
+            thread: 1,
+            key: k,
+            op: SOp::Get(k),
+            invoked,
+            returned: Some((Instant::now(), Ret::Value(v))),
+        });
+    }
+    let missing: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|&n| c.get(format!("w{n}").as_bytes()).expect("read back") != Some(val(n)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing {when}: {missing:?}"
+    );
+}
+
 fn check_all_keys(history: Vec<Rec>) {
     let history = Arc::new(history);
     for k in 0..KEYS {
@@ -698,31 +686,7 @@ fn durable_three_nodes_survive_repeated_kill9_of_all() {
         .flat_map(|w| w.join().unwrap())
         .collect();
     let acked = acked.join().unwrap();
-    let mut c = Client::new(cl.addrs());
-    for k in 0..KEYS {
-        let invoked = Instant::now();
-        let v = c
-            .get(&key_name(k))
-            .expect("final read")
-            .map_or(0, |v| parse(&v));
-        history.push(Rec {
-            thread: 1,
-            key: k,
-            op: SOp::Get(k),
-            invoked,
-            returned: Some((Instant::now(), Ret::Value(v))),
-        });
-    }
-    let mut missing = Vec::new();
-    for &n in &acked {
-        if c.get(format!("w{n}").as_bytes()).expect("read back") != Some(val(n)) {
-            missing.push(n);
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "acknowledged writes lost after kill -9 of all: {missing:?}"
-    );
+    final_reads_and_acked_check(&cl, &mut history, &acked, "after kill -9 of all");
     let completed = history.iter().filter(|r| r.returned.is_some()).count();
     eprintln!(
         "{CYCLES} kill-all cycles: {} ops ({completed} completed), {} acknowledged unique \
