@@ -4,6 +4,7 @@
 //! `Replica::step` is one non-blocking turn of the replication loop; the simulator calls it
 //! directly, and [`crate::runtime`] calls it from a pinned thread.
 
+use crate::checkpoint::CheckpointSource;
 use crate::fabric::{Completion, Fabric, FabricEvent};
 use crate::layout::{self, CommitCell, ProgressCell};
 use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
@@ -15,6 +16,18 @@ use std::sync::Arc;
 /// The replicated application. `apply` must be deterministic.
 pub trait StateMachine: Send {
     fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8>;
+    /// A frozen copy of the state after the last applied command, written out in the
+    /// background as a checkpoint. `None`: no checkpoints (the log is never truncated).
+    fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
+        None
+    }
+    /// Replaces the whole state with a checkpoint's (as written by `checkpoint`).
+    fn restore(&mut self, _checkpoint: &mut dyn std::io::Read) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this state machine does not support checkpoints",
+        ))
+    }
 }
 
 /// Durable state of an acceptor (durable mode), usually served by a persister thread.
@@ -32,6 +45,11 @@ pub trait Storage: Send {
     fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> std::io::Result<()>;
     /// Appends the sequence numbers of submissions that are now durable, in order.
     fn poll_persisted(&mut self, done: &mut Vec<u64>) -> std::io::Result<()>;
+    /// Entries up to `upto` are covered by a durable checkpoint and may be dropped (in order
+    /// with submissions; it need not be durable: recovery skips entries a checkpoint covers).
+    /// If the log ends below `upto`, it is emptied and the next submission starts at
+    /// `upto + 1`.
+    fn compact(&mut self, upto: Index) -> std::io::Result<()>;
 }
 
 /// Tickets are issued in order; this tracks which are still outstanding without hashing.

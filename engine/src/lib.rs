@@ -5,6 +5,7 @@
 //! - [`region`]: the memory peers write into.
 //! - [`fabric`]: the `Fabric` trait; [`mem_fabric`] is the in-process implementation.
 
+pub mod checkpoint;
 pub mod driver;
 pub mod fabric;
 pub mod layout;

@@ -98,7 +98,7 @@ fn open_durable(cfg: &NodeConfig, pc: Config, restart: bool) -> Result<(Core, Pe
         rewrite_discarded = rec.rewrite_discarded,
         "recovered durable state"
     );
-    let core = Core::restore(pc, rec.promised, rec.entries)
+    let core = Core::restore(pc, rec.promised, 0, rec.entries)
         .map_err(|e| format!("bad configuration: {e}"))?;
     Ok((core, p))
 }

@@ -456,20 +456,25 @@ impl Core {
         Ok(c)
     }
 
-    /// A replica restarted in durable mode from its disk: the promise and the persisted
-    /// entries (encoded, contiguous from index 1).
+    /// A replica restarted in durable mode from its disk: the promise, the index of the
+    /// checkpoint its state machine was restored from (0: none) and the persisted entries
+    /// after it (encoded, contiguous from `base + 1`).
     pub fn restore(
         cfg: Config,
         promised: Ballot,
+        base: Index,
         entries: Vec<Arc<[u8]>>,
     ) -> Result<Core, ConfigError> {
         let mut c = Core::new(cfg, false)?;
         c.promised = promised;
         c.max_seen = promised;
+        c.log = Log::with_base(base);
+        c.commit = base;
+        c.applied = base;
         for bytes in entries {
             let (h, _) = layout::decode_entry(&bytes).expect("restored entries are verified");
             let (i, slot) = Slot::from_encoded(bytes.clone()).expect("verified");
-            assert_eq!(i, c.log.last() + 1, "restored log must be contiguous");
+            assert_eq!(i, c.log.last() + 1, "restored log must be contiguous after its base");
             c.log.put(i, slot);
             // An entry's piggybacked commit vouches for the prefix it was written after.
             c.commit = c.commit.max(h.commit.min(i));

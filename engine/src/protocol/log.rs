@@ -56,33 +56,47 @@ impl Slot {
     }
 }
 
+/// Accepted slots `base + 1 ..= last`; everything up to `base` is chosen and covered by a
+/// checkpoint (compacted away).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Log {
+    base: Index,
     slots: VecDeque<Slot>,
 }
 
 impl Log {
+    /// An empty log whose next index is `base + 1`.
+    pub fn with_base(base: Index) -> Log {
+        Log {
+            base,
+            slots: VecDeque::new(),
+        }
+    }
+    pub fn base(&self) -> Index {
+        self.base
+    }
     pub fn last(&self) -> Index {
-        self.slots.len() as Index
+        self.base + self.slots.len() as Index
     }
     pub fn get(&self, i: Index) -> Option<&Slot> {
-        if i == 0 {
+        if i <= self.base {
             return None;
         }
-        self.slots.get(i as usize - 1)
+        self.slots.get((i - self.base - 1) as usize)
     }
     /// Accepts `slot` at index `i`: appends at `last + 1` or replaces an existing slot.
     /// Contract: a slot is only replaced by one of a ballot at least as high.
     pub fn put(&mut self, i: Index, slot: Slot) {
         assert!(
-            i >= 1 && i <= self.last() + 1,
-            "log put at {i} beyond {}",
+            i > self.base && i <= self.last() + 1,
+            "log put at {i} outside {}..={}",
+            self.base + 1,
             self.last() + 1
         );
         if i == self.last() + 1 {
             self.slots.push_back(slot);
         } else {
-            let old = &mut self.slots[i as usize - 1];
+            let old = &mut self.slots[(i - self.base - 1) as usize];
             assert!(
                 slot.ballot >= old.ballot,
                 "accepted ballot at {i} went down"
@@ -92,14 +106,70 @@ impl Log {
     }
     /// Drops every slot from `i` on (a new leader replaces its tail with adopted values).
     pub fn truncate_from(&mut self, i: Index) {
-        self.slots.truncate(i.saturating_sub(1) as usize);
+        assert!(i > self.base, "truncating into the compacted prefix");
+        self.slots.truncate((i - self.base - 1) as usize);
     }
+    /// Drops every slot up to `upto` (covered by a checkpoint); past the end, the log
+    /// becomes empty with its next index `upto + 1`.
+    pub fn compact(&mut self, upto: Index) {
+        if upto <= self.base {
+            return;
+        }
+        let drop = ((upto - self.base) as usize).min(self.slots.len());
+        self.slots.drain(..drop);
+        self.base = upto;
+    }
+    /// Slots from `from` (or the first held) to the end.
     pub fn range(&self, from: Index) -> impl Iterator<Item = (Index, &Slot)> {
-        let skip = from.saturating_sub(1) as usize;
+        let skip = from.saturating_sub(self.base + 1) as usize;
+        let base = self.base;
         self.slots
             .iter()
             .enumerate()
             .skip(skip)
-            .map(|(k, s)| (k as Index + 1, s))
+            .map(move |(k, s)| (base + k as Index + 1, s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Ballot;
+    use proptest::prelude::*;
+
+    fn slot(i: Index, b: u64) -> Slot {
+        let h = EntryHeader {
+            index: i,
+            ballot: Ballot(b),
+            commit: 0,
+            len: 1,
+            flags: 0,
+        };
+        Slot::encode(&h, &[i as u8])
+    }
+
+    proptest! {
+        /// Compaction keeps exactly the slots above the cut, at their indexes.
+        #[test]
+        fn compact_keeps_the_tail(n in 0u64..40, cut in 0u64..60, base in 0u64..5) {
+            let mut log = Log::with_base(base);
+            for i in base + 1..=base + n {
+                log.put(i, slot(i, 1));
+            }
+            let last = log.last();
+            log.compact(cut);
+            prop_assert_eq!(log.base(), cut.max(base));
+            prop_assert_eq!(log.last(), last.max(cut));
+            for i in 0..=last + 1 {
+                let want = i > cut.max(base) && i <= last;
+                prop_assert_eq!(log.get(i).is_some(), want);
+                if want {
+                    prop_assert_eq!(log.get(i).unwrap(), &slot(i, 1));
+                }
+            }
+            let idx: Vec<_> = log.range(0).map(|(i, _)| i).collect();
+            let want: Vec<_> = (cut.max(base) + 1..=last).collect();
+            prop_assert_eq!(idx, want);
+        }
     }
 }

@@ -156,6 +156,9 @@ impl Storage for SimDisk {
         d.pending.push_back((seq, due, entries));
         Ok(())
     }
+    fn compact(&mut self, _upto: Index) -> std::io::Result<()> {
+        Ok(()) // replaced below, with the checkpoint model
+    }
     fn poll_persisted(&mut self, done: &mut Vec<u64>) -> std::io::Result<()> {
         let now = self.net.now();
         let mut d = self.disk.lock().unwrap();
@@ -279,7 +282,7 @@ impl Sim {
             (true, Durability::Volatile) => Core::new(cfg, true),
             (true, Durability::Durable) => {
                 let d = disk.lock().unwrap();
-                Core::restore(cfg, d.promised, d.entries.clone())
+                Core::restore(cfg, d.promised, 0, d.entries.clone())
             }
         }
         .expect("valid config");

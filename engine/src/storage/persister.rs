@@ -83,6 +83,7 @@ pub struct Recovered {
 enum Req {
     Promise(Ballot, SyncSender<io::Result<()>>),
     Entries(u64, Vec<Arc<[u8]>>),
+    Compact(Index),
 }
 
 /// The durable store of one replica. See the module documentation.
@@ -294,6 +295,14 @@ impl Storage for Persister {
         tx.send(Req::Entries(seq, entries)).map_err(|_| self.gone())
     }
 
+    fn compact(&mut self, upto: Index) -> io::Result<()> {
+        if self.failed.is_some() {
+            return Err(self.gone());
+        }
+        let tx = self.tx.as_ref().expect("open");
+        tx.send(Req::Compact(upto)).map_err(|_| self.gone())
+    }
+
     fn poll_persisted(&mut self, done: &mut Vec<u64>) -> io::Result<()> {
         if self.failed.is_some() {
             return Err(self.gone());
@@ -364,6 +373,11 @@ impl Writer {
                         Ok(()) => seqs.push(seq),
                         Err(e) => failure = Some(e.into()),
                     },
+                    Req::Compact(upto) => {
+                        if let Err(e) = self.compact(upto) {
+                            failure = Some(e.into());
+                        }
+                    }
                 }
             }
             if failure.is_none() && !seqs.is_empty() {
@@ -388,7 +402,9 @@ impl Writer {
         };
         let first = index_of(head)?;
         let last = self.log.last_index();
-        if first == last + 1 {
+        // An empty log (new, or emptied by `compact` after a checkpoint was installed)
+        // starts wherever the first submission does.
+        if first == last + 1 || self.log.first_index().is_none() {
             for e in entries {
                 self.log.append_encoded(e)?;
             }
@@ -401,6 +417,19 @@ impl Writer {
             });
         }
         self.rewrite(entries)
+    }
+
+    /// Drops segments a checkpoint covers; empties the log when it ends below `upto` (a
+    /// checkpoint installed from another replica), so the next append starts after it.
+    fn compact(&mut self, upto: Index) -> Result<()> {
+        if self.log.first_index().is_some() && self.log.last_index() <= upto {
+            // Synced first: entries above the cut that were pending must not be half-dropped.
+            self.log.sync()?;
+            self.log.truncate_after(0)?;
+        } else {
+            self.log.truncate_before(upto)?;
+        }
+        Ok(())
     }
 
     fn rewrite(&mut self, entries: &[Arc<[u8]>]) -> Result<()> {
