@@ -98,6 +98,13 @@ fn open_durable(cfg: &NodeConfig, pc: Config, restart: bool) -> Result<(Core, Pe
         rewrite_discarded = rec.rewrite_discarded,
         "recovered durable state"
     );
+    if let Some(first) = rec.first_index.filter(|&f| f != 1) {
+        return Err(format!(
+            "the durable log in {} starts at index {first} and no checkpoint covers the \
+             entries before it; refusing to start",
+            dir.display()
+        ));
+    }
     let core = Core::restore(pc, rec.promised, 0, rec.entries)
         .map_err(|e| format!("bad configuration: {e}"))?;
     Ok((core, p))

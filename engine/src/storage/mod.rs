@@ -14,14 +14,19 @@
 //!   the segment log and the promise store (group commit, crash-atomic rewrites).
 //! - [`snapshot`]: [`SnapshotStore`], streamed state-machine checkpoints with chunk
 //!   checksums and a trailer, written atomically.
+//! - [`checkpoints`]: [`FileCheckpoints`], the driver's [`crate::checkpoint::Checkpoints`]
+//!   over a snapshot directory (background saves, images shipped verbatim, verified
+//!   before they are installed).
 //!
 //! See `docs/durability.md` for the file formats and the recovery rules.
 
+pub mod checkpoints;
 pub mod persister;
 pub mod promise;
 pub mod segment;
 pub mod snapshot;
 
+pub use checkpoints::FileCheckpoints;
 pub use persister::{Persister, PersisterOptions, Recovered};
 pub use promise::PromiseStore;
 pub use segment::{LogEntry, LogOptions, LogReader, Recovery, SegmentLog, TornTail};

@@ -70,8 +70,14 @@ pub struct PersisterOptions {
 #[derive(Debug, Clone, Default)]
 pub struct Recovered {
     pub promised: Ballot,
-    /// Every entry, encoded, contiguous from index 1 (what `Core::restore` takes).
+    /// Every entry of the log, encoded, contiguous from `first_index`. The log may start
+    /// after index 1 (segments covered by a checkpoint were dropped) and may hold entries a
+    /// checkpoint covers (compaction keeps partly covered segments and need not be
+    /// durable): the caller keeps those above its checkpoint for `Core::restore`, and
+    /// refuses a gap between the checkpoint and `first_index`.
     pub entries: Vec<Arc<[u8]>>,
+    /// Index of `entries[0]`; `None` when the log is empty.
+    pub first_index: Option<Index>,
     /// The segment log's own recovery (torn tail, removed empty segment).
     pub log: Recovery,
     /// A decided rewrite that was replayed: (first index, entries).
@@ -222,13 +228,7 @@ impl Persister {
             rec.rewrite_replayed = Some((first, entries.len()));
         }
         if let Some(first) = log.first_index() {
-            if first != 1 {
-                return Err(StorageError::corrupt(
-                    log.dir().join("seg-*"),
-                    0,
-                    format!("the log starts at index {first}; restoring needs index 1"),
-                ));
-            }
+            rec.first_index = Some(first);
             let mut buf = Vec::new();
             for e in log.entries(first)? {
                 let LogEntry { header, payload } = e?;
@@ -601,6 +601,60 @@ mod tests {
         want.extend(new.iter().cloned());
         want.extend(range(23, 25, 2));
         assert!(same(&rec.entries, &want));
+    }
+
+    #[test]
+    fn persister_compact_then_reopen_starts_after_the_cut() {
+        let tmp = TempDir::new("pers-compact");
+        let all = range(1, 60, 1);
+        {
+            let (mut p, _) = Persister::open(tmp.path(), opts()).unwrap();
+            p.submit(1, all.clone()).unwrap();
+            p.compact(30).unwrap();
+            // Compaction has no completion of its own: an empty submission behind it does.
+            p.submit(2, Vec::new()).unwrap();
+            wait(&mut p, &[1, 2]).unwrap();
+        }
+        let first = {
+            let (mut p, rec) = Persister::open(tmp.path(), opts()).unwrap();
+            let first = rec.first_index.expect("not empty");
+            // Whole segments at or below the cut are gone; a partly covered one stays.
+            assert!(first > 1 && first <= 31, "first index {first}");
+            assert!(same(&rec.entries, &all[first as usize - 1..]));
+            // Appends go on after the old end.
+            p.submit(1, range(61, 70, 1)).unwrap();
+            wait(&mut p, &[1]).unwrap();
+            // A cut past the end (a checkpoint installed from another replica) empties
+            // the log; the next submission starts right after it.
+            p.compact(100).unwrap();
+            p.submit(2, range(101, 110, 4)).unwrap();
+            wait(&mut p, &[2]).unwrap();
+            first
+        };
+        assert!(first > 1);
+        let (mut p, rec) = Persister::open(tmp.path(), opts()).unwrap();
+        assert_eq!(rec.first_index, Some(101));
+        assert!(same(&rec.entries, &range(101, 110, 4)));
+        // A rewrite and appends continue from there as usual.
+        p.submit(1, range(108, 112, 5)).unwrap();
+        wait(&mut p, &[1]).unwrap();
+        drop(p);
+        let (p, rec) = Persister::open(tmp.path(), opts()).unwrap();
+        let mut want = range(101, 107, 4);
+        want.extend(range(108, 112, 5));
+        assert!(same(&rec.entries, &want));
+        // Compacting an empty log (fresh replica) is harmless.
+        drop(p);
+        let tmp2 = TempDir::new("pers-compact-empty");
+        let (mut p2, rec2) = Persister::open(tmp2.path(), opts()).unwrap();
+        assert_eq!(rec2.first_index, None);
+        p2.compact(50).unwrap();
+        p2.submit(1, range(51, 52, 1)).unwrap();
+        wait(&mut p2, &[1]).unwrap();
+        drop(p2);
+        let (_p, rec2) = Persister::open(tmp2.path(), opts()).unwrap();
+        assert_eq!(rec2.first_index, Some(51));
+        assert!(same(&rec2.entries, &range(51, 52, 1)));
     }
 
     /// A rewrite interrupted at every step recovers to the old log or the whole

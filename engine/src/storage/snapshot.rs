@@ -32,7 +32,7 @@ const TRAILER_SIZE: u64 = 48;
 pub const DEFAULT_CHUNK: u32 = 1 << 20;
 const MAX_CHUNK: u32 = 64 << 20;
 
-fn snap_name(index: Index) -> String {
+pub(super) fn snap_name(index: Index) -> String {
     format!("snap-{index:020}.ckpt")
 }
 
@@ -101,6 +101,11 @@ impl SnapshotStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where the snapshot at `index` lives (whether or not it exists).
+    pub fn path_of(&self, index: Index) -> PathBuf {
+        self.dir.join(snap_name(index))
     }
 
     /// Starts a snapshot that includes the log up to `index` (whose entry has `ballot`).
@@ -203,6 +208,15 @@ impl SnapshotStore {
                 _ => continue,
             }
         }
+    }
+
+    /// Reads the snapshot file at `path` (under any name) to the end, verifying header,
+    /// every chunk, totals and trailer.
+    pub fn verify_file(path: &Path) -> Result<SnapshotMeta> {
+        let mut r = SnapshotReader::open_path(path)?;
+        let mut buf = vec![0u8; 1 << 16];
+        while r.read_verified(&mut buf)? != 0 {}
+        Ok(r.meta)
     }
 
     /// Deletes all but the newest `keep` snapshots (and any unreadable snapshot file older
