@@ -51,6 +51,9 @@ pub trait Storage: Send {
     /// If the log ends below `upto`, it is emptied and the next submission starts at
     /// `upto + 1`.
     fn compact(&mut self, upto: Index) -> std::io::Result<()>;
+    /// A replica that rebuilt its state from the others after losing its data dir now has
+    /// it durably: a restart may trust the disk again (drop the "rejoining" mark).
+    fn rejoined(&mut self) -> std::io::Result<()>;
 }
 
 /// Tickets are issued in order; this tracks which are still outstanding without hashing.
@@ -556,6 +559,14 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                     }
                 };
                 self.core.handle_checkpoint_installed(index, ok);
+            }
+            Action::Rejoined => {
+                tracing::info!(node = me, "rejoined: the rebuilt state is durable");
+                if let Some(s) = self.storage.as_mut() {
+                    if let Err(e) = s.rejoined() {
+                        self.fail(format!("recording the rejoin: {e}"));
+                    }
+                }
             }
             Action::CompactLog { upto } => {
                 if let Some(s) = self.storage.as_mut() {

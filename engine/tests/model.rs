@@ -323,7 +323,8 @@ impl BallotModel {
             Action::ServeCheckpoint { .. }
             | Action::StageCheckpoint { .. }
             | Action::InstallCheckpoint { .. }
-            | Action::CompactLog { .. } => unreachable!("model: checkpoint action {a:?}"),
+            | Action::CompactLog { .. }
+            | Action::Rejoined => unreachable!("model: checkpoint action {a:?}"),
         }
     }
 

@@ -76,13 +76,15 @@ fn main() -> ExitCode {
     }
     // Contract failures are reported per seed; keep the default panic output out of the way.
     std::panic::set_hook(Box::new(|_| {}));
-    let (mut violations, mut commits, mut ckpts, mut installs) = (0u64, 0u64, 0u64, 0u64);
+    let (mut violations, mut commits, mut ckpts, mut installs, mut losses) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     for seed in first..first + seeds {
         let opts = Options { seed, ..o };
         let r = sim::run(opts);
         commits += r.commits;
         ckpts += r.checkpoints;
         installs += r.installs;
+        losses += r.disk_losses;
         if verbose {
             println!(
                 "seed={seed} commits={} acked={} crashes={} elections={} checkpoints={} installs={} violations={}",
@@ -108,7 +110,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "seeds={seeds} violations={violations} commits={commits} checkpoints={ckpts} installs={installs}"
+        "seeds={seeds} violations={violations} commits={commits} checkpoints={ckpts} installs={installs} disk_losses={losses}"
     );
     if violations > 0 {
         ExitCode::FAILURE

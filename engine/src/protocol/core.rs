@@ -280,6 +280,9 @@ pub enum Action {
     CompactLog {
         upto: Index,
     },
+    /// A durable replica that rebuilt its state from the others (its data dir was lost)
+    /// now holds that state durably: from here on a restart may trust its disk.
+    Rejoined,
 }
 
 /// Write tokens: kind in the top byte, the peer's stream generation, the index.
@@ -455,6 +458,8 @@ pub struct Core {
     fenced: VecDeque<Fenced>,
     progress_dirty: bool,
     pull: Option<Pull>,
+    /// Durable recovery: the rebuilt log is durable once `persisted` reaches this.
+    rejoin_target: Option<Index>,
 }
 
 impl Core {
@@ -497,6 +502,7 @@ impl Core {
             fenced: VecDeque::new(),
             progress_dirty: false,
             pull: None,
+            rejoin_target: None,
         };
         c.stream = c.random() >> 16;
         c.incarnation = c.random() >> 40;
@@ -883,6 +889,7 @@ impl Core {
             if self.is_leader() {
                 self.advance_commit();
             }
+            self.check_rejoined();
         }
     }
 
@@ -1809,11 +1816,20 @@ impl Core {
             if self.log.last() > base {
                 self.persist_from = Some(base + 1);
             }
+            self.rejoin_target = Some(self.log.last());
+            self.check_rejoined();
         } else {
             self.persisted = self.received;
         }
         self.apply_committed();
         self.rejoin_leader();
+    }
+
+    fn check_rejoined(&mut self) {
+        if self.rejoin_target.is_some_and(|t| self.persisted >= t) {
+            self.rejoin_target = None;
+            self.push(Action::Rejoined);
+        }
     }
 
     // --- checkpoints: compaction and catch-up ---

@@ -85,6 +85,8 @@ pub struct Report {
     /// incarnations.
     pub checkpoints: u64,
     pub installs: u64,
+    /// Durable mode: crashes that also lost the replica's data dir.
+    pub disk_losses: u64,
     pub acked: usize,
     pub crashes: usize,
     pub elections: usize,
@@ -113,6 +115,9 @@ struct Disk {
     entries: Vec<Arc<[u8]>>,
     pending: std::collections::VecDeque<PendingWrite>,
     rng: u64,
+    /// The replica lost this disk and is rebuilding it from the others: until that is
+    /// durable, a restart must rebuild again rather than trust what is here.
+    rejoining: bool,
 }
 
 impl Disk {
@@ -252,6 +257,10 @@ impl Storage for SimDisk {
         self.queue(0, DiskOp::Compact(upto));
         Ok(())
     }
+    fn rejoined(&mut self) -> std::io::Result<()> {
+        self.disk.lock().unwrap().rejoining = false;
+        Ok(())
+    }
     fn poll_persisted(&mut self, done: &mut Vec<u64>) -> std::io::Result<()> {
         let now = self.net.now();
         let mut d = self.disk.lock().unwrap();
@@ -386,6 +395,11 @@ impl Sim {
                 *ckpts.0.lock().unwrap() = MemCheckpoints::default();
                 Core::new(cfg, true)
             }
+            (true, Durability::Durable) if disk.lock().unwrap().rejoining => {
+                // Lost, or lost and not yet rebuilt: rebuild from the others (as
+                // `ballot-node --rejoin`); whatever a partial rebuild left is overwritten.
+                Core::new(cfg, true)
+            }
             (true, Durability::Durable) => {
                 // As the node does: the newest checkpoint, then the log after it.
                 let base = ckpts.latest().map_or(0, |c| c.index);
@@ -477,6 +491,22 @@ impl Sim {
                 let until = tick + 20 + self.rng.below(80);
                 self.crash(id, until);
             }
+        }
+        // Durable mode: a replica loses its data dir with the crash, when no other replica
+        // is down or rebuilding (recovery needs a majority of the others).
+        if self.o.durability == Durability::Durable && self.rng.chance(800) && self.down() == 0 {
+            let id = self.rng.below(n) as NodeId;
+            let until = tick + 20 + self.rng.below(80);
+            self.crash(id, until);
+            let mut d = self.nodes[id as usize].disk.lock().unwrap();
+            *d = Disk {
+                rng: d.rng,
+                rejoining: true,
+                ..Disk::default()
+            };
+            drop(d);
+            *self.nodes[id as usize].ckpts.0.lock().unwrap() = MemCheckpoints::default();
+            self.report.disk_losses += 1;
         }
         if self.o.durability == Durability::Durable && self.rng.chance(600) {
             let until = tick + 10 + self.rng.below(40);
