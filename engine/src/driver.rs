@@ -586,15 +586,8 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         total: u64,
         data: Vec<u8>,
     ) {
-        let msg = Msg::CkptChunk {
-            index,
-            offset,
-            total,
-            data,
-        };
-        if let Err(e) = self.fabric.send(to, &msg.encode()) {
-            tracing::debug!(node = self.core.id(), to, "send failed: {e}");
-        }
+        let me = self.core.id();
+        send_chunk(&mut self.fabric, me, to, index, offset, total, data);
     }
 
     /// Verifies and keeps the staged image, then replaces the state machine's state.
@@ -708,17 +701,9 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 }
             };
             c.budget = c.budget.saturating_sub(n as u64);
-            let data = c.buf[..n].to_vec();
             self.stats.checkpoint_bytes_served += n as u64;
-            let msg = Msg::CkptChunk {
-                index,
-                offset,
-                total,
-                data,
-            };
-            if let Err(e) = self.fabric.send(to, &msg.encode()) {
-                tracing::debug!(node = me, to, "send failed: {e}");
-            }
+            let data = c.buf[..n].to_vec();
+            send_chunk(&mut self.fabric, me, to, index, offset, total, data);
         }
         busy
     }
@@ -759,6 +744,27 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         );
         self.stats.storage_errors += 1;
         self.failed = Some(why);
+    }
+}
+
+/// Sends one chunk of a checkpoint image (`total` 0: "I have none").
+fn send_chunk<F: Fabric>(
+    fabric: &mut F,
+    me: crate::NodeId,
+    to: crate::NodeId,
+    index: Index,
+    offset: u64,
+    total: u64,
+    data: Vec<u8>,
+) {
+    let msg = Msg::CkptChunk {
+        index,
+        offset,
+        total,
+        data,
+    };
+    if let Err(e) = fabric.send(to, &msg.encode()) {
+        tracing::debug!(node = me, to, "send failed: {e}");
     }
 }
 

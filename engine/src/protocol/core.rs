@@ -719,7 +719,7 @@ impl Core {
             Msg::NeedCheckpoint { ballot } => {
                 // A checkpoint holds chosen state only: pulling one is safe whatever we
                 // promised, and a leader with a stale ballot still has it.
-                if ballot.node() == from && !self.is_leader() {
+                if ballot.node() == from && matches!(self.role, Role::Follower) {
                     self.start_pull(from);
                 }
             }
@@ -1095,7 +1095,7 @@ impl Core {
     }
 
     fn start_candidacy(&mut self) {
-        if self.is_leader() || self.is_recovering() {
+        if self.is_leader() || self.is_recovering() || self.pull.is_some() {
             return;
         }
         let ballot = self.promised.max(self.max_seen).next_for(self.cfg.id);
@@ -2006,6 +2006,10 @@ impl Core {
         assert!(
             index > self.applied,
             "contract: a checkpoint is installed only ahead of what is applied"
+        );
+        assert!(
+            matches!(self.role, Role::Follower | Role::Recovering(_)),
+            "contract: only a follower or a recovering replica pulls checkpoints"
         );
         let index = index + u64::from(self.cfg.bugs.checkpoint_off_by_one);
         self.log.compact(index);
