@@ -46,26 +46,117 @@ impl StateMachine for Null {
     }
 }
 
-struct Req {
+pub(crate) struct Req {
     tag: u64,
     cmd: Vec<u8>,
 }
-struct Resp {
+pub(crate) struct Resp {
     tag: u64,
     ok: bool,
 }
 
-const NO_LEADER: usize = usize::MAX;
+pub(crate) const NO_LEADER: usize = usize::MAX;
 
-struct Shared {
-    stop: AtomicBool,
-    leader: AtomicUsize,
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub(crate) stop: AtomicBool,
+    pub(crate) leader: AtomicUsize,
     /// The leader's commit index (for commands per entry).
-    commit: AtomicU64,
+    pub(crate) commit: AtomicU64,
     /// Failed commands by cause: not leader, busy, indeterminate, other.
-    failures: [AtomicU64; 4],
+    pub(crate) failures: [AtomicU64; 4],
     /// Times a replica became leader (the first election included).
-    elections: AtomicU64,
+    pub(crate) elections: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Shared {
+        Shared {
+            leader: AtomicUsize::new(NO_LEADER),
+            ..Default::default()
+        }
+    }
+
+    /// Prints leader changes and failed commands, if there were any.
+    pub(crate) fn report_failures(&self) {
+        let f: Vec<u64> = self
+            .failures
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let elections = self.elections.load(Ordering::Relaxed);
+        if f.iter().any(|x| *x > 0) || elections > 1 {
+            eprintln!(
+                "  leader changes: {} (after the first election); failed commands (whole run): \
+                 not leader {}, busy {}, indeterminate {}, other {}",
+                elections.saturating_sub(1),
+                f[0],
+                f[1],
+                f[2],
+                f[3]
+            );
+        }
+    }
+}
+
+/// What one replica thread publishes about itself (catch-up mode), and how it is told to
+/// stop on its own or to take a checkpoint.
+#[derive(Default)]
+pub(crate) struct NodeCtl {
+    pub(crate) stop: AtomicBool,
+    pub(crate) want_checkpoint: AtomicBool,
+    pub(crate) applied: AtomicU64,
+    pub(crate) base: AtomicU64,
+    pub(crate) latest_checkpoint: AtomicU64,
+    pub(crate) checkpoints_taken: AtomicU64,
+    pub(crate) checkpoints_installed: AtomicU64,
+    pub(crate) checkpoint_failures: AtomicU64,
+    pub(crate) bytes_served: AtomicU64,
+    pub(crate) pulling: AtomicBool,
+    pub(crate) recovering: AtomicBool,
+    /// The replica is built and stepping (a restarted one after its fabric is up).
+    pub(crate) running: AtomicBool,
+}
+
+impl NodeCtl {
+    fn publish<F: Fabric, S: StateMachine>(&self, rep: &mut Replica<F, S>) {
+        if self.want_checkpoint.swap(false, Ordering::Relaxed) {
+            rep.request_checkpoint();
+        }
+        let core = rep.core();
+        let st = rep.stats();
+        let r = Ordering::Relaxed;
+        self.applied.store(core.applied(), r);
+        self.base.store(core.log().base(), r);
+        self.pulling.store(core.is_pulling(), r);
+        self.recovering.store(core.is_recovering(), r);
+        self.latest_checkpoint.store(rep.latest_checkpoint(), r);
+        self.checkpoints_taken.store(st.checkpoints_taken, r);
+        self.checkpoints_installed
+            .store(st.checkpoints_installed, r);
+        self.checkpoint_failures.store(st.checkpoint_failures, r);
+        self.bytes_served.store(st.checkpoint_bytes_served, r);
+        self.running.store(true, r);
+    }
+
+    /// One line for diagnostics.
+    pub(crate) fn describe(&self) -> String {
+        let r = Ordering::Relaxed;
+        format!(
+            "running={} recovering={} pulling={} applied={} log base={} newest checkpoint={} \
+             taken={} installed={} failures={} bytes served={}",
+            self.running.load(r),
+            self.recovering.load(r),
+            self.pulling.load(r),
+            self.applied.load(r),
+            self.base.load(r),
+            self.latest_checkpoint.load(r),
+            self.checkpoints_taken.load(r),
+            self.checkpoints_installed.load(r),
+            self.checkpoint_failures.load(r),
+            self.bytes_served.load(r),
+        )
+    }
 }
 
 fn failure_slot(e: &ballot::protocol::ProposeError) -> usize {
@@ -85,6 +176,22 @@ pub fn run(kind: FabricKind, o: &ClusterOpts) -> Result<BenchResult, String> {
     if o.clients == 0 || o.outstanding == 0 {
         return Err("--clients and --outstanding must be positive".into());
     }
+    let (batch, cfgs) = configs(o);
+    let regions = fabrics::regions(o.replicas, cfgs[0].ring);
+    let window = cfgs[0].window;
+    let mut r = match kind {
+        FabricKind::Mem => run_with(fabrics::mem(regions), cfgs, o)?,
+        FabricKind::Tcp => run_with(fabrics::tcp(regions)?, cfgs, o)?,
+        FabricKind::Rdma => run_with(fabrics::rdma(regions)?, cfgs, o)?,
+    };
+    r.fabric = kind.name().into();
+    r.batch_bytes = batch;
+    r.pipeline = window;
+    Ok(r)
+}
+
+/// The batch size and each replica's configuration for `o`.
+pub(crate) fn configs(o: &ClusterOpts) -> (usize, Vec<Config>) {
     let per_cmd = o.payload + ballot::protocol::batch::COMMAND_OVERHEAD;
     // 0 means one command per entry (no batching).
     let batch = match o.batch_bytes {
@@ -93,7 +200,6 @@ pub fn run(kind: FabricKind, o: &ClusterOpts) -> Result<BenchResult, String> {
         None => (64usize << 10).max(per_cmd),
     };
     let ring = fabrics::geometry(batch);
-    let regions = fabrics::regions(o.replicas, ring);
     let mut cfgs = Vec::new();
     for i in 0..o.replicas {
         let mut c = Config::new(i as u8, (0..o.replicas as u8).collect(), ring);
@@ -107,16 +213,7 @@ pub fn run(kind: FabricKind, o: &ClusterOpts) -> Result<BenchResult, String> {
         c.max_queue = c.max_queue.max(o.clients * o.outstanding * 2);
         cfgs.push(c);
     }
-    let window = cfgs[0].window;
-    let mut r = match kind {
-        FabricKind::Mem => run_with(fabrics::mem(regions), cfgs, o)?,
-        FabricKind::Tcp => run_with(fabrics::tcp(regions)?, cfgs, o)?,
-        FabricKind::Rdma => run_with(fabrics::rdma(regions)?, cfgs, o)?,
-    };
-    r.fabric = kind.name().into();
-    r.batch_bytes = batch;
-    r.pipeline = window;
-    Ok(r)
+    (batch, cfgs)
 }
 
 fn run_with<F: Fabric + 'static>(
@@ -124,13 +221,7 @@ fn run_with<F: Fabric + 'static>(
     cfgs: Vec<Config>,
     o: &ClusterOpts,
 ) -> Result<BenchResult, String> {
-    let shared = Arc::new(Shared {
-        stop: AtomicBool::new(false),
-        leader: AtomicUsize::new(NO_LEADER),
-        commit: AtomicU64::new(0),
-        failures: Default::default(),
-        elections: AtomicU64::new(0),
-    });
+    let shared = Arc::new(Shared::new());
     let start = Instant::now();
     let (resp_tx, resp_rx) = channel::unbounded::<Vec<Resp>>();
     let mut senders = Vec::new();
@@ -150,43 +241,30 @@ fn run_with<F: Fabric + 'static>(
         threads.push(
             std::thread::Builder::new()
                 .name(format!("replica-{i}"))
-                .spawn(move || replica_loop(rep, rx, rtx, sh, start, pin))
+                .spawn(move || replica_loop(rep, rx, rtx, sh, start, pin, None))
                 .map_err(|e| e.to_string())?,
         );
     }
     drop(resp_tx);
     let result = load(o, &shared, &senders, &resp_rx);
     shared.stop.store(true, Ordering::SeqCst);
-    let f: Vec<u64> = shared
-        .failures
-        .iter()
-        .map(|a| a.load(Ordering::Relaxed))
-        .collect();
-    let elections = shared.elections.load(Ordering::Relaxed);
-    if f.iter().any(|x| *x > 0) || elections > 1 {
-        eprintln!(
-            "  leader changes: {} (after the first election); failed commands (whole run): \
-             not leader {}, busy {}, indeterminate {}, other {}",
-            elections.saturating_sub(1),
-            f[0],
-            f[1],
-            f[2],
-            f[3]
-        );
-    }
+    shared.report_failures();
     for t in threads {
         let _ = t.join();
     }
     result
 }
 
-fn replica_loop<F: Fabric>(
-    mut rep: Replica<F, Null>,
+/// One replica's thread: proposals from the channel, `step`, completions back. With
+/// `ctl`, it also publishes its status there every turn and stops when told to.
+pub(crate) fn replica_loop<F: Fabric, S: StateMachine>(
+    mut rep: Replica<F, S>,
     rx: Receiver<Vec<Req>>,
     resp: Sender<Vec<Resp>>,
     shared: Arc<Shared>,
     start: Instant,
     pin: Option<core_affinity::CoreId>,
+    ctl: Option<Arc<NodeCtl>>,
 ) {
     if let Some(c) = pin {
         core_affinity::set_for_current(c);
@@ -196,7 +274,9 @@ fn replica_loop<F: Fabric>(
     let mut tickets: HashMap<u64, u64> = HashMap::with_capacity(1 << 16);
     let mut out: Vec<Resp> = Vec::new();
     let mut idle = Idle::new();
-    while !shared.stop.load(Ordering::Relaxed) {
+    while !shared.stop.load(Ordering::Relaxed)
+        && !ctl.as_ref().is_some_and(|c| c.stop.load(Ordering::Relaxed))
+    {
         let mut busy = false;
         while let Ok(batch) = rx.try_recv() {
             busy = true;
@@ -242,15 +322,27 @@ fn replica_loop<F: Fabric>(
                     .leader
                     .compare_exchange(id, NO_LEADER, Ordering::Relaxed, Ordering::Relaxed);
         }
+        if let Some(c) = &ctl {
+            c.publish(&mut rep);
+        }
         idle.tick(busy);
     }
     rep.shutdown();
 }
 
-/// The load generator: closed-loop clients (each keeps `outstanding` commands in flight) or
-/// an open-loop arrival process. Latency is measured from the send time, or, in open loop,
-/// from the *intended* send time, so that a stalled system cannot hide its tail
-/// (coordinated omission).
+/// Waits until some replica leads.
+pub(crate) fn wait_for_leader(shared: &Shared, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while shared.leader.load(Ordering::Relaxed) == NO_LEADER {
+        if Instant::now() > deadline {
+            return Err(format!("no leader elected within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// The load generator thread: closed-loop clients for `warmup + duration`.
 fn load(
     o: &ClusterOpts,
     shared: &Shared,
@@ -258,47 +350,11 @@ fn load(
     resp_rx: &Receiver<Vec<Resp>>,
 ) -> Result<BenchResult, String> {
     fabrics::tighten_timer_slack();
-    let elect_deadline = Instant::now() + Duration::from_secs(15);
-    while shared.leader.load(Ordering::Relaxed) == NO_LEADER {
-        if Instant::now() > elect_deadline {
-            return Err("no leader elected within 15 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let cmd = vec![0xA5u8; o.payload];
-    let t0 = Instant::now();
-    let warm_end = t0 + o.warmup;
+    wait_for_leader(shared, Duration::from_secs(15))?;
+    let mut g = LoadGen::new(o, Commands::Fixed(vec![0xA5u8; o.payload]), shared);
+    let warm_end = g.started() + o.warmup;
     let end = warm_end + o.duration;
-    let mut total = stats::histogram();
-    let mut interval = stats::histogram();
-    let (mut commits, mut errors, mut interval_commits) = (0u64, 0u64, 0u64);
     let mut measuring = o.warmup.is_zero();
-    let mut commit_at_start = shared.commit.load(Ordering::Relaxed);
-    let mut next_report = t0 + Duration::from_secs(1);
-    let mut last_report = t0;
-    let mut out: Vec<Req> = Vec::new();
-    // Per tag: when the command was (meant to be) sent.
-    let mut sent_at: Vec<Instant> = Vec::new();
-    let mut free: Vec<u64> = Vec::new();
-    let closed = o.open_loop.is_none();
-    if closed {
-        let n = o.clients * o.outstanding;
-        sent_at = vec![t0; n];
-        out.extend((0..n as u64).map(|tag| Req {
-            tag,
-            cmd: cmd.clone(),
-        }));
-    }
-    let gap = o
-        .open_loop
-        .map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3)));
-    let mut next_arrival = t0;
-    let mut measured_from = t0;
-    // Closed loop: a refused command (e.g. `NotLeader` while leadership moves) is sent
-    // again after RETRY_AFTER, not at once, so that a leader change does not turn into a
-    // flood of refusals.
-    const RETRY_AFTER: Duration = Duration::from_millis(1);
-    let mut retry: Vec<(Instant, u64)> = Vec::new();
     let mut idle = Idle::new();
     loop {
         let now = Instant::now();
@@ -307,102 +363,14 @@ fn load(
         }
         if !measuring && now >= warm_end {
             measuring = true;
-            measured_from = now;
-            total.reset();
-            commits = 0;
-            errors = 0;
-            commit_at_start = shared.commit.load(Ordering::Relaxed);
+            g.begin(shared);
         }
-        if o.progress && now >= next_report {
-            let secs = now.duration_since(last_report).as_secs_f64();
-            eprintln!(
-                "  {:>5.1}s {:<8} {:>10.0} commits/s   p50 {:>8.1} us   p99 {:>8.1} us",
-                now.duration_since(t0).as_secs_f64(),
-                if measuring { "measure" } else { "warm-up" },
-                interval_commits as f64 / secs,
-                stats::us(&interval, 0.5),
-                stats::us(&interval, 0.99),
-            );
-            interval.reset();
-            interval_commits = 0;
-            last_report = now;
-            next_report += Duration::from_secs(1);
-        }
-        if let Some(gap) = gap {
-            while next_arrival <= now {
-                let tag = match free.pop() {
-                    Some(t) => t,
-                    None => {
-                        sent_at.push(next_arrival);
-                        (sent_at.len() - 1) as u64
-                    }
-                };
-                sent_at[tag as usize] = next_arrival;
-                out.push(Req {
-                    tag,
-                    cmd: cmd.clone(),
-                });
-                next_arrival += gap;
-            }
-        }
-        let mut busy = false;
-        while let Ok(batch) = resp_rx.try_recv() {
-            busy = true;
-            let t = Instant::now();
-            for r in batch {
-                let slot = &mut sent_at[r.tag as usize];
-                if r.ok {
-                    let ns = t.duration_since(*slot).as_nanos() as u64;
-                    let _ = interval.record(ns.max(1));
-                    interval_commits += 1;
-                    if measuring {
-                        let _ = total.record(ns.max(1));
-                        commits += 1;
-                    }
-                } else if measuring {
-                    errors += 1;
-                }
-                if closed && !r.ok {
-                    *slot = t + RETRY_AFTER;
-                    retry.push((t + RETRY_AFTER, r.tag));
-                } else if closed {
-                    *slot = t;
-                    out.push(Req {
-                        tag: r.tag,
-                        cmd: cmd.clone(),
-                    });
-                } else {
-                    free.push(r.tag);
-                }
-            }
-        }
-        if !retry.is_empty() {
-            let now = Instant::now();
-            retry.retain(|&(at, tag)| {
-                if at <= now {
-                    out.push(Req {
-                        tag,
-                        cmd: cmd.clone(),
-                    });
-                    false
-                } else {
-                    true
-                }
-            });
-        }
-        if !out.is_empty() {
-            let l = shared.leader.load(Ordering::Relaxed);
-            let l = if l == NO_LEADER { 0 } else { l };
-            let _ = senders[l].send(std::mem::take(&mut out));
-            busy = true;
-        }
+        g.progress(now, if measuring { "measure" } else { "warm-up" });
+        let busy = g.turn(shared, senders, resp_rx);
         idle.tick(busy);
     }
-    let secs = Instant::now().duration_since(measured_from).as_secs_f64();
-    let entries = shared
-        .commit
-        .load(Ordering::Relaxed)
-        .saturating_sub(commit_at_start);
+    let w = g.window(shared);
+    let closed = o.open_loop.is_none();
     let mut r = BenchResult {
         kind: "cluster",
         topology: "threads",
@@ -412,15 +380,262 @@ fn load(
         outstanding: if closed { o.outstanding } else { 0 },
         open_loop_rate: o.open_loop,
         durability: if o.durable { "durable" } else { "volatile" },
-        duration_s: secs,
-        commits,
-        errors,
-        throughput_ops_s: commits as f64 / secs,
-        commands_per_entry: (entries > 0).then(|| commits as f64 / entries as f64),
+        duration_s: w.secs,
+        commits: w.commits,
+        errors: w.errors,
+        throughput_ops_s: w.commits as f64 / w.secs,
+        commands_per_entry: w.commands_per_entry(),
         ..Default::default()
     };
-    r.fill_latency(&total);
+    r.fill_latency(&w.hist);
     Ok(r)
+}
+
+/// The commands the clients send.
+pub(crate) enum Commands {
+    /// The same bytes every time.
+    Fixed(Vec<u8>),
+    /// `payload` bytes: a key (u64 LE) counting up modulo `keys`, then filler.
+    Keyed {
+        payload: usize,
+        keys: u64,
+        next: u64,
+    },
+}
+
+impl Commands {
+    fn next(&mut self) -> Vec<u8> {
+        match self {
+            Commands::Fixed(c) => c.clone(),
+            Commands::Keyed {
+                payload,
+                keys,
+                next,
+            } => {
+                let mut c = vec![0xA5u8; (*payload).max(8)];
+                c[..8].copy_from_slice(&(*next % (*keys).max(1)).to_le_bytes());
+                *next += 1;
+                c
+            }
+        }
+    }
+}
+
+/// What one measured window saw.
+pub(crate) struct Window {
+    /// Commit latency of the commands that completed in the window (ns).
+    pub(crate) hist: hdrhistogram::Histogram<u64>,
+    pub(crate) commits: u64,
+    pub(crate) errors: u64,
+    pub(crate) secs: f64,
+    /// Entries the leader committed in the window.
+    pub(crate) entries: u64,
+}
+
+impl Window {
+    pub(crate) fn commands_per_entry(&self) -> Option<f64> {
+        (self.entries > 0).then(|| self.commits as f64 / self.entries as f64)
+    }
+}
+
+/// The load generator: closed-loop clients (each keeps `outstanding` commands in flight) or
+/// an open-loop arrival process, driven one `turn` at a time by its thread. Latency is
+/// measured from the send time, or, in open loop, from the *intended* send time, so that a
+/// stalled system cannot hide its tail (coordinated omission). `begin` starts a measured
+/// window, `window` reads it.
+pub(crate) struct LoadGen {
+    cmds: Commands,
+    closed: bool,
+    gap: Option<Duration>,
+    next_arrival: Instant,
+    /// Per tag: when the command was (meant to be) sent.
+    sent_at: Vec<Instant>,
+    free: Vec<u64>,
+    /// Closed loop: refused commands waiting to be sent again.
+    retry: Vec<(Instant, u64)>,
+    out: Vec<Req>,
+    total: hdrhistogram::Histogram<u64>,
+    interval: hdrhistogram::Histogram<u64>,
+    commits: u64,
+    errors: u64,
+    interval_commits: u64,
+    from: Instant,
+    commit_at_start: u64,
+    t0: Instant,
+    last_report: Instant,
+    next_report: Instant,
+    report: bool,
+}
+
+/// Closed loop: a refused command (e.g. `NotLeader` while leadership moves) is sent again
+/// after this, not at once, so that a leader change does not turn into a flood of refusals.
+const RETRY_AFTER: Duration = Duration::from_millis(1);
+
+impl LoadGen {
+    pub(crate) fn new(o: &ClusterOpts, mut cmds: Commands, shared: &Shared) -> LoadGen {
+        let t0 = Instant::now();
+        let closed = o.open_loop.is_none();
+        let mut sent_at = Vec::new();
+        let mut out = Vec::new();
+        if closed {
+            let n = o.clients * o.outstanding;
+            sent_at = vec![t0; n];
+            out.extend((0..n as u64).map(|tag| Req {
+                tag,
+                cmd: cmds.next(),
+            }));
+        }
+        LoadGen {
+            cmds,
+            closed,
+            gap: o
+                .open_loop
+                .map(|r| Duration::from_secs_f64(1.0 / r.max(1e-3))),
+            next_arrival: t0,
+            sent_at,
+            free: Vec::new(),
+            retry: Vec::new(),
+            out,
+            total: stats::histogram(),
+            interval: stats::histogram(),
+            commits: 0,
+            errors: 0,
+            interval_commits: 0,
+            from: t0,
+            commit_at_start: shared.commit.load(Ordering::Relaxed),
+            t0,
+            last_report: t0,
+            next_report: t0 + Duration::from_secs(1),
+            report: o.progress,
+        }
+    }
+
+    /// When the generator started.
+    pub(crate) fn started(&self) -> Instant {
+        self.t0
+    }
+
+    /// Starts a new measured window (the previous one's figures are dropped).
+    pub(crate) fn begin(&mut self, shared: &Shared) {
+        self.from = Instant::now();
+        self.total.reset();
+        self.commits = 0;
+        self.errors = 0;
+        self.commit_at_start = shared.commit.load(Ordering::Relaxed);
+    }
+
+    /// The current window so far.
+    pub(crate) fn window(&self, shared: &Shared) -> Window {
+        Window {
+            hist: self.total.clone(),
+            commits: self.commits,
+            errors: self.errors,
+            secs: Instant::now().duration_since(self.from).as_secs_f64(),
+            entries: shared
+                .commit
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.commit_at_start),
+        }
+    }
+
+    /// A progress line on stderr once a second (unless quiet).
+    pub(crate) fn progress(&mut self, now: Instant, label: &str) {
+        if !self.report || now < self.next_report {
+            return;
+        }
+        let secs = now.duration_since(self.last_report).as_secs_f64();
+        eprintln!(
+            "  {:>5.1}s {:<8} {:>10.0} commits/s   p50 {:>8.1} us   p99 {:>8.1} us",
+            now.duration_since(self.t0).as_secs_f64(),
+            label,
+            self.interval_commits as f64 / secs,
+            stats::us(&self.interval, 0.5),
+            stats::us(&self.interval, 0.99),
+        );
+        self.interval.reset();
+        self.interval_commits = 0;
+        self.last_report = now;
+        self.next_report += Duration::from_secs(1);
+    }
+
+    /// One turn: arrivals (open loop), completions, retries, and sending what is ready to
+    /// the leader. Returns whether anything happened (for the idle strategy).
+    pub(crate) fn turn(
+        &mut self,
+        shared: &Shared,
+        senders: &[Sender<Vec<Req>>],
+        resp_rx: &Receiver<Vec<Resp>>,
+    ) -> bool {
+        let now = Instant::now();
+        if let Some(gap) = self.gap {
+            while self.next_arrival <= now {
+                let tag = match self.free.pop() {
+                    Some(t) => t,
+                    None => {
+                        self.sent_at.push(self.next_arrival);
+                        (self.sent_at.len() - 1) as u64
+                    }
+                };
+                self.sent_at[tag as usize] = self.next_arrival;
+                self.out.push(Req {
+                    tag,
+                    cmd: self.cmds.next(),
+                });
+                self.next_arrival += gap;
+            }
+        }
+        let mut busy = false;
+        while let Ok(batch) = resp_rx.try_recv() {
+            busy = true;
+            let t = Instant::now();
+            for r in batch {
+                let slot = &mut self.sent_at[r.tag as usize];
+                if r.ok {
+                    let ns = t.duration_since(*slot).as_nanos() as u64;
+                    let _ = self.interval.record(ns.max(1));
+                    let _ = self.total.record(ns.max(1));
+                    self.interval_commits += 1;
+                    self.commits += 1;
+                } else {
+                    self.errors += 1;
+                }
+                if self.closed && !r.ok {
+                    *slot = t + RETRY_AFTER;
+                    self.retry.push((t + RETRY_AFTER, r.tag));
+                } else if self.closed {
+                    *slot = t;
+                    self.out.push(Req {
+                        tag: r.tag,
+                        cmd: self.cmds.next(),
+                    });
+                } else {
+                    self.free.push(r.tag);
+                }
+            }
+        }
+        if !self.retry.is_empty() {
+            let now = Instant::now();
+            let (out, cmds) = (&mut self.out, &mut self.cmds);
+            self.retry.retain(|&(at, tag)| {
+                if at <= now {
+                    out.push(Req {
+                        tag,
+                        cmd: cmds.next(),
+                    });
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if !self.out.is_empty() {
+            let l = shared.leader.load(Ordering::Relaxed);
+            let l = if l == NO_LEADER { 0 } else { l };
+            let _ = senders[l].send(std::mem::take(&mut self.out));
+            busy = true;
+        }
+        busy
+    }
 }
 
 /// A fresh data directory and persister for replica `i` of this run.

@@ -79,8 +79,11 @@ pub fn mem(regions: Vec<Arc<Region>>) -> Vec<MemFabric> {
         .collect()
 }
 
+/// The cluster key of the in-process TCP clusters.
+const TCP_KEY: &[u8] = b"ballot-bench in-process cluster";
+
 pub fn tcp(regions: Vec<Arc<Region>>) -> Result<Vec<TcpFabric>, String> {
-    let key = b"ballot-bench in-process cluster".to_vec();
+    let key = TCP_KEY.to_vec();
     let listeners: Vec<TcpListener> = (0..regions.len())
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()
@@ -113,6 +116,30 @@ pub fn tcp(regions: Vec<Arc<Region>>) -> Result<Vec<TcpFabric>, String> {
         }
     }
     Ok(nodes)
+}
+
+/// Starts node `node` of a cluster built by [`tcp`] again (after its fabric was dropped), on
+/// its old address; retries the bind for a while (the old listener may still be closing).
+pub fn tcp_restart(
+    node: NodeId,
+    peers: BTreeMap<NodeId, SocketAddr>,
+    region: Arc<Region>,
+) -> Result<TcpFabric, String> {
+    let addr = *peers
+        .get(&node)
+        .ok_or_else(|| format!("node {node} is not in the address map"))?;
+    let cfg = TcpConfig::new(node, CLUSTER, TCP_KEY.to_vec(), addr, peers, region);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpFabric::start(cfg.clone()) {
+            Ok(f) => return Ok(f),
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("  tcp node {node}: restart on {addr}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("tcp node {node}: restart on {addr}: {e}")),
+        }
+    }
 }
 
 /// Connects `regions.len()` RDMA endpoints in this process (one bootstrap thread each,

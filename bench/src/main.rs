@@ -1,12 +1,14 @@
 //! `ballot-bench`: cluster throughput and latency, raw fabric baselines, and a side-by-side
 //! comparison of the fabrics. See `docs/benchmarks.md`.
 
+mod catchup;
 mod cluster;
 mod fabrics;
 mod plot;
 mod procs;
 mod raw;
 mod stats;
+mod table;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use cluster::ClusterOpts;
@@ -36,6 +38,36 @@ enum Cmd {
     Raw,
     /// Raw round trip and cluster on every available fabric (or `--fabric`), side by side.
     Compare,
+    /// A follower stopped, restarted empty and caught up through a checkpoint under load:
+    /// the leader's commit latency before (A), during the transfer (B) and after (C), for
+    /// each catch-up bandwidth cap (3 replicas, threads, tcp).
+    Catchup(CatchupArgs),
+}
+
+#[derive(Args, Debug)]
+struct CatchupArgs {
+    /// Size of the replicated state (a table of fixed-size values, `--payload` - 8 bytes
+    /// each, written by the load); a checkpoint is this big.
+    #[arg(long, default_value_t = 64)]
+    state_mib: u64,
+    /// Catch-up bandwidth caps to compare, MiB/s (`unlimited`: no cap); one fresh cluster
+    /// each. Tick = 1 ms: the cap is `serve_bytes_per_tick` = MiB/s x 2^20 / 1000.
+    #[arg(long, default_value = "32,128,unlimited")]
+    catchup_rate: String,
+    /// Take a checkpoint every this many MiB of applied commands (default: --state-mib);
+    /// 0: only on request, while the follower is down.
+    #[arg(long)]
+    ckpt_every_mib: Option<u64>,
+    /// Checkpoints kept per replica (the log is compacted behind the oldest).
+    #[arg(long, default_value_t = 2)]
+    keep: usize,
+    /// Image bytes per chunk sent to the catching-up replica.
+    #[arg(long, default_value_t = 64)]
+    chunk_kib: usize,
+    /// Longest wait for the leader's log base to pass the stopped follower, for the pull to
+    /// start, for the install, and for the catch-up after it.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    phase_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -250,6 +282,7 @@ fn run(cli: Cli) -> Result<(), String> {
             vec![raw::run(kind, o.payload, o.warmup, o.duration)?]
         }
         Some(Cmd::Compare) => compare(o, &copts, &sweep)?,
+        Some(Cmd::Catchup(a)) => return run_catchup(o, copts, &a),
     };
     for r in results.iter().filter(|r| r.errors > 0) {
         eprintln!(
@@ -279,6 +312,39 @@ fn run(cli: Cli) -> Result<(), String> {
         if matches!(cli.cmd, Some(Cmd::Compare)) {
             print!("{}", cross_ratios(&results));
         }
+    }
+    Ok(())
+}
+
+fn run_catchup(o: &Opts, copts: ClusterOpts, a: &CatchupArgs) -> Result<(), String> {
+    if matches!(o.fabric, Some(k) if k != FabricKind::Tcp) {
+        return Err("catchup runs on tcp only (a replica is stopped and restarted)".into());
+    }
+    if o.topology == Some(Topology::Processes) {
+        return Err("catchup runs the threads topology only".into());
+    }
+    if copts.durable {
+        return Err("catchup runs volatile only".into());
+    }
+    if o.sweep.is_some() || o.plot.is_some() {
+        return Err("catchup takes neither --sweep nor --plot".into());
+    }
+    let c = catchup::CatchupOpts {
+        cluster: copts,
+        state_mib: a.state_mib,
+        rates: catchup::parse_rates(&a.catchup_rate)?,
+        every_mib: a.ckpt_every_mib.unwrap_or(a.state_mib),
+        chunk_kib: a.chunk_kib,
+        keep: a.keep,
+        timeout: a.phase_timeout,
+    };
+    let results = catchup::run(&c)?;
+    if o.json {
+        for r in &results {
+            println!("{}", r.to_json());
+        }
+    } else {
+        print!("{}", catchup::table(&results));
     }
     Ok(())
 }

@@ -1,0 +1,855 @@
+//! `ballot-bench catchup`: what a replica catching up through a checkpoint costs the
+//! leader's commit latency, and what the catch-up bandwidth cap
+//! (`CheckpointPolicy::serve_bytes_per_tick`) buys.
+//!
+//! For each cap, a fresh 3-replica cluster (topology `threads`, TCP on loopback) whose state
+//! machine is a [`Table`] of `--state-mib` MiB, checkpoints in a [`FileCheckpoints`]
+//! directory per replica (volatile durability). The load generator of the `cluster` mode
+//! keeps a fixed number of commands in flight at the leader; its commit latency is measured
+//! per phase:
+//!
+//! - **A**: all three up, `--duration`.
+//! - **down**: one follower stopped; loading goes on until the leader's log base has passed
+//!   the stopped follower's applied index (with `--ckpt-every-mib 0` the live replicas are
+//!   asked for checkpoints only now).
+//! - **rejoin**: the follower restarted as a fresh recovering replica (empty table, empty
+//!   checkpoint directory, new region, same address) until it starts pulling a checkpoint.
+//! - **B**: the transfer: from the first pull until the checkpoint is installed.
+//! - **tail**: from the install until it has applied everything the leader had committed at
+//!   the install.
+//! - **C**: caught up, `--duration`.
+
+use crate::cluster::{self, ClusterOpts, Commands, LoadGen, NodeCtl, Req, Resp, Shared, Window};
+use crate::fabrics::{self, Idle};
+use crate::stats;
+use crate::table::Table;
+use ballot::checkpoint::CheckpointPolicy;
+use ballot::driver::Replica;
+use ballot::layout::RegionInfo;
+use ballot::protocol::{Config, Core};
+use ballot::region::Region;
+use ballot::storage::FileCheckpoints;
+use ballot::{Index, NodeId};
+use crossbeam::channel::{self, Receiver, Sender};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// `serve_bytes_per_tick` standing for "no cap" (1 TiB per 1 ms tick).
+pub const UNLIMITED_PER_TICK: u64 = 1 << 40;
+
+#[derive(Debug, Clone)]
+pub struct CatchupOpts {
+    /// Replicas (3), payload, clients, outstanding, pipeline, batch, warm-up, `duration` (of
+    /// phases A and C), cores, progress.
+    pub cluster: ClusterOpts,
+    pub state_mib: u64,
+    /// Catch-up caps in MiB/s; `None`: unlimited.
+    pub rates: Vec<Option<u64>>,
+    /// `CheckpointPolicy::every_bytes` in MiB; 0: only on request, in the down phase.
+    pub every_mib: u64,
+    pub chunk_kib: usize,
+    pub keep: usize,
+    /// Longest wait for each of down, rejoin, B and tail.
+    pub timeout: Duration,
+}
+
+/// One phase's commit latency at the leader.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub name: &'static str,
+    pub secs: f64,
+    pub commits: u64,
+    pub errors: u64,
+    pub throughput_ops_s: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub commands_per_entry: Option<f64>,
+    /// Checkpoints saved by any replica during the phase.
+    pub checkpoints_taken: u64,
+    /// Checkpoint image bytes served by any replica during the phase.
+    pub bytes_served: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct CatchupResult {
+    pub payload: usize,
+    pub clients: usize,
+    pub outstanding: usize,
+    pub state_mib: u64,
+    pub every_bytes: u64,
+    pub keep: usize,
+    pub chunk_bytes: usize,
+    /// The cap (MiB/s); `None`: unlimited.
+    pub rate_mib_s: Option<u64>,
+    pub serve_bytes_per_tick: u64,
+    pub leader: usize,
+    pub stopped: usize,
+    /// The stopped follower's applied index when it stopped.
+    pub stop_applied: Index,
+    /// The leader's log base when the follower restarted.
+    pub leader_base_at_restart: Index,
+    /// The checkpoint the restarted replica installed (its newest), and its image size.
+    pub installed_index: Index,
+    pub image_bytes: u64,
+    pub installs: u64,
+    pub checkpoint_failures: u64,
+    /// Image bytes served during rejoin + B + tail, and by whom (node, bytes).
+    pub bytes_served: u64,
+    pub served_by: Vec<(usize, u64)>,
+    /// Restart to first pull; first pull to last byte served; last byte served to installed;
+    /// installed to caught up.
+    pub rejoin_s: f64,
+    pub transfer_s: f64,
+    pub install_s: f64,
+    pub tail_s: f64,
+    /// Served bytes over `transfer_s`.
+    pub transfer_mib_s: f64,
+    pub phases: Vec<Phase>,
+}
+
+impl CatchupResult {
+    pub fn phase(&self, name: &str) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+
+    /// Phase B over phase A: (p50 ratio, p99 ratio).
+    pub fn ratios(&self) -> (Option<f64>, Option<f64>) {
+        match (self.phase("A"), self.phase("B")) {
+            (Some(a), Some(b)) if a.p50_us > 0.0 && a.p99_us > 0.0 && b.commits > 0 => {
+                (Some(b.p50_us / a.p50_us), Some(b.p99_us / a.p99_us))
+            }
+            _ => (None, None),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        fn opt(v: Option<f64>) -> String {
+            v.map_or("null".into(), |x| format!("{x:.3}"))
+        }
+        let phases: Vec<String> = self
+            .phases
+            .iter()
+            .map(|p| {
+                format!(
+                    concat!(
+                        "{{\"phase\":\"{}\",\"duration_s\":{:.3},\"commits\":{},\"errors\":{},",
+                        "\"throughput_ops_s\":{:.1},\"p50_us\":{:.3},\"p90_us\":{:.3},",
+                        "\"p99_us\":{:.3},\"p999_us\":{:.3},\"max_us\":{:.3},",
+                        "\"commands_per_entry\":{},\"checkpoints_taken\":{},\"bytes_served\":{}}}"
+                    ),
+                    p.name,
+                    p.secs,
+                    p.commits,
+                    p.errors,
+                    p.throughput_ops_s,
+                    p.p50_us,
+                    p.p90_us,
+                    p.p99_us,
+                    p.p999_us,
+                    p.max_us,
+                    opt(p.commands_per_entry),
+                    p.checkpoints_taken,
+                    p.bytes_served
+                )
+            })
+            .collect();
+        let served: Vec<String> = self
+            .served_by
+            .iter()
+            .map(|(n, b)| format!("{{\"node\":{n},\"bytes\":{b}}}"))
+            .collect();
+        let (r50, r99) = self.ratios();
+        format!(
+            concat!(
+                "{{\"kind\":\"catchup\",\"fabric\":\"tcp\",\"topology\":\"threads\",\"replicas\":3,",
+                "\"payload\":{},\"clients\":{},\"outstanding\":{},\"durability\":\"volatile\",",
+                "\"state_mib\":{},\"every_bytes\":{},\"keep\":{},\"chunk_bytes\":{},",
+                "\"rate_mib_s\":{},\"serve_bytes_per_tick\":{},\"leader\":{},\"stopped\":{},",
+                "\"stop_applied\":{},\"leader_base_at_restart\":{},\"installed_index\":{},",
+                "\"image_bytes\":{},\"installs\":{},\"checkpoint_failures\":{},",
+                "\"bytes_served\":{},\"served_by\":[{}],\"rejoin_s\":{:.3},\"transfer_s\":{:.3},",
+                "\"install_s\":{:.3},\"tail_s\":{:.3},\"transfer_mib_s\":{:.1},",
+                "\"p50_ratio_b_a\":{},\"p99_ratio_b_a\":{},\"phases\":[{}]}}"
+            ),
+            self.payload,
+            self.clients,
+            self.outstanding,
+            self.state_mib,
+            self.every_bytes,
+            self.keep,
+            self.chunk_bytes,
+            self.rate_mib_s
+                .map_or("null".to_string(), |r| r.to_string()),
+            self.serve_bytes_per_tick,
+            self.leader,
+            self.stopped,
+            self.stop_applied,
+            self.leader_base_at_restart,
+            self.installed_index,
+            self.image_bytes,
+            self.installs,
+            self.checkpoint_failures,
+            self.bytes_served,
+            served.join(","),
+            self.rejoin_s,
+            self.transfer_s,
+            self.install_s,
+            self.tail_s,
+            self.transfer_mib_s,
+            opt(r50),
+            opt(r99),
+            phases.join(",")
+        )
+    }
+}
+
+fn rate_name(r: Option<u64>) -> String {
+    r.map_or("unlimited".into(), |r| format!("{r} MiB/s"))
+}
+
+/// Parses `32,128,unlimited` (MiB/s).
+pub fn parse_rates(s: &str) -> Result<Vec<Option<u64>>, String> {
+    let v: Vec<Option<u64>> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| match x {
+            "unlimited" | "none" | "inf" => Ok(None),
+            _ => x
+                .parse::<u64>()
+                .ok()
+                .filter(|r| *r > 0)
+                .map(Some)
+                .ok_or_else(|| {
+                    format!("bad --catchup-rate list {s:?} (MiB/s, e.g. 32,128,unlimited)")
+                }),
+        })
+        .collect::<Result<_, _>>()?;
+    if v.is_empty() {
+        return Err("empty --catchup-rate list".into());
+    }
+    Ok(v)
+}
+
+/// Human-readable report: per cap, the phases and the transfer; then one summary row each.
+pub fn table(results: &[CatchupResult]) -> String {
+    let mut s = String::new();
+    for r in results {
+        s.push_str(&format!(
+            "catch-up cap {} ({} B/tick), state {} MiB, checkpoint every {}, keep {}, chunk {} KiB; \
+             leader {}, stopped {}\n",
+            rate_name(r.rate_mib_s),
+            r.serve_bytes_per_tick,
+            r.state_mib,
+            if r.every_bytes == 0 {
+                "on request (down phase)".to_string()
+            } else {
+                format!("{} MiB applied", r.every_bytes >> 20)
+            },
+            r.keep,
+            r.chunk_bytes >> 10,
+            r.leader,
+            r.stopped
+        ));
+        s.push_str(&format!(
+            "  {:<7} {:>7} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6} {:>11}\n",
+            "phase",
+            "secs",
+            "commits/s",
+            "p50 us",
+            "p90 us",
+            "p99 us",
+            "p99.9 us",
+            "max us",
+            "ckpts",
+            "served MiB"
+        ));
+        for p in &r.phases {
+            s.push_str(&format!(
+                "  {:<7} {:>7.2} {:>11.0} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>6} {:>11.1}\n",
+                p.name,
+                p.secs,
+                p.throughput_ops_s,
+                p.p50_us,
+                p.p90_us,
+                p.p99_us,
+                p.p999_us,
+                p.max_us,
+                p.checkpoints_taken,
+                p.bytes_served as f64 / (1 << 20) as f64
+            ));
+        }
+        let (r50, r99) = r.ratios();
+        let who: Vec<String> = r
+            .served_by
+            .iter()
+            .map(|(n, b)| {
+                format!(
+                    "node {n}{} {:.1} MiB",
+                    if *n == r.leader { " (leader)" } else { "" },
+                    *b as f64 / (1 << 20) as f64
+                )
+            })
+            .collect();
+        s.push_str(&format!(
+            "  transfer: image {:.1} MiB (index {}), served {:.1} MiB by {} in {:.2} s = {:.1} MiB/s; \
+             install {:.2} s; rejoin {:.2} s, tail {:.2} s; installs {}, failures {}; \
+             B/A p50 x{}, p99 x{}\n\n",
+            r.image_bytes as f64 / (1 << 20) as f64,
+            r.installed_index,
+            r.bytes_served as f64 / (1 << 20) as f64,
+            if who.is_empty() { "nobody".into() } else { who.join(", ") },
+            r.transfer_s,
+            r.transfer_mib_s,
+            r.install_s,
+            r.rejoin_s,
+            r.tail_s,
+            r.installs,
+            r.checkpoint_failures,
+            r50.map_or("-".into(), |x| format!("{x:.2}")),
+            r99.map_or("-".into(), |x| format!("{x:.2}")),
+        ));
+    }
+    s.push_str(&format!(
+        "{:<10} {:>17} {:>17} {:>17} {:>8} {:>8} {:>10} {:>9}\n",
+        "cap",
+        "A p50/p99 us",
+        "B p50/p99 us",
+        "C p50/p99 us",
+        "B/A p50",
+        "B/A p99",
+        "transfer",
+        "MiB/s"
+    ));
+    for r in results {
+        let pp = |n: &str| {
+            r.phase(n)
+                .map_or("-".into(), |p| format!("{:.0} / {:.0}", p.p50_us, p.p99_us))
+        };
+        let (r50, r99) = r.ratios();
+        s.push_str(&format!(
+            "{:<10} {:>17} {:>17} {:>17} {:>8} {:>8} {:>9.2}s {:>9.1}\n",
+            rate_name(r.rate_mib_s),
+            pp("A"),
+            pp("B"),
+            pp("C"),
+            r50.map_or("-".into(), |x| format!("{x:.2}")),
+            r99.map_or("-".into(), |x| format!("{x:.2}")),
+            r.transfer_s,
+            r.transfer_mib_s
+        ));
+    }
+    s
+}
+
+/// Runs every cap in turn, each on a fresh cluster.
+pub fn run(o: &CatchupOpts) -> Result<Vec<CatchupResult>, String> {
+    if o.cluster.replicas != 3 {
+        return Err("catchup runs 3 replicas (--replicas 3)".into());
+    }
+    if o.cluster.payload < 9 {
+        return Err("catchup needs --payload of at least 9 bytes (an 8-byte key + value)".into());
+    }
+    if o.cluster.payload - 8 > crate::table::PAGE {
+        return Err(format!(
+            "catchup values are at most {} bytes (--payload {} at most)",
+            crate::table::PAGE,
+            crate::table::PAGE + 8
+        ));
+    }
+    if o.state_mib == 0 || o.keep == 0 || o.chunk_kib == 0 {
+        return Err("--state-mib, --keep and --chunk-kib must be positive".into());
+    }
+    if o.chunk_kib << 10 > ballot::protocol::MAX_CKPT_CHUNK {
+        return Err(format!(
+            "--chunk-kib at most {}",
+            ballot::protocol::MAX_CKPT_CHUNK >> 10
+        ));
+    }
+    let mut out = Vec::new();
+    for &rate in &o.rates {
+        eprintln!(
+            "== catchup, cap {}: 3 replicas (threads) on tcp, {} MiB table, {}-byte commands, \
+             {} clients x {} outstanding, {:?} warm-up, A and C {:?} each",
+            rate_name(rate),
+            o.state_mib,
+            o.cluster.payload,
+            o.cluster.clients,
+            o.cluster.outstanding,
+            o.cluster.warmup,
+            o.cluster.duration
+        );
+        out.push(run_one(o, rate)?);
+    }
+    Ok(out)
+}
+
+/// Temporary checkpoint directories, removed at the end (also on error).
+struct Dirs(PathBuf);
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running cluster and its load.
+struct Run {
+    shared: Arc<Shared>,
+    ctls: Vec<Arc<NodeCtl>>,
+    senders: Vec<Sender<Vec<Req>>>,
+    resp_tx: Sender<Vec<Resp>>,
+    resp_rx: Receiver<Vec<Resp>>,
+    threads: Vec<Option<JoinHandle<()>>>,
+    gen: LoadGen,
+    idle: Idle,
+    start: Instant,
+    /// At the start of the current phase: (checkpoints taken, bytes served) per replica.
+    marks: Vec<(u64, u64)>,
+    phases: Vec<Phase>,
+    pins: Vec<Option<core_affinity::CoreId>>,
+    /// Why a replica thread could not build its replica.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.iter_mut().filter_map(Option::take) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Run {
+    fn sums(&self) -> Vec<(u64, u64)> {
+        self.ctls
+            .iter()
+            .map(|c| {
+                (
+                    c.checkpoints_taken.load(Ordering::Relaxed),
+                    c.bytes_served.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    fn begin(&mut self) {
+        self.gen.begin(&self.shared);
+        self.marks = self.sums();
+    }
+
+    fn end(&mut self, name: &'static str) -> &Phase {
+        let w: Window = self.gen.window(&self.shared);
+        let now = self.sums();
+        let (taken, served) = now.iter().zip(&self.marks).fold((0, 0), |(t, s), (n, m)| {
+            (t + n.0.saturating_sub(m.0), s + n.1.saturating_sub(m.1))
+        });
+        let h = &w.hist;
+        self.phases.push(Phase {
+            name,
+            secs: w.secs,
+            commits: w.commits,
+            errors: w.errors,
+            throughput_ops_s: if w.secs > 0.0 {
+                w.commits as f64 / w.secs
+            } else {
+                0.0
+            },
+            p50_us: stats::us(h, 0.5),
+            p90_us: stats::us(h, 0.9),
+            p99_us: stats::us(h, 0.99),
+            p999_us: stats::us(h, 0.999),
+            max_us: if h.is_empty() {
+                0.0
+            } else {
+                h.max() as f64 / 1000.0
+            },
+            commands_per_entry: w.commands_per_entry(),
+            checkpoints_taken: taken,
+            bytes_served: served,
+        });
+        self.phases.last().expect("just pushed")
+    }
+
+    fn leader(&self) -> Option<usize> {
+        let l = self.shared.leader.load(Ordering::Relaxed);
+        (l != cluster::NO_LEADER).then_some(l)
+    }
+
+    /// Drives the load until `done` says so, or `limit` passes (Ok), or `timeout` passes
+    /// (Err, with every replica's status).
+    fn until(
+        &mut self,
+        label: &str,
+        timeout: Option<Duration>,
+        limit: Option<Instant>,
+        mut done: impl FnMut(&Run) -> bool,
+    ) -> Result<(), String> {
+        let t0 = Instant::now();
+        loop {
+            let now = Instant::now();
+            if limit.is_some_and(|l| now >= l) || done(self) {
+                return Ok(());
+            }
+            if let Some(t) = timeout.filter(|t| now.duration_since(t0) > *t) {
+                return Err(format!(
+                    "{label}: not done after {t:?}; leader {:?}; {}",
+                    self.leader(),
+                    self.status()
+                ));
+            }
+            self.gen.progress(now, label);
+            let busy = self.gen.turn(&self.shared, &self.senders, &self.resp_rx);
+            self.idle.tick(busy);
+        }
+    }
+
+    fn status(&self) -> String {
+        self.ctls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("replica {i}: {}", c.describe()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Starts replica `i` on its own thread, built there by `build` (a failed build is
+    /// left in `self.failed`).
+    fn spawn(
+        &mut self,
+        i: usize,
+        ctl: Arc<NodeCtl>,
+        build: impl FnOnce() -> Result<Replica<ballot_tcp::TcpFabric, Table>, String> + Send + 'static,
+    ) -> Result<(), String> {
+        let (tx, rx) = channel::unbounded::<Vec<Req>>();
+        let (sh, rtx, start, pin) = (
+            self.shared.clone(),
+            self.resp_tx.clone(),
+            self.start,
+            self.pins[i],
+        );
+        let (c, failed) = (ctl.clone(), self.failed.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("replica-{i}"))
+            .spawn(move || match build() {
+                Ok(rep) => cluster::replica_loop(rep, rx, rtx, sh, start, pin, Some(c)),
+                Err(e) => *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+            })
+            .map_err(|e| e.to_string())?;
+        if i < self.senders.len() {
+            self.senders[i] = tx;
+            self.ctls[i] = ctl;
+            self.threads[i] = Some(t);
+        } else {
+            self.senders.push(tx);
+            self.ctls.push(ctl);
+            self.threads.push(Some(t));
+        }
+        Ok(())
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn replica(
+    cfg: Config,
+    recovering: bool,
+    fabric: ballot_tcp::TcpFabric,
+    state_bytes: u64,
+    value: usize,
+    dir: &std::path::Path,
+    policy: CheckpointPolicy,
+) -> Result<Replica<ballot_tcp::TcpFabric, Table>, String> {
+    let core = Core::new(cfg, recovering).map_err(|e| format!("config: {e}"))?;
+    let store = FileCheckpoints::open(dir)
+        .map_err(|e| format!("checkpoint directory {}: {e}", dir.display()))?;
+    Ok(
+        Replica::new(core, fabric, Table::new(state_bytes, value), None)
+            .with_checkpoints(Box::new(store), policy),
+    )
+}
+
+fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> {
+    let co = &o.cluster;
+    let state_bytes = o.state_mib << 20;
+    let value = co.payload - 8;
+    let keys = Table::new(state_bytes, value).slots();
+    let per_tick = rate.map_or(UNLIMITED_PER_TICK, |r| (r << 20) / 1000);
+    let policy = CheckpointPolicy {
+        every_bytes: o.every_mib << 20,
+        keep: o.keep,
+        chunk_bytes: o.chunk_kib << 10,
+        serve_bytes_per_tick: per_tick,
+    };
+    let (_, cfgs) = cluster::configs(co);
+    let dirs = Dirs(std::env::temp_dir().join(format!(
+        "ballot-bench-catchup-{}-{}",
+        std::process::id(),
+        rate.map_or("unlimited".to_string(), |r| r.to_string())
+    )));
+    let _ = std::fs::remove_dir_all(&dirs.0);
+    let regions = fabrics::regions(3, cfgs[0].ring);
+    let fabs = fabrics::tcp(regions)?;
+    let peers: BTreeMap<NodeId, SocketAddr> = fabs
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (i as NodeId, f.local_addr()))
+        .collect();
+    let (resp_tx, resp_rx) = channel::unbounded::<Vec<Resp>>();
+    let shared = Arc::new(Shared::new());
+    let mut run = Run {
+        gen: LoadGen::new(
+            co,
+            Commands::Keyed {
+                payload: co.payload,
+                keys,
+                next: 0,
+            },
+            &shared,
+        ),
+        shared,
+        ctls: Vec::new(),
+        senders: Vec::new(),
+        resp_tx,
+        resp_rx,
+        threads: Vec::new(),
+        idle: Idle::new(),
+        start: Instant::now(),
+        marks: Vec::new(),
+        phases: Vec::new(),
+        pins: (0..3)
+            .map(|i| (!co.cores.is_empty()).then(|| co.cores[i % co.cores.len()]))
+            .collect(),
+        failed: Default::default(),
+    };
+    for (i, (fabric, cfg)) in fabs.into_iter().zip(cfgs.iter().cloned()).enumerate() {
+        let dir = dirs.0.join(i.to_string());
+        let rep = replica(cfg, false, fabric, state_bytes, value, &dir, policy)?;
+        run.spawn(i, Arc::new(NodeCtl::default()), move || Ok(rep))?;
+    }
+    fabrics::tighten_timer_slack();
+    cluster::wait_for_leader(&run.shared, Duration::from_secs(15))?;
+    // The load generator's clock starts now (commands queued before a leader would fail).
+    run.gen = LoadGen::new(
+        co,
+        Commands::Keyed {
+            payload: co.payload,
+            keys,
+            next: 0,
+        },
+        &run.shared,
+    );
+    let warm_end = run.gen.started() + co.warmup;
+    run.until("warm-up", None, Some(warm_end), |_| false)?;
+
+    // A: all three up.
+    run.begin();
+    run.until("A", None, Some(Instant::now() + co.duration), |_| false)?;
+    run.end("A");
+
+    // down: stop a follower; load until the leader's log base has passed it.
+    let leader = run.leader().ok_or("no leader at the end of phase A")?;
+    let f = (leader + 1) % 3;
+    run.begin();
+    run.ctls[f].stop.store(true, Ordering::SeqCst);
+    let on_request = o.every_mib == 0;
+    let mut stop_applied: Option<Index> = None;
+    let mut asked_at_taken: Option<u64> = None;
+    run.until("down", Some(o.timeout), None, |r| {
+        let Some(t) = &r.threads[f] else { return false };
+        if !t.is_finished() {
+            return false;
+        }
+        let stopped = *stop_applied.get_or_insert_with(|| r.ctls[f].applied.load(Ordering::SeqCst));
+        let l = &r.ctls[leader];
+        if l.base.load(Ordering::Relaxed) > stopped {
+            return true;
+        }
+        if on_request {
+            // Ask the live replicas for a checkpoint, again after each one the leader saves.
+            let taken = l.checkpoints_taken.load(Ordering::Relaxed);
+            if asked_at_taken.is_none_or(|a| taken > a) {
+                asked_at_taken = Some(taken);
+                for (i, c) in r.ctls.iter().enumerate() {
+                    if i != f {
+                        c.want_checkpoint.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        false
+    })?;
+    run.end("down");
+    if let Some(t) = run.threads[f].take() {
+        let _ = t.join();
+    }
+    let stop_applied = stop_applied.unwrap_or(0);
+    let leader_base_at_restart = run.ctls[leader].base.load(Ordering::Relaxed);
+
+    // rejoin: the follower comes back empty, as a recovering replica (built on its own
+    // thread: the load goes on meanwhile).
+    run.begin();
+    let served_before: Vec<u64> = run
+        .ctls
+        .iter()
+        .map(|c| c.bytes_served.load(Ordering::Relaxed))
+        .collect();
+    let (cfg, ring, dir) = (
+        cfgs[f].clone(),
+        cfgs[f].ring,
+        dirs.0.join(format!("{f}-restarted")),
+    );
+    run.spawn(f, Arc::new(NodeCtl::default()), move || {
+        let info = RegionInfo {
+            cluster: fabrics::CLUSTER,
+            node: f as NodeId,
+            ring,
+        };
+        let region =
+            Arc::new(Region::anonymous(info).map_err(|e| format!("region of node {f}: {e}"))?);
+        let fabric = fabrics::tcp_restart(f as NodeId, peers, region)?;
+        replica(cfg, true, fabric, state_bytes, value, &dir, policy)
+    })?;
+    let restarted = Instant::now();
+    run.until("rejoin", Some(o.timeout), None, |r| {
+        let c = &r.ctls[f];
+        r.failure().is_some()
+            || c.pulling.load(Ordering::Relaxed)
+            || c.checkpoints_installed.load(Ordering::Relaxed) > 0
+    })?;
+    if let Some(e) = run.failure() {
+        return Err(format!("restarting replica {f}: {e}"));
+    }
+    run.end("rejoin");
+    let pull_at = Instant::now();
+
+    // B: the transfer, until the checkpoint is installed.
+    run.begin();
+    let served_sum = |r: &Run| -> u64 {
+        r.ctls
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != f)
+            .map(|(_, c)| c.bytes_served.load(Ordering::Relaxed))
+            .sum()
+    };
+    let mut last_served = (served_sum(&run), pull_at);
+    run.until("B", Some(o.timeout), None, |r| {
+        let s = served_sum(r);
+        if s != last_served.0 {
+            last_served = (s, Instant::now());
+        }
+        r.ctls[f].checkpoints_installed.load(Ordering::Relaxed) > 0
+    })?;
+    let installed_at = Instant::now();
+    run.end("B");
+    let installed_index = run.ctls[f].latest_checkpoint.load(Ordering::Relaxed);
+    // The image as the store keeps it (`FileCheckpoints` names files `snap-<index:020>.ckpt`).
+    let image_bytes = std::fs::metadata(
+        dirs.0
+            .join(format!("{f}-restarted"))
+            .join(format!("snap-{installed_index:020}.ckpt")),
+    )
+    .map_or(0, |m| m.len());
+
+    // tail: until it has applied what the leader had committed at the install, and is
+    // within one window of the leader's commit.
+    run.begin();
+    let target = run.shared.commit.load(Ordering::Relaxed);
+    let window = cfgs[f].window;
+    run.until("tail", Some(o.timeout), None, |r| {
+        let c = &r.ctls[f];
+        let applied = c.applied.load(Ordering::Relaxed);
+        !c.recovering.load(Ordering::Relaxed)
+            && !c.pulling.load(Ordering::Relaxed)
+            && applied >= target
+            && applied + window >= r.shared.commit.load(Ordering::Relaxed)
+    })?;
+    let caught_up = Instant::now();
+    run.end("tail");
+
+    // C: caught up.
+    run.begin();
+    run.until("C", None, Some(Instant::now() + co.duration), |_| false)?;
+    run.end("C");
+
+    let served_by: Vec<(usize, u64)> = run
+        .ctls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != f)
+        .map(|(i, c)| {
+            (
+                i,
+                c.bytes_served
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(served_before[i]),
+            )
+        })
+        .filter(|(_, b)| *b > 0)
+        .collect();
+    let bytes_served: u64 = served_by.iter().map(|(_, b)| b).sum();
+    let c = &run.ctls[f];
+    let transfer_s = last_served
+        .1
+        .saturating_duration_since(pull_at)
+        .as_secs_f64();
+    let transfer_bytes = last_served.0.saturating_sub(
+        served_before
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != f)
+            .map(|(_, b)| b)
+            .sum::<u64>(),
+    );
+    let r = CatchupResult {
+        payload: co.payload,
+        clients: co.clients,
+        outstanding: co.outstanding,
+        state_mib: o.state_mib,
+        every_bytes: policy.every_bytes,
+        keep: o.keep,
+        chunk_bytes: policy.chunk_bytes,
+        rate_mib_s: rate,
+        serve_bytes_per_tick: per_tick,
+        leader,
+        stopped: f,
+        stop_applied,
+        leader_base_at_restart,
+        installed_index,
+        image_bytes,
+        installs: c.checkpoints_installed.load(Ordering::Relaxed),
+        checkpoint_failures: c.checkpoint_failures.load(Ordering::Relaxed),
+        bytes_served,
+        served_by,
+        rejoin_s: pull_at.duration_since(restarted).as_secs_f64(),
+        transfer_s,
+        install_s: installed_at
+            .saturating_duration_since(last_served.1)
+            .as_secs_f64(),
+        tail_s: caught_up.duration_since(installed_at).as_secs_f64(),
+        transfer_mib_s: if transfer_s > 0.0 {
+            transfer_bytes as f64 / (1 << 20) as f64 / transfer_s
+        } else {
+            0.0
+        },
+        phases: std::mem::take(&mut run.phases),
+    };
+    run.shared.stop.store(true, Ordering::SeqCst);
+    drop(run);
+    drop(dirs);
+    Ok(r)
+}
