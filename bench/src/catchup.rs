@@ -20,6 +20,7 @@
 //! - **C**: caught up, `--duration`.
 
 use crate::cluster::{self, ClusterOpts, Commands, LoadGen, NodeCtl, Req, Resp, Shared, Window};
+use crate::cpu;
 use crate::fabrics::{self, Idle};
 use crate::stats;
 use crate::table::Table;
@@ -56,6 +57,18 @@ pub struct CatchupOpts {
     pub keep: usize,
     /// Longest wait for each of down, rejoin, B and tail.
     pub timeout: Duration,
+    /// With checkpoints on request: which live replica takes the newest (and so serves).
+    pub serve_from: ServeFrom,
+}
+
+/// Which replica the restarted one should pull from (with checkpoints on request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeFrom {
+    /// Whichever recovery picks (both take a checkpoint at once).
+    Any,
+    Leader,
+    /// The other follower (the leader's only acknowledger while the third is down).
+    Follower,
 }
 
 /// One phase's commit latency at the leader.
@@ -72,10 +85,28 @@ pub struct Phase {
     pub p999_us: f64,
     pub max_us: f64,
     pub commands_per_entry: Option<f64>,
+    /// Leader changes seen during the phase, and the leader at its end.
+    pub leader_changes: u64,
+    pub leader: Option<usize>,
     /// Checkpoints saved by any replica during the phase.
     pub checkpoints_taken: u64,
     /// Checkpoint image bytes served by any replica during the phase.
     pub bytes_served: u64,
+    /// CPU seconds used in the phase, by thread group (`r0`..`r2`: replica threads,
+    /// `tcp0`..`tcp2`: each node's TCP fabric threads, `ckpt`: checkpoint saves, `bench`:
+    /// the load generator and the rest).
+    pub cpu_s: BTreeMap<String, f64>,
+}
+
+impl Phase {
+    /// CPU use per group in cores (CPU seconds per second), e.g. `r0 0.62 r1 0.40 ...`.
+    pub fn cpu_line(&self) -> String {
+        self.cpu_s
+            .iter()
+            .map(|(g, s)| format!("{g} {:.2}", s / self.secs.max(1e-9)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -94,8 +125,12 @@ pub struct CatchupResult {
     pub stopped: usize,
     /// The stopped follower's applied index when it stopped.
     pub stop_applied: Index,
-    /// The leader's log base when the follower restarted.
+    /// The leader's log base when the follower restarted, and its committed entries after
+    /// it (what a recovery answer carries).
     pub leader_base_at_restart: Index,
+    pub leader_log_at_restart: u64,
+    /// Leader changes after the first election (whole run).
+    pub leader_changes: u64,
     /// The checkpoint the restarted replica installed (its newest), and its image size.
     pub installed_index: Index,
     pub image_bytes: u64,
@@ -122,7 +157,12 @@ impl CatchupResult {
 
     /// Phase B over phase A: (p50 ratio, p99 ratio).
     pub fn ratios(&self) -> (Option<f64>, Option<f64>) {
-        match (self.phase("A"), self.phase("B")) {
+        self.ratios_to("A")
+    }
+
+    /// Phase B over another phase: (p50 ratio, p99 ratio).
+    pub fn ratios_to(&self, base: &str) -> (Option<f64>, Option<f64>) {
+        match (self.phase(base), self.phase("B")) {
             (Some(a), Some(b)) if a.p50_us > 0.0 && a.p99_us > 0.0 && b.commits > 0 => {
                 (Some(b.p50_us / a.p50_us), Some(b.p99_us / a.p99_us))
             }
@@ -143,7 +183,9 @@ impl CatchupResult {
                         "{{\"phase\":\"{}\",\"duration_s\":{:.3},\"commits\":{},\"errors\":{},",
                         "\"throughput_ops_s\":{:.1},\"p50_us\":{:.3},\"p90_us\":{:.3},",
                         "\"p99_us\":{:.3},\"p999_us\":{:.3},\"max_us\":{:.3},",
-                        "\"commands_per_entry\":{},\"checkpoints_taken\":{},\"bytes_served\":{}}}"
+                        "\"commands_per_entry\":{},\"leader_changes\":{},\"leader\":{},",
+                        "\"checkpoints_taken\":{},\"bytes_served\":{},",
+                        "\"cpu_s\":{{{}}}}}"
                     ),
                     p.name,
                     p.secs,
@@ -156,8 +198,15 @@ impl CatchupResult {
                     p.p999_us,
                     p.max_us,
                     opt(p.commands_per_entry),
+                    p.leader_changes,
+                    p.leader.map_or("null".into(), |l| l.to_string()),
                     p.checkpoints_taken,
-                    p.bytes_served
+                    p.bytes_served,
+                    p.cpu_s
+                        .iter()
+                        .map(|(g, v)| format!("\"{g}\":{v:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
                 )
             })
             .collect();
@@ -167,17 +216,20 @@ impl CatchupResult {
             .map(|(n, b)| format!("{{\"node\":{n},\"bytes\":{b}}}"))
             .collect();
         let (r50, r99) = self.ratios();
+        let (d50, d99) = self.ratios_to("down");
         format!(
             concat!(
                 "{{\"kind\":\"catchup\",\"fabric\":\"tcp\",\"topology\":\"threads\",\"replicas\":3,",
                 "\"payload\":{},\"clients\":{},\"outstanding\":{},\"durability\":\"volatile\",",
                 "\"state_mib\":{},\"every_bytes\":{},\"keep\":{},\"chunk_bytes\":{},",
                 "\"rate_mib_s\":{},\"serve_bytes_per_tick\":{},\"leader\":{},\"stopped\":{},",
-                "\"stop_applied\":{},\"leader_base_at_restart\":{},\"installed_index\":{},",
+                "\"stop_applied\":{},\"leader_base_at_restart\":{},\"leader_log_at_restart\":{},",
+                "\"leader_changes\":{},\"installed_index\":{},",
                 "\"image_bytes\":{},\"installs\":{},\"checkpoint_failures\":{},",
                 "\"bytes_served\":{},\"served_by\":[{}],\"rejoin_s\":{:.3},\"transfer_s\":{:.3},",
                 "\"install_s\":{:.3},\"tail_s\":{:.3},\"transfer_mib_s\":{:.1},",
-                "\"p50_ratio_b_a\":{},\"p99_ratio_b_a\":{},\"phases\":[{}]}}"
+                "\"p50_ratio_b_a\":{},\"p99_ratio_b_a\":{},\"p50_ratio_b_down\":{},",
+                "\"p99_ratio_b_down\":{},\"phases\":[{}]}}"
             ),
             self.payload,
             self.clients,
@@ -193,6 +245,8 @@ impl CatchupResult {
             self.stopped,
             self.stop_applied,
             self.leader_base_at_restart,
+            self.leader_log_at_restart,
+            self.leader_changes,
             self.installed_index,
             self.image_bytes,
             self.installs,
@@ -206,6 +260,8 @@ impl CatchupResult {
             self.transfer_mib_s,
             opt(r50),
             opt(r99),
+            opt(d50),
+            opt(d99),
             phases.join(",")
         )
     }
@@ -245,7 +301,8 @@ pub fn table(results: &[CatchupResult]) -> String {
     for r in results {
         s.push_str(&format!(
             "catch-up cap {} ({} B/tick), state {} MiB, checkpoint every {}, keep {}, chunk {} KiB; \
-             leader {}, stopped {}\n",
+             leader {}, stopped {}; at the restart the leader's log held {} entries after its base {}; \
+             leader changes {}\n",
             rate_name(r.rate_mib_s),
             r.serve_bytes_per_tick,
             r.state_mib,
@@ -257,10 +314,13 @@ pub fn table(results: &[CatchupResult]) -> String {
             r.keep,
             r.chunk_bytes >> 10,
             r.leader,
-            r.stopped
+            r.stopped,
+            r.leader_log_at_restart,
+            r.leader_base_at_restart,
+            r.leader_changes
         ));
         s.push_str(&format!(
-            "  {:<7} {:>7} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6} {:>11}\n",
+            "  {:<7} {:>7} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>6} {:>10}\n",
             "phase",
             "secs",
             "commits/s",
@@ -269,12 +329,14 @@ pub fn table(results: &[CatchupResult]) -> String {
             "p99 us",
             "p99.9 us",
             "max us",
+            "errors",
+            "leader",
             "ckpts",
             "served MiB"
         ));
         for p in &r.phases {
             s.push_str(&format!(
-                "  {:<7} {:>7.2} {:>11.0} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>6} {:>11.1}\n",
+                "  {:<7} {:>7.2} {:>11.0} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>7} {:>7} {:>6} {:>10.1}\n",
                 p.name,
                 p.secs,
                 p.throughput_ops_s,
@@ -283,9 +345,23 @@ pub fn table(results: &[CatchupResult]) -> String {
                 p.p99_us,
                 p.p999_us,
                 p.max_us,
+                p.errors,
+                format!(
+                    "{}{}",
+                    p.leader.map_or("-".into(), |l| l.to_string()),
+                    if p.leader_changes > 0 {
+                        format!(" ({}x)", p.leader_changes)
+                    } else {
+                        String::new()
+                    }
+                ),
                 p.checkpoints_taken,
                 p.bytes_served as f64 / (1 << 20) as f64
             ));
+        }
+        s.push_str("  CPU (cores) per phase:\n");
+        for p in &r.phases {
+            s.push_str(&format!("  {:<7} {}\n", p.name, p.cpu_line()));
         }
         let (r50, r99) = r.ratios();
         let who: Vec<String> = r
@@ -319,34 +395,58 @@ pub fn table(results: &[CatchupResult]) -> String {
         ));
     }
     s.push_str(&format!(
-        "{:<10} {:>17} {:>17} {:>17} {:>8} {:>8} {:>10} {:>9}\n",
+        "{:<10} {:>13} {:>13} {:>13} {:>13} {:>11} {:>11} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
         "cap",
-        "A p50/p99 us",
-        "B p50/p99 us",
-        "C p50/p99 us",
-        "B/A p50",
-        "B/A p99",
+        "A p50/p99",
+        "down p50/p99",
+        "B p50/p99",
+        "C p50/p99",
+        "B/A p50,99",
+        "B/dn p50,99",
         "transfer",
-        "MiB/s"
+        "MiB/s",
+        "served",
+        "installs",
+        "leaders"
     ));
     for r in results {
         let pp = |n: &str| {
             r.phase(n)
-                .map_or("-".into(), |p| format!("{:.0} / {:.0}", p.p50_us, p.p99_us))
+                .map_or("-".into(), |p| format!("{:.0}/{:.0}", p.p50_us, p.p99_us))
         };
+        let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
         let (r50, r99) = r.ratios();
+        let (d50, d99) = r.ratios_to("down");
+        let by: Vec<String> = r
+            .served_by
+            .iter()
+            .map(|(n, _)| {
+                if *n == r.leader {
+                    "L".into()
+                } else {
+                    format!("F{n}")
+                }
+            })
+            .collect();
         s.push_str(&format!(
-            "{:<10} {:>17} {:>17} {:>17} {:>8} {:>8} {:>9.2}s {:>9.1}\n",
+            "{:<10} {:>13} {:>13} {:>13} {:>13} {:>11} {:>11} {:>8.2}s {:>9.1} {:>8} {:>8} {:>8}\n",
             rate_name(r.rate_mib_s),
             pp("A"),
+            pp("down"),
             pp("B"),
             pp("C"),
-            r50.map_or("-".into(), |x| format!("{x:.2}")),
-            r99.map_or("-".into(), |x| format!("{x:.2}")),
+            format!("{},{}", f(r50), f(r99)),
+            format!("{},{}", f(d50), f(d99)),
             r.transfer_s,
-            r.transfer_mib_s
+            r.transfer_mib_s,
+            by.join("+"),
+            r.installs,
+            r.leader_changes
         ));
     }
+    s.push_str(
+        "(us; served: L = the leader, Fn = follower n; leaders = leader changes in the run)\n",
+    );
     s
 }
 
@@ -411,12 +511,18 @@ struct Run {
     gen: LoadGen,
     idle: Idle,
     start: Instant,
-    /// At the start of the current phase: (checkpoints taken, bytes served) per replica.
+    /// At the start of the current phase: (checkpoints taken, bytes served) per replica,
+    /// and the threads' CPU times.
     marks: Vec<(u64, u64)>,
+    cpu_mark: cpu::Sample,
+    elections_mark: u64,
     phases: Vec<Phase>,
     pins: Vec<Option<core_affinity::CoreId>>,
     /// Why a replica thread could not build its replica.
     failed: Arc<std::sync::Mutex<Option<String>>>,
+    /// `BALLOT_BENCH_DEBUG` set: every replica's status 5 times a second.
+    debug: bool,
+    next_debug: Instant,
 }
 
 impl Drop for Run {
@@ -444,10 +550,13 @@ impl Run {
     fn begin(&mut self) {
         self.gen.begin(&self.shared);
         self.marks = self.sums();
+        self.cpu_mark = cpu::sample();
+        self.elections_mark = self.shared.elections.load(Ordering::Relaxed);
     }
 
     fn end(&mut self, name: &'static str) -> &Phase {
         let w: Window = self.gen.window(&self.shared);
+        let cpu_s = cpu::delta(&self.cpu_mark, &cpu::sample());
         let now = self.sums();
         let (taken, served) = now.iter().zip(&self.marks).fold((0, 0), |(t, s), (n, m)| {
             (t + n.0.saturating_sub(m.0), s + n.1.saturating_sub(m.1))
@@ -473,8 +582,15 @@ impl Run {
                 h.max() as f64 / 1000.0
             },
             commands_per_entry: w.commands_per_entry(),
+            leader_changes: self
+                .shared
+                .elections
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.elections_mark),
+            leader: self.leader(),
             checkpoints_taken: taken,
             bytes_served: served,
+            cpu_s,
         });
         self.phases.last().expect("just pushed")
     }
@@ -505,6 +621,14 @@ impl Run {
                     self.leader(),
                     self.status()
                 ));
+            }
+            if self.debug && now >= self.next_debug {
+                self.next_debug = now + Duration::from_millis(200);
+                eprintln!(
+                    "    [{:.1}s {label}] {}",
+                    now.duration_since(self.start).as_secs_f64(),
+                    self.status()
+                );
             }
             self.gen.progress(now, label);
             let busy = self.gen.turn(&self.shared, &self.senders, &self.resp_rx);
@@ -629,11 +753,15 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         idle: Idle::new(),
         start: Instant::now(),
         marks: Vec::new(),
+        cpu_mark: cpu::Sample::default(),
+        elections_mark: 0,
         phases: Vec::new(),
         pins: (0..3)
             .map(|i| (!co.cores.is_empty()).then(|| co.cores[i % co.cores.len()]))
             .collect(),
         failed: Default::default(),
+        debug: std::env::var_os("BALLOT_BENCH_DEBUG").is_some(),
+        next_debug: Instant::now(),
     };
     for (i, (fabric, cfg)) in fabs.into_iter().zip(cfgs.iter().cloned()).enumerate() {
         let dir = dirs.0.join(i.to_string());
@@ -660,37 +788,68 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
     run.until("A", None, Some(Instant::now() + co.duration), |_| false)?;
     run.end("A");
 
-    // down: stop a follower; load until the leader's log base has passed it.
+    // down: stop a follower; load until the leader's log base has passed it (and the other
+    // live replica has a checkpoint too: a recovery answer from a replica without one would
+    // carry its whole log).
     let leader = run.leader().ok_or("no leader at the end of phase A")?;
     let f = (leader + 1) % 3;
+    let other = 3 - leader - f;
     run.begin();
     run.ctls[f].stop.store(true, Ordering::SeqCst);
-    let on_request = o.every_mib == 0;
+    // On request: the replica meant to serve takes its checkpoint last, so that its log base
+    // is the highest (the recovering replica pulls from the answer with the highest base).
+    let order: Vec<usize> = match (o.every_mib, o.serve_from) {
+        (0, ServeFrom::Leader) => vec![other, leader],
+        (0, ServeFrom::Follower) => vec![leader, other],
+        _ => Vec::new(),
+    };
+    let down_until = Instant::now() + co.duration;
     let mut stop_applied: Option<Index> = None;
-    let mut asked_at_taken: Option<u64> = None;
+    // Per replica: its checkpoints taken when it was last asked for one.
+    let mut asked: [Option<u64>; 3] = [None; 3];
     run.until("down", Some(o.timeout), None, |r| {
+        // At least as long as A (a baseline with two replicas up); checkpoints on request
+        // are asked for only then, to keep the log after them short.
         let Some(t) = &r.threads[f] else { return false };
-        if !t.is_finished() {
+        if !t.is_finished() || Instant::now() < down_until {
             return false;
         }
         let stopped = *stop_applied.get_or_insert_with(|| r.ctls[f].applied.load(Ordering::SeqCst));
-        let l = &r.ctls[leader];
-        if l.base.load(Ordering::Relaxed) > stopped {
-            return true;
+        let base = |i: usize| r.ctls[i].base.load(Ordering::Relaxed);
+        if o.every_mib > 0 {
+            return base(leader) > stopped && base(other) > 0;
         }
-        if on_request {
-            // Ask the live replicas for a checkpoint, again after each one the leader saves.
-            let taken = l.checkpoints_taken.load(Ordering::Relaxed);
-            if asked_at_taken.is_none_or(|a| taken > a) {
-                asked_at_taken = Some(taken);
-                for (i, c) in r.ctls.iter().enumerate() {
-                    if i != f {
-                        c.want_checkpoint.store(true, Ordering::Relaxed);
-                    }
+        // Asks replica i for a checkpoint, unless it was asked and has not taken one since.
+        let mut ask = |i: usize| {
+            let taken = r.ctls[i].checkpoints_taken.load(Ordering::Relaxed);
+            if asked[i].is_none_or(|t| taken > t) {
+                asked[i] = Some(taken);
+                r.ctls[i].want_checkpoint.store(true, Ordering::Relaxed);
+            }
+        };
+        match order[..] {
+            [first, second] => {
+                if base(first) <= stopped {
+                    ask(first);
+                    false
+                } else if base(second) <= base(first) {
+                    ask(second);
+                    false
+                } else {
+                    true
                 }
             }
+            _ => {
+                let mut done = true;
+                for i in [leader, other] {
+                    if base(i) <= stopped {
+                        ask(i);
+                        done = false;
+                    }
+                }
+                done
+            }
         }
-        false
     })?;
     run.end("down");
     if let Some(t) = run.threads[f].take() {
@@ -698,6 +857,10 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
     }
     let stop_applied = stop_applied.unwrap_or(0);
     let leader_base_at_restart = run.ctls[leader].base.load(Ordering::Relaxed);
+    let leader_log_at_restart = run.ctls[leader]
+        .commit
+        .load(Ordering::Relaxed)
+        .saturating_sub(leader_base_at_restart);
 
     // rejoin: the follower comes back empty, as a recovering replica (built on its own
     // thread: the load goes on meanwhile).
@@ -724,11 +887,26 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         replica(cfg, true, fabric, state_bytes, value, &dir, policy)
     })?;
     let restarted = Instant::now();
+    let served0: u64 = served_before
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != f)
+        .map(|(_, b)| b)
+        .sum();
+    let served_sum = |r: &Run| -> u64 {
+        r.ctls
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != f)
+            .map(|(_, c)| c.bytes_served.load(Ordering::Relaxed))
+            .sum()
+    };
     run.until("rejoin", Some(o.timeout), None, |r| {
         let c = &r.ctls[f];
         r.failure().is_some()
             || c.pulling.load(Ordering::Relaxed)
             || c.checkpoints_installed.load(Ordering::Relaxed) > 0
+            || served_sum(r) > served0
     })?;
     if let Some(e) = run.failure() {
         return Err(format!("restarting replica {f}: {e}"));
@@ -738,14 +916,6 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
 
     // B: the transfer, until the checkpoint is installed.
     run.begin();
-    let served_sum = |r: &Run| -> u64 {
-        r.ctls
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != f)
-            .map(|(_, c)| c.bytes_served.load(Ordering::Relaxed))
-            .sum()
-    };
     let mut last_served = (served_sum(&run), pull_at);
     run.until("B", Some(o.timeout), None, |r| {
         let s = served_sum(r);
@@ -807,14 +977,7 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         .1
         .saturating_duration_since(pull_at)
         .as_secs_f64();
-    let transfer_bytes = last_served.0.saturating_sub(
-        served_before
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != f)
-            .map(|(_, b)| b)
-            .sum::<u64>(),
-    );
+    let transfer_bytes = last_served.0.saturating_sub(served0);
     let r = CatchupResult {
         payload: co.payload,
         clients: co.clients,
@@ -829,6 +992,12 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         stopped: f,
         stop_applied,
         leader_base_at_restart,
+        leader_log_at_restart,
+        leader_changes: run
+            .shared
+            .elections
+            .load(Ordering::Relaxed)
+            .saturating_sub(1),
         installed_index,
         image_bytes,
         installs: c.checkpoints_installed.load(Ordering::Relaxed),
@@ -849,6 +1018,7 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         phases: std::mem::take(&mut run.phases),
     };
     run.shared.stop.store(true, Ordering::SeqCst);
+    run.shared.report_failures();
     drop(run);
     drop(dirs);
     Ok(r)

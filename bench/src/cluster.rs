@@ -106,6 +106,9 @@ pub(crate) struct NodeCtl {
     pub(crate) stop: AtomicBool,
     pub(crate) want_checkpoint: AtomicBool,
     pub(crate) applied: AtomicU64,
+    pub(crate) commit: AtomicU64,
+    pub(crate) steps: AtomicU64,
+    pub(crate) leader: AtomicBool,
     pub(crate) base: AtomicU64,
     pub(crate) latest_checkpoint: AtomicU64,
     pub(crate) checkpoints_taken: AtomicU64,
@@ -127,6 +130,9 @@ impl NodeCtl {
         let st = rep.stats();
         let r = Ordering::Relaxed;
         self.applied.store(core.applied(), r);
+        self.commit.store(core.commit(), r);
+        self.steps.store(st.steps, r);
+        self.leader.store(core.is_leader(), r);
         self.base.store(core.log().base(), r);
         self.pulling.store(core.is_pulling(), r);
         self.recovering.store(core.is_recovering(), r);
@@ -143,11 +149,14 @@ impl NodeCtl {
     pub(crate) fn describe(&self) -> String {
         let r = Ordering::Relaxed;
         format!(
-            "running={} recovering={} pulling={} applied={} log base={} newest checkpoint={} \
-             taken={} installed={} failures={} bytes served={}",
+            "running={} leader={} recovering={} pulling={} steps={} commit={} applied={} \
+             log base={} newest checkpoint={} taken={} installed={} failures={} bytes served={}",
             self.running.load(r),
+            self.leader.load(r),
             self.recovering.load(r),
             self.pulling.load(r),
+            self.steps.load(r),
+            self.commit.load(r),
             self.applied.load(r),
             self.base.load(r),
             self.latest_checkpoint.load(r),

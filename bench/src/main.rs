@@ -3,6 +3,7 @@
 
 mod catchup;
 mod cluster;
+mod cpu;
 mod fabrics;
 mod plot;
 mod procs;
@@ -68,6 +69,10 @@ struct CatchupArgs {
     /// start, for the install, and for the catch-up after it.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     phase_timeout: Duration,
+    /// With `--ckpt-every-mib 0`: which live replica takes the newer checkpoint, and so
+    /// serves the restarted one (recovery pulls from the highest log base).
+    #[arg(long, value_enum, default_value = "any")]
+    serve_from: catchup::ServeFrom,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -337,7 +342,11 @@ fn run_catchup(o: &Opts, copts: ClusterOpts, a: &CatchupArgs) -> Result<(), Stri
         chunk_kib: a.chunk_kib,
         keep: a.keep,
         timeout: a.phase_timeout,
+        serve_from: a.serve_from,
     };
+    if c.every_mib > 0 && c.serve_from != catchup::ServeFrom::Any {
+        return Err("--serve-from needs --ckpt-every-mib 0 (checkpoints on request)".into());
+    }
     let results = catchup::run(&c)?;
     if o.json {
         for r in &results {
