@@ -79,6 +79,10 @@ pub struct Flags {
     /// second (K, M, G suffixes allowed; default 64M).
     #[arg(long, value_name = "BYTES_PER_SEC")]
     pub catchup_rate: Option<String>,
+    /// Durable mode: size of a log segment file (default 64M, at least 4K). The log is
+    /// truncated behind checkpoints by whole segments.
+    #[arg(long, value_name = "BYTES")]
+    pub segment_bytes: Option<String>,
     /// This replica is an existing member whose data directory was lost: start it
     /// *recovering* (it learns the state from a majority before it votes or acknowledges)
     /// instead of as a fresh replica. Only acts when the data dir has no boot marker. See
@@ -107,12 +111,14 @@ pub struct FileConfig {
     pub checkpoint_every: Option<toml::Value>,
     pub checkpoints_keep: Option<toml::Value>,
     pub catchup_rate: Option<toml::Value>,
+    pub segment_bytes: Option<toml::Value>,
 }
 
 /// Defaults of the checkpoint settings.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 64 << 20;
 pub const DEFAULT_CHECKPOINTS_KEEP: usize = 2;
 pub const DEFAULT_CATCHUP_RATE: u64 = 64 << 20;
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
 /// The replication fabric.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +152,8 @@ pub struct NodeConfig {
     pub checkpoint: CheckpointPolicy,
     /// `--rejoin`: a lost data dir restarts recovering instead of fresh.
     pub rejoin: bool,
+    /// Durable mode: segment file size.
+    pub segment_bytes: u64,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -417,6 +425,17 @@ impl NodeConfig {
                 "catchup-rate of {rate} bytes/s is too low: at least 1000 (1 byte per 1 ms tick)"
             ));
         }
+        let segment_bytes = size_setting(
+            "segment-bytes",
+            flags.segment_bytes,
+            file.segment_bytes,
+            DEFAULT_SEGMENT_BYTES,
+        )?;
+        if segment_bytes < 4096 {
+            return Err(format!(
+                "segment-bytes of {segment_bytes} is too small: at least 4096 (4K)"
+            ));
+        }
         let checkpoint = CheckpointPolicy {
             every_bytes: every,
             keep: usize::try_from(keep).unwrap_or(usize::MAX),
@@ -426,6 +445,7 @@ impl NodeConfig {
         Ok(NodeConfig {
             checkpoint,
             rejoin: flags.rejoin,
+            segment_bytes,
             fabric,
             node,
             cluster,
@@ -553,6 +573,7 @@ mod tests {
         assert_eq!(c.checkpoint.keep, 1);
         assert_eq!(c.checkpoint.serve_bytes_per_tick, (8 << 20) / 1000);
         assert!(c.rejoin);
+        assert_eq!(c.segment_bytes, 64 << 20);
         let mut a = base.to_vec();
         a.extend(["--checkpoint-every", "0"]);
         assert_eq!(
@@ -568,6 +589,7 @@ mod tests {
             ("--catchup-rate", "0", "too low"),
             ("--catchup-rate", "999", "too low"),
             ("--catchup-rate", "fast", "not a byte count"),
+            ("--segment-bytes", "1K", "too small"),
         ] {
             let mut a = base.to_vec();
             a.extend([flag, v]);

@@ -186,7 +186,9 @@ fn open_durable(cfg: &NodeConfig, pc: Config, boot: Boot) -> Result<Durable, Str
             .clear()
             .map_err(|e| format!("cannot clear {}: {e}", checkpoints.dir().display()))?;
     }
-    let (mut persister, rec) = Persister::open(dir, PersisterOptions::default()).map_err(|e| {
+    let mut opts = PersisterOptions::default();
+    opts.log.segment_bytes = cfg.segment_bytes;
+    let (mut persister, rec) = Persister::open(dir, opts).map_err(|e| {
         format!(
             "cannot recover the durable state in {}: {e}; refusing to start",
             dir.display()
