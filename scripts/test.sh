@@ -18,10 +18,10 @@ if grep -qE "^test result: FAILED|^error" /tmp/ballot-cargo-test.log || ! grep -
     exit 1
 fi
 echo "== ballot-sim"
-cargo build --release -p ballot --bin ballot-sim
-./target/release/ballot-sim --seeds 1000 --replicas 3
-./target/release/ballot-sim --seeds 1000 --replicas 5
-./target/release/ballot-sim --seeds 1000 --replicas 3 --durability durable
+cargo build --profile sim -p ballot --bin ballot-sim
+./target/sim/ballot-sim --seeds 1000 --replicas 3
+./target/sim/ballot-sim --seeds 1000 --replicas 5
+./target/sim/ballot-sim --seeds 1000 --replicas 3 --durability durable
 if [ "${BALLOT_SKIP_RXE:-0}" != 1 ]; then
     echo "== Soft-RoCE guest"
     scripts/rxe-vm.sh

@@ -52,6 +52,8 @@ pub trait Checkpoints: Send {
     ) -> io::Result<()>;
     fn poll_saved(&mut self) -> Option<io::Result<CheckpointInfo>>;
     fn latest(&self) -> Option<CheckpointInfo>;
+    /// The listed checkpoint at `index`, if kept.
+    fn get(&self, index: Index) -> Option<CheckpointInfo>;
     fn read_image(&mut self, index: Index, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
     fn receive(&mut self, index: Index, offset: u64, data: &[u8]) -> io::Result<()>;
     fn receive_finish(&mut self, index: Index, len: u64) -> io::Result<CheckpointInfo>;
@@ -161,8 +163,14 @@ impl Checkpoints for MemCheckpoints {
     fn latest(&self) -> Option<CheckpointInfo> {
         self.images.keys().next_back().and_then(|&i| self.info(i))
     }
+    fn get(&self, index: Index) -> Option<CheckpointInfo> {
+        self.info(index)
+    }
     fn read_image(&mut self, index: Index, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let img = self.images.get(&index).ok_or_else(|| Self::missing(index))?;
+        let img = self
+            .images
+            .get(&index)
+            .ok_or_else(|| Self::missing(index))?;
         let at = (offset as usize).min(img.len());
         let n = buf.len().min(img.len() - at);
         buf[..n].copy_from_slice(&img[at..at + n]);
@@ -205,7 +213,10 @@ impl Checkpoints for MemCheckpoints {
         Ok(self.images.keys().next().copied())
     }
     fn open(&mut self, index: Index) -> io::Result<Box<dyn Read + '_>> {
-        let img = self.images.get(&index).ok_or_else(|| Self::missing(index))?;
+        let img = self
+            .images
+            .get(&index)
+            .ok_or_else(|| Self::missing(index))?;
         Ok(Box::new(mem_verify(img)?))
     }
 }

@@ -4,7 +4,7 @@
 //! `Replica::step` is one non-blocking turn of the replication loop; the simulator calls it
 //! directly, and [`crate::runtime`] calls it from a pinned thread.
 
-use crate::checkpoint::CheckpointSource;
+use crate::checkpoint::{CheckpointPolicy, CheckpointSource, Checkpoints};
 use crate::fabric::{Completion, Fabric, FabricEvent};
 use crate::layout::{self, CommitCell, ProgressCell};
 use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
@@ -21,7 +21,8 @@ pub trait StateMachine: Send {
     fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
         None
     }
-    /// Replaces the whole state with a checkpoint's (as written by `checkpoint`).
+    /// Replaces the whole state with a checkpoint's (as written by `checkpoint`). On error
+    /// the state must be unchanged (decode into a new value, then swap).
     fn restore(&mut self, _checkpoint: &mut dyn std::io::Read) -> std::io::Result<()> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
@@ -50,6 +51,9 @@ pub trait Storage: Send {
     /// If the log ends below `upto`, it is emptied and the next submission starts at
     /// `upto + 1`.
     fn compact(&mut self, upto: Index) -> std::io::Result<()>;
+    /// A replica that rebuilt its state from the others after losing its data dir now has
+    /// it durably: a restart may trust the disk again (drop the "rejoining" mark).
+    fn rejoined(&mut self) -> std::io::Result<()>;
 }
 
 /// Tickets are issued in order; this tracks which are still outstanding without hashing.
@@ -108,7 +112,35 @@ pub struct Stats {
     pub applied_commands: u64,
     pub bad_messages: u64,
     pub storage_errors: u64,
+    pub checkpoints_taken: u64,
+    pub checkpoints_installed: u64,
+    pub checkpoint_failures: u64,
+    pub checkpoint_bytes_served: u64,
 }
+
+/// The driver's checkpoint state: the store, the policy, and the catch-up server.
+struct Ckpt {
+    store: Box<dyn Checkpoints>,
+    policy: CheckpointPolicy,
+    /// Index of the checkpoint being saved.
+    saving: Option<Index>,
+    requested: bool,
+    /// Payload bytes applied since the last checkpoint was started.
+    since: u64,
+    /// Pull requests waiting for bandwidth: (to, index, offset), at most one per peer.
+    queue: VecDeque<(crate::NodeId, Index, u64)>,
+    /// Bytes that may be served now (refilled every tick, capped).
+    budget: u64,
+    buf: Vec<u8>,
+    unsupported: bool,
+    /// A new checkpoint was saved: older ones go once no transfer is in progress.
+    retain_due: bool,
+    /// Tick of the last chunk served.
+    last_served: u64,
+}
+
+/// Ticks after the last chunk served during which no checkpoint is deleted.
+const SERVE_PIN_TICKS: u64 = 200;
 
 pub struct Replica<F: Fabric, S: StateMachine> {
     core: Core,
@@ -131,6 +163,7 @@ pub struct Replica<F: Fabric, S: StateMachine> {
     progress: Vec<Option<ProgressCell>>,
     /// Set after a storage failure: this replica stops acknowledging anything.
     failed: Option<String>,
+    ckpt: Option<Ckpt>,
     stats: Stats,
 }
 
@@ -164,8 +197,52 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             commit_cell: None,
             progress: vec![None; crate::MAX_NODES],
             failed: None,
+            ckpt: None,
             stats: Stats::default(),
         }
+    }
+
+    /// Keeps checkpoints in `store` and takes them by `policy`; the log is compacted behind
+    /// the oldest kept, and replicas too far behind pull the newest from here.
+    pub fn with_checkpoints(
+        mut self,
+        store: Box<dyn Checkpoints>,
+        policy: CheckpointPolicy,
+    ) -> Self {
+        let chunk = policy.chunk_bytes.clamp(1, crate::protocol::MAX_CKPT_CHUNK);
+        self.ckpt = Some(Ckpt {
+            store,
+            policy: CheckpointPolicy {
+                chunk_bytes: chunk,
+                keep: policy.keep.max(1),
+                ..policy
+            },
+            saving: None,
+            requested: false,
+            since: 0,
+            queue: VecDeque::new(),
+            budget: 0,
+            buf: vec![0; chunk],
+            unsupported: false,
+            retain_due: false,
+            last_served: 0,
+        });
+        self
+    }
+
+    /// Takes a checkpoint at the next step (if the state machine supports them).
+    pub fn request_checkpoint(&mut self) {
+        if let Some(c) = self.ckpt.as_mut() {
+            c.requested = true;
+        }
+    }
+
+    /// The newest checkpoint kept here (0: none).
+    pub fn latest_checkpoint(&self) -> Index {
+        self.ckpt
+            .as_ref()
+            .and_then(|c| c.store.latest())
+            .map_or(0, |i| i.index)
     }
 
     /// Convenience: a fresh core from `cfg`.
@@ -245,9 +322,15 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         while *ticks < now_ticks {
             *ticks += 1;
             self.core.tick();
+            if let Some(c) = self.ckpt.as_mut() {
+                let per = c.policy.serve_bytes_per_tick;
+                c.budget = (c.budget + per).min(per.max(c.policy.chunk_bytes as u64) * 2);
+            }
             busy = true;
         }
         self.core.flush();
+        busy |= self.execute();
+        busy |= self.checkpoint_turn();
         busy |= self.execute();
         if let Err(e) = self.fabric.flush() {
             tracing::warn!(node = self.core.id(), "fabric flush: {e}");
@@ -410,6 +493,11 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 }
             }
             Action::Persist { from, to, seq } => {
+                // Queued before a checkpoint was installed: what it covers is gone.
+                let from = from.max(self.core.log().base() + 1);
+                if from > to {
+                    return;
+                }
                 let entries: Vec<_> = (from..=to)
                     .filter_map(|i| self.core.log().get(i).map(|s| s.bytes.clone()))
                     .collect();
@@ -435,7 +523,189 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 }
             }
             Action::BecameLeader(b) => tracing::info!(node = me, ballot = %b, "leading"),
+            Action::ServeCheckpoint { to, index, offset } => match self.ckpt.as_mut() {
+                Some(c) => {
+                    c.queue.retain(|q| q.0 != to);
+                    c.queue.push_back((to, index, offset));
+                }
+                None => self.send_chunk(to, 0, 0, 0, Vec::new()),
+            },
+            Action::StageCheckpoint {
+                index,
+                offset,
+                data,
+            } => {
+                let r = match self.ckpt.as_mut() {
+                    Some(c) => c.store.receive(index, offset, &data),
+                    None => Err(std::io::Error::other("no checkpoint store")),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(node = me, index, offset, "staging checkpoint: {e}");
+                    self.stats.checkpoint_failures += 1;
+                    self.core.handle_checkpoint_installed(index, false);
+                }
+            }
+            Action::InstallCheckpoint { index, len } => {
+                let ok = match self.install(index, len) {
+                    Ok(()) => {
+                        tracing::info!(node = me, index, len, "checkpoint installed");
+                        self.stats.checkpoints_installed += 1;
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = me, index, "installing checkpoint: {e}");
+                        self.stats.checkpoint_failures += 1;
+                        false
+                    }
+                };
+                self.core.handle_checkpoint_installed(index, ok);
+            }
+            Action::Rejoined => {
+                tracing::info!(node = me, "rejoined: the rebuilt state is durable");
+                if let Some(s) = self.storage.as_mut() {
+                    if let Err(e) = s.rejoined() {
+                        self.fail(format!("recording the rejoin: {e}"));
+                    }
+                }
+            }
+            Action::CompactLog { upto } => {
+                if let Some(s) = self.storage.as_mut() {
+                    if let Err(e) = s.compact(upto) {
+                        self.fail(format!("compacting the log up to {upto}: {e}"));
+                    }
+                }
+            }
         }
+    }
+
+    fn send_chunk(
+        &mut self,
+        to: crate::NodeId,
+        index: Index,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    ) {
+        let me = self.core.id();
+        send_chunk(&mut self.fabric, me, to, index, offset, total, data);
+    }
+
+    /// Verifies and keeps the staged image, then replaces the state machine's state.
+    fn install(&mut self, index: Index, len: u64) -> std::io::Result<()> {
+        let c = self
+            .ckpt
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("no checkpoint store"))?;
+        c.store.receive_finish(index, len)?;
+        let mut r = c.store.open(index)?;
+        self.sm.restore(&mut r)?;
+        drop(r);
+        c.since = 0;
+        // Commands proposed here that the checkpoint covers will not be applied one by one.
+        for t in self.pending.drain() {
+            self.completed.push((t, Err(ProposeError::Indeterminate)));
+        }
+        Ok(())
+    }
+
+    /// Checkpoint housekeeping, once per step: finished saves (then retention and
+    /// compaction), a new save when due, and paced serving of pull requests.
+    fn checkpoint_turn(&mut self) -> bool {
+        let Some(c) = self.ckpt.as_mut() else {
+            return false;
+        };
+        let me = self.core.id();
+        let mut busy = false;
+        if c.saving.is_some() {
+            match c.store.poll_saved() {
+                Some(Ok(info)) => {
+                    c.saving = None;
+                    busy = true;
+                    self.stats.checkpoints_taken += 1;
+                    tracing::info!(
+                        node = me,
+                        index = info.index,
+                        len = info.len,
+                        "checkpoint saved"
+                    );
+                    c.retain_due = true;
+                }
+                Some(Err(e)) => {
+                    c.saving = None;
+                    self.stats.checkpoint_failures += 1;
+                    tracing::warn!(node = me, "checkpoint failed: {e}");
+                }
+                None => {}
+            }
+        }
+        // Old checkpoints go (and the log with them) only while none is being served: a
+        // transfer in progress keeps its image.
+        let now = self.ticks.unwrap_or(0);
+        if c.retain_due && now.saturating_sub(c.last_served) >= SERVE_PIN_TICKS {
+            c.retain_due = false;
+            match c.store.retain(c.policy.keep) {
+                Ok(Some(oldest)) if oldest <= self.core.applied() => self.core.compact(oldest),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(node = me, "removing old checkpoints: {e}"),
+            }
+        }
+        let applied = self.core.applied();
+        let due = c.requested || (c.policy.every_bytes > 0 && c.since >= c.policy.every_bytes);
+        let newer = c.store.latest().is_none_or(|l| l.index < applied);
+        if due && c.saving.is_none() && newer && !c.unsupported && self.failed.is_none() {
+            c.requested = false;
+            match self.sm.checkpoint() {
+                None => {
+                    c.unsupported = true;
+                    tracing::warn!(node = me, "state machine does not support checkpoints");
+                }
+                Some(src) => {
+                    let ballot = self
+                        .core
+                        .log()
+                        .get(applied)
+                        .map_or(self.core.promised(), |s| s.ballot);
+                    match c.store.save(applied, ballot, src) {
+                        Ok(()) => {
+                            c.saving = Some(applied);
+                            c.since = 0;
+                            busy = true;
+                        }
+                        Err(e) => tracing::warn!(node = me, "starting a checkpoint: {e}"),
+                    }
+                }
+            }
+        }
+        while c.budget > 0 {
+            let Some((to, index, offset)) = c.queue.pop_front() else {
+                break;
+            };
+            busy = true;
+            c.last_served = self.ticks.unwrap_or(0);
+            // The image asked for (resumed), or the newest from its start.
+            let (index, offset, total) = match (c.store.get(index), c.store.latest()) {
+                (Some(i), _) if index != 0 => (index, offset.min(i.len), i.len),
+                (_, Some(l)) => (l.index, 0, l.len),
+                (_, None) => (0, 0, 0),
+            };
+            if total == 0 {
+                self.send_chunk(to, 0, 0, 0, Vec::new());
+                return busy;
+            }
+            let chunk = c.policy.chunk_bytes;
+            let n = match c.store.read_image(index, offset, &mut c.buf[..chunk]) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(node = me, index, offset, "reading checkpoint image: {e}");
+                    continue;
+                }
+            };
+            c.budget = c.budget.saturating_sub(n as u64);
+            self.stats.checkpoint_bytes_served += n as u64;
+            let data = c.buf[..n].to_vec();
+            send_chunk(&mut self.fabric, me, to, index, offset, total, data);
+        }
+        busy
     }
 
     fn apply(&mut self, index: Index, entry: &[u8]) {
@@ -454,6 +724,9 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 break;
             };
             let out = self.sm.apply(index, cmd);
+            if let Some(c) = self.ckpt.as_mut() {
+                c.since += cmd.len() as u64;
+            }
             self.stats.applied_commands += 1;
             if batch::origin_node(origin) == self.core.id() {
                 let t = batch::origin_ticket(origin);
@@ -471,6 +744,27 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         );
         self.stats.storage_errors += 1;
         self.failed = Some(why);
+    }
+}
+
+/// Sends one chunk of a checkpoint image (`total` 0: "I have none").
+fn send_chunk<F: Fabric>(
+    fabric: &mut F,
+    me: crate::NodeId,
+    to: crate::NodeId,
+    index: Index,
+    offset: u64,
+    total: u64,
+    data: Vec<u8>,
+) {
+    let msg = Msg::CkptChunk {
+        index,
+        offset,
+        total,
+        data,
+    };
+    if let Err(e) = fabric.send(to, &msg.encode()) {
+        tracing::debug!(node = me, to, "send failed: {e}");
     }
 }
 

@@ -114,6 +114,12 @@ pub struct Status {
     pub leader_hint: Option<NodeId>,
     /// Commands applied by the state machine since start.
     pub applied_commands: u64,
+    /// Entries up to here are compacted into a checkpoint.
+    pub log_base: Index,
+    /// The newest checkpoint kept (0: none).
+    pub checkpoint: Index,
+    /// Checkpoints installed from another replica since start (catch-up).
+    pub checkpoints_installed: u64,
 }
 
 #[derive(Default)]
@@ -126,6 +132,11 @@ struct StatusCell {
     /// `0xFF`: none.
     leader: AtomicU8,
     applied_commands: AtomicU64,
+    log_base: AtomicU64,
+    checkpoint: AtomicU64,
+    installed: AtomicU64,
+    /// Set by `Handle::checkpoint`, taken by the replica thread.
+    checkpoint_requested: AtomicBool,
 }
 
 impl StatusCell {
@@ -140,6 +151,11 @@ impl StatusCell {
             .store(c.leader_hint().unwrap_or(0xFF), Ordering::Relaxed);
         self.applied_commands
             .store(r.stats().applied_commands, Ordering::Relaxed);
+        self.log_base.store(c.log().base(), Ordering::Relaxed);
+        self.checkpoint
+            .store(r.latest_checkpoint(), Ordering::Relaxed);
+        self.installed
+            .store(r.stats().checkpoints_installed, Ordering::Relaxed);
     }
     fn snapshot(&self) -> Status {
         let leader = self.leader.load(Ordering::Relaxed);
@@ -151,6 +167,9 @@ impl StatusCell {
             applied: self.applied.load(Ordering::Relaxed),
             leader_hint: (leader != 0xFF).then_some(leader),
             applied_commands: self.applied_commands.load(Ordering::Relaxed),
+            log_base: self.log_base.load(Ordering::Relaxed),
+            checkpoint: self.checkpoint.load(Ordering::Relaxed),
+            checkpoints_installed: self.installed.load(Ordering::Relaxed),
         }
     }
 }
@@ -228,6 +247,14 @@ impl Handle {
 
     pub fn status(&self) -> Status {
         self.status.snapshot()
+    }
+
+    /// Asks the replica thread to take a checkpoint now (it is written in the background;
+    /// `status().checkpoint` shows it once kept).
+    pub fn checkpoint(&self) {
+        self.status
+            .checkpoint_requested
+            .store(true, Ordering::Release);
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -334,6 +361,9 @@ fn run<F: Fabric, S: StateMachine>(
                 }
                 Err(_) => break,
             }
+        }
+        if status.checkpoint_requested.swap(false, Ordering::AcqRel) {
+            replica.request_checkpoint();
         }
         let now = start.elapsed().as_millis() as u64;
         busy |= replica.step(now);

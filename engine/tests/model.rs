@@ -318,6 +318,13 @@ impl BallotModel {
             }
             Action::Heartbeat(v) => s.nodes[n].hb_word = v,
             Action::Reject { .. } | Action::LeadershipLost | Action::BecameLeader(_) => {}
+            // The model takes no checkpoints: no log is ever compacted, so no replica is
+            // asked to pull one (the simulator covers checkpoints and catch-up).
+            Action::ServeCheckpoint { .. }
+            | Action::StageCheckpoint { .. }
+            | Action::InstallCheckpoint { .. }
+            | Action::CompactLog { .. }
+            | Action::Rejoined => unreachable!("model: checkpoint action {a:?}"),
         }
     }
 

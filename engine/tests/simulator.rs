@@ -6,7 +6,7 @@ use ballot::sim::{self, Options};
 
 fn sweep(seeds: std::ops::Range<u64>, replicas: usize, durability: Durability) {
     let mut failures = Vec::new();
-    let mut commits = 0;
+    let (mut commits, mut checkpoints, mut installs) = (0, 0, 0);
     for seed in seeds.clone() {
         let o = Options {
             durability,
@@ -14,6 +14,8 @@ fn sweep(seeds: std::ops::Range<u64>, replicas: usize, durability: Durability) {
         };
         let r = sim::run(o);
         commits += r.commits;
+        checkpoints += r.checkpoints;
+        installs += r.installs;
         if !r.violations.is_empty() {
             failures.push(format!(
                 "{}: {}",
@@ -32,6 +34,12 @@ fn sweep(seeds: std::ops::Range<u64>, replicas: usize, durability: Durability) {
     assert!(
         commits > 100 * (seeds.end - seeds.start),
         "too few commits: {commits}"
+    );
+    // Compaction and catch-up through checkpoints must have happened, or their checks
+    // proved nothing.
+    assert!(
+        checkpoints > 10 * (seeds.end - seeds.start) && installs > 0,
+        "checkpoints {checkpoints}, installs {installs}"
     );
 }
 
@@ -84,6 +92,14 @@ fn planted_short_quorum_is_caught() {
 fn planted_broken_promise_is_caught() {
     assert!(caught(PlantedBugs {
         ignore_promise: true,
+        ..Default::default()
+    }));
+}
+
+#[test]
+fn planted_checkpoint_off_by_one_is_caught() {
+    assert!(caught(PlantedBugs {
+        checkpoint_off_by_one: true,
         ..Default::default()
     }));
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ballot-sim [--seeds N] [--first-seed S] [--seed S] [--replicas R] [--ticks T]
-//!            [--durability volatile|durable] [--no-faults] [--plant-bug ignore-promise|short-quorum]
+//!            [--durability volatile|durable] [--no-faults] [--plant-bug ignore-promise|short-quorum|checkpoint-off-by-one]
 //! ```
 //! Prints one line per failing seed with the command that replays it, then
 //! `seeds=<n> violations=<v> commits=<c>`; exits 1 when any violation was found.
@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!("ballot-sim: {msg}");
-    eprintln!("usage: ballot-sim [--seeds N] [--first-seed S] [--seed S] [--replicas R] [--ticks T] [--durability volatile|durable] [--no-faults] [--plant-bug ignore-promise|short-quorum] [--verbose]");
+    eprintln!("usage: ballot-sim [--seeds N] [--first-seed S] [--seed S] [--replicas R] [--ticks T] [--durability volatile|durable] [--no-faults] [--plant-bug ignore-promise|short-quorum|checkpoint-off-by-one] [--verbose]");
     ExitCode::from(2)
 }
 
@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             "--plant-bug" => match args.next().as_deref() {
                 Some("ignore-promise") => o.bugs.ignore_promise = true,
                 Some("short-quorum") => o.bugs.short_quorum = true,
+                Some("checkpoint-off-by-one") => o.bugs.checkpoint_off_by_one = true,
                 _ => return usage("--plant-bug is ignore-promise or short-quorum"),
             },
             "--verbose" => verbose = true,
@@ -75,18 +76,24 @@ fn main() -> ExitCode {
     }
     // Contract failures are reported per seed; keep the default panic output out of the way.
     std::panic::set_hook(Box::new(|_| {}));
-    let (mut violations, mut commits) = (0u64, 0u64);
+    let (mut violations, mut commits, mut ckpts, mut installs, mut losses) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     for seed in first..first + seeds {
         let opts = Options { seed, ..o };
         let r = sim::run(opts);
         commits += r.commits;
+        ckpts += r.checkpoints;
+        installs += r.installs;
+        losses += r.disk_losses;
         if verbose {
             println!(
-                "seed={seed} commits={} acked={} crashes={} elections={} violations={}",
+                "seed={seed} commits={} acked={} crashes={} elections={} checkpoints={} installs={} violations={}",
                 r.commits,
                 r.acked,
                 r.crashes,
                 r.elections,
+                r.checkpoints,
+                r.installs,
                 r.violations.len()
             );
         }
@@ -102,7 +109,9 @@ fn main() -> ExitCode {
             }
         }
     }
-    println!("seeds={seeds} violations={violations} commits={commits}");
+    println!(
+        "seeds={seeds} violations={violations} commits={commits} checkpoints={ckpts} installs={installs} disk_losses={losses}"
+    );
     if violations > 0 {
         ExitCode::FAILURE
     } else {

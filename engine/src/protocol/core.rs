@@ -30,6 +30,8 @@ pub struct PlantedBugs {
     pub ignore_promise: bool,
     /// The leader counts a quorum one short of a majority.
     pub short_quorum: bool,
+    /// A replica that installs a checkpoint believes it covers one entry more than it does.
+    pub checkpoint_off_by_one: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -255,6 +257,32 @@ pub enum Action {
     /// Outstanding proposals of this replica may or may not be applied.
     LeadershipLost,
     BecameLeader(Ballot),
+    /// Send `to` a chunk of the image of checkpoint `index` (0: the newest) from `offset`,
+    /// as [`Msg::CkptChunk`] (the driver holds the checkpoints and paces this).
+    ServeCheckpoint {
+        to: NodeId,
+        index: Index,
+        offset: u64,
+    },
+    /// Stage a chunk of an incoming checkpoint image (offset 0 starts over).
+    StageCheckpoint {
+        index: Index,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The staged image of checkpoint `index` is complete: verify it, keep it, restore the
+    /// state machine from it, then call `handle_checkpoint_installed`.
+    InstallCheckpoint {
+        index: Index,
+        len: u64,
+    },
+    /// Persisted entries up to `upto` are covered by a checkpoint (`Storage::compact`).
+    CompactLog {
+        upto: Index,
+    },
+    /// A durable replica that rebuilt its state from the others (its data dir was lost)
+    /// now holds that state durably: from here on a restart may trust its disk.
+    Rejoined,
 }
 
 /// Write tokens: kind in the top byte, the peer's stream generation, the index.
@@ -281,6 +309,10 @@ enum PeerState {
     Streaming,
     /// Writes failed: wait for outstanding completions, then ask for a new stream.
     Resyncing {
+        asked_at: Option<u64>,
+    },
+    /// Its next entry is compacted away: it pulls a checkpoint, then promises a new stream.
+    NeedsCheckpoint {
         asked_at: Option<u64>,
     },
 }
@@ -345,8 +377,34 @@ struct Candidacy {
 struct Recovery {
     nonce: u64,
     asked_at: u64,
-    answers: BTreeMap<NodeId, (Ballot, Index, Chunks)>,
+    /// Per responder: promise, commit, compacted base, entries.
+    answers: BTreeMap<NodeId, (Ballot, Index, Index, Chunks)>,
+    /// A majority answered but compacted: the outcome waits for a checkpoint.
+    pending: Option<Recovered>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Recovered {
+    promised: Ballot,
+    commit: Index,
+    /// Per index, the value accepted with the highest ballot among the answers.
+    best: BTreeMap<Index, Slot>,
+}
+
+/// A checkpoint being pulled from `from`; `index` 0 until the first chunk names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Pull {
+    from: NodeId,
+    index: Index,
+    offset: u64,
+    asked_at: u64,
+    tries: u32,
+    /// Sources tried so far (the pull is abandoned after every member).
+    sources: u32,
+}
+
+/// Unanswered requests to one source before the pull moves to another.
+const PULL_TRIES: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Role {
@@ -399,6 +457,9 @@ pub struct Core {
     backoff: u32,
     fenced: VecDeque<Fenced>,
     progress_dirty: bool,
+    pull: Option<Pull>,
+    /// Durable recovery: the rebuilt log is durable once `persisted` reaches this.
+    rejoin_target: Option<Index>,
 }
 
 impl Core {
@@ -440,6 +501,8 @@ impl Core {
             backoff: 0,
             fenced: VecDeque::new(),
             progress_dirty: false,
+            pull: None,
+            rejoin_target: None,
         };
         c.stream = c.random() >> 16;
         c.incarnation = c.random() >> 40;
@@ -449,6 +512,7 @@ impl Core {
                 nonce,
                 asked_at: 0,
                 answers: BTreeMap::new(),
+                pending: None,
             });
             c.push(Action::SetWriter(None));
             c.broadcast(Msg::RecoverReq { nonce });
@@ -474,13 +538,22 @@ impl Core {
         for bytes in entries {
             let (h, _) = layout::decode_entry(&bytes).expect("restored entries are verified");
             let (i, slot) = Slot::from_encoded(bytes.clone()).expect("verified");
-            assert_eq!(i, c.log.last() + 1, "restored log must be contiguous after its base");
+            assert_eq!(
+                i,
+                c.log.last() + 1,
+                "restored log must be contiguous after its base"
+            );
             c.log.put(i, slot);
             // An entry's piggybacked commit vouches for the prefix it was written after.
             c.commit = c.commit.max(h.commit.min(i));
         }
         c.received = c.commit;
         c.persisted = c.log.last();
+        if base > 0 {
+            // The compaction that followed the checkpoint may have been lost in the crash:
+            // entries at or below it must not stand between the checkpoint and new appends.
+            c.push(Action::CompactLog { upto: base });
+        }
         c.apply_committed();
         c.rejoin_leader();
         Ok(c)
@@ -603,6 +676,7 @@ impl Core {
     /// Time passes by one tick.
     pub fn tick(&mut self) {
         self.tick += 1;
+        self.pull_tick();
         match &self.role {
             Role::Leader(_) => self.leader_tick(),
             Role::Candidate(c) => {
@@ -614,7 +688,9 @@ impl Core {
                 }
             }
             Role::Recovering(r) => {
-                if self.tick - r.asked_at >= u64::from(self.cfg.heartbeat_timeout / 2).max(1) {
+                if r.pending.is_none()
+                    && self.tick - r.asked_at >= u64::from(self.cfg.heartbeat_timeout / 2).max(1)
+                {
                     let nonce = r.nonce;
                     if let Role::Recovering(r) = &mut self.role {
                         r.asked_at = self.tick;
@@ -640,6 +716,31 @@ impl Core {
             Msg::Resync { ballot } => self.on_resync(from, ballot),
             Msg::RecoverReq { nonce } => self.on_recover_req(from, nonce),
             Msg::RecoverResp(r) => self.on_recover_resp(from, r),
+            Msg::NeedCheckpoint { ballot } => {
+                // A checkpoint holds chosen state only: pulling one is safe whatever we
+                // promised, and a leader with a stale ballot still has it.
+                if ballot.node() == from && matches!(self.role, Role::Follower) {
+                    self.start_pull(from);
+                }
+            }
+            Msg::CkptReq { index, offset } => {
+                if let Role::Leader(l) = &mut self.role {
+                    if let Some(p) = l.peers.get_mut(&from) {
+                        p.last_contact = self.tick;
+                    }
+                }
+                self.push(Action::ServeCheckpoint {
+                    to: from,
+                    index,
+                    offset,
+                });
+            }
+            Msg::CkptChunk {
+                index,
+                offset,
+                total,
+                data,
+            } => self.on_ckpt_chunk(from, index, offset, total, data),
         }
     }
 
@@ -743,6 +844,7 @@ impl Core {
                     received: cell.received,
                     persisted: cell.persisted,
                     commit: 0,
+                    base: 0,
                     chunk: 0,
                     chunks: 1,
                     entries: vec![],
@@ -787,6 +889,7 @@ impl Core {
             if self.is_leader() {
                 self.advance_commit();
             }
+            self.check_rejoined();
         }
     }
 
@@ -948,7 +1051,8 @@ impl Core {
                 token: TOK_HEARTBEAT,
             });
         }
-        if self.quiet >= self.candidacy_delay() {
+        // A replica pulling a checkpoint is behind: it does not stand until it has it.
+        if self.quiet >= self.candidacy_delay() && self.pull.is_none() {
             self.quiet = 0;
             self.backoff = 0;
             self.fenced.push_back(Fenced::Candidacy);
@@ -991,7 +1095,7 @@ impl Core {
     }
 
     fn start_candidacy(&mut self) {
-        if self.is_leader() || self.is_recovering() {
+        if self.is_leader() || self.is_recovering() || self.pull.is_some() {
             return;
         }
         let ballot = self.promised.max(self.max_seen).next_for(self.cfg.id);
@@ -1151,6 +1255,7 @@ impl Core {
                 received: self.received,
                 persisted: self.reported_persisted(),
                 commit: self.commit,
+                base: self.log.base(),
                 chunk: k as u32,
                 chunks: n,
                 entries,
@@ -1186,6 +1291,7 @@ impl Core {
             received: self.received,
             persisted: self.reported_persisted(),
             commit: self.commit,
+            base: self.log.base(),
             chunk: 0,
             chunks: 1,
             entries: vec![],
@@ -1218,6 +1324,13 @@ impl Core {
             // Only an answer to our Prepare reports what the acceptor accepted; a stream-only
             // promise (a restarted replica rejoining) does not count towards phase 1.
             Role::Candidate(c) if p.ballot == c.ballot && p.from == c.from => {
+                if p.base >= c.from {
+                    // The acceptor compacted entries we would have to adopt: they are chosen,
+                    // but only its checkpoint holds them. Catch up first, stand later.
+                    self.give_up_candidacy();
+                    self.start_pull(from);
+                    return;
+                }
                 let e = c.promises.entry(from).or_default();
                 e.add(p.chunk, p.chunks, p.entries);
                 e.header = Some((p.stream, p.received, p.persisted));
@@ -1340,6 +1453,7 @@ impl Core {
                     received,
                     persisted,
                     commit: 0,
+                    base: 0,
                     chunk: 0,
                     chunks: 1,
                     entries: vec![],
@@ -1387,6 +1501,14 @@ impl Core {
                         asked_at: Some(tick),
                     };
                     sends.push((n, Msg::Resync { ballot }));
+                }
+                PeerState::NeedsCheckpoint { asked_at }
+                    if asked_at.is_none_or(|t| tick - t >= every) =>
+                {
+                    p.state = PeerState::NeedsCheckpoint {
+                        asked_at: Some(tick),
+                    };
+                    sends.push((n, Msg::NeedCheckpoint { ballot }));
                 }
                 _ => {}
             }
@@ -1445,10 +1567,15 @@ impl Core {
             return;
         };
         for (&n, p) in l.peers.iter_mut() {
-            if p.state != PeerState::Streaming {
+            if p.state == PeerState::Streaming && p.next <= self.log.base() {
+                // What it needs next is only in our checkpoint.
+                p.state = PeerState::NeedsCheckpoint { asked_at: None };
+            }
+            let catching_up = matches!(p.state, PeerState::NeedsCheckpoint { .. });
+            if p.state != PeerState::Streaming && !catching_up {
                 continue;
             }
-            while p.next <= last && p.outstanding < max_out {
+            while !catching_up && p.next <= last && p.outstanding < max_out {
                 let slot = self.log.get(p.next).expect("index within log");
                 if slot.ballot != ballot {
                     // Catch-up below our adopted range: the chosen value, under our ballot.
@@ -1493,7 +1620,9 @@ impl Core {
             // The commit cell carries the commit when no entry does, and doubles as a
             // periodic probe: a follower that stopped consuming (it may have fenced us) is
             // still written to, so a refusal reaches us.
-            let idle = p.next > last;
+            // (Also to a replica pulling a checkpoint: if it fenced us to stand, the refusal
+            // makes us step down and the election that follows lets it rejoin.)
+            let idle = p.next > last || catching_up;
             let due = tick - p.commit_sent_at >= every;
             if p.outstanding < max_out && ((idle && p.commit_sent < commit) || due) {
                 p.commit_sent = commit;
@@ -1590,6 +1719,7 @@ impl Core {
                 nonce,
                 promised: self.promised,
                 commit: self.commit,
+                base: self.log.base(),
                 chunk: k as u32,
                 chunks: n,
                 entries,
@@ -1605,53 +1735,298 @@ impl Core {
         let Role::Recovering(rec) = &mut self.role else {
             return;
         };
-        if r.nonce != rec.nonce {
+        if r.nonce != rec.nonce || rec.pending.is_some() {
             return;
         }
         let e = rec
             .answers
             .entry(from)
-            .or_insert_with(|| (r.promised, r.commit, Chunks::default()));
+            .or_insert_with(|| (r.promised, r.commit, r.base, Chunks::default()));
         e.0 = e.0.max(r.promised);
         e.1 = e.1.max(r.commit);
-        e.2.add(r.chunk, r.chunks, r.entries);
+        e.2 = e.2.max(r.base);
+        e.3.add(r.chunk, r.chunks, r.entries);
         // A majority of the *other* replicas: their promises cover any promise we made
-        // before we forgot it, and their logs cover anything chosen with our help.
+        // before we forgot it, and their logs (or checkpoints) cover anything chosen with
+        // our help.
         let others = self.cfg.members.len() - 1;
         let need = (others / 2 + 1).min(others);
-        let complete: Vec<_> = rec.answers.values().filter(|a| a.2.complete()).collect();
+        let complete: Vec<_> = rec.answers.iter().filter(|(_, a)| a.3.complete()).collect();
         if complete.len() < need {
             return;
         }
-        let promised = complete.iter().map(|a| a.0).max().unwrap_or(Ballot::ZERO);
-        let commit = complete.iter().map(|a| a.1).max().unwrap_or(0);
+        let promised = complete
+            .iter()
+            .map(|a| a.1 .0)
+            .max()
+            .unwrap_or(Ballot::ZERO);
+        let commit = complete.iter().map(|a| a.1 .1).max().unwrap_or(0);
+        let (base, source) = complete
+            .iter()
+            .map(|(&n, a)| (a.2, n))
+            .max()
+            .unwrap_or((0, from));
         let mut best: BTreeMap<Index, Slot> = BTreeMap::new();
-        for a in &complete {
-            for bytes in a.2.got.values().flatten() {
+        for (_, a) in &complete {
+            for bytes in a.3.got.values().flatten() {
                 let Ok((i, slot)) = Slot::from_encoded(bytes.clone()) else {
                     continue;
                 };
-                if best.get(&i).is_none_or(|b| slot.ballot > b.ballot) {
+                if i > base && best.get(&i).is_none_or(|b| slot.ballot > b.ballot) {
                     best.insert(i, slot);
                 }
             }
         }
+        let out = Recovered {
+            promised,
+            commit,
+            best,
+        };
+        if base == 0 {
+            self.finish_recovery(out, 0);
+        } else {
+            // Entries up to `base` exist only in checkpoints: fetch one first.
+            rec.pending = Some(out);
+            self.start_pull(source);
+        }
+    }
+
+    /// Takes the recovered state as this replica's own, on top of checkpoint `base`.
+    fn finish_recovery(&mut self, r: Recovered, base: Index) {
         self.role = Role::Follower;
-        let mut log = Log::default();
-        for (i, slot) in best {
+        let mut log = Log::with_base(base);
+        for (i, slot) in r.best.into_iter().filter(|(i, _)| *i > base) {
             if i != log.last() + 1 {
-                break; // logs are contiguous from 1; a gap would mean a bad answer
+                break; // logs are contiguous after their base; a gap would mean a bad answer
             }
             log.put(i, slot);
         }
         self.log = log;
-        self.promised = promised;
-        self.max_seen = promised;
-        self.commit = commit.min(self.log.last());
+        self.promised = r.promised;
+        self.max_seen = r.promised;
+        self.commit = r.commit.min(self.log.last()).max(base);
+        self.applied = self.applied.max(base);
         self.received = self.commit;
-        self.persisted = self.received;
         self.quiet = 0;
+        if self.cfg.durability == Durability::Durable {
+            // A replica that lost its disk: the rebuilt promise and log become durable
+            // before it acknowledges anything (persisted starts at the checkpoint).
+            self.push(Action::PersistPromise(self.promised));
+            self.persisted = base;
+            if self.log.last() > base {
+                self.persist_from = Some(base + 1);
+            }
+            self.rejoin_target = Some(self.log.last());
+            self.check_rejoined();
+        } else {
+            self.persisted = self.received;
+        }
         self.apply_committed();
         self.rejoin_leader();
+    }
+
+    fn check_rejoined(&mut self) {
+        if self.rejoin_target.is_some_and(|t| self.persisted >= t) {
+            self.rejoin_target = None;
+            self.push(Action::Rejoined);
+        }
+    }
+
+    // --- checkpoints: compaction and catch-up ---
+
+    /// Whether this replica is pulling a checkpoint.
+    pub fn is_pulling(&self) -> bool {
+        self.pull.is_some()
+    }
+
+    /// A checkpoint covering `upto` is kept (durably, in durable mode): drop the log up to
+    /// it. Precondition: `upto <= applied` (a checkpoint holds applied state only).
+    pub fn compact(&mut self, upto: Index) {
+        assert!(
+            upto <= self.applied,
+            "contract: compaction at {upto} beyond applied {}",
+            self.applied
+        );
+        if upto <= self.log.base() {
+            return;
+        }
+        self.log.compact(upto);
+        self.after_compaction(upto);
+    }
+
+    fn after_compaction(&mut self, upto: Index) {
+        if self.persist_from.is_some_and(|f| f <= upto) {
+            self.persist_from = (self.log.last() > upto).then_some(upto + 1);
+        }
+        if self.cfg.durability == Durability::Durable {
+            // The checkpoint is durable: it stands for the entries it covers. The storage
+            // drops them before any persist still queued (which now starts after `upto`).
+            self.persisted = self.persisted.max(upto);
+            self.actions.push_front(Action::CompactLog { upto });
+        }
+    }
+
+    fn start_pull(&mut self, from: NodeId) {
+        if self.pull.is_some() || from == self.cfg.id {
+            return;
+        }
+        self.pull = Some(Pull {
+            from,
+            index: 0,
+            offset: 0,
+            asked_at: self.tick,
+            tries: 0,
+            sources: 1,
+        });
+        self.push(Action::Send {
+            to: from,
+            msg: Msg::CkptReq {
+                index: 0,
+                offset: 0,
+            },
+        });
+    }
+
+    /// Repeats an unanswered request (the transfer resumes at its offset); after
+    /// `PULL_TRIES` silences moves to another replica, and gives up after all of them.
+    fn pull_tick(&mut self) {
+        let every = u64::from(self.cfg.heartbeat_timeout / 2).max(1);
+        let tick = self.tick;
+        let n = self.cfg.members.len() as u32;
+        let members = self.cfg.members.clone();
+        let me = self.cfg.id;
+        let Some(p) = &mut self.pull else { return };
+        if tick - p.asked_at < every {
+            return;
+        }
+        p.asked_at = tick;
+        p.tries += 1;
+        if p.tries >= PULL_TRIES {
+            if p.sources >= n {
+                self.abandon_pull();
+                return;
+            }
+            let pos = members.iter().position(|&m| m == p.from).unwrap_or(0);
+            let mut next = members[(pos + 1) % members.len()];
+            if next == me {
+                next = members[(pos + 2) % members.len()];
+            }
+            *p = Pull {
+                from: next,
+                index: 0,
+                offset: 0,
+                asked_at: tick,
+                tries: 0,
+                sources: p.sources + 1,
+            };
+        }
+        let (to, index, offset) = (p.from, p.index, p.offset);
+        self.push(Action::Send {
+            to,
+            msg: Msg::CkptReq { index, offset },
+        });
+    }
+
+    fn abandon_pull(&mut self) {
+        self.pull = None;
+        if let Role::Recovering(r) = &mut self.role {
+            // Start recovery over: the answers may have moved on by now.
+            r.pending = None;
+            r.answers.clear();
+            r.asked_at = 0;
+        }
+    }
+
+    fn on_ckpt_chunk(
+        &mut self,
+        from: NodeId,
+        index: Index,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    ) {
+        let tick = self.tick;
+        let applied = self.applied;
+        let Some(p) = &mut self.pull else { return };
+        if from != p.from {
+            return;
+        }
+        if total == 0 || index == 0 {
+            // The source has no checkpoint: try another at the next retry.
+            p.tries = PULL_TRIES - 1;
+            return;
+        }
+        if index <= applied {
+            // We have applied past it meanwhile: nothing to gain.
+            self.pull = None;
+            return;
+        }
+        if index != p.index {
+            if offset != 0 {
+                return;
+            }
+            // A new image (first chunk, or the source took a newer checkpoint): start over.
+            p.index = index;
+            p.offset = 0;
+        }
+        let end = offset + data.len() as u64;
+        if offset != p.offset || end > total || (data.is_empty() && end < total) {
+            return; // a duplicate, a reordered or a malformed chunk
+        }
+        p.offset = end;
+        p.asked_at = tick;
+        p.tries = 0;
+        self.push(Action::StageCheckpoint {
+            index,
+            offset,
+            data,
+        });
+        if end == total {
+            self.push(Action::InstallCheckpoint { index, len: total });
+        } else {
+            self.push(Action::Send {
+                to: from,
+                msg: Msg::CkptReq { index, offset: end },
+            });
+        }
+    }
+
+    /// The driver executed `InstallCheckpoint`: the state machine now holds the state up to
+    /// `index` (`ok`), or the image failed verification (the pull starts over).
+    pub fn handle_checkpoint_installed(&mut self, index: Index, ok: bool) {
+        if !ok {
+            if let Some(p) = &mut self.pull {
+                p.index = 0;
+                p.offset = 0;
+                p.tries = PULL_TRIES - 1;
+            }
+            return;
+        }
+        self.pull = None;
+        assert!(
+            index > self.applied,
+            "contract: a checkpoint is installed only ahead of what is applied"
+        );
+        assert!(
+            matches!(self.role, Role::Follower | Role::Recovering(_)),
+            "contract: only a follower or a recovering replica pulls checkpoints"
+        );
+        let index = index + u64::from(self.cfg.bugs.checkpoint_off_by_one);
+        self.log.compact(index);
+        self.applied = index;
+        self.commit = self.commit.max(index);
+        self.received = self.received.max(index);
+        self.after_compaction(index);
+        self.progress_dirty = true;
+        if let Role::Recovering(r) = &mut self.role {
+            if let Some(out) = r.pending.take() {
+                self.finish_recovery(out, index);
+            }
+            return;
+        }
+        self.apply_committed();
+        if !self.is_leader() {
+            self.rejoin_leader();
+        }
     }
 }

@@ -8,4 +8,4 @@ pub mod msg;
 pub use self::core::{
     Action, Config, ConfigError, Core, Data, Durability, PlantedBugs, ProposeError,
 };
-pub use msg::Msg;
+pub use msg::{Msg, MAX_CKPT_CHUNK};

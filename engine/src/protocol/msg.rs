@@ -34,6 +34,23 @@ pub enum Msg {
         nonce: u64,
     },
     RecoverResp(RecoverResp),
+    /// Leader to follower: the entries you need next are compacted into a checkpoint; pull
+    /// one from me.
+    NeedCheckpoint {
+        ballot: Ballot,
+    },
+    /// Pull a chunk of the image of checkpoint `index` (0: your newest) from `offset`.
+    CkptReq {
+        index: Index,
+        offset: u64,
+    },
+    /// A chunk of checkpoint `index`'s image of `total` bytes (`total` 0: none to give).
+    CkptChunk {
+        index: Index,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    },
 }
 
 /// `Promise::from` of a promise that only (re)starts a ring stream and reports no entries.
@@ -51,6 +68,8 @@ pub struct Promise {
     pub received: Index,
     pub persisted: Index,
     pub commit: Index,
+    /// The acceptor's compacted prefix: entries up to here are in its checkpoint only.
+    pub base: Index,
     pub chunk: u32,
     pub chunks: u32,
     /// Accepted entries (encoded), ascending by index.
@@ -62,6 +81,8 @@ pub struct RecoverResp {
     pub nonce: u64,
     pub promised: Ballot,
     pub commit: Index,
+    /// The responder's compacted prefix (its entries start after it).
+    pub base: Index,
     pub chunk: u32,
     pub chunks: u32,
     pub entries: Vec<Arc<[u8]>>,
@@ -74,6 +95,7 @@ pub enum MsgError {
     BadChunk { chunk: u32, chunks: u32 },
     BadEntry(LayoutError),
     TrailingBytes(usize),
+    ChunkTooLarge(u64),
 }
 
 impl std::fmt::Display for MsgError {
@@ -84,6 +106,7 @@ impl std::fmt::Display for MsgError {
             Self::BadChunk { chunk, chunks } => write!(f, "bad chunk {chunk} of {chunks}"),
             Self::BadEntry(e) => write!(f, "bad entry in control message: {e}"),
             Self::TrailingBytes(n) => write!(f, "{n} trailing bytes after control message"),
+            Self::ChunkTooLarge(n) => write!(f, "checkpoint chunk of {n} bytes over the limit"),
         }
     }
 }
@@ -95,6 +118,12 @@ const NACK: u8 = 3;
 const RESYNC: u8 = 4;
 const RECOVER_REQ: u8 = 5;
 const RECOVER_RESP: u8 = 6;
+const NEED_CHECKPOINT: u8 = 7;
+const CKPT_REQ: u8 = 8;
+const CKPT_CHUNK: u8 = 9;
+
+/// Largest checkpoint chunk a message carries (well inside `fabric::MAX_CONTROL`).
+pub const MAX_CKPT_CHUNK: usize = 1 << 20;
 
 struct W(Vec<u8>);
 impl W {
@@ -180,6 +209,7 @@ impl Msg {
                     p.received,
                     p.persisted,
                     p.commit,
+                    p.base,
                 ] {
                     w.u64(v);
                 }
@@ -208,9 +238,32 @@ impl Msg {
                 w.u64(r.nonce);
                 w.u64(r.promised.0);
                 w.u64(r.commit);
+                w.u64(r.base);
                 w.u32(r.chunk);
                 w.u32(r.chunks);
                 w.entries(&r.entries);
+            }
+            Msg::NeedCheckpoint { ballot } => {
+                w.u8(NEED_CHECKPOINT);
+                w.u64(ballot.0);
+            }
+            Msg::CkptReq { index, offset } => {
+                w.u8(CKPT_REQ);
+                w.u64(*index);
+                w.u64(*offset);
+            }
+            Msg::CkptChunk {
+                index,
+                offset,
+                total,
+                data,
+            } => {
+                w.u8(CKPT_CHUNK);
+                w.u64(*index);
+                w.u64(*offset);
+                w.u64(*total);
+                w.u32(data.len() as u32);
+                w.0.extend_from_slice(data);
             }
         }
         w.0
@@ -225,8 +278,8 @@ impl Msg {
             },
             PROMISE => {
                 let (ballot, from) = (Ballot(r.u64()?), r.u64()?);
-                let (stream, received, persisted, commit) =
-                    (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let (stream, received, persisted, commit, base) =
+                    (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
                 let (chunk, chunks) = r.chunk()?;
                 let entries = r.entries()?;
                 Msg::Promise(Promise {
@@ -236,6 +289,7 @@ impl Msg {
                     received,
                     persisted,
                     commit,
+                    base,
                     chunk,
                     chunks,
                     entries,
@@ -250,17 +304,39 @@ impl Msg {
             },
             RECOVER_REQ => Msg::RecoverReq { nonce: r.u64()? },
             RECOVER_RESP => {
-                let (nonce, promised, commit) = (r.u64()?, Ballot(r.u64()?), r.u64()?);
+                let (nonce, promised, commit, base) =
+                    (r.u64()?, Ballot(r.u64()?), r.u64()?, r.u64()?);
                 let (chunk, chunks) = r.chunk()?;
                 let entries = r.entries()?;
                 Msg::RecoverResp(RecoverResp {
                     nonce,
                     promised,
                     commit,
+                    base,
                     chunk,
                     chunks,
                     entries,
                 })
+            }
+            NEED_CHECKPOINT => Msg::NeedCheckpoint {
+                ballot: Ballot(r.u64()?),
+            },
+            CKPT_REQ => Msg::CkptReq {
+                index: r.u64()?,
+                offset: r.u64()?,
+            },
+            CKPT_CHUNK => {
+                let (index, offset, total) = (r.u64()?, r.u64()?, r.u64()?);
+                let len = r.u32()? as usize;
+                if len > MAX_CKPT_CHUNK {
+                    return Err(MsgError::ChunkTooLarge(len as u64));
+                }
+                Msg::CkptChunk {
+                    index,
+                    offset,
+                    total,
+                    data: r.take(len)?.to_vec(),
+                }
             }
             t => return Err(MsgError::UnknownTag(t)),
         };
@@ -313,12 +389,15 @@ mod tests {
             let msgs = [
                 Msg::Prepare { ballot: Ballot(b), from: x },
                 Msg::Promise(Promise { ballot: Ballot(b), from: 4, stream: x, received: 3, persisted: 2,
-                    commit: 1, chunk: 0, chunks: 1, entries: es.clone() }),
+                    commit: 1, base: x / 3, chunk: 0, chunks: 1, entries: es.clone() }),
                 Msg::Nack { promised: Ballot(b), leader_alive: x % 2 == 0 },
                 Msg::Resync { ballot: Ballot(b) },
                 Msg::RecoverReq { nonce: x },
-                Msg::RecoverResp(RecoverResp { nonce: x, promised: Ballot(b), commit: 4,
+                Msg::RecoverResp(RecoverResp { nonce: x, promised: Ballot(b), commit: 4, base: 2,
                     chunk: 1, chunks: 2, entries: es }),
+                Msg::NeedCheckpoint { ballot: Ballot(b) },
+                Msg::CkptReq { index: x, offset: b },
+                Msg::CkptChunk { index: x, offset: b, total: x ^ b, data: vec![9; len] },
             ];
             for m in msgs {
                 prop_assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
@@ -333,7 +412,7 @@ mod tests {
         #[test]
         fn mutations_never_panic(at in any::<prop::sample::Index>(), v in any::<u8>()) {
             let m = Msg::Promise(Promise { ballot: Ballot(9), from: 1, stream: 1, received: 3, persisted: 2,
-                commit: 1, chunk: 0, chunks: 1, entries: vec![entry(1, 10), entry(2, 20)] });
+                commit: 1, base: 0, chunk: 0, chunks: 1, entries: vec![entry(1, 10), entry(2, 20)] });
             let mut b = m.encode();
             let i = at.index(b.len());
             b[i] = v;

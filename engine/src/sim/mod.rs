@@ -13,7 +13,8 @@
 
 pub mod kv;
 
-use crate::driver::{Replica, Storage};
+use crate::checkpoint::{CheckpointInfo, CheckpointPolicy, Checkpoints, MemCheckpoints};
+use crate::driver::{Replica, StateMachine, Storage};
 use crate::layout::{RegionInfo, RingGeometry};
 use crate::mem_fabric::{Faults, MemFabric, MemNet};
 use crate::protocol::{Config, Core, Durability, PlantedBugs, ProposeError};
@@ -70,6 +71,9 @@ impl Options {
         if self.bugs.short_quorum {
             s += " --plant-bug short-quorum";
         }
+        if self.bugs.checkpoint_off_by_one {
+            s += " --plant-bug checkpoint-off-by-one";
+        }
         s
     }
 }
@@ -77,6 +81,12 @@ impl Options {
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub commits: Index,
+    /// Checkpoints taken, and installed from another replica (catch-up), over all
+    /// incarnations.
+    pub checkpoints: u64,
+    pub installs: u64,
+    /// Durable mode: crashes that also lost the replica's data dir.
+    pub disk_losses: u64,
     pub acked: usize,
     pub crashes: usize,
     pub elections: usize,
@@ -87,15 +97,27 @@ pub struct Report {
 /// order; a crash loses what is still pending, except that the oldest pending submission may
 /// tear: an append survives as a random prefix, a rewrite whole or not at all (the
 /// `Storage` contract).
-/// A submission in flight: (seq, due time, entries).
-type PendingWrite = (u64, u64, Vec<Arc<[u8]>>);
+/// A request in flight: (seq, due time, what).
+type PendingWrite = (u64, u64, DiskOp);
+
+#[derive(Debug)]
+enum DiskOp {
+    Write(Vec<Arc<[u8]>>),
+    /// `Storage::compact`: no completion is reported (seq unused).
+    Compact(Index),
+}
 
 #[derive(Debug, Default)]
 struct Disk {
     promised: Ballot,
+    /// Entries `base + 1 ..`.
+    base: Index,
     entries: Vec<Arc<[u8]>>,
     pending: std::collections::VecDeque<PendingWrite>,
     rng: u64,
+    /// The replica lost this disk and is rebuilding it from the others: until that is
+    /// durable, a restart must rebuild again rather than trust what is here.
+    rejoining: bool,
 }
 
 impl Disk {
@@ -107,24 +129,52 @@ impl Disk {
         self.rng >> 33
     }
 
+    fn last(&self) -> Index {
+        self.base + self.entries.len() as Index
+    }
+
     fn write(&mut self, entries: &[Arc<[u8]>]) {
         let Some(first) = entries.first() else { return };
         let (h, _) = crate::layout::decode_entry(first).expect("valid entry");
+        if self.entries.is_empty() {
+            // An empty log starts wherever the first submission does (as the persister).
+            self.base = h.index - 1;
+        }
         assert!(
-            h.index as usize <= self.entries.len() + 1,
-            "persist leaves no gap"
+            h.index > self.base && h.index <= self.last() + 1,
+            "persist at {} leaves a gap after {}..={}",
+            h.index,
+            self.base + 1,
+            self.last()
         );
-        self.entries.truncate(h.index as usize - 1);
+        self.entries.truncate((h.index - self.base - 1) as usize);
         self.entries.extend(entries.iter().cloned());
+    }
+
+    fn compact(&mut self, upto: Index) {
+        if self.last() <= upto {
+            self.entries.clear();
+            self.base = upto;
+        } else if upto > self.base {
+            self.entries.drain(..(upto - self.base) as usize);
+            self.base = upto;
+        }
+    }
+
+    fn run(&mut self, op: DiskOp) {
+        match op {
+            DiskOp::Write(e) => self.write(&e),
+            DiskOp::Compact(upto) => self.compact(upto),
+        }
     }
 
     /// Power loss: pending submissions vanish, the oldest may tear.
     fn crash(&mut self) {
-        if let Some((_, _, entries)) = self.pending.pop_front() {
+        if let Some((_, _, DiskOp::Write(entries))) = self.pending.pop_front() {
             let first = entries
                 .first()
                 .map(|e| crate::layout::decode_entry(e).expect("valid").0.index);
-            let append = first.is_some_and(|i| i as usize == self.entries.len() + 1);
+            let append = first.is_some_and(|i| i == self.last() + 1 || self.entries.is_empty());
             let keep = if append {
                 (self.random() % (entries.len() as u64 + 1)) as usize
             } else if self.random().is_multiple_of(2) {
@@ -143,29 +193,83 @@ struct SimDisk {
     net: MemNet,
 }
 
+impl SimDisk {
+    fn queue(&self, seq: u64, op: DiskOp) {
+        let now = self.net.now();
+        let mut d = self.disk.lock().unwrap();
+        let last = d.pending.back().map_or(0, |p| p.1);
+        let due = (now + 5 + d.random() % 150).max(last);
+        d.pending.push_back((seq, due, op));
+    }
+}
+
+/// A replica's checkpoints, outliving its incarnations (durable mode: they are on disk).
+#[derive(Clone, Default)]
+struct SharedCkpts(Arc<Mutex<MemCheckpoints>>);
+
+impl Checkpoints for SharedCkpts {
+    fn save(
+        &mut self,
+        index: Index,
+        ballot: Ballot,
+        src: Box<dyn crate::checkpoint::CheckpointSource>,
+    ) -> std::io::Result<()> {
+        self.0.lock().unwrap().save(index, ballot, src)
+    }
+    fn poll_saved(&mut self) -> Option<std::io::Result<CheckpointInfo>> {
+        self.0.lock().unwrap().poll_saved()
+    }
+    fn latest(&self) -> Option<CheckpointInfo> {
+        self.0.lock().unwrap().latest()
+    }
+    fn get(&self, index: Index) -> Option<CheckpointInfo> {
+        self.0.lock().unwrap().get(index)
+    }
+    fn read_image(&mut self, index: Index, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().read_image(index, offset, buf)
+    }
+    fn receive(&mut self, index: Index, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().receive(index, offset, data)
+    }
+    fn receive_finish(&mut self, index: Index, len: u64) -> std::io::Result<CheckpointInfo> {
+        self.0.lock().unwrap().receive_finish(index, len)
+    }
+    fn retain(&mut self, keep: usize) -> std::io::Result<Option<Index>> {
+        self.0.lock().unwrap().retain(keep)
+    }
+    fn open(&mut self, index: Index) -> std::io::Result<Box<dyn std::io::Read + '_>> {
+        let mut data = Vec::new();
+        self.0.lock().unwrap().open(index)?.read_to_end(&mut data)?;
+        Ok(Box::new(std::io::Cursor::new(data)))
+    }
+}
+
 impl Storage for SimDisk {
     fn save_promise(&mut self, ballot: Ballot) -> std::io::Result<()> {
         self.disk.lock().unwrap().promised = ballot;
         Ok(())
     }
     fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> std::io::Result<()> {
-        let now = self.net.now();
-        let mut d = self.disk.lock().unwrap();
-        let last = d.pending.back().map_or(0, |p| p.1);
-        let due = (now + 5 + d.random() % 150).max(last);
-        d.pending.push_back((seq, due, entries));
+        self.queue(seq, DiskOp::Write(entries));
         Ok(())
     }
-    fn compact(&mut self, _upto: Index) -> std::io::Result<()> {
-        Ok(()) // replaced below, with the checkpoint model
+    fn compact(&mut self, upto: Index) -> std::io::Result<()> {
+        self.queue(0, DiskOp::Compact(upto));
+        Ok(())
+    }
+    fn rejoined(&mut self) -> std::io::Result<()> {
+        self.disk.lock().unwrap().rejoining = false;
+        Ok(())
     }
     fn poll_persisted(&mut self, done: &mut Vec<u64>) -> std::io::Result<()> {
         let now = self.net.now();
         let mut d = self.disk.lock().unwrap();
         while d.pending.front().is_some_and(|p| p.1 <= now) {
-            let (seq, _, entries) = d.pending.pop_front().unwrap();
-            d.write(&entries);
-            done.push(seq);
+            let (seq, _, op) = d.pending.pop_front().unwrap();
+            if matches!(op, DiskOp::Write(_)) {
+                done.push(seq);
+            }
+            d.run(op);
         }
         Ok(())
     }
@@ -174,6 +278,7 @@ impl Storage for SimDisk {
 struct Node {
     replica: Option<Replica<MemFabric, Machine>>,
     disk: Arc<Mutex<Disk>>,
+    ckpts: SharedCkpts,
     /// Applied (index, command id) of each finished incarnation.
     past: Vec<Vec<(Index, u64)>>,
     skew: u64,
@@ -224,6 +329,10 @@ struct Sim {
     next_thread: u64,
     report: Report,
     geo: RingGeometry,
+    /// Checkpoint policy of this run (from the seed): every so many applied bytes, keeping
+    /// so many.
+    ckpt_every: u64,
+    ckpt_keep: usize,
 }
 
 fn faulty_network() -> Faults {
@@ -277,12 +386,41 @@ impl Sim {
             );
         }
         let disk = self.nodes[id as usize].disk.clone();
+        let mut ckpts = self.nodes[id as usize].ckpts.clone();
+        let mut machine = Machine::default();
         let core = match (restart, self.o.durability) {
             (false, _) => Core::new(cfg, false),
-            (true, Durability::Volatile) => Core::new(cfg, true),
+            (true, Durability::Volatile) => {
+                // Amnesia: nothing of the last incarnation is left, checkpoints included.
+                *ckpts.0.lock().unwrap() = MemCheckpoints::default();
+                Core::new(cfg, true)
+            }
+            (true, Durability::Durable) if disk.lock().unwrap().rejoining => {
+                // Lost, or lost and not yet rebuilt: rebuild from the others (as
+                // `ballot-node --rejoin`); whatever a partial rebuild left is overwritten.
+                Core::new(cfg, true)
+            }
             (true, Durability::Durable) => {
+                // As the node does: the newest checkpoint, then the log after it.
+                let base = ckpts.latest().map_or(0, |c| c.index);
+                if base > 0 {
+                    let mut r = ckpts.open(base).expect("kept checkpoint opens");
+                    machine.restore(&mut r).expect("kept checkpoint restores");
+                }
                 let d = disk.lock().unwrap();
-                Core::restore(cfg, d.promised, 0, d.entries.clone())
+                let entries: Vec<_> = d
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| d.base + *k as Index + 1 > base)
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                assert!(
+                    entries.is_empty() || d.base <= base,
+                    "durable log starts at {} after checkpoint {base}: a gap",
+                    d.base + 1
+                );
+                Core::restore(cfg, d.promised, base, entries)
             }
         }
         .expect("valid config");
@@ -293,8 +431,15 @@ impl Sim {
             })),
             Durability::Volatile => None,
         };
-        self.nodes[id as usize].replica =
-            Some(Replica::new(core, fabric, Machine::default(), storage));
+        let policy = CheckpointPolicy {
+            every_bytes: self.ckpt_every,
+            keep: self.ckpt_keep,
+            chunk_bytes: 512,
+            serve_bytes_per_tick: 2048,
+        };
+        self.nodes[id as usize].replica = Some(
+            Replica::new(core, fabric, machine, storage).with_checkpoints(Box::new(ckpts), policy),
+        );
     }
 
     fn crash(&mut self, id: NodeId, until: u64) {
@@ -309,6 +454,9 @@ impl Sim {
         }
         if let Some(r) = n.replica.take() {
             n.past.push(r.state_machine().applied.clone());
+            let st = r.stats();
+            self.report.checkpoints += st.checkpoints_taken;
+            self.report.installs += st.checkpoints_installed;
         }
         n.disk.lock().unwrap().crash();
         n.down_until = until;
@@ -343,6 +491,22 @@ impl Sim {
                 let until = tick + 20 + self.rng.below(80);
                 self.crash(id, until);
             }
+        }
+        // Durable mode: a replica loses its data dir with the crash, when no other replica
+        // is down or rebuilding (recovery needs a majority of the others).
+        if self.o.durability == Durability::Durable && self.rng.chance(800) && self.down() == 0 {
+            let id = self.rng.below(n) as NodeId;
+            let until = tick + 20 + self.rng.below(80);
+            self.crash(id, until);
+            let mut d = self.nodes[id as usize].disk.lock().unwrap();
+            *d = Disk {
+                rng: d.rng,
+                rejoining: true,
+                ..Disk::default()
+            };
+            drop(d);
+            *self.nodes[id as usize].ckpts.0.lock().unwrap() = MemCheckpoints::default();
+            self.report.disk_losses += 1;
         }
         if self.o.durability == Durability::Durable && self.rng.chance(600) {
             let until = tick + 10 + self.rng.below(40);
@@ -599,6 +763,8 @@ impl Sim {
             if let Some(r) = &n.replica {
                 seqs.push((id as NodeId, r.state_machine().applied.clone()));
                 self.report.commits = self.report.commits.max(r.core().commit());
+                self.report.checkpoints += r.stats().checkpoints_taken;
+                self.report.installs += r.stats().checkpoints_installed;
             }
         }
         // Agreement: one command list per index.
@@ -779,6 +945,7 @@ pub fn run(o: Options) -> Report {
                 rng: rng.next(),
                 ..Disk::default()
             })),
+            ckpts: SharedCkpts::default(),
             past: Vec::new(),
             skew: rng.below(100),
             phase: rng.below(STEP_UNITS),
@@ -814,7 +981,13 @@ pub fn run(o: Options) -> Report {
         next_thread: o.clients as u64,
         report: Report::default(),
         geo: RingGeometry::new(64, 64).expect("valid geometry"),
+        ckpt_every: 0,
+        ckpt_keep: 1,
     };
+    // Frequent checkpoints (every 10 to 40 commands), so that compaction, catch-up through
+    // checkpoints and restarts from them happen in most runs.
+    sim.ckpt_every = 26 * (10 + sim.rng.below(30));
+    sim.ckpt_keep = 1 + sim.rng.below(3) as usize;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         sim.run();
         sim.check();

@@ -314,6 +314,12 @@ impl Checkpoints for FileCheckpoints {
             .map(|(&index, &len)| CheckpointInfo { index, len })
     }
 
+    fn get(&self, index: Index) -> Option<CheckpointInfo> {
+        self.known
+            .get(&index)
+            .map(|&len| CheckpointInfo { index, len })
+    }
+
     fn read_image(&mut self, index: Index, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let len = *self.known.get(&index).ok_or_else(|| not_found(index))?;
         if offset >= len || buf.is_empty() {

@@ -37,6 +37,9 @@ use std::thread::JoinHandle;
 pub const REWRITE_TMP: &str = "rewrite.tmp";
 /// A decided rewrite, replayed by [`Persister::open`] if found.
 pub const REWRITE_LOG: &str = "rewrite.log";
+/// Present while a replica that lost its data dir rebuilds it from the others: a restart
+/// then rebuilds again instead of trusting a partial state.
+pub const REJOIN_MARKER: &str = "rejoining";
 
 /// Test hook: where the thread stops as if the process had been killed.
 #[cfg(test)]
@@ -84,6 +87,9 @@ pub struct Recovered {
     pub rewrite_replayed: Option<(Index, usize)>,
     /// An undecided rewrite (`rewrite.tmp`) was discarded.
     pub rewrite_discarded: bool,
+    /// The [`REJOIN_MARKER`] is there: this replica lost its data dir and had not finished
+    /// rebuilding it from the others. What is on disk must not be trusted: rebuild again.
+    pub rejoining: bool,
 }
 
 enum Req {
@@ -94,6 +100,7 @@ enum Req {
 
 /// The durable store of one replica. See the module documentation.
 pub struct Persister {
+    dir: PathBuf,
     tx: Option<Sender<Req>>,
     done: Receiver<io::Result<u64>>,
     failed: Option<String>,
@@ -195,6 +202,7 @@ impl Persister {
         let promise = PromiseStore::open(&dir)?;
         let (mut log, log_rec) = SegmentLog::open(&dir, opts.log)?;
         let mut rec = Recovered {
+            rejoining: dir.join(REJOIN_MARKER).exists(),
             promised: promise.promised(),
             log: log_rec,
             ..Recovered::default()
@@ -244,7 +252,7 @@ impl Persister {
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
         let mut w = Writer {
-            dir,
+            dir: dir.clone(),
             log,
             promise,
             #[cfg(test)]
@@ -256,6 +264,7 @@ impl Persister {
             .map_err(|e| StorageError::io("spawn persister thread", PathBuf::new(), e))?;
         Ok((
             Persister {
+                dir,
                 tx: Some(tx),
                 done,
                 failed: None,
@@ -263,6 +272,18 @@ impl Persister {
             },
             rec,
         ))
+    }
+
+    /// Marks `dir` as being rebuilt from the other replicas (its data was lost), durably,
+    /// before the replica asks them for anything. Removed by `Storage::rejoined`.
+    pub fn mark_rejoining(dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        ensure_dir(dir)?;
+        let path = dir.join(REJOIN_MARKER);
+        let f = std::fs::File::create(&path).map_err(|e| StorageError::io("create", &path, e))?;
+        f.sync_all()
+            .map_err(|e| StorageError::io("fsync", &path, e))?;
+        sync_dir(dir)
     }
 
     fn gone(&self) -> io::Error {
@@ -293,6 +314,15 @@ impl Storage for Persister {
         }
         let tx = self.tx.as_ref().expect("open");
         tx.send(Req::Entries(seq, entries)).map_err(|_| self.gone())
+    }
+
+    fn rejoined(&mut self) -> io::Result<()> {
+        let path = self.dir.join(REJOIN_MARKER);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(sync_dir(&self.dir)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("remove", &path, e).into()),
+        }
     }
 
     fn compact(&mut self, upto: Index) -> io::Result<()> {
