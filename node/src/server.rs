@@ -9,7 +9,7 @@ use ballot::driver::{Replica, StateMachine, Storage};
 use ballot::layout::{RegionInfo, RingGeometry};
 use ballot::protocol::{Config, Core, Durability, ProposeError};
 use ballot::region::Region;
-use ballot::runtime::{Handle, Role, Runtime, RuntimeConfig};
+use ballot::runtime::{Handle, Runtime, RuntimeConfig};
 use ballot::storage::{FileCheckpoints, Persister, PersisterOptions};
 use ballot::Index;
 use ballot_tcp::{TcpConfig, TcpFabric};
@@ -60,9 +60,10 @@ pub fn boot_marker(dir: &Path, cluster: u64, node: u8) -> Result<bool, String> {
     }
 }
 
-/// Marker of a rejoin that has not finished (durable mode): while it exists, every start
-/// discards the durable state and recovers from a majority again.
-pub const REJOIN_MARKER: &str = "ballot-node.rejoin";
+/// Marker of a rejoin that has not finished (durable mode, kept by the persister): while it
+/// exists, every start discards the durable state and recovers from a majority again. The
+/// replica removes it once the rebuilt promise and log are durable.
+pub use ballot::storage::persister::REJOIN_MARKER;
 /// Subdirectory of the data dir holding the checkpoints.
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 
@@ -79,15 +80,6 @@ pub enum Boot {
     Rejoin,
 }
 
-fn write_synced(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Reads the data dir's markers and decides how this replica starts (writing the boot
 /// marker, and the rejoin marker for a durable rejoin).
 pub fn decide_boot(cfg: &NodeConfig) -> Result<Boot, String> {
@@ -100,12 +92,9 @@ pub fn decide_boot(cfg: &NodeConfig) -> Result<Boot, String> {
     let lost = had_marker && cfg.durable && !dir.join("promise").exists();
     let rejoin = pending || (cfg.rejoin && (!had_marker || lost));
     if rejoin && cfg.durable && !pending {
-        write_synced(
-            dir,
-            REJOIN_MARKER,
-            &format!("cluster={:#x} node={}\n", cfg.cluster, cfg.node),
-        )
-        .map_err(|e| format!("cannot write the rejoin marker in {}: {e}", dir.display()))?;
+        // Durable before anything else: a crash from here on rejoins again.
+        Persister::mark_rejoining(dir)
+            .map_err(|e| format!("cannot write the rejoin marker in {}: {e}", dir.display()))?;
     }
     let restart = boot_marker(dir, cfg.cluster, cfg.node)?;
     if cfg.rejoin && !rejoin {
@@ -124,7 +113,8 @@ pub fn decide_boot(cfg: &NodeConfig) -> Result<Boot, String> {
     })
 }
 
-/// Removes the durable log, promise and rewrite files (a rejoin starts from nothing).
+/// Removes the durable log, promise and rewrite files (a rejoin starts from nothing; the
+/// rejoin marker stays).
 fn wipe_durable(dir: &Path) -> Result<(), String> {
     let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     for ent in rd {
@@ -211,6 +201,7 @@ fn open_durable(cfg: &NodeConfig, pc: Config, boot: Boot) -> Result<Durable, Str
         );
     }
     if boot == Boot::Rejoin {
+        debug_assert!(rec.rejoining);
         tracing::warn!("rejoining: recovering the state from a majority");
         eprintln!(
             "ballot-node: rejoining with an empty data dir: recovering from a majority \
@@ -506,13 +497,6 @@ impl Node {
             .name("client-accept".into())
             .spawn(move || accept_loop(client_listener, h, peers, digest, st))
             .map_err(|e| format!("cannot start the client listener: {e}"))?;
-        if boot == Boot::Rejoin && cfg.durable {
-            let (h, st, dir) = (runtime.handle(), stop.clone(), cfg.data_dir.clone());
-            std::thread::Builder::new()
-                .name("rejoin-watch".into())
-                .spawn(move || finish_rejoin(h, dir, st))
-                .map_err(|e| format!("cannot start the rejoin watcher: {e}"))?;
-        }
         tracing::info!(
             node = cfg.node,
             boot = ?boot,
@@ -536,31 +520,6 @@ impl Node {
     pub fn shutdown(self) {
         self.stop.store(true, Ordering::Release);
         self.runtime.shutdown();
-    }
-}
-
-/// Removes the rejoin marker once the replica has recovered: from then on its promise is
-/// durable (the core persists the recovered promise before it leaves the recovering role)
-/// and a restart is an ordinary durable restart.
-fn finish_rejoin(h: Handle, dir: std::path::PathBuf, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Acquire) && !h.is_stopped() {
-        let role = h.status().role;
-        if matches!(role, Role::Follower | Role::Leader | Role::Candidate) {
-            let done = std::fs::remove_file(dir.join(REJOIN_MARKER))
-                .and_then(|_| std::fs::File::open(&dir)?.sync_all());
-            match done {
-                Ok(()) => {
-                    tracing::info!("rejoin complete: recovered from a majority");
-                    eprintln!("ballot-node: rejoin complete");
-                }
-                Err(e) => tracing::error!(
-                    "cannot remove the rejoin marker in {}: {e} (the next start rejoins again)",
-                    dir.display()
-                ),
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
