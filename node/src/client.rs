@@ -281,6 +281,22 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Asks every node to take a checkpoint now.
+    pub fn cluster_checkpoint(&self) -> Vec<(String, Result<(), String>)> {
+        self.cfg
+            .addrs
+            .iter()
+            .map(|a| {
+                (
+                    a.clone(),
+                    checkpoint(a, self.cfg.connect_timeout.max(Duration::from_secs(1))),
+                )
+            })
+            .collect()
+    }
+}
+
 fn unexpected(r: KvResult) -> ClientError {
     match r {
         KvResult::Error(e) => ClientError::Rejected(e),
@@ -288,16 +304,30 @@ fn unexpected(r: KvResult) -> ClientError {
     }
 }
 
-/// One node's status.
-pub fn status(addr: &str, timeout: Duration) -> Result<NodeStatus, String> {
+fn one_shot(addr: &str, timeout: Duration, req: Request) -> Result<Response, String> {
     let go = || -> io::Result<Response> {
         let mut s = TcpStream::connect_timeout(&resolve(addr)?, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        exchange(&mut s, &Request::Status.encode())
+        exchange(&mut s, &req.encode())
     };
-    match go().map_err(|e| e.to_string())? {
+    go().map_err(|e| e.to_string())
+}
+
+/// One node's status.
+pub fn status(addr: &str, timeout: Duration) -> Result<NodeStatus, String> {
+    match one_shot(addr, timeout, Request::Status)? {
         Response::Ok(b) => NodeStatus::decode(&b),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Asks one node to take a checkpoint now (it is written in the background; its status
+/// shows the newest checkpoint).
+pub fn checkpoint(addr: &str, timeout: Duration) -> Result<(), String> {
+    match one_shot(addr, timeout, Request::Checkpoint)? {
+        Response::Ok(b) if b.is_empty() => Ok(()),
+        Response::Error(e) => Err(e),
         other => Err(format!("unexpected answer {other:?}")),
     }
 }

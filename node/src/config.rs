@@ -1,6 +1,7 @@
 //! `ballot-node` configuration: a TOML file and/or flags (flags win), validated into a
 //! [`NodeConfig`]. Every mistake is a clear error, never a panic.
 
+use ballot::checkpoint::CheckpointPolicy;
 use clap::Parser;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -66,6 +67,28 @@ pub struct Flags {
     /// Milliseconds a candidate waits for promises.
     #[arg(long)]
     pub election_timeout_ms: Option<u32>,
+    /// Take a checkpoint after this many bytes of applied commands (bytes, or with a K, M
+    /// or G suffix, powers of 1024; default 64M; 0: only on request). The log is compacted
+    /// behind the oldest checkpoint kept.
+    #[arg(long, value_name = "BYTES")]
+    pub checkpoint_every: Option<String>,
+    /// Checkpoints kept (default 2, at least 1).
+    #[arg(long, value_name = "N")]
+    pub checkpoints_keep: Option<u64>,
+    /// Bandwidth this node spends serving checkpoints to replicas catching up, in bytes per
+    /// second (K, M, G suffixes allowed; default 64M).
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub catchup_rate: Option<String>,
+    /// Durable mode: size of a log segment file (default 64M, at least 4K). The log is
+    /// truncated behind checkpoints by whole segments.
+    #[arg(long, value_name = "BYTES")]
+    pub segment_bytes: Option<String>,
+    /// This replica is an existing member whose data directory was lost: start it
+    /// *recovering* (it learns the state from a majority before it votes or acknowledges)
+    /// instead of as a fresh replica. Only acts when the data dir has no boot marker. See
+    /// docs/operations.md.
+    #[arg(long)]
+    pub rejoin: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -85,7 +108,17 @@ pub struct FileConfig {
     pub core: Option<usize>,
     pub heartbeat_timeout_ms: Option<u32>,
     pub election_timeout_ms: Option<u32>,
+    pub checkpoint_every: Option<toml::Value>,
+    pub checkpoints_keep: Option<toml::Value>,
+    pub catchup_rate: Option<toml::Value>,
+    pub segment_bytes: Option<toml::Value>,
 }
+
+/// Defaults of the checkpoint settings.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 64 << 20;
+pub const DEFAULT_CHECKPOINTS_KEEP: usize = 2;
+pub const DEFAULT_CATCHUP_RATE: u64 = 64 << 20;
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
 /// The replication fabric.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +148,12 @@ pub struct NodeConfig {
     pub core: Option<usize>,
     pub heartbeat_timeout: Duration,
     pub election_timeout: Duration,
+    /// When checkpoints are taken, how many are kept, how fast they are served.
+    pub checkpoint: CheckpointPolicy,
+    /// `--rejoin`: a lost data dir restarts recovering instead of fresh.
+    pub rejoin: bool,
+    /// Durable mode: segment file size.
+    pub segment_bytes: u64,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -127,6 +166,8 @@ impl std::fmt::Debug for NodeConfig {
             .field("client_addr", &self.client_addr)
             .field("data_dir", &self.data_dir)
             .field("durable", &self.durable)
+            .field("checkpoint", &self.checkpoint)
+            .field("rejoin", &self.rejoin)
             .field("key", &"<redacted>")
             .finish()
     }
@@ -137,6 +178,47 @@ fn parse_u64(s: &str) -> Option<u64> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(h) => u64::from_str_radix(h, 16).ok(),
         None => s.parse().ok(),
+    }
+}
+
+/// Parses a byte count: digits, optionally followed by `K`, `M` or `G` (powers of 1024;
+/// `KiB`, `KB`, `k` and a trailing `B` are accepted too).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
+}
+
+/// A size from a flag (wins) or a TOML value (integer or string).
+fn size_setting(
+    what: &str,
+    flag: Option<String>,
+    file: Option<toml::Value>,
+    default: u64,
+) -> Result<u64, String> {
+    let bad = |v: &dyn std::fmt::Display| {
+        format!("{what}: {v} is not a byte count (a number, optionally with K, M or G: 256K, 64M)")
+    };
+    match (flag, file) {
+        (Some(s), _) => parse_size(&s).ok_or_else(|| bad(&format!("{s:?}"))),
+        (None, Some(toml::Value::Integer(i))) => u64::try_from(i).map_err(|_| bad(&i)),
+        (None, Some(toml::Value::String(s))) => {
+            parse_size(&s).ok_or_else(|| bad(&format!("{s:?}")))
+        }
+        (None, Some(v)) => Err(bad(&v)),
+        (None, None) => Ok(default),
     }
 }
 
@@ -309,7 +391,61 @@ impl NodeConfig {
                 v => Ok(Duration::from_millis(u64::from(v))),
             }
         };
+        let every = size_setting(
+            "checkpoint-every",
+            flags.checkpoint_every,
+            file.checkpoint_every,
+            DEFAULT_CHECKPOINT_EVERY,
+        )?;
+        let keep = match (flags.checkpoints_keep, file.checkpoints_keep) {
+            (Some(n), _) => n,
+            (None, Some(toml::Value::Integer(i))) if i >= 0 => i as u64,
+            (None, Some(v)) => {
+                return Err(format!(
+                    "checkpoints-keep: {v} is not a non-negative number"
+                ))
+            }
+            (None, None) => DEFAULT_CHECKPOINTS_KEEP as u64,
+        };
+        if keep == 0 {
+            return Err(
+                "checkpoints-keep must be at least 1 (the log is truncated behind the oldest \
+                 checkpoint kept)"
+                    .into(),
+            );
+        }
+        let rate = size_setting(
+            "catchup-rate",
+            flags.catchup_rate,
+            file.catchup_rate,
+            DEFAULT_CATCHUP_RATE,
+        )?;
+        if rate < 1000 {
+            return Err(format!(
+                "catchup-rate of {rate} bytes/s is too low: at least 1000 (1 byte per 1 ms tick)"
+            ));
+        }
+        let segment_bytes = size_setting(
+            "segment-bytes",
+            flags.segment_bytes,
+            file.segment_bytes,
+            DEFAULT_SEGMENT_BYTES,
+        )?;
+        if segment_bytes < 4096 {
+            return Err(format!(
+                "segment-bytes of {segment_bytes} is too small: at least 4096 (4K)"
+            ));
+        }
+        let checkpoint = CheckpointPolicy {
+            every_bytes: every,
+            keep: usize::try_from(keep).unwrap_or(usize::MAX),
+            serve_bytes_per_tick: rate / 1000,
+            ..CheckpointPolicy::default()
+        };
         Ok(NodeConfig {
+            checkpoint,
+            rejoin: flags.rejoin,
+            segment_bytes,
             fabric,
             node,
             cluster,
@@ -411,6 +547,60 @@ mod tests {
         a.extend(["--rdma-device", "rxe0"]);
         assert!(err(&a).contains("need --fabric rdma"));
         assert!(Flags::try_parse_from(["ballot-node", "--bogus"]).is_err());
+        // Checkpoint settings: defaults, sizes with suffixes, clear errors.
+        assert_eq!(
+            ok.checkpoint,
+            CheckpointPolicy {
+                every_bytes: 64 << 20,
+                keep: 2,
+                serve_bytes_per_tick: (64 << 20) / 1000,
+                ..CheckpointPolicy::default()
+            }
+        );
+        assert!(!ok.rejoin);
+        let mut a = base.to_vec();
+        a.extend([
+            "--checkpoint-every",
+            "256K",
+            "--checkpoints-keep",
+            "1",
+            "--catchup-rate",
+            "8MiB",
+            "--rejoin",
+        ]);
+        let c = NodeConfig::load(flags(&a)).unwrap();
+        assert_eq!(c.checkpoint.every_bytes, 256 << 10);
+        assert_eq!(c.checkpoint.keep, 1);
+        assert_eq!(c.checkpoint.serve_bytes_per_tick, (8 << 20) / 1000);
+        assert!(c.rejoin);
+        assert_eq!(c.segment_bytes, 64 << 20);
+        let mut a = base.to_vec();
+        a.extend(["--checkpoint-every", "0"]);
+        assert_eq!(
+            NodeConfig::load(flags(&a)).unwrap().checkpoint.every_bytes,
+            0
+        );
+        for (flag, v, want) in [
+            ("--checkpoint-every", "lots", "not a byte count"),
+            ("--checkpoint-every", "12T", "not a byte count"),
+            ("--checkpoint-every", "1.5M", "not a byte count"),
+            ("--checkpoint-every", "99999999999G", "not a byte count"),
+            ("--checkpoints-keep", "0", "at least 1"),
+            ("--catchup-rate", "0", "too low"),
+            ("--catchup-rate", "999", "too low"),
+            ("--catchup-rate", "fast", "not a byte count"),
+            ("--segment-bytes", "1K", "too small"),
+        ] {
+            let mut a = base.to_vec();
+            a.extend([flag, v]);
+            let e = err(&a);
+            assert!(e.contains(want), "{flag} {v}: {e}");
+        }
+        assert!(Flags::try_parse_from(["ballot-node", "--checkpoints-keep", "-1"]).is_err());
+        assert_eq!(parse_size(" 4k "), Some(4096));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("7"), Some(7));
+        assert_eq!(parse_size("K"), None);
         // TOML, with flags overriding.
         let file = dir.join("node.toml");
         std::fs::write(
@@ -423,6 +613,48 @@ mod tests {
         .unwrap();
         let c = NodeConfig::load(flags(&["-c", file.to_str().unwrap(), "--node", "1"])).unwrap();
         assert_eq!((c.node, c.cluster), (1, 7));
+        let toml_base = format!(
+            "node = 0\ncluster = 7\npeers = [\"0=127.0.0.1:1\", \"1=127.0.0.1:2\"]\n\
+             client_addr = \"127.0.0.1:5\"\ndata_dir = \"/tmp/d\"\nkey_file = \"{kf}\"\n"
+        );
+        std::fs::write(
+            &file,
+            format!(
+                "{toml_base}checkpoint_every = \"1M\"\ncheckpoints_keep = 3\n\
+                 catchup_rate = 2000000\n"
+            ),
+        )
+        .unwrap();
+        let c = NodeConfig::load(flags(&["-c", file.to_str().unwrap()])).unwrap();
+        assert_eq!(
+            (
+                c.checkpoint.every_bytes,
+                c.checkpoint.keep,
+                c.checkpoint.serve_bytes_per_tick
+            ),
+            (1 << 20, 3, 2000)
+        );
+        // Flags win over the file.
+        let c = NodeConfig::load(flags(&[
+            "-c",
+            file.to_str().unwrap(),
+            "--checkpoint-every",
+            "2K",
+        ]))
+        .unwrap();
+        assert_eq!(c.checkpoint.every_bytes, 2048);
+        for (line, want) in [
+            ("checkpoints_keep = 0\n", "at least 1"),
+            ("checkpoints_keep = -2\n", "checkpoints-keep"),
+            ("checkpoint_every = -1\n", "not a byte count"),
+            ("checkpoint_every = true\n", "not a byte count"),
+            ("catchup_rate = \"slow\"\n", "not a byte count"),
+            ("rejoin = true\n", "rejoin"),
+        ] {
+            std::fs::write(&file, format!("{toml_base}{line}")).unwrap();
+            let e = NodeConfig::load(flags(&["-c", file.to_str().unwrap()])).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        }
         std::fs::write(&file, "node = 0\nbogus = 1\n").unwrap();
         assert!(NodeConfig::load(flags(&["-c", file.to_str().unwrap()]))
             .unwrap_err()

@@ -10,9 +10,12 @@
 //! Decoding is total: a malformed command is applied as a no-op that returns an `Error`
 //! result, never a panic.
 
+use ballot::checkpoint::CheckpointSource;
 use ballot::driver::StateMachine;
 use ballot::Index;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
 
 /// Largest key, in bytes.
 pub const MAX_KEY: usize = 4096;
@@ -252,13 +255,87 @@ impl Reader<'_> {
     }
 }
 
+/// Largest result kept in the dedup table (a value plus its result header).
+const MAX_RESULT: usize = MAX_VALUE + 64;
+/// Checkpoint framing (see [`KvMachine`]'s `checkpoint`).
+const CKPT_MAGIC: &[u8; 8] = b"BALKVCK1";
+const CKPT_END: &[u8; 8] = b"BALKVEND";
+
+/// What a node's status shows of its state, published after every command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct StateDigest {
+    /// Log index of the last command applied (kept in checkpoints with the state, so a
+    /// replica restored from one reports what the others report).
+    pub index: Index,
+    /// [`KvMachine::digest`] after it.
+    pub digest: u64,
+}
+
+/// Where the replica thread publishes its [`StateDigest`] for the client threads.
+#[derive(Debug, Default)]
+pub struct DigestCell(Mutex<StateDigest>);
+
+impl DigestCell {
+    pub fn get(&self) -> StateDigest {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn set(&self, d: StateDigest) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Hash of one item of the state (a key and its value, or a dedup session).
+fn item_hash(tag: u8, head: &[u8], body: &[u8]) -> u64 {
+    let mut c = crc32c::crc32c(&[tag]);
+    c = crc32c::crc32c_append(c, &(head.len() as u32).to_le_bytes());
+    c = crc32c::crc32c_append(c, head);
+    c = crc32c::crc32c_append(c, body);
+    mix((u64::from(c) << 32) ^ (head.len() + body.len()) as u64 ^ (u64::from(tag) << 24))
+}
+
+fn key_hash(key: &[u8], value: &[u8]) -> u64 {
+    item_hash(b'K', key, value)
+}
+
+fn session_hash(client: u64, seq: u64, out: &[u8]) -> u64 {
+    let mut head = [0u8; 16];
+    head[..8].copy_from_slice(&client.to_le_bytes());
+    head[8..].copy_from_slice(&seq.to_le_bytes());
+    item_hash(b'S', &head, out)
+}
+
 /// The replicated store with per-client deduplication.
+///
+/// Checkpoints (`StateMachine::checkpoint`, a frozen copy serialized on another thread) are
+/// deterministic: the same state gives the same bytes on every replica, little-endian:
+///
+/// ```text
+/// "BALKVCK1" | applied u64 | last index u64
+/// keys u64     then per key, ascending:    key len u32 | key | value len u32 | value
+/// sessions u64 then per client, ascending: client u64 | seq u64 | result len u32 | result
+/// "BALKVEND"
+/// ```
+///
+/// `restore` decodes totally (bad bytes: `InvalidData`, never a panic) into a new state and
+/// only then replaces the current one.
 #[derive(Debug, Default)]
 pub struct KvMachine {
     data: BTreeMap<Vec<u8>, Vec<u8>>,
     /// client id -> (last seq applied, its encoded result).
-    sessions: HashMap<u64, (u64, Vec<u8>)>,
+    sessions: BTreeMap<u64, (u64, Vec<u8>)>,
     applied: u64,
+    /// Index of the last command applied.
+    last_index: Index,
+    /// Wrapping sum of the item hashes (order-independent, kept up to date by `apply`).
+    sum: u64,
+    cell: Arc<DigestCell>,
 }
 
 impl KvMachine {
@@ -275,12 +352,60 @@ impl KvMachine {
     pub fn applied(&self) -> u64 {
         self.applied
     }
+    /// Index of the last command applied.
+    pub fn last_index(&self) -> Index {
+        self.last_index
+    }
+
+    /// A 64-bit digest of the whole state (keys and values, the dedup table, the applied
+    /// count): equal states give equal digests whatever the history; different states
+    /// differ except with negligible probability (it is a checksum, not a cryptographic
+    /// hash). O(1): maintained incrementally by `apply`.
+    pub fn digest(&self) -> u64 {
+        mix(self
+            .sum
+            .wrapping_add(mix(self.applied ^ 0xD1B5_4A32_D192_ED03)))
+    }
+
+    /// The cell where [`StateDigest`] is published after every command.
+    pub fn digest_cell(&self) -> Arc<DigestCell> {
+        self.cell.clone()
+    }
+
+    fn publish(&self) {
+        self.cell.set(StateDigest {
+            index: self.last_index,
+            digest: self.digest(),
+        });
+    }
+
+    /// The checkpoint bytes of the current state.
+    pub fn checkpoint_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_state(
+            &mut out,
+            self.applied,
+            self.last_index,
+            &self.data,
+            &self.sessions,
+        )
+        .expect("writing to a Vec");
+        out
+    }
+
+    fn set_key(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        if let Some(old) = self.data.get(&key) {
+            self.sum = self.sum.wrapping_sub(key_hash(&key, old));
+        }
+        self.sum = self.sum.wrapping_add(key_hash(&key, &value));
+        self.data.insert(key, value);
+    }
 
     fn execute(&mut self, op: Op) -> KvResult {
         self.applied += 1;
         match op {
             Op::Put { key, value } => {
-                self.data.insert(key, value);
+                self.set_key(key, value);
                 KvResult::Ok
             }
             Op::Get { key } => match self.data.get(&key) {
@@ -288,13 +413,16 @@ impl KvMachine {
                 None => KvResult::NotFound,
             },
             Op::Delete { key } => match self.data.remove(&key) {
-                Some(_) => KvResult::Ok,
+                Some(old) => {
+                    self.sum = self.sum.wrapping_sub(key_hash(&key, &old));
+                    KvResult::Ok
+                }
                 None => KvResult::NotFound,
             },
             Op::Cas { key, expected, new } => {
                 let cur = self.data.get(&key);
                 if cur.map(Vec::as_slice) == expected.as_deref() {
-                    self.data.insert(key, new);
+                    self.set_key(key, new);
                     KvResult::Ok
                 } else {
                     KvResult::CasFailed(cur.cloned())
@@ -302,10 +430,8 @@ impl KvMachine {
             }
         }
     }
-}
 
-impl StateMachine for KvMachine {
-    fn apply(&mut self, _index: Index, command: &[u8]) -> Vec<u8> {
+    fn apply_command(&mut self, command: &[u8]) -> Vec<u8> {
         let cmd = match Command::decode(command) {
             Ok(c) => c,
             Err(e) => return KvResult::Error(format!("bad command: {e}")).encode(),
@@ -326,8 +452,184 @@ impl StateMachine for KvMachine {
             }
         }
         let out = self.execute(cmd.op).encode();
-        self.sessions.insert(cmd.client, (cmd.seq, out.clone()));
+        let new = session_hash(cmd.client, cmd.seq, &out);
+        if let Some((seq, old)) = self.sessions.insert(cmd.client, (cmd.seq, out.clone())) {
+            self.sum = self.sum.wrapping_sub(session_hash(cmd.client, seq, &old));
+        }
+        self.sum = self.sum.wrapping_add(new);
         out
+    }
+}
+
+/// Serializes a state in the checkpoint format (see [`KvMachine`]).
+fn write_state(
+    w: &mut dyn Write,
+    applied: u64,
+    last_index: Index,
+    data: &BTreeMap<Vec<u8>, Vec<u8>>,
+    sessions: &BTreeMap<u64, (u64, Vec<u8>)>,
+) -> io::Result<()> {
+    const FLUSH: usize = 64 << 10;
+    let mut buf = Vec::with_capacity(FLUSH * 2);
+    let mut flush = |buf: &mut Vec<u8>, force: bool| -> io::Result<()> {
+        if force || buf.len() >= FLUSH {
+            w.write_all(buf)?;
+            buf.clear();
+        }
+        Ok(())
+    };
+    buf.extend_from_slice(CKPT_MAGIC);
+    buf.extend_from_slice(&applied.to_le_bytes());
+    buf.extend_from_slice(&last_index.to_le_bytes());
+    buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    for (k, v) in data {
+        put_bytes(&mut buf, k);
+        put_bytes(&mut buf, v);
+        flush(&mut buf, false)?;
+    }
+    buf.extend_from_slice(&(sessions.len() as u64).to_le_bytes());
+    for (client, (seq, out)) in sessions {
+        buf.extend_from_slice(&client.to_le_bytes());
+        buf.extend_from_slice(&seq.to_le_bytes());
+        put_bytes(&mut buf, out);
+        flush(&mut buf, false)?;
+    }
+    buf.extend_from_slice(CKPT_END);
+    flush(&mut buf, true)
+}
+
+/// A frozen copy of the state, serialized on the checkpoint thread.
+struct KvImage {
+    applied: u64,
+    last_index: Index,
+    data: BTreeMap<Vec<u8>, Vec<u8>>,
+    sessions: BTreeMap<u64, (u64, Vec<u8>)>,
+}
+
+impl CheckpointSource for KvImage {
+    fn write_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
+        write_state(w, self.applied, self.last_index, &self.data, &self.sessions)
+    }
+}
+
+fn bad(why: impl Into<String>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("bad key-value checkpoint: {}", why.into()),
+    )
+}
+
+/// Reads the checkpoint format from a stream; every error is `InvalidData` (or the
+/// stream's own error).
+struct StateReader<'a>(&'a mut dyn Read);
+
+impl StateReader<'_> {
+    fn exact(&mut self, buf: &mut [u8], what: &str) -> io::Result<()> {
+        self.0.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => bad(format!("truncated in {what}")),
+            _ => e,
+        })
+    }
+    fn u32(&mut self, what: &str) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.exact(&mut b, what)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64(&mut self, what: &str) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.exact(&mut b, what)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn bytes(&mut self, max: usize, what: &str) -> io::Result<Vec<u8>> {
+        let n = self.u32(what)? as usize;
+        if n > max {
+            return Err(bad(format!("{what} of {n} bytes exceeds {max}")));
+        }
+        let mut v = vec![0u8; n];
+        self.exact(&mut v, what)?;
+        Ok(v)
+    }
+}
+
+impl StateMachine for KvMachine {
+    fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
+        let out = self.apply_command(command);
+        self.last_index = index;
+        self.publish();
+        out
+    }
+
+    fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
+        Some(Box::new(KvImage {
+            applied: self.applied,
+            last_index: self.last_index,
+            data: self.data.clone(),
+            sessions: self.sessions.clone(),
+        }))
+    }
+
+    fn restore(&mut self, checkpoint: &mut dyn Read) -> io::Result<()> {
+        let mut r = StateReader(checkpoint);
+        let mut magic = [0u8; 8];
+        r.exact(&mut magic, "header")?;
+        if &magic != CKPT_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        let applied = r.u64("header")?;
+        let last_index = r.u64("header")?;
+        let mut sum = 0u64;
+        let mut data = BTreeMap::new();
+        let keys = r.u64("key count")?;
+        let mut prev: Option<Vec<u8>> = None;
+        for k in 0..keys {
+            let key = r.bytes(MAX_KEY, "key")?;
+            let value = r.bytes(MAX_VALUE, "value")?;
+            if key.is_empty() {
+                return Err(bad(format!("key {k} is empty")));
+            }
+            if prev.as_ref().is_some_and(|p| *p >= key) {
+                return Err(bad(format!("key {k} out of order")));
+            }
+            sum = sum.wrapping_add(key_hash(&key, &value));
+            prev = Some(key.clone());
+            data.insert(key, value);
+        }
+        let mut sessions = BTreeMap::new();
+        let count = r.u64("session count")?;
+        let mut prev = 0u64;
+        for k in 0..count {
+            let client = r.u64("session")?;
+            let seq = r.u64("session")?;
+            let out = r.bytes(MAX_RESULT, "session result")?;
+            if client <= prev {
+                return Err(bad(format!("session {k}: client {client} out of order")));
+            }
+            prev = client;
+            sum = sum.wrapping_add(session_hash(client, seq, &out));
+            sessions.insert(client, (seq, out));
+        }
+        r.exact(&mut magic, "end marker")?;
+        if &magic != CKPT_END {
+            return Err(bad("bad end marker"));
+        }
+        // The stream must end here (reading to its end also makes a snapshot reader check
+        // its trailer).
+        let mut extra = [0u8; 1];
+        loop {
+            match r.0.read(&mut extra) {
+                Ok(0) => break,
+                Ok(_) => return Err(bad("trailing bytes")),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.data = data;
+        self.sessions = sessions;
+        self.applied = applied;
+        self.last_index = last_index;
+        self.sum = sum;
+        self.publish();
+        Ok(())
     }
 }
 
@@ -486,5 +788,184 @@ mod tests {
         ));
         assert!(KvResult::decode(&[]).is_err());
         assert!(KvResult::decode(&[9]).is_err());
+    }
+
+    fn put(client: u64, seq: u64, key: &str, value: &[u8]) -> Vec<u8> {
+        cmd(
+            client,
+            seq,
+            Op::Put {
+                key: k(key),
+                value: value.to_vec(),
+            },
+        )
+    }
+
+    /// A state with keys, deletes, a cas, dedup sessions (one holding a Get's value) and a
+    /// malformed command.
+    fn busy_machine() -> KvMachine {
+        let mut m = KvMachine::default();
+        let mut i = 0;
+        let mut go = |m: &mut KvMachine, c: Vec<u8>| {
+            i += 1;
+            m.apply(i, &c);
+        };
+        for n in 0..50u64 {
+            go(
+                &mut m,
+                put(n % 7 + 1, n + 1, &format!("key{n}"), &n.to_le_bytes()),
+            );
+        }
+        go(&mut m, cmd(3, 100, Op::Delete { key: k("key9") }));
+        go(&mut m, cmd(4, 100, Op::Get { key: k("key10") }));
+        go(
+            &mut m,
+            cmd(
+                5,
+                100,
+                Op::Cas {
+                    key: k("key11"),
+                    expected: Some(11u64.to_le_bytes().to_vec()),
+                    new: k("eleven"),
+                },
+            ),
+        );
+        go(&mut m, put(0, 0, "anon", b"x"));
+        go(&mut m, vec![1, 2, 3]);
+        go(&mut m, put(9, 1, "big", &vec![0xab; 100_000]));
+        m
+    }
+
+    fn restored(bytes: &[u8]) -> io::Result<KvMachine> {
+        let mut m = KvMachine::default();
+        m.restore(&mut &bytes[..])?;
+        Ok(m)
+    }
+
+    #[test]
+    fn checkpoint_round_trip_keeps_state_dedup_and_digest() {
+        let mut m = busy_machine();
+        let mut img = Vec::new();
+        m.checkpoint().unwrap().write_to(&mut img).unwrap();
+        assert_eq!(img, m.checkpoint_bytes());
+        let mut r = restored(&img).unwrap();
+        assert_eq!(r.digest(), m.digest());
+        assert_eq!(r.applied(), m.applied());
+        assert_eq!(r.last_index(), m.last_index());
+        assert_eq!(r.len(), m.len());
+        assert_eq!(r.get(b"key11"), Some(&b"eleven"[..]));
+        assert_eq!(r.get(b"key9"), None);
+        assert_eq!(r.checkpoint_bytes(), img);
+        assert_eq!(r.digest_cell().get(), m.digest_cell().get());
+        // The dedup table came along: a retried command is not applied again.
+        let retry = cmd(3, 100, Op::Delete { key: k("key9") });
+        assert_eq!(r.apply(99, &retry), m.apply(99, &retry));
+        assert_eq!(r.digest(), m.digest());
+        // Both go on identically.
+        let next = put(3, 101, "key9", b"back");
+        r.apply(100, &next);
+        assert_ne!(r.digest(), m.digest());
+        m.apply(100, &next);
+        assert_eq!(r.digest(), m.digest());
+        assert_eq!(r.checkpoint_bytes(), m.checkpoint_bytes());
+        assert_eq!(
+            m.digest_cell().get(),
+            StateDigest {
+                index: 100,
+                digest: m.digest()
+            }
+        );
+    }
+
+    #[test]
+    fn checkpoint_bytes_and_digest_depend_on_the_state_only() {
+        let (mut a, mut b) = (KvMachine::default(), KvMachine::default());
+        for (i, key) in ["x", "y", "z"].iter().enumerate() {
+            a.apply(i as u64 + 1, &put(0, 0, key, key.as_bytes()));
+        }
+        for (i, key) in ["z", "x", "q", "y"].iter().enumerate() {
+            b.apply(i as u64 + 1, &put(0, 0, key, b"tmp"));
+        }
+        // Same keys and values, reached differently; same applied count and last index.
+        b.apply(5, &cmd(0, 0, Op::Delete { key: k("q") }));
+        for key in ["x", "y", "z"] {
+            b.apply(5, &put(0, 0, key, key.as_bytes()));
+        }
+        a.apply(4, &put(0, 0, "x", b"x"));
+        a.apply(5, &put(0, 0, "y", b"y"));
+        for _ in 0..3 {
+            a.apply(5, &put(0, 0, "z", b"z"));
+        }
+        assert_eq!(a.applied(), b.applied());
+        assert_eq!(a.digest(), b.digest());
+        assert_eq!(a.checkpoint_bytes(), b.checkpoint_bytes());
+        a.apply(6, &put(0, 0, "x", b"X"));
+        assert_ne!(a.digest(), b.digest());
+        a.apply(7, &put(0, 0, "x", b"x"));
+        assert_ne!(a.digest(), b.digest(), "the applied count is state too");
+    }
+
+    #[test]
+    fn restore_is_total_and_leaves_the_state_alone_on_error() {
+        let m = busy_machine();
+        let img = m.checkpoint_bytes();
+        let mut target = KvMachine::default();
+        target.apply(1, &put(1, 1, "mine", b"1"));
+        let before = (target.digest(), target.checkpoint_bytes());
+        let check = |target: &mut KvMachine, bytes: &[u8], must_fail: bool| {
+            match target.restore(&mut &bytes[..]) {
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+                    assert_eq!((target.digest(), target.checkpoint_bytes()), before);
+                }
+                Ok(()) => {
+                    assert!(!must_fail, "accepted a bad checkpoint");
+                    // Accepted (a changed value, say): consistent with what it decoded.
+                    let again = restored(&target.checkpoint_bytes()).unwrap();
+                    assert_eq!(again.digest(), target.digest());
+                    *target = KvMachine::default();
+                    target.apply(1, &put(1, 1, "mine", b"1"));
+                }
+            }
+        };
+        // Every prefix (the big value in steps), a trailing byte.
+        let mut cut = 0;
+        while cut < img.len() {
+            check(&mut target, &img[..cut], true);
+            cut += if cut < 2000 || cut > img.len() - 2000 {
+                1
+            } else {
+                997
+            };
+        }
+        let mut long = img.clone();
+        long.push(0);
+        check(&mut target, &long, true);
+        // Every byte of the small part flipped in a few ways, and the length fields set
+        // huge: never a panic, never a partial state.
+        for at in (0..img.len()).filter(|&i| i < 1500 || i > img.len() - 300) {
+            for x in [0x01u8, 0x80, 0xff] {
+                let mut b = img.clone();
+                b[at] ^= x;
+                check(&mut target, &b, at < 8 || at >= img.len() - 8);
+            }
+        }
+        let mut huge = img.clone();
+        huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        check(&mut target, &huge, true);
+        check(&mut target, b"", true);
+        check(&mut target, b"BALKVCK1", true);
+        // Out of order keys.
+        let mut a = KvMachine::default();
+        a.apply(1, &put(0, 0, "a", b"1"));
+        a.apply(2, &put(0, 0, "b", b"2"));
+        let mut swapped = a.checkpoint_bytes();
+        let at = swapped
+            .windows(5)
+            .position(|w| w == [1, 0, 0, 0, b'a'])
+            .unwrap();
+        swapped[at + 4] = b'c';
+        let e = restored(&swapped).unwrap_err();
+        assert!(e.to_string().contains("out of order"), "{e}");
     }
 }

@@ -2,14 +2,16 @@
 //! listener.
 
 use crate::config::{FabricChoice, NodeConfig};
-use crate::kv::{Command, KvMachine};
+use crate::kv::{Command, DigestCell, KvMachine};
 use crate::wire::{self, NodeStatus, Request, Response};
-use ballot::driver::{Replica, Storage};
+use ballot::checkpoint::Checkpoints;
+use ballot::driver::{Replica, StateMachine, Storage};
 use ballot::layout::{RegionInfo, RingGeometry};
 use ballot::protocol::{Config, Core, Durability, ProposeError};
 use ballot::region::Region;
 use ballot::runtime::{Handle, Runtime, RuntimeConfig};
-use ballot::storage::{Persister, PersisterOptions};
+use ballot::storage::{FileCheckpoints, Persister, PersisterOptions};
+use ballot::Index;
 use ballot_tcp::{TcpConfig, TcpFabric};
 use ballot_verbs::{RdmaConfig, RdmaFabric};
 use std::io::Write;
@@ -58,18 +60,125 @@ pub fn boot_marker(dir: &Path, cluster: u64, node: u8) -> Result<bool, String> {
     }
 }
 
-/// Durable mode: recovers the promise and the log from the data dir (torn tail cut and
-/// reported; corruption refused, naming file and offset) and rebuilds the core from them.
-fn open_durable(cfg: &NodeConfig, pc: Config, restart: bool) -> Result<(Core, Persister), String> {
+/// Marker of a rejoin that has not finished (durable mode, kept by the persister): while it
+/// exists, every start discards the durable state and recovers from a majority again. The
+/// replica removes it once the rebuilt promise and log are durable.
+pub use ballot::storage::persister::REJOIN_MARKER;
+/// Subdirectory of the data dir holding the checkpoints.
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+/// How this start relates to what the data dir holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    /// First start of this replica.
+    Fresh,
+    /// A restart: the data dir holds this replica's state (durable), or its boot marker
+    /// (volatile: it recovers).
+    Restart,
+    /// An existing member whose state was lost (`--rejoin`, or an unfinished rejoin): it
+    /// recovers from a majority before taking part.
+    Rejoin,
+}
+
+/// Reads the data dir's markers and decides how this replica starts (writing the boot
+/// marker, and the rejoin marker for a durable rejoin).
+pub fn decide_boot(cfg: &NodeConfig) -> Result<Boot, String> {
     let dir = &cfg.data_dir;
-    if restart && !dir.join("promise").exists() {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+    let had_marker = dir.join(MARKER).exists();
+    let pending = dir.join(REJOIN_MARKER).exists();
+    // Durable state gone although the marker is there: `--rejoin` may rebuild it.
+    let lost = had_marker && cfg.durable && !dir.join("promise").exists();
+    let rejoin = pending || (cfg.rejoin && (!had_marker || lost));
+    if rejoin && cfg.durable && !pending {
+        // Durable before anything else: a crash from here on rejoins again.
+        Persister::mark_rejoining(dir)
+            .map_err(|e| format!("cannot write the rejoin marker in {}: {e}", dir.display()))?;
+    }
+    let restart = boot_marker(dir, cfg.cluster, cfg.node)?;
+    if cfg.rejoin && !rejoin {
+        tracing::warn!("--rejoin ignored: the data dir holds this replica's state");
+        eprintln!(
+            "ballot-node: --rejoin ignored: {} holds this replica's state",
+            dir.display()
+        );
+    }
+    Ok(if rejoin {
+        Boot::Rejoin
+    } else if restart {
+        Boot::Restart
+    } else {
+        Boot::Fresh
+    })
+}
+
+/// Removes the durable log, promise and rewrite files (a rejoin starts from nothing; the
+/// rejoin marker stays).
+fn wipe_durable(dir: &Path) -> Result<(), String> {
+    let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let name = ent.file_name();
+        let name = name.to_string_lossy();
+        let durable = (name.starts_with("seg-") && name.ends_with(".log"))
+            || name == "promise"
+            || name == ballot::storage::persister::REWRITE_TMP
+            || name == ballot::storage::persister::REWRITE_LOG;
+        if durable {
+            let p = ent.path();
+            std::fs::remove_file(&p).map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+}
+
+fn open_checkpoints(dir: &Path) -> Result<FileCheckpoints, String> {
+    let ck_dir = dir.join(CHECKPOINT_DIR);
+    FileCheckpoints::open(&ck_dir).map_err(|e| {
+        format!(
+            "cannot open the checkpoints in {}: {e}; refusing to start",
+            ck_dir.display()
+        )
+    })
+}
+
+/// What a durable replica starts from.
+struct Durable {
+    core: Core,
+    persister: Persister,
+    checkpoints: FileCheckpoints,
+    kv: KvMachine,
+}
+
+/// Durable mode: recovers the promise, the newest checkpoint that verifies and the log
+/// after it from the data dir (torn tail cut and reported; corruption refused, naming file
+/// and offset) and rebuilds the core from them. A rejoin starts from nothing, recovering.
+fn open_durable(cfg: &NodeConfig, pc: Config, boot: Boot) -> Result<Durable, String> {
+    let dir = &cfg.data_dir;
+    if boot == Boot::Restart && !dir.join("promise").exists() {
         return Err(format!(
             "data dir {} has a boot marker but no durable state (was it run in volatile \
-             mode?): refusing to start a durable replica that may have forgotten promises",
+             mode, or was its state deleted?): refusing to start a durable replica that may \
+             have forgotten promises (if this replica's data was lost, start it with \
+             --rejoin)",
             dir.display()
         ));
     }
-    let (p, rec) = Persister::open(dir, PersisterOptions::default()).map_err(|e| {
+    if boot == Boot::Rejoin {
+        wipe_durable(dir)?;
+    }
+    let mut checkpoints = open_checkpoints(dir)?;
+    if boot == Boot::Rejoin {
+        checkpoints
+            .clear()
+            .map_err(|e| format!("cannot clear {}: {e}", checkpoints.dir().display()))?;
+    }
+    let mut opts = PersisterOptions::default();
+    opts.log.segment_bytes = cfg.segment_bytes;
+    let (mut persister, rec) = Persister::open(dir, opts).map_err(|e| {
         format!(
             "cannot recover the durable state in {}: {e}; refusing to start",
             dir.display()
@@ -91,23 +200,141 @@ fn open_durable(cfg: &NodeConfig, pc: Config, restart: bool) -> Result<(Core, Pe
             t.reason
         );
     }
+    if boot == Boot::Rejoin {
+        debug_assert!(rec.rejoining);
+        tracing::warn!("rejoining: recovering the state from a majority");
+        eprintln!(
+            "ballot-node: rejoining with an empty data dir: recovering from a majority \
+             before taking part"
+        );
+        let core = Core::new(pc, true).map_err(|e| format!("bad configuration: {e}"))?;
+        return Ok(Durable {
+            core,
+            persister,
+            checkpoints,
+            kv: KvMachine::default(),
+        });
+    }
+    let first = rec.first_index;
+    let (base, kv) = restore_checkpoint(dir, &mut checkpoints, first)?;
+    let mut entries = rec.entries;
+    if let Some(f) = first {
+        let covered = (base + 1).saturating_sub(f) as usize;
+        entries.drain(..covered.min(entries.len()));
+    }
+    if base > 0 {
+        // Entries the checkpoint covers go (a log that ends below it is emptied, so that
+        // the next append, at base + 1, is accepted).
+        persister
+            .compact(base)
+            .map_err(|e| format!("cannot compact the log in {}: {e}", dir.display()))?;
+    }
     tracing::info!(
         promised = %rec.promised,
-        entries = rec.entries.len(),
+        checkpoint = base,
+        entries = entries.len(),
         rewrite_replayed = ?rec.rewrite_replayed,
         rewrite_discarded = rec.rewrite_discarded,
         "recovered durable state"
     );
-    if let Some(first) = rec.first_index.filter(|&f| f != 1) {
-        return Err(format!(
-            "the durable log in {} starts at index {first} and no checkpoint covers the \
-             entries before it; refusing to start",
-            dir.display()
-        ));
-    }
-    let core = Core::restore(pc, rec.promised, 0, rec.entries)
+    let core = Core::restore(pc, rec.promised, base, entries)
         .map_err(|e| format!("bad configuration: {e}"))?;
-    Ok((core, p))
+    Ok(Durable {
+        core,
+        persister,
+        checkpoints,
+        kv,
+    })
+}
+
+/// Restores the key-value state from the newest checkpoint that verifies and that the log
+/// continues (it starts at or before the checkpoint's index + 1). Corrupt newer ones are set
+/// aside (renamed `….corrupt`) and reported. Returns the checkpoint index (0: none).
+fn restore_checkpoint(
+    dir: &Path,
+    ck: &mut FileCheckpoints,
+    first: Option<Index>,
+) -> Result<(Index, KvMachine), String> {
+    let covers = |c: Index| first.is_none_or(|f| f <= c + 1);
+    let seg = |f: Index| dir.join(format!("seg-{f:020}.log"));
+    let mut corrupt: Vec<(Index, String)> = Vec::new();
+    let mut chosen = None;
+    let mut newest_uncovered = None;
+    for info in ck.list().into_iter().rev() {
+        if !covers(info.index) {
+            newest_uncovered.get_or_insert(info.index);
+            break;
+        }
+        let mut kv = KvMachine::default();
+        match ck.open(info.index).and_then(|mut r| kv.restore(&mut r)) {
+            Ok(()) => {
+                chosen = Some((info.index, kv));
+                break;
+            }
+            Err(e) => {
+                let path = ck.path_of(info.index);
+                tracing::error!(file = %path.display(), "checkpoint does not verify: {e}");
+                eprintln!(
+                    "ballot-node: recovery: checkpoint {} does not verify: {e}",
+                    path.display()
+                );
+                corrupt.push((info.index, e.to_string()));
+            }
+        }
+    }
+    let chosen = match chosen {
+        Some(c) => c,
+        // No usable checkpoint: the log must hold everything from index 1.
+        None if covers(0) => (0, KvMachine::default()),
+        None => {
+            let f = first.expect("an uncovered log is not empty");
+            let mut why = String::new();
+            for (i, e) in &corrupt {
+                why.push_str(&format!(
+                    "checkpoint {} is corrupt ({e}); ",
+                    ck.path_of(*i).display()
+                ));
+            }
+            let older = match newest_uncovered {
+                Some(c) => format!(
+                    "the newest usable checkpoint, {}, is at index {c}",
+                    ck.path_of(c).display()
+                ),
+                None if corrupt.is_empty() => {
+                    format!("there is no checkpoint in {}", ck.dir().display())
+                }
+                None => "there is no older checkpoint".to_string(),
+            };
+            return Err(format!(
+                "cannot recover the durable state in {}: {why}the log starts at index {f} \
+                 ({}) and {older}: entries before {f} are missing; refusing to start",
+                dir.display(),
+                seg(f).display()
+            ));
+        }
+    };
+    for (i, e) in corrupt {
+        let to = ck
+            .set_aside(i)
+            .map_err(|err| format!("cannot set aside the corrupt checkpoint at {i}: {err}"))?;
+        eprintln!(
+            "ballot-node: recovery: corrupt checkpoint set aside as {} ({e}); restored from {}",
+            to.display(),
+            if chosen.0 == 0 {
+                "the log alone".to_string()
+            } else {
+                ck.path_of(chosen.0).display().to_string()
+            }
+        );
+    }
+    if chosen.0 > 0 {
+        tracing::info!(
+            index = chosen.0,
+            file = %ck.path_of(chosen.0).display(),
+            "state restored from a checkpoint"
+        );
+    }
+    Ok(chosen)
 }
 
 fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, String> {
@@ -192,7 +419,8 @@ fn rdma_fabric(
 
 impl Node {
     pub fn start(cfg: NodeConfig) -> Result<Node, String> {
-        let recovering = boot_marker(&cfg.data_dir, cfg.cluster, cfg.node)?;
+        let boot = decide_boot(&cfg)?;
+        let recovering = boot != Boot::Fresh;
         let ring = ring();
         let region = Region::anonymous(RegionInfo {
             cluster: cfg.cluster,
@@ -207,14 +435,27 @@ impl Node {
         pc.batch_bytes = crate::kv::MAX_COMMAND + 64;
         pc.heartbeat_timeout = cfg.heartbeat_timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
         pc.election_timeout = cfg.election_timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
-        let (core, storage) = if cfg.durable {
+        let (core, storage, checkpoints, kv) = if cfg.durable {
             pc.durability = Durability::Durable;
-            let (core, p) = open_durable(&cfg, pc, recovering)?;
-            (core, Some(Box::new(p) as Box<dyn Storage>))
+            let d = open_durable(&cfg, pc, boot)?;
+            let storage = Some(Box::new(d.persister) as Box<dyn Storage>);
+            (d.core, storage, d.checkpoints, d.kv)
         } else {
+            // A volatile restart is amnesiac: checkpoints of an earlier run are not used.
+            let mut ck = open_checkpoints(&cfg.data_dir)?;
+            ck.clear()
+                .map_err(|e| format!("cannot clear {}: {e}", ck.dir().display()))?;
+            if boot == Boot::Rejoin {
+                eprintln!(
+                    "ballot-node: rejoining with an empty data dir: recovering from a \
+                     majority before taking part"
+                );
+            }
             let core = Core::new(pc, recovering).map_err(|e| format!("bad configuration: {e}"))?;
-            (core, None)
+            (core, None, ck, KvMachine::default())
         };
+        let digest = kv.digest_cell();
+        let checkpoints: Box<dyn Checkpoints> = Box::new(checkpoints);
         let rc = RuntimeConfig {
             core: cfg.core,
             name: format!("replica-{}", cfg.node),
@@ -234,12 +475,14 @@ impl Node {
                 );
                 let fabric = TcpFabric::start_with_listener(tcp, fabric_listener)
                     .map_err(|e| format!("fabric: {e}"))?;
-                let replica = Replica::new(core, fabric, KvMachine::default(), storage);
+                let replica = Replica::new(core, fabric, kv, storage)
+                    .with_checkpoints(checkpoints, cfg.checkpoint);
                 NodeRuntime::Tcp(Runtime::start(replica, rc).map_err(start)?)
             }
             FabricChoice::Rdma { device, gid_index } => {
                 let fabric = rdma_fabric(&cfg, device, *gid_index, recovering, region)?;
-                let replica = Replica::new(core, fabric, KvMachine::default(), storage);
+                let replica = Replica::new(core, fabric, kv, storage)
+                    .with_checkpoints(checkpoints, cfg.checkpoint);
                 NodeRuntime::Rdma(Runtime::start(replica, rc).map_err(start)?)
             }
         };
@@ -252,11 +495,11 @@ impl Node {
         );
         std::thread::Builder::new()
             .name("client-accept".into())
-            .spawn(move || accept_loop(client_listener, h, peers, st))
+            .spawn(move || accept_loop(client_listener, h, peers, digest, st))
             .map_err(|e| format!("cannot start the client listener: {e}"))?;
         tracing::info!(
             node = cfg.node,
-            recovering,
+            boot = ?boot,
             durable = cfg.durable,
             fabric = %listen,
             kind = if matches!(cfg.fabric, FabricChoice::Tcp) { "tcp" } else { "rdma" },
@@ -284,16 +527,17 @@ fn accept_loop(
     l: TcpListener,
     h: Handle,
     peers: Arc<std::collections::BTreeMap<u8, String>>,
+    digest: Arc<DigestCell>,
     stop: Arc<AtomicBool>,
 ) {
     l.set_nonblocking(true).ok();
     while !stop.load(Ordering::Acquire) {
         match l.accept() {
             Ok((s, _)) => {
-                let (h, p) = (h.clone(), peers.clone());
+                let (h, p, d) = (h.clone(), peers.clone(), digest.clone());
                 let _ = std::thread::Builder::new()
                     .name("client-conn".into())
-                    .spawn(move || serve(s, h, p));
+                    .spawn(move || serve(s, h, p, d));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5))
@@ -306,7 +550,12 @@ fn accept_loop(
     }
 }
 
-fn serve(mut s: TcpStream, h: Handle, peers: Arc<std::collections::BTreeMap<u8, String>>) {
+fn serve(
+    mut s: TcpStream,
+    h: Handle,
+    peers: Arc<std::collections::BTreeMap<u8, String>>,
+    digest: Arc<DigestCell>,
+) {
     s.set_nonblocking(false).ok();
     s.set_nodelay(true).ok();
     loop {
@@ -320,8 +569,13 @@ fn serve(mut s: TcpStream, h: Handle, peers: Arc<std::collections::BTreeMap<u8, 
         };
         let resp = match Request::decode(body) {
             Err(e) => Response::Error(format!("bad request: {e}")),
+            Ok(Request::Checkpoint) => {
+                h.checkpoint();
+                Response::Ok(Vec::new())
+            }
             Ok(Request::Status) => {
                 let st = h.status();
+                let d = digest.get();
                 Response::Ok(
                     NodeStatus {
                         node: st.node,
@@ -331,6 +585,10 @@ fn serve(mut s: TcpStream, h: Handle, peers: Arc<std::collections::BTreeMap<u8, 
                         commit: st.commit,
                         applied: st.applied,
                         leader: st.leader_hint,
+                        log_base: st.log_base,
+                        checkpoint: st.checkpoint,
+                        digest: d.digest,
+                        digest_index: d.index,
                     }
                     .encode(),
                 )

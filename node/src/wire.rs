@@ -10,6 +10,7 @@ pub const MAX_FRAME: usize = 4 << 20;
 pub mod kind {
     pub const COMMAND: u8 = 1;
     pub const STATUS: u8 = 2;
+    pub const CHECKPOINT: u8 = 3;
 }
 
 pub mod status {
@@ -24,6 +25,8 @@ pub enum Request {
     /// An encoded [`crate::kv::Command`].
     Command(Vec<u8>),
     Status,
+    /// Take a checkpoint now (on the node asked; answered once requested, not done).
+    Checkpoint,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +52,19 @@ pub struct NodeStatus {
     pub commit: u64,
     pub applied: u64,
     pub leader: Option<u8>,
+    /// Compacted log prefix: entries up to here exist only in checkpoints.
+    pub log_base: u64,
+    /// Newest checkpoint kept (0: none).
+    pub checkpoint: u64,
+    /// Digest of the key-value state (`KvMachine::digest`) ...
+    pub digest: u64,
+    /// ... after the command at this log index (equal on replicas with equal states).
+    pub digest_index: u64,
 }
+
+/// Encoded size of a [`NodeStatus`] (27 before the checkpoint fields).
+const STATUS_LEN: usize = 59;
+const STATUS_LEN_V1: usize = 27;
 
 fn role_code(name: &str) -> u8 {
     match name {
@@ -77,11 +92,23 @@ impl NodeStatus {
             b.extend_from_slice(&v.to_le_bytes());
         }
         b.push(self.leader.unwrap_or(0xFF));
+        for v in [
+            self.log_base,
+            self.checkpoint,
+            self.digest,
+            self.digest_index,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
         b
     }
+    /// Also reads the shorter record of nodes without checkpoints (those fields 0).
     pub fn decode(b: &[u8]) -> Result<NodeStatus, String> {
-        if b.len() != 27 {
-            return Err(format!("status record of {} bytes, want 27", b.len()));
+        if b.len() != STATUS_LEN && b.len() != STATUS_LEN_V1 {
+            return Err(format!(
+                "status record of {} bytes, want {STATUS_LEN}",
+                b.len()
+            ));
         }
         let w = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let ballot = w(2);
@@ -93,6 +120,10 @@ impl NodeStatus {
             commit: w(10),
             applied: w(18),
             leader: (b[26] != 0xFF).then_some(b[26]),
+            log_base: if b.len() == STATUS_LEN { w(27) } else { 0 },
+            checkpoint: if b.len() == STATUS_LEN { w(35) } else { 0 },
+            digest: if b.len() == STATUS_LEN { w(43) } else { 0 },
+            digest_index: if b.len() == STATUS_LEN { w(51) } else { 0 },
         })
     }
 }
@@ -107,6 +138,7 @@ impl Request {
                 b
             }
             Request::Status => vec![kind::STATUS],
+            Request::Checkpoint => vec![kind::CHECKPOINT],
         }
     }
     pub fn decode(mut b: Vec<u8>) -> Result<Request, String> {
@@ -116,6 +148,7 @@ impl Request {
                 Ok(Request::Command(b))
             }
             Some(&kind::STATUS) if b.len() == 1 => Ok(Request::Status),
+            Some(&kind::CHECKPOINT) if b.len() == 1 => Ok(Request::Checkpoint),
             Some(k) => Err(format!("unknown request kind {k}")),
             None => Err("empty request".into()),
         }
@@ -244,12 +277,20 @@ mod tests {
             commit: 9,
             applied: 8,
             leader: Some(1),
+            log_base: 4,
+            checkpoint: 6,
+            digest: 0xdead_beef_0123_4567,
+            digest_index: 7,
         };
         assert_eq!(NodeStatus::decode(&s.encode()).unwrap(), s);
-        assert_eq!(
-            Request::decode(Request::Status.encode()).unwrap(),
-            Request::Status
-        );
+        // The record of a node without checkpoints.
+        let old = NodeStatus::decode(&s.encode()[..27]).unwrap();
+        assert_eq!((old.commit, old.log_base, old.digest), (9, 0, 0));
+        assert!(NodeStatus::decode(&s.encode()[..30]).is_err());
+        for r in [Request::Status, Request::Checkpoint] {
+            assert_eq!(Request::decode(r.encode()).unwrap(), r);
+        }
+        assert!(Request::decode(vec![kind::CHECKPOINT, 0]).is_err());
         assert!(Request::decode(vec![]).is_err());
         assert!(Response::decode(&[1, 0]).is_err());
         let mut buf = Vec::new();

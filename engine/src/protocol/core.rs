@@ -1772,7 +1772,7 @@ impl Core {
                 let Ok((i, slot)) = Slot::from_encoded(bytes.clone()) else {
                     continue;
                 };
-                if i > base && best.get(&i).is_none_or(|b| slot.ballot > b.ballot) {
+                if best.get(&i).is_none_or(|b| slot.ballot > b.ballot) {
                     best.insert(i, slot);
                 }
             }
@@ -2020,7 +2020,17 @@ impl Core {
         self.progress_dirty = true;
         if let Role::Recovering(r) = &mut self.role {
             if let Some(out) = r.pending.take() {
-                self.finish_recovery(out, index);
+                // The answers' entries must continue the checkpoint without a gap. A
+                // checkpoint from another source than the most compacted answer may be
+                // older than that answer's base: then start the recovery over.
+                let max = out.best.keys().next_back().copied().unwrap_or(0);
+                let above = out.best.range(index + 1..).count() as Index;
+                if max <= index || above == max - index {
+                    self.finish_recovery(out, index);
+                } else {
+                    r.answers.clear();
+                    r.asked_at = 0;
+                }
             }
             return;
         }

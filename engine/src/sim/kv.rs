@@ -119,6 +119,9 @@ impl stateright::semantics::SequentialSpec for Spec {
 pub struct Machine {
     pub store: Spec,
     pub applied: Vec<(Index, u64)>,
+    /// What was applied before each checkpoint install replaced the state: the checks
+    /// see it as an incarnation of its own (an install must agree with it).
+    pub superseded: Vec<Vec<(Index, u64)>>,
 }
 
 /// A frozen copy of a [`Machine`]: `keys u32 | (key u8, value u64)* | applied u32 |
@@ -190,12 +193,15 @@ impl StateMachine for Machine {
     fn restore(&mut self, r: &mut dyn std::io::Read) -> std::io::Result<()> {
         let mut b = Vec::new();
         r.read_to_end(&mut b)?;
-        *self = Machine::decode(&b).ok_or_else(|| {
+        let mut m = Machine::decode(&b).ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "malformed machine checkpoint",
             )
         })?;
+        m.superseded = std::mem::take(&mut self.superseded);
+        m.superseded.push(std::mem::take(&mut self.applied));
+        *self = m;
         Ok(())
     }
 }

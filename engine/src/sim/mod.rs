@@ -279,6 +279,8 @@ struct Node {
     replica: Option<Replica<MemFabric, Machine>>,
     disk: Arc<Mutex<Disk>>,
     ckpts: SharedCkpts,
+    /// Applied histories that checkpoint installs replaced, of finished incarnations.
+    superseded: Vec<Vec<(Index, u64)>>,
     /// Applied (index, command id) of each finished incarnation.
     past: Vec<Vec<(Index, u64)>>,
     skew: u64,
@@ -453,6 +455,9 @@ impl Sim {
             );
         }
         if let Some(r) = n.replica.take() {
+            // (Superseded histories are kept apart: `past.len()` seeds the next incarnation.)
+            n.superseded
+                .extend(r.state_machine().superseded.iter().cloned());
             n.past.push(r.state_machine().applied.clone());
             let st = r.stats();
             self.report.checkpoints += st.checkpoints_taken;
@@ -498,6 +503,9 @@ impl Sim {
             let id = self.rng.below(n) as NodeId;
             let until = tick + 20 + self.rng.below(80);
             self.crash(id, until);
+            if std::env::var_os("SIM_TRACE").is_some() {
+                eprintln!("disk of {id} lost at {tick}");
+            }
             let mut d = self.nodes[id as usize].disk.lock().unwrap();
             *d = Disk {
                 rng: d.rng,
@@ -689,7 +697,16 @@ impl Sim {
             let now_ticks = t * (1000 + n.skew) / 1000 / UNITS_PER_TICK;
             if let Some(r) = n.replica.as_mut() {
                 let was = r.core().is_leader();
+                let was_rec = r.core().is_recovering();
                 r.step(now_ticks);
+                if was_rec && !r.core().is_recovering() && std::env::var_os("SIM_TRACE").is_some() {
+                    eprintln!(
+                        "t={tick} recovered {} log {}..={}",
+                        crate::driver::describe(r.core()),
+                        r.core().log().base() + 1,
+                        r.core().log().last()
+                    );
+                }
                 if !was && r.core().is_leader() {
                     if std::env::var_os("SIM_TRACE").is_some() {
                         eprintln!("t={tick} elected {}", crate::driver::describe(r.core()));
@@ -757,10 +774,13 @@ impl Sim {
         // Every incarnation's applied sequence, current ones included.
         let mut seqs: Vec<(NodeId, Vec<(Index, u64)>)> = Vec::new();
         for (id, n) in self.nodes.iter().enumerate() {
-            for p in &n.past {
+            for p in n.past.iter().chain(&n.superseded) {
                 seqs.push((id as NodeId, p.clone()));
             }
             if let Some(r) = &n.replica {
+                for s in &r.state_machine().superseded {
+                    seqs.push((id as NodeId, s.clone()));
+                }
                 seqs.push((id as NodeId, r.state_machine().applied.clone()));
                 self.report.commits = self.report.commits.max(r.core().commit());
                 self.report.checkpoints += r.stats().checkpoints_taken;
@@ -863,7 +883,12 @@ impl Sim {
                 }
             }
         }
-        let mut done: Vec<&OpRec> = acked.clone();
+        // (Acknowledged commands missing from the log are reported above.)
+        let mut done: Vec<&OpRec> = acked
+            .iter()
+            .copied()
+            .filter(|o| pos.contains_key(&o.id))
+            .collect();
         done.sort_by_key(|o| o.returned.unwrap().0);
         let mut latest: Option<&OpRec> = None; // acked op with the highest log position returned so far
         let mut k = 0;
@@ -946,6 +971,7 @@ pub fn run(o: Options) -> Report {
                 ..Disk::default()
             })),
             ckpts: SharedCkpts::default(),
+            superseded: Vec::new(),
             past: Vec::new(),
             skew: rng.below(100),
             phase: rng.below(STEP_UNITS),

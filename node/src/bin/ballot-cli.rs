@@ -38,11 +38,14 @@ enum Cmd {
         old: String,
         new: String,
     },
-    /// Shows every node's role, ballot, commit and applied index.
+    /// Shows every node's role, ballot, commit and applied index, compacted log prefix,
+    /// newest checkpoint and state digest.
     Status {
         #[arg(long)]
         json: bool,
     },
+    /// Asks every node of --cluster to take a checkpoint now (exit 0 if any accepted).
+    Checkpoint,
 }
 
 fn unavailable(e: ClientError) -> ExitCode {
@@ -119,20 +122,40 @@ fn main() -> ExitCode {
                     let _ = match r {
                         Ok(s) => writeln!(
                             out,
-                            "{a} node={} role={} ballot={}.{} commit={} applied={} leader={}",
+                            "{a} node={} role={} ballot={}.{} commit={} applied={} leader={} \
+                             log_base={} checkpoint={} digest={:016x}@{}",
                             s.node,
                             s.role,
                             s.ballot_round,
                             s.ballot & 0xFF,
                             s.commit,
                             s.applied,
-                            s.leader.map_or("-".to_string(), |l| l.to_string())
+                            s.leader.map_or("-".to_string(), |l| l.to_string()),
+                            s.log_base,
+                            s.checkpoint,
+                            s.digest,
+                            s.digest_index
                         ),
                         Err(e) => writeln!(out, "{a} unreachable: {e}"),
                     };
                 }
             }
             if any {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("ballot-cli: no node answered");
+                ExitCode::from(3)
+            }
+        }
+        Cmd::Checkpoint => {
+            let all = c.cluster_checkpoint();
+            for (a, r) in &all {
+                let _ = match r {
+                    Ok(()) => writeln!(out, "{a} checkpoint requested"),
+                    Err(e) => writeln!(out, "{a} unreachable: {e}"),
+                };
+            }
+            if all.iter().any(|(_, r)| r.is_ok()) {
                 ExitCode::SUCCESS
             } else {
                 eprintln!("ballot-cli: no node answered");
