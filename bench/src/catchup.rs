@@ -1,6 +1,6 @@
 //! `ballot-bench catchup`: what a replica catching up through a checkpoint costs the
 //! leader's commit latency, and what the catch-up bandwidth cap
-//! (`CheckpointPolicy::serve_bytes_per_tick`) buys.
+//! (`CheckpointPolicy::serve_bytes_per_tick`) buys. See `docs/benchmarks.md`.
 //!
 //! For each cap, a fresh 3-replica cluster (topology `threads`, TCP on loopback) whose state
 //! machine is a [`Table`] of `--state-mib` MiB, checkpoints in a [`FileCheckpoints`]
@@ -9,14 +9,16 @@
 //! per phase:
 //!
 //! - **A**: all three up, `--duration`.
-//! - **down**: one follower stopped; loading goes on until the leader's log base has passed
-//!   the stopped follower's applied index (with `--ckpt-every-mib 0` the live replicas are
-//!   asked for checkpoints only now).
+//! - **down**: one follower stopped, at least `--duration`, and until the leader's log base
+//!   has passed the stopped follower's applied index and the other live replica has a
+//!   checkpoint. With checkpoints on request (`--ckpt-every-mib 0`, the default) the live
+//!   replicas take theirs only now, the one chosen by `--serve-from` last (recovery pulls
+//!   from the highest base); with periodic checkpoints every replica takes them all along.
 //! - **rejoin**: the follower restarted as a fresh recovering replica (empty table, empty
 //!   checkpoint directory, new region, same address) until it starts pulling a checkpoint.
 //! - **B**: the transfer: from the first pull until the checkpoint is installed.
 //! - **tail**: from the install until it has applied everything the leader had committed at
-//!   the install.
+//!   the install and is within one window of the leader's commit.
 //! - **C**: caught up, `--duration`.
 
 use crate::cluster::{self, ClusterOpts, Commands, LoadGen, NodeCtl, Req, Resp, Shared, Window};

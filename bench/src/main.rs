@@ -55,10 +55,11 @@ struct CatchupArgs {
     /// each. Tick = 1 ms: the cap is `serve_bytes_per_tick` = MiB/s x 2^20 / 1000.
     #[arg(long, default_value = "32,128,unlimited")]
     catchup_rate: String,
-    /// Take a checkpoint every this many MiB of applied commands (default: --state-mib);
-    /// 0: only on request, while the follower is down.
-    #[arg(long)]
-    ckpt_every_mib: Option<u64>,
+    /// Take a checkpoint every this many MiB of applied commands on every replica (periodic,
+    /// in all phases). Default 0: only on request, while the follower is down (phases A, B
+    /// and C then take none).
+    #[arg(long, default_value_t = 0)]
+    ckpt_every_mib: u64,
     /// Checkpoints kept per replica (the log is compacted behind the oldest).
     #[arg(long, default_value_t = 2)]
     keep: usize,
@@ -70,9 +71,10 @@ struct CatchupArgs {
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     phase_timeout: Duration,
     /// With `--ckpt-every-mib 0`: which live replica takes the newer checkpoint, and so
-    /// serves the restarted one (recovery pulls from the highest log base).
-    #[arg(long, value_enum, default_value = "any")]
-    serve_from: catchup::ServeFrom,
+    /// serves the restarted one (recovery pulls from the highest log base). Default: leader
+    /// (periodic checkpoints: any).
+    #[arg(long, value_enum)]
+    serve_from: Option<catchup::ServeFrom>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -338,11 +340,15 @@ fn run_catchup(o: &Opts, copts: ClusterOpts, a: &CatchupArgs) -> Result<(), Stri
         cluster: copts,
         state_mib: a.state_mib,
         rates: catchup::parse_rates(&a.catchup_rate)?,
-        every_mib: a.ckpt_every_mib.unwrap_or(a.state_mib),
+        every_mib: a.ckpt_every_mib,
         chunk_kib: a.chunk_kib,
         keep: a.keep,
         timeout: a.phase_timeout,
-        serve_from: a.serve_from,
+        serve_from: a.serve_from.unwrap_or(if a.ckpt_every_mib == 0 {
+            catchup::ServeFrom::Leader
+        } else {
+            catchup::ServeFrom::Any
+        }),
     };
     if c.every_mib > 0 && c.serve_from != catchup::ServeFrom::Any {
         return Err("--serve-from needs --ckpt-every-mib 0 (checkpoints on request)".into());

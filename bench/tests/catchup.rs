@@ -108,7 +108,10 @@ fn bad_arguments_are_clear_errors() {
     for (args, want) in [
         (&["--catchup-rate", "fast"][..], "bad --catchup-rate"),
         (&["--fabric", "mem"][..], "tcp only"),
-        (&["--serve-from", "leader"][..], "--ckpt-every-mib 0"),
+        (
+            &["--serve-from", "leader", "--ckpt-every-mib", "4"][..],
+            "--ckpt-every-mib 0",
+        ),
         (&["--payload", "8"][..], "at least 9"),
     ] {
         let out = Command::new(BENCH)
