@@ -129,8 +129,9 @@ struct Ckpt {
     since: u64,
     /// Pull requests waiting for bandwidth: (to, index, offset), at most one per peer.
     queue: VecDeque<(crate::NodeId, Index, u64)>,
-    /// Bytes that may be served now (refilled every tick, capped).
-    budget: u64,
+    /// Bytes that may be served now: refilled every tick, capped; a chunk that overdraws
+    /// it leaves a debt, so the long-run rate is the cap.
+    budget: i64,
     buf: Vec<u8>,
     unsupported: bool,
     /// A new checkpoint was saved: older ones go once no transfer is in progress.
@@ -138,6 +139,9 @@ struct Ckpt {
     /// Tick of the last chunk served.
     last_served: u64,
 }
+
+/// Ticks one step may replay after a stall.
+const MAX_TICK_BURST: u64 = 4;
 
 /// Ticks after the last chunk served during which no checkpoint is deleted.
 const SERVE_PIN_TICKS: u64 = 200;
@@ -319,12 +323,19 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         busy |= self.poll_cells();
         busy |= self.poll_storage();
         let ticks = self.ticks.get_or_insert(now_ticks);
+        // Time this replica spent stalled (a long install, a descheduled thread) is not
+        // silence of its leader: age the core by a few ticks at most, not the whole gap,
+        // or it would suspect a live leader and depose it.
+        *ticks = (*ticks).max(now_ticks.saturating_sub(MAX_TICK_BURST));
         while *ticks < now_ticks {
             *ticks += 1;
             self.core.tick();
             if let Some(c) = self.ckpt.as_mut() {
                 let per = c.policy.serve_bytes_per_tick;
-                c.budget = (c.budget + per).min(per.max(c.policy.chunk_bytes as u64) * 2);
+                let cap = per
+                    .max(c.policy.chunk_bytes as u64)
+                    .min(i64::MAX as u64 / 4) as i64;
+                c.budget = (c.budget + per.min(cap as u64) as i64).min(cap * 2);
             }
             busy = true;
         }
@@ -397,6 +408,10 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 self.commit_cell = Some(c);
                 self.core.handle_commit_cell(c);
                 any = true;
+            } else if self.core.commit() < c.commit && self.core.received() > self.core.commit() {
+                // The cell was read before the entries it covers landed (a catch-up): learn
+                // it again now that they may be here.
+                self.core.handle_commit_cell(c);
             }
         }
         if self.core.is_leader() {
@@ -700,7 +715,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                     continue;
                 }
             };
-            c.budget = c.budget.saturating_sub(n as u64);
+            c.budget -= n as i64;
             self.stats.checkpoint_bytes_served += n as u64;
             let data = c.buf[..n].to_vec();
             send_chunk(&mut self.fabric, me, to, index, offset, total, data);

@@ -53,6 +53,8 @@ pub struct Config {
     pub election_timeout: u32,
     /// Writes outstanding per follower.
     pub max_outstanding: u32,
+    /// Entry bytes per promise or recovery message (larger answers are chunked).
+    pub message_bytes: usize,
     pub seed: u64,
     pub bugs: PlantedBugs,
 }
@@ -96,6 +98,7 @@ impl Config {
             heartbeat_timeout: 100,
             election_timeout: 100,
             max_outstanding: 256,
+            message_bytes: msg::CHUNK_BYTES,
             // Different on every start: seeds ticket numbers and stream ids. Set a fixed seed
             // for reproducible runs (the simulator does).
             seed: std::time::SystemTime::now()
@@ -137,6 +140,7 @@ impl Config {
             (u64::from(self.heartbeat_timeout), "heartbeat_timeout"),
             (u64::from(self.election_timeout), "election_timeout"),
             (u64::from(self.max_outstanding), "max_outstanding"),
+            (self.message_bytes as u64, "message_bytes"),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(what));
@@ -377,8 +381,8 @@ struct Candidacy {
 struct Recovery {
     nonce: u64,
     asked_at: u64,
-    /// Per responder: promise, commit, compacted base, entries.
-    answers: BTreeMap<NodeId, (Ballot, Index, Index, Chunks)>,
+    /// Per responder, its answer so far.
+    answers: BTreeMap<NodeId, Answer>,
     /// A majority answered but compacted: the outcome waits for a checkpoint.
     pending: Option<Recovered>,
 }
@@ -389,6 +393,20 @@ struct Recovered {
     commit: Index,
     /// Per index, the value accepted with the highest ballot among the answers.
     best: BTreeMap<Index, Slot>,
+}
+
+/// One responder's answer to a recovery, pulled chunk by chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct Answer {
+    promised: Ballot,
+    commit: Index,
+    base: Index,
+    /// The next index to ask for.
+    next: Index,
+    /// The responder's last index at its first answer: complete once `next` passes it.
+    target: Index,
+    done: bool,
+    entries: Vec<Arc<[u8]>>,
 }
 
 /// A checkpoint being pulled from `from`; `index` 0 until the first chunk names it.
@@ -515,7 +533,7 @@ impl Core {
                 pending: None,
             });
             c.push(Action::SetWriter(None));
-            c.broadcast(Msg::RecoverReq { nonce });
+            c.broadcast(Msg::RecoverReq { nonce, from: 1 });
         }
         Ok(c)
     }
@@ -691,11 +709,23 @@ impl Core {
                 if r.pending.is_none()
                     && self.tick - r.asked_at >= u64::from(self.cfg.heartbeat_timeout / 2).max(1)
                 {
+                    // Repeat to every replica whose answer is not complete, from where it is.
                     let nonce = r.nonce;
+                    let asks: Vec<_> = self
+                        .others()
+                        .map(|n| (n, r.answers.get(&n)))
+                        .filter(|(_, a)| a.is_none_or(|a| !a.done))
+                        .map(|(n, a)| (n, a.map_or(1, |a| a.next)))
+                        .collect();
                     if let Role::Recovering(r) = &mut self.role {
                         r.asked_at = self.tick;
                     }
-                    self.broadcast(Msg::RecoverReq { nonce });
+                    for (to, from) in asks {
+                        self.push(Action::Send {
+                            to,
+                            msg: Msg::RecoverReq { nonce, from },
+                        });
+                    }
                 }
             }
             Role::Follower => self.follower_tick(),
@@ -714,7 +744,7 @@ impl Core {
                 leader_alive,
             } => self.on_nack(promised, leader_alive),
             Msg::Resync { ballot } => self.on_resync(from, ballot),
-            Msg::RecoverReq { nonce } => self.on_recover_req(from, nonce),
+            Msg::RecoverReq { nonce, from: at } => self.on_recover_req(from, nonce, at),
             Msg::RecoverResp(r) => self.on_recover_resp(from, r),
             Msg::NeedCheckpoint { ballot } => {
                 // A checkpoint holds chosen state only: pulling one is safe whatever we
@@ -1245,7 +1275,7 @@ impl Core {
 
     fn send_promise(&mut self, to: NodeId, ballot: Ballot, from: Index) {
         let entries: Vec<_> = self.log.range(from).map(|(_, s)| s.bytes.clone()).collect();
-        let chunks = msg::chunk_entries(entries);
+        let chunks = msg::chunk_entries(entries, self.cfg.message_bytes);
         let n = chunks.len() as u32;
         for (k, entries) in chunks.into_iter().enumerate() {
             let p = Promise {
@@ -1707,28 +1737,34 @@ impl Core {
 
     // --- recovery (volatile mode amnesia) ---
 
-    fn on_recover_req(&mut self, from: NodeId, nonce: u64) {
+    fn on_recover_req(&mut self, to: NodeId, nonce: u64, from: Index) {
         if self.is_recovering() {
             return;
         }
-        let entries: Vec<_> = self.log.range(1).map(|(_, s)| s.bytes.clone()).collect();
-        let chunks = msg::chunk_entries(entries);
-        let n = chunks.len() as u32;
-        for (k, entries) in chunks.into_iter().enumerate() {
-            let r = RecoverResp {
-                nonce,
-                promised: self.promised,
-                commit: self.commit,
-                base: self.log.base(),
-                chunk: k as u32,
-                chunks: n,
-                entries,
-            };
-            self.push(Action::Send {
-                to: from,
-                msg: Msg::RecoverResp(r),
-            });
+        // One chunk per request: a large log is pulled at the requester's pace and never
+        // floods the fabric.
+        let mut entries = Vec::new();
+        let mut size = 0;
+        for (_, s) in self.log.range(from.max(self.log.base() + 1)) {
+            if size + s.bytes.len() > self.cfg.message_bytes && !entries.is_empty() {
+                break;
+            }
+            size += s.bytes.len();
+            entries.push(s.bytes.clone());
         }
+        let r = RecoverResp {
+            nonce,
+            promised: self.promised,
+            commit: self.commit,
+            base: self.log.base(),
+            from,
+            last: self.log.last(),
+            entries,
+        };
+        self.push(Action::Send {
+            to,
+            msg: Msg::RecoverResp(r),
+        });
     }
 
     fn on_recover_resp(&mut self, from: NodeId, r: RecoverResp) {
@@ -1738,37 +1774,59 @@ impl Core {
         if r.nonce != rec.nonce || rec.pending.is_some() {
             return;
         }
-        let e = rec
-            .answers
-            .entry(from)
-            .or_insert_with(|| (r.promised, r.commit, r.base, Chunks::default()));
-        e.0 = e.0.max(r.promised);
-        e.1 = e.1.max(r.commit);
-        e.2 = e.2.max(r.base);
-        e.3.add(r.chunk, r.chunks, r.entries);
+        let a = rec.answers.entry(from).or_insert_with(|| Answer {
+            next: 1,
+            target: r.last,
+            ..Answer::default()
+        });
+        if a.done || r.from != a.next {
+            return; // a duplicate, or an answer to an earlier request
+        }
+        a.promised = a.promised.max(r.promised);
+        a.commit = a.commit.max(r.commit);
+        a.base = a.base.max(r.base);
+        let last = r
+            .entries
+            .last()
+            .and_then(|e| layout::decode_entry(e).ok())
+            .map(|(h, _)| h.index);
+        match last {
+            Some(last) => a.next = last + 1,
+            None => a.done = true, // nothing from `from` on
+        }
+        a.entries.extend(r.entries);
+        a.done |= a.next > a.target;
+        if !a.done {
+            let (nonce, next) = (rec.nonce, a.next);
+            self.push(Action::Send {
+                to: from,
+                msg: Msg::RecoverReq { nonce, from: next },
+            });
+            return;
+        }
         // A majority of the *other* replicas: their promises cover any promise we made
         // before we forgot it, and their logs (or checkpoints) cover anything chosen with
         // our help.
         let others = self.cfg.members.len() - 1;
         let need = (others / 2 + 1).min(others);
-        let complete: Vec<_> = rec.answers.iter().filter(|(_, a)| a.3.complete()).collect();
+        let complete: Vec<_> = rec.answers.iter().filter(|(_, a)| a.done).collect();
         if complete.len() < need {
             return;
         }
         let promised = complete
             .iter()
-            .map(|a| a.1 .0)
+            .map(|a| a.1.promised)
             .max()
             .unwrap_or(Ballot::ZERO);
-        let commit = complete.iter().map(|a| a.1 .1).max().unwrap_or(0);
+        let commit = complete.iter().map(|a| a.1.commit).max().unwrap_or(0);
         let (base, source) = complete
             .iter()
-            .map(|(&n, a)| (a.2, n))
+            .map(|(&n, a)| (a.base, n))
             .max()
             .unwrap_or((0, from));
         let mut best: BTreeMap<Index, Slot> = BTreeMap::new();
         for (_, a) in &complete {
-            for bytes in a.3.got.values().flatten() {
+            for bytes in &a.entries {
                 let Ok((i, slot)) = Slot::from_encoded(bytes.clone()) else {
                     continue;
                 };

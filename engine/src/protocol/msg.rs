@@ -29,9 +29,11 @@ pub enum Msg {
     Resync {
         ballot: Ballot,
     },
-    /// A restarted replica (volatile mode) asks for the cluster's state.
+    /// A replica rebuilding after amnesia asks for the responder's state and its log
+    /// from index `from` on (one chunk per request: the requester paces the transfer).
     RecoverReq {
         nonce: u64,
+        from: Index,
     },
     RecoverResp(RecoverResp),
     /// Leader to follower: the entries you need next are compacted into a checkpoint; pull
@@ -83,8 +85,11 @@ pub struct RecoverResp {
     pub commit: Index,
     /// The responder's compacted prefix (its entries start after it).
     pub base: Index,
-    pub chunk: u32,
-    pub chunks: u32,
+    /// The `from` of the request answered; entries start at `max(from, base + 1)`.
+    pub from: Index,
+    /// The responder's last index when it answered.
+    pub last: Index,
+    /// At most about [`CHUNK_BYTES`] of entries (at least one when any is there).
     pub entries: Vec<Arc<[u8]>>,
 }
 
@@ -229,9 +234,10 @@ impl Msg {
                 w.u8(RESYNC);
                 w.u64(ballot.0);
             }
-            Msg::RecoverReq { nonce } => {
+            Msg::RecoverReq { nonce, from } => {
                 w.u8(RECOVER_REQ);
                 w.u64(*nonce);
+                w.u64(*from);
             }
             Msg::RecoverResp(r) => {
                 w.u8(RECOVER_RESP);
@@ -239,8 +245,8 @@ impl Msg {
                 w.u64(r.promised.0);
                 w.u64(r.commit);
                 w.u64(r.base);
-                w.u32(r.chunk);
-                w.u32(r.chunks);
+                w.u64(r.from);
+                w.u64(r.last);
                 w.entries(&r.entries);
             }
             Msg::NeedCheckpoint { ballot } => {
@@ -302,19 +308,22 @@ impl Msg {
             RESYNC => Msg::Resync {
                 ballot: Ballot(r.u64()?),
             },
-            RECOVER_REQ => Msg::RecoverReq { nonce: r.u64()? },
+            RECOVER_REQ => Msg::RecoverReq {
+                nonce: r.u64()?,
+                from: r.u64()?,
+            },
             RECOVER_RESP => {
                 let (nonce, promised, commit, base) =
                     (r.u64()?, Ballot(r.u64()?), r.u64()?, r.u64()?);
-                let (chunk, chunks) = r.chunk()?;
+                let (from, last) = (r.u64()?, r.u64()?);
                 let entries = r.entries()?;
                 Msg::RecoverResp(RecoverResp {
                     nonce,
                     promised,
                     commit,
                     base,
-                    chunk,
-                    chunks,
+                    from,
+                    last,
                     entries,
                 })
             }
@@ -347,13 +356,13 @@ impl Msg {
     }
 }
 
-/// Splits `entries` into chunks of about [`CHUNK_BYTES`] (at least one entry each, and at
+/// Splits `entries` into chunks of about `budget` bytes (at least one entry each, and at
 /// least one chunk even when empty).
-pub fn chunk_entries(entries: Vec<Arc<[u8]>>) -> Vec<Vec<Arc<[u8]>>> {
+pub fn chunk_entries(entries: Vec<Arc<[u8]>>, budget: usize) -> Vec<Vec<Arc<[u8]>>> {
     let mut out = vec![Vec::new()];
     let mut size = 0;
     for e in entries {
-        if size + e.len() > CHUNK_BYTES && !out.last().unwrap().is_empty() {
+        if size + e.len() > budget && !out.last().unwrap().is_empty() {
             out.push(Vec::new());
             size = 0;
         }
@@ -392,9 +401,9 @@ mod tests {
                     commit: 1, base: x / 3, chunk: 0, chunks: 1, entries: es.clone() }),
                 Msg::Nack { promised: Ballot(b), leader_alive: x % 2 == 0 },
                 Msg::Resync { ballot: Ballot(b) },
-                Msg::RecoverReq { nonce: x },
+                Msg::RecoverReq { nonce: x, from: b },
                 Msg::RecoverResp(RecoverResp { nonce: x, promised: Ballot(b), commit: 4, base: 2,
-                    chunk: 1, chunks: 2, entries: es }),
+                    from: 3, last: x, entries: es }),
                 Msg::NeedCheckpoint { ballot: Ballot(b) },
                 Msg::CkptReq { index: x, offset: b },
                 Msg::CkptChunk { index: x, offset: b, total: x ^ b, data: vec![9; len] },
@@ -425,9 +434,9 @@ mod tests {
     #[test]
     fn chunks_respect_budget() {
         let es: Vec<_> = (1..=40).map(|i| entry(i, 100_000)).collect();
-        let cs = chunk_entries(es);
+        let cs = chunk_entries(es, CHUNK_BYTES);
         assert!(cs.len() > 1);
         assert_eq!(cs.iter().map(Vec::len).sum::<usize>(), 40);
-        assert_eq!(chunk_entries(vec![]).len(), 1);
+        assert_eq!(chunk_entries(vec![], CHUNK_BYTES).len(), 1);
     }
 }

@@ -361,6 +361,8 @@ impl Sim {
         c.heartbeat_timeout = 10;
         c.election_timeout = 12;
         c.max_outstanding = 16;
+        // Small messages, so that promises and recovery answers span several chunks.
+        c.message_bytes = 1024;
         c.seed = self.o.seed.wrapping_mul(31).wrapping_add(
             u64::from(id) * 7919
                 + self
