@@ -1121,13 +1121,11 @@ fn catch_up_through_a_checkpoint(name: &str, durable: bool, lose_data: bool) {
 }
 
 #[test]
-#[ignore = "needs the driver to re-deliver an unchanged commit cell once the entries it covers have landed (a replica that caught up through a checkpoint stays one commit behind until the next write)"]
 fn durable_lagging_node_catches_up_through_a_checkpoint() {
     catch_up_through_a_checkpoint("ckpt-catchup", true, false);
 }
 
 #[test]
-#[ignore = "needs the driver to re-deliver an unchanged commit cell once the entries it covers have landed (a replica that caught up through a checkpoint stays one commit behind until the next write)"]
 fn durable_node_with_a_lost_data_dir_rejoins() {
     catch_up_through_a_checkpoint("ckpt-rejoin", true, true);
 }
