@@ -4,7 +4,10 @@
 #   2. kill -9 of the leader: a new leader serves puts;
 #   3. the killed node restarts (volatile: recovering, it re-bootstraps its QPs with the
 #      survivors and rebuilds from the majority), catches up: `ballot-cli status --json`
-#      shows three nodes, none recovering, with equal commit and applied indexes;
+#      shows three nodes, none recovering, with equal commit and applied indexes; the
+#      nodes take a checkpoint every 512 bytes of commands and keep one, so the logs are
+#      compacted and the restarted node must pull a checkpoint over the RDMA fabric (its
+#      log says "checkpoint installed");
 #   4. every acknowledged put is readable, with its last acknowledged value;
 # then `ballot-bench compare --fabric rdma` and ib_write_lat in the same guest, and prints
 # commit p50 / raw RDMA WRITE p50. Exit status 0 only if every check held (busybox sh).
@@ -31,7 +34,8 @@ start() { # start ID
     RUST_LOG="${NODE_LOG:-info,ballot::driver=debug}" ballot-node --node "$1" --cluster 0xBA11 --peers "$PEERS" --client-peers "$CPEERS" \
         --client-addr "127.0.0.1:$((PORT + 10 + $1))" --data-dir "$D/data$1" --key-file "$D/key" \
         --fabric rdma --rdma-device "$RXE_DEV" --rdma-gid-index "$RXE_GID_INDEX" \
-        --heartbeat-timeout-ms 300 --election-timeout-ms 300 >>"$D/node$1.log" 2>&1 &
+        --heartbeat-timeout-ms 300 --election-timeout-ms 300 \
+        --checkpoint-every 512 --checkpoints-keep 1 >>"$D/node$1.log" 2>&1 &
     case $1 in 0) P0=$! ;; 1) P1=$! ;; 2) P2=$! ;; esac
 }
 cli() { ballot-cli --cluster "$CL" --timeout 10 "$@"; }
@@ -115,6 +119,8 @@ for i in 0 1 2; do
     [ "$i" = "$L1" ] && continue
     grep -q "peer $L1 re-bootstrapped" "$D/node$i.log" || fail "node $i did not re-bootstrap peer $L1"
 done
+grep -q "checkpoint installed" "$D/node$L1.log" || fail "node $L1 caught up without installing a checkpoint"
+echo "node-suite: node $L1 caught up through a checkpoint: $(grep -h "checkpoint installed" "$D/node$L1.log" | head -1 | sed 's/.*checkpoint installed/checkpoint installed/' | cut -c1-100)"
 echo "node-suite: survivors replaced node $L1's QPs: $(grep -h "re-bootstrapped" "$D"/node*.log | sed 's/.*node \([0-9]\): peer \([0-9]\).*/\1<-\2/' | tr '\n' ' ')"
 
 echo "== nodes: a process with the wrong cluster key is refused at the RDMA bootstrap"
