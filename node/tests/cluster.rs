@@ -338,6 +338,36 @@ fn worker(
     out
 }
 
+/// A writer of unique keys `w1, w2, ...` until `stop`: returns the acknowledged ones (each
+/// must be readable at the end). `patient`: a client that rides out whole-cluster restarts.
+fn acked_writer(
+    addrs: Vec<String>,
+    stop: Arc<AtomicBool>,
+    patient: bool,
+    pause: Duration,
+) -> std::thread::JoinHandle<Vec<u64>> {
+    std::thread::spawn(move || {
+        let mut c = if patient {
+            let mut cfg = ClientConfig::new(addrs);
+            cfg.deadline = Duration::from_secs(12);
+            cfg.attempt_timeout = Duration::from_millis(800);
+            Client::with_config(cfg)
+        } else {
+            Client::new(addrs)
+        };
+        let mut acked = Vec::new();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            if c.put(format!("w{n}").as_bytes(), &val(n)).is_ok() {
+                acked.push(n);
+            }
+            std::thread::sleep(pause);
+        }
+        acked
+    })
+}
+
 fn check_linearizable(history: &[Rec], key: u8) -> Result<usize, String> {
     use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
     let mut events: Vec<(Instant, bool, usize)> = Vec::new();
@@ -384,22 +414,7 @@ fn three_nodes_survive_kill_restart_and_stop() {
         })
         .collect();
     // A writer of unique keys: every acknowledged one must be there at the end.
-    let acked = {
-        let (addrs, stop) = (cl.addrs(), stop.clone());
-        std::thread::spawn(move || {
-            let mut c = Client::new(addrs);
-            let mut acked = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                if c.put(format!("w{n}").as_bytes(), &val(n)).is_ok() {
-                    acked.push(n);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            acked
-        })
-    };
+    let acked = acked_writer(cl.addrs(), stop.clone(), false, Duration::from_millis(5));
     let settle = || std::thread::sleep(Duration::from_millis(1500));
     settle();
 
@@ -663,25 +678,7 @@ fn durable_three_nodes_survive_repeated_kill9_of_all() {
             std::thread::spawn(move || worker(a, id, s, n))
         })
         .collect();
-    let acked = {
-        let (addrs, stop) = (cl.addrs(), stop.clone());
-        std::thread::spawn(move || {
-            let mut cfg = ClientConfig::new(addrs);
-            cfg.deadline = Duration::from_secs(12);
-            cfg.attempt_timeout = Duration::from_millis(800);
-            let mut c = Client::with_config(cfg);
-            let mut acked = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                if c.put(format!("w{n}").as_bytes(), &val(n)).is_ok() {
-                    acked.push(n);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            acked
-        })
-    };
+    let acked = acked_writer(cl.addrs(), stop.clone(), true, Duration::from_millis(2));
     const CYCLES: usize = 20;
     for cycle in 0..CYCLES {
         std::thread::sleep(Duration::from_millis(150 + rand(500)));
@@ -1159,22 +1156,7 @@ fn durable_kill9_of_all_after_checkpoints_keeps_acknowledged_writes() {
         cfg.attempt_timeout = Duration::from_millis(800);
         Client::with_config(cfg)
     };
-    let acked = {
-        let (addrs, stop) = (cl.addrs(), stop.clone());
-        std::thread::spawn(move || {
-            let mut c = client(addrs);
-            let mut acked = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                if c.put(format!("w{n}").as_bytes(), &val(n)).is_ok() {
-                    acked.push(n);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            acked
-        })
-    };
+    let acked = acked_writer(cl.addrs(), stop.clone(), true, Duration::from_millis(2));
     // Bulk writes so that checkpoints come often (their outcome does not matter).
     let filler = {
         let (addrs, stop) = (cl.addrs(), stop.clone());

@@ -90,22 +90,7 @@ impl FileCheckpoints {
     pub fn open(dir: impl AsRef<Path>) -> Result<FileCheckpoints> {
         let store = SnapshotStore::open(dir)?;
         let dir = store.dir().to_path_buf();
-        let rd = std::fs::read_dir(&dir).map_err(|e| StorageError::io("read dir", &dir, e))?;
-        let mut removed = false;
-        for ent in rd {
-            let ent = ent.map_err(|e| StorageError::io("read dir", &dir, e))?;
-            let name = ent.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("snap-") && name.ends_with(PART) {
-                let p = ent.path();
-                std::fs::remove_file(&p).map_err(|e| StorageError::io("remove", &p, e))?;
-                tracing::info!(file = %p.display(), "unfinished checkpoint transfer removed");
-                removed = true;
-            }
-        }
-        if removed {
-            sync_dir(&dir)?;
-        }
+        super::remove_unfinished(&dir, PART, "unfinished checkpoint transfer")?;
         let mut c = FileCheckpoints {
             store: Arc::new(store),
             known: BTreeMap::new(),

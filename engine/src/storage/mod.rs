@@ -178,6 +178,28 @@ pub(crate) fn layout_reason(e: LayoutError) -> String {
     e.to_string()
 }
 
+/// Removes the files of `dir` named `snap-*<suffix>` (left by writes that never finished),
+/// syncing the directory if any went.
+pub(crate) fn remove_unfinished(dir: &Path, suffix: &str, what: &str) -> Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(|e| StorageError::io("read dir", dir, e))?;
+    let mut removed = false;
+    for ent in rd {
+        let ent = ent.map_err(|e| StorageError::io("read dir", dir, e))?;
+        let name = ent.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap-") && name.ends_with(suffix) {
+            let p = ent.path();
+            std::fs::remove_file(&p).map_err(|e| StorageError::io("remove", &p, e))?;
+            tracing::info!(file = %p.display(), "{what} removed");
+            removed = true;
+        }
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
 /// `fsync` a directory, so that a created, renamed or removed name in it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| StorageError::io("open dir", dir, e))?;

@@ -80,22 +80,7 @@ impl SnapshotStore {
         let dir = dir.as_ref().to_path_buf();
         ensure_dir(&dir)?;
         let lock = DirLock::acquire(&dir, "snap.lock")?;
-        let rd = std::fs::read_dir(&dir).map_err(|e| StorageError::io("read dir", &dir, e))?;
-        let mut removed = false;
-        for ent in rd {
-            let ent = ent.map_err(|e| StorageError::io("read dir", &dir, e))?;
-            let name = ent.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("snap-") && name.ends_with(".ckpt.tmp") {
-                let p = ent.path();
-                std::fs::remove_file(&p).map_err(|e| StorageError::io("remove", &p, e))?;
-                tracing::info!(file = %p.display(), "unfinished snapshot removed");
-                removed = true;
-            }
-        }
-        if removed {
-            sync_dir(&dir)?;
-        }
+        super::remove_unfinished(&dir, ".ckpt.tmp", "unfinished snapshot")?;
         Ok(SnapshotStore { dir, _lock: lock })
     }
 
