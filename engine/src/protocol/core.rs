@@ -336,6 +336,8 @@ struct Peer {
     commit_sent: Index,
     commit_sent_at: u64,
     prepare_sent_at: u64,
+    /// The last recovery of this peer we answered (its acknowledgements were reset then).
+    recovery_nonce: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -385,6 +387,8 @@ struct Recovery {
     answers: BTreeMap<NodeId, Answer>,
     /// A majority answered but compacted: the outcome waits for a checkpoint.
     pending: Option<Recovered>,
+    /// A majority answered, but not the leader they name: since when we wait for it.
+    waiting_since: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -531,6 +535,7 @@ impl Core {
                 asked_at: 0,
                 answers: BTreeMap::new(),
                 pending: None,
+                waiting_since: None,
             });
             c.push(Action::SetWriter(None));
             c.broadcast(Msg::RecoverReq { nonce, from: 1 });
@@ -706,6 +711,16 @@ impl Core {
                 }
             }
             Role::Recovering(r) => {
+                let patience = 2 * u64::from(self.cfg.election_timeout);
+                if r.waiting_since.is_some_and(|t| self.tick - t > patience) {
+                    // The leader the answers named is gone: ask everyone again, afresh.
+                    if let Role::Recovering(r) = &mut self.role {
+                        r.answers.clear();
+                        r.waiting_since = None;
+                        r.asked_at = 0;
+                    }
+                    return;
+                }
                 if r.pending.is_none()
                     && self.tick - r.asked_at >= u64::from(self.cfg.heartbeat_timeout / 2).max(1)
                 {
@@ -1472,6 +1487,7 @@ impl Core {
                 commit_sent: 0,
                 commit_sent_at: 0,
                 prepare_sent_at: self.tick,
+                recovery_nonce: 0,
             };
             if let Some(p) = c.promises.get(&n).filter(|p| p.complete()) {
                 let (stream, received, persisted) =
@@ -1741,6 +1757,23 @@ impl Core {
         if self.is_recovering() {
             return;
         }
+        let tick = self.tick;
+        if let Role::Leader(l) = &mut self.role {
+            if let Some(p) = l.peers.get_mut(&to) {
+                if p.recovery_nonce != nonce {
+                    // It forgot what it acknowledged: count nothing of its earlier
+                    // incarnation from now on (completions in flight are of an old
+                    // generation). Our answer, sent after this, holds every entry that
+                    // was chosen with its help.
+                    p.recovery_nonce = nonce;
+                    p.state = PeerState::Unpromised;
+                    p.acked = 0;
+                    p.gen = p.gen.wrapping_add(1);
+                    p.outstanding = 0;
+                    p.prepare_sent_at = tick;
+                }
+            }
+        }
         // One chunk per request: a large log is pulled at the requester's pace and never
         // floods the fabric.
         let mut entries = Vec::new();
@@ -1818,6 +1851,17 @@ impl Core {
             .map(|a| a.1.promised)
             .max()
             .unwrap_or(Ballot::ZERO);
+        // The leader they name must have answered too: it stopped counting our earlier
+        // acknowledgements when it did, and its answer holds whatever it chose with them
+        // (with 5 or more replicas, the others may have answered before it reached them).
+        let leader = promised.node();
+        if promised != Ballot::ZERO
+            && leader != self.cfg.id
+            && !complete.iter().any(|(&n, _)| n == leader)
+        {
+            rec.waiting_since.get_or_insert(self.tick);
+            return;
+        }
         let commit = complete.iter().map(|a| a.1.commit).max().unwrap_or(0);
         let (base, source) = complete
             .iter()
