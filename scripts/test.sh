@@ -3,7 +3,7 @@
 #   1. cargo test for the whole workspace (unit, property, simulator seeds, planted bugs,
 #      TCP fabric refusals, real ballot-node processes under kill -9 / SIGSTOP);
 #   2. ballot-sim over 1000 seeds: 3 and 5 replicas volatile, 3 replicas durable (and 300
-#      seeds of 5 replicas durable);
+#      seeds of 5 replicas durable, 100 long runs of 4000 ticks);
 #   3. the Soft-RoCE guest (QEMU + rdma_rxe): verbs tests, a 3-replica RDMA cluster with a
 #      leader kill, three `ballot-node --fabric rdma` under a ballot-cli workload with a
 #      leader kill and restart, ballot-bench and ib_write_lat side by side
@@ -24,6 +24,7 @@ cargo build --profile sim -p ballot --bin ballot-sim
 ./target/sim/ballot-sim --seeds 1000 --replicas 5
 ./target/sim/ballot-sim --seeds 1000 --replicas 3 --durability durable
 ./target/sim/ballot-sim --seeds 300 --replicas 5 --durability durable
+./target/sim/ballot-sim --seeds 100 --first-seed 40000 --replicas 3 --ticks 4000   # long histories
 if [ "${BALLOT_SKIP_RXE:-0}" != 1 ]; then
     echo "== Soft-RoCE guest"
     scripts/rxe-vm.sh

@@ -1884,12 +1884,31 @@ impl Core {
             commit,
             best,
         };
-        if base == 0 {
-            self.finish_recovery(out, 0);
+        if base <= self.applied {
+            // No answer is compacted beyond what we hold (nothing, or a checkpoint this
+            // rebuild installed already).
+            self.try_finish_recovery(out);
         } else {
             // Entries up to `base` exist only in checkpoints: fetch one first.
             rec.pending = Some(out);
             self.start_pull(source);
+        }
+    }
+
+    /// Finishes the rebuild on top of what is applied (0, or an installed checkpoint) if
+    /// the answers' entries continue it without a gap; otherwise asks everyone again. (A
+    /// checkpoint pulled from another source than the most compacted answer may be older
+    /// than that answer's base.)
+    fn try_finish_recovery(&mut self, out: Recovered) {
+        let base = self.applied;
+        let max = out.best.keys().next_back().copied().unwrap_or(0);
+        let above = out.best.range(base + 1..).count() as Index;
+        if max <= base || above == max - base {
+            self.finish_recovery(out, base);
+        } else if let Role::Recovering(r) = &mut self.role {
+            r.answers.clear();
+            r.waiting_since = None;
+            r.asked_at = 0;
         }
     }
 
@@ -2035,6 +2054,7 @@ impl Core {
             // Start recovery over: the answers may have moved on by now.
             r.pending = None;
             r.answers.clear();
+            r.waiting_since = None;
             r.asked_at = 0;
         }
     }
@@ -2059,8 +2079,8 @@ impl Core {
             return;
         }
         if index <= applied {
-            // We have applied past it meanwhile: nothing to gain.
-            self.pull = None;
+            // We hold it already: nothing to gain (a rebuild waiting for it starts over).
+            self.abandon_pull();
             return;
         }
         if index != p.index {
@@ -2122,17 +2142,7 @@ impl Core {
         self.progress_dirty = true;
         if let Role::Recovering(r) = &mut self.role {
             if let Some(out) = r.pending.take() {
-                // The answers' entries must continue the checkpoint without a gap. A
-                // checkpoint from another source than the most compacted answer may be
-                // older than that answer's base: then start the recovery over.
-                let max = out.best.keys().next_back().copied().unwrap_or(0);
-                let above = out.best.range(index + 1..).count() as Index;
-                if max <= index || above == max - index {
-                    self.finish_recovery(out, index);
-                } else {
-                    r.answers.clear();
-                    r.asked_at = 0;
-                }
+                self.try_finish_recovery(out);
             }
             return;
         }
