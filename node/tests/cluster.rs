@@ -338,6 +338,21 @@ fn worker(
     out
 }
 
+/// `n` history-recording workers (see `worker`) against the cluster until `stop`.
+fn spawn_workers(
+    cl: &Cluster,
+    n: u64,
+    stop: &Arc<AtomicBool>,
+    next_thread: &Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<Vec<Rec>>> {
+    (0..n)
+        .map(|id| {
+            let (a, s, t) = (cl.addrs(), stop.clone(), next_thread.clone());
+            std::thread::spawn(move || worker(a, id, s, t))
+        })
+        .collect()
+}
+
 /// A writer of unique keys `w1, w2, ...` until `stop`: returns the acknowledged ones (each
 /// must be readable at the end). `patient`: a client that rides out whole-cluster restarts.
 fn acked_writer(
@@ -672,12 +687,7 @@ fn durable_three_nodes_survive_repeated_kill9_of_all() {
     cl.wait_serving("after boot");
     let stop = Arc::new(AtomicBool::new(false));
     let next_thread = Arc::new(AtomicU64::new(1000));
-    let workers: Vec<_> = (0..3u64)
-        .map(|id| {
-            let (a, s, n) = (cl.addrs(), stop.clone(), next_thread.clone());
-            std::thread::spawn(move || worker(a, id, s, n))
-        })
-        .collect();
+    let workers = spawn_workers(&cl, 3, &stop, &next_thread);
     let acked = acked_writer(cl.addrs(), stop.clone(), true, Duration::from_millis(2));
     const CYCLES: usize = 20;
     for cycle in 0..CYCLES {
@@ -1144,12 +1154,7 @@ fn durable_kill9_of_all_after_checkpoints_keeps_acknowledged_writes() {
     cl.wait_serving("after boot");
     let stop = Arc::new(AtomicBool::new(false));
     let next_thread = Arc::new(AtomicU64::new(1000));
-    let workers: Vec<_> = (0..2u64)
-        .map(|id| {
-            let (a, s, n) = (cl.addrs(), stop.clone(), next_thread.clone());
-            std::thread::spawn(move || worker(a, id, s, n))
-        })
-        .collect();
+    let workers = spawn_workers(&cl, 2, &stop, &next_thread);
     let client = |addrs: Vec<String>| {
         let mut cfg = ClientConfig::new(addrs);
         cfg.deadline = Duration::from_secs(12);

@@ -454,17 +454,7 @@ mod tests {
         }
     }
 
-    fn data(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::storage::tests::pseudo_random as data;
 
     fn wait_saved(c: &mut FileCheckpoints) -> io::Result<CheckpointInfo> {
         let deadline = Instant::now() + Duration::from_secs(20);

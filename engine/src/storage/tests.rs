@@ -581,7 +581,7 @@ fn storage_promise_failed_sync_poisons() {
     ));
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+pub(super) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {
