@@ -740,5 +740,198 @@ fn ballot_verbs_fabric_checks(a: &Args) -> R<()> {
         write_result(&evs[0], 204) == Some(Ok(())) && z == [0xEF; 64],
         "after regrant, 0's write to 1 lands again",
     )?;
+
+    // The fence under load: 0 keeps streaming while 1 revokes, then while 1 grants 2.
+    fence_under_stream(&mut fs, &mut evs, None)?;
+    fence_under_stream(&mut fs, &mut evs, Some(2))?;
     Ok(())
+}
+
+/// Each write of the stream fills its own 64-byte cell of the ring (4 MiB: 65536 cells);
+/// the stream uses the first `CELLS`, the new writer the one after.
+const CELL: usize = 64;
+const CELLS: u64 = 1 << 15;
+const TOKENS: u64 = 1 << 40;
+
+fn cell_at(k: u64) -> usize {
+    layout::RING_OFFSET + k as usize * CELL
+}
+
+/// Write `k`'s bytes: eight copies of a word carrying `k` (never zero).
+fn pattern(k: u64) -> [u8; CELL] {
+    let w = ((0x00BA_1107u64 << 40) | k).to_le_bytes();
+    let mut b = [0; CELL];
+    for c in b.chunks_mut(8) {
+        c.copy_from_slice(&w);
+    }
+    b
+}
+
+/// Deposed leader 0 keeps posting a stream of ring writes to follower 1 (one cell each, at
+/// most 64 outstanding, flushed every 8) while 1 fences it with `set_writer(grant)`, and
+/// goes on posting for 200 ms (and at least 2000 writes) after `set_writer` returned.
+/// Checks: the ring did not change after `set_writer` returned (a snapshot right after
+/// it), each cell holds nothing or exactly its own write, exactly the writes found in the
+/// snapshot completed Ok, and every other one failed with PermissionDenied or
+/// Disconnected (at completion, or at once when posted on the broken QP). Leaves 0 granted
+/// at 1 again, with its data QP reconnected.
+fn fence_under_stream(
+    fs: &mut [RdmaFabric],
+    evs: &mut [Vec<FabricEvent>],
+    grant: Option<u8>,
+) -> R<()> {
+    const BEFORE: u64 = 200;
+    const AFTER: u64 = 2000;
+    const AFTER_TIME: Duration = Duration::from_millis(200);
+    const WINDOW: u64 = 64;
+    let region1 = fs[1].region().clone();
+    let ring = || {
+        let mut b = vec![0u8; CELLS as usize * CELL];
+        region1.read(cell_at(0), &mut b).unwrap();
+        b
+    };
+    region1
+        .write(cell_at(0), &vec![0u8; CELLS as usize * CELL + CELL])
+        .unwrap();
+    let mut results: Vec<Option<Result<(), FabricError>>> = vec![None; CELLS as usize];
+    let (mut next, mut done) = (0u64, 0u64);
+    let mut fence: Option<(Instant, u64, Vec<u8>)> = None; // when, first post after, snapshot
+    let start = Instant::now();
+    loop {
+        let stop = next == CELLS
+            || fence
+                .as_ref()
+                .is_some_and(|(t, first, _)| t.elapsed() >= AFTER_TIME && next >= first + AFTER);
+        if stop && done == next {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(format!("fence stream stuck at {done}/{next}"));
+        }
+        if !stop {
+            for _ in 0..8 {
+                if next - done >= WINDOW {
+                    break;
+                }
+                match fs[0].write(1, cell_at(next), &pattern(next), TOKENS + next) {
+                    Ok(()) => {}
+                    Err(FabricError::Busy) => break,
+                    Err(e) => {
+                        // Refused at once (the QP is broken): a failed write, never posted.
+                        results[next as usize] = Some(Err(e));
+                        done += 1;
+                    }
+                }
+                next += 1;
+                if next == CELLS {
+                    break;
+                }
+            }
+            fs[0].flush().map_err(|e| e.to_string())?;
+        }
+        for (f, e) in fs.iter_mut().zip(evs.iter_mut()) {
+            e.clear();
+            f.poll(e);
+        }
+        for e in &evs[0] {
+            if let FabricEvent::Completion(Completion::Write {
+                peer: 1,
+                token,
+                result,
+            }) = e
+            {
+                if (TOKENS..TOKENS + CELLS).contains(token) {
+                    let slot = &mut results[(token - TOKENS) as usize];
+                    if slot.replace(result.clone()).is_some() {
+                        return Err(format!("write {} completed twice", token - TOKENS));
+                    }
+                    done += 1;
+                }
+            }
+        }
+        // Fence once the stream is under way, with writes in flight.
+        if fence.is_none() && region1.load_word(cell_at(BEFORE)) != 0 {
+            fs[1].set_writer(grant).map_err(|e| e.to_string())?;
+            fence = Some((Instant::now(), next, ring()));
+        }
+        if fence.is_some() {
+            // Keep posting, but spread over the 200 ms rather than in a burst.
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    let (_, first_after, snapshot) = fence.ok_or("the stream ended before the fence")?;
+    let after = ring();
+    let changed =
+        (0..CELLS as usize).find(|&k| after[k * CELL..][..CELL] != snapshot[k * CELL..][..CELL]);
+    check(
+        changed.is_none(),
+        &format!(
+            "fence {grant:?}: the ring did not change after set_writer returned{}",
+            changed.map_or(String::new(), |k| format!(" (cell {k} did)"))
+        ),
+    )?;
+    let cell = |k: u64| &snapshot[k as usize * CELL..][..CELL];
+    let landed = (0..CELLS).take_while(|&k| cell(k) == pattern(k)).count() as u64;
+    let stray = (landed..CELLS).find(|&k| cell(k) != [0; CELL]);
+    check(
+        stray.is_none(),
+        &format!(
+            "fence {grant:?}: writes 0..{landed} landed whole before the fence, nothing else{}",
+            stray.map_or(String::new(), |k| format!(" (cell {k} holds other bytes)"))
+        ),
+    )?;
+    let ok = |k: u64| results[k as usize] == Some(Ok(()));
+    let bad = (0..next).find(|&k| {
+        ok(k) != (k < landed)
+            || !(ok(k)
+                || matches!(
+                    results[k as usize],
+                    Some(Err(
+                        FabricError::PermissionDenied(1) | FabricError::Disconnected(1)
+                    ))
+                ))
+    });
+    check(
+        bad.is_none(),
+        &format!(
+            "fence {grant:?}: exactly the {landed} landed writes completed Ok, the other {} \
+             failed ({} posted after the fence){}",
+            next - landed,
+            next - first_after,
+            bad.map_or(String::new(), |k| format!(
+                ": write {k} -> {:?}",
+                results[k as usize]
+            ))
+        ),
+    )?;
+    if let Some(w) = grant {
+        let w = w as usize;
+        fs[w]
+            .write(1, cell_at(CELLS), &pattern(CELLS), 300)
+            .map_err(|e| e.to_string())?;
+        fs[w].flush().map_err(|e| e.to_string())?;
+        drive(fs, evs, "new writer after the fence", |e| {
+            write_result(&e[w], 300).is_some()
+        })?;
+        let r = write_result(&evs[w], 300);
+        let mut got = [0u8; CELL];
+        region1.read(cell_at(CELLS), &mut got).unwrap();
+        check(
+            r == Some(Ok(())) && got == pattern(CELLS),
+            &format!("fence {grant:?}: the new writer {w}'s write lands"),
+        )?;
+    }
+    // Back to the start: 0's data QP reconnected, 0 granted at 1.
+    fs[0].reconnect(1).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    while fs[0].data_error(1).is_some() && t.elapsed() < Duration::from_secs(10) {
+        for (f, e) in fs.iter_mut().zip(evs.iter_mut()) {
+            e.clear();
+            f.poll(e);
+        }
+    }
+    if fs[0].data_error(1).is_some() {
+        return Err("data QP 0->1 did not reconnect after the fence".into());
+    }
+    fs[1].set_writer(Some(0)).map_err(|e| e.to_string())
 }
