@@ -41,6 +41,7 @@ fn pattern(k: u64) -> [u8; CELL] {
 
 /// The leader's side: streams writes `0..CELLS` to `to` until `stop`, flushing every few
 /// posts and keeping at most `WINDOW` outstanding; then waits for every completion.
+/// Publishes in `posted` how many writes were posted, before flushing them.
 /// Returns the result of each write, by token, and the first token posted after it saw
 /// `fenced`.
 fn stream(
@@ -102,7 +103,7 @@ fn fence_under_stream(grant: Option<NodeId>) {
         AtomicBool::new(false),
     );
     let ring = |f: &TcpFabric| read_region(f.region(), cell_at(0), CELLS as usize * CELL);
-    let (results, first_after, snapshot) = std::thread::scope(|s| {
+    let (results, first_after, snapshot, fence_at) = std::thread::scope(|s| {
         let leader = s.spawn(|| stream(&mut leader, 1, &posted, &fenced, &stop));
         let follower = &mut f[0];
         // Fence in the middle of the stream, with writes landing.
@@ -110,8 +111,10 @@ fn fence_under_stream(grant: Option<NodeId>) {
             read_region(follower.region(), cell_at(BEFORE), CELL) != [0; CELL]
         });
         follower.set_writer(grant).unwrap();
-        let snapshot = ring(follower);
+        // The leader publishes `posted` before flushing: every write from index
+        // `fence_at` on was flushed after set_writer returned.
         let fence_at = posted.load(Ordering::Acquire);
+        let snapshot = ring(follower);
         fenced.store(true, Ordering::Release);
         let t = Instant::now();
         wait_until("the stream to go on after the fence", || {
@@ -120,7 +123,7 @@ fn fence_under_stream(grant: Option<NodeId>) {
         });
         stop.store(true, Ordering::Release);
         let (results, first_after) = leader.join().unwrap();
-        (results, first_after, snapshot)
+        (results, first_after, snapshot, fence_at)
     });
     let follower = &f[0];
     let posted = posted.into_inner();
@@ -159,6 +162,10 @@ fn fence_under_stream(grant: Option<NodeId>) {
     assert!(
         n_landed > BEFORE,
         "the fence came before {BEFORE} writes landed"
+    );
+    assert!(
+        n_landed <= fence_at,
+        "{n_landed} writes landed, but only {fence_at} had been posted when the fence returned"
     );
 
     // (b) Ok exactly for the writes whose bytes are in the snapshot; every other write

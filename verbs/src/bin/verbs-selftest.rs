@@ -10,6 +10,7 @@ use ballot_verbs::error::wc_status_name;
 use ballot_verbs::verbs::*;
 use ballot_verbs::wr::{RecvList, Remote, SendList};
 use ballot_verbs::VerbsError;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -767,14 +768,87 @@ fn pattern(k: u64) -> [u8; CELL] {
     b
 }
 
-/// Deposed leader 0 keeps posting a stream of ring writes to follower 1 (one cell each, at
-/// most 64 outstanding, flushed every 8) while 1 fences it with `set_writer(grant)`, and
-/// goes on posting for 200 ms (and at least 2000 writes) after `set_writer` returned.
-/// Checks: the ring did not change after `set_writer` returned (a snapshot right after
-/// it), each cell holds nothing or exactly its own write, exactly the writes found in the
-/// snapshot completed Ok, and every other one failed with PermissionDenied or
-/// Disconnected (at completion, or at once when posted on the broken QP). Leaves 0 granted
-/// at 1 again, with its data QP reconnected.
+/// The deposed leader's side: streams writes `0..CELLS` to node 1 (one cell each, at most
+/// 64 outstanding, flushed every 8) until `stop`, then waits for every completion; spreads
+/// its posts out once one has failed. Publishes in `posted` how many were posted,
+/// before flushing them. Returns each write's result (a write refused at `write` time
+/// counts as failed) and the first index posted after it saw `fenced`.
+type Results = Vec<Option<Result<(), FabricError>>>;
+fn stream(
+    f: &mut RdmaFabric,
+    posted: &AtomicU64,
+    fenced: &AtomicBool,
+    stop: &AtomicBool,
+) -> R<(Results, u64)> {
+    const WINDOW: u64 = 64;
+    let mut results: Results = vec![None; CELLS as usize];
+    let (mut next, mut done) = (0u64, 0u64);
+    let mut first_after = None;
+    let mut failed = false;
+    let mut evs = Vec::new();
+    let start = Instant::now();
+    while done < next || (next < CELLS && !stop.load(Ordering::Acquire)) {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(format!("fence stream stuck at {done}/{next}"));
+        }
+        if !stop.load(Ordering::Acquire) {
+            for _ in 0..8 {
+                if next == CELLS || next - done >= WINDOW {
+                    break;
+                }
+                if first_after.is_none() && fenced.load(Ordering::Acquire) {
+                    first_after = Some(next);
+                }
+                match f.write(1, cell_at(next), &pattern(next), TOKENS + next) {
+                    Ok(()) => {}
+                    Err(FabricError::Busy) => break,
+                    Err(e) => {
+                        // Refused at once (the QP is broken after the fence).
+                        results[next as usize] = Some(Err(e));
+                        done += 1;
+                        failed = true;
+                    }
+                }
+                next += 1;
+            }
+            posted.store(next, Ordering::Release);
+            f.flush().map_err(|e| e.to_string())?;
+        }
+        evs.clear();
+        f.poll(&mut evs);
+        for e in &evs {
+            if let FabricEvent::Completion(Completion::Write {
+                peer: 1,
+                token,
+                result,
+            }) = e
+            {
+                if (TOKENS..TOKENS + CELLS).contains(token) {
+                    let k = token - TOKENS;
+                    if results[k as usize].replace(result.clone()).is_some() {
+                        return Err(format!("write {k} completed twice"));
+                    }
+                    done += 1;
+                    failed |= result.is_err();
+                }
+            }
+        }
+        if failed {
+            // Fenced: refusals come at once, so pace the posts to keep them coming for the
+            // whole time after the fence rather than in one burst.
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    Ok((results, first_after.unwrap_or(next)))
+}
+
+/// Deposed leader 0 keeps posting a stream of ring writes to follower 1 (on its own
+/// thread) while 1 fences it with `set_writer(grant)`, and goes on for 200 ms (and at
+/// least 2000 writes) after `set_writer` returned. Checks: the ring did not change after
+/// a snapshot taken right after `set_writer` returned; each cell holds nothing or exactly
+/// its own write; no write flushed after `set_writer` returned landed; exactly the writes
+/// found in the snapshot completed Ok, every other one failed with PermissionDenied or
+/// Disconnected. Leaves 0 granted at 1 again, with its data QP reconnected.
 fn fence_under_stream(
     fs: &mut [RdmaFabric],
     evs: &mut [Vec<FabricEvent>],
@@ -783,7 +857,6 @@ fn fence_under_stream(
     const BEFORE: u64 = 200;
     const AFTER: u64 = 2000;
     const AFTER_TIME: Duration = Duration::from_millis(200);
-    const WINDOW: u64 = 64;
     let region1 = fs[1].region().clone();
     let ring = || {
         let mut b = vec![0u8; CELLS as usize * CELL];
@@ -793,73 +866,47 @@ fn fence_under_stream(
     region1
         .write(cell_at(0), &vec![0u8; CELLS as usize * CELL + CELL])
         .unwrap();
-    let mut results: Vec<Option<Result<(), FabricError>>> = vec![None; CELLS as usize];
-    let (mut next, mut done) = (0u64, 0u64);
-    let mut fence: Option<(Instant, u64, Vec<u8>)> = None; // when, first post after, snapshot
-    let start = Instant::now();
-    loop {
-        let stop = next == CELLS
-            || fence
-                .as_ref()
-                .is_some_and(|(t, first, _)| t.elapsed() >= AFTER_TIME && next >= first + AFTER);
-        if stop && done == next {
-            break;
+    let (posted, fenced, stop) = (
+        AtomicU64::new(0),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    );
+    let (leader, rest) = fs.split_first_mut().unwrap();
+    let follower = &mut rest[0];
+    let (streamed, snapshot, fence_posted) = std::thread::scope(|s| {
+        let t = s.spawn(|| stream(leader, &posted, &fenced, &stop));
+        let start = Instant::now();
+        // Fence once the stream is under way (spinning: on 2 vCPUs a sleep is too coarse).
+        while region1.load_word_at(cell_at(BEFORE)) == Some(0)
+            && !t.is_finished()
+            && start.elapsed() < Duration::from_secs(30)
+        {
+            std::hint::spin_loop();
         }
-        if start.elapsed() > Duration::from_secs(60) {
-            return Err(format!("fence stream stuck at {done}/{next}"));
-        }
-        if !stop {
-            for _ in 0..8 {
-                if next - done >= WINDOW {
-                    break;
-                }
-                match fs[0].write(1, cell_at(next), &pattern(next), TOKENS + next) {
-                    Ok(()) => {}
-                    Err(FabricError::Busy) => break,
-                    Err(e) => {
-                        // Refused at once (the QP is broken): a failed write, never posted.
-                        results[next as usize] = Some(Err(e));
-                        done += 1;
-                    }
-                }
-                next += 1;
-                if next == CELLS {
-                    break;
-                }
+        let fence = follower.set_writer(grant);
+        // Every write from index `fence_posted` on was flushed after set_writer returned.
+        let fence_posted = posted.load(Ordering::Acquire);
+        let snapshot = ring();
+        fenced.store(true, Ordering::Release);
+        let at = Instant::now();
+        while !t.is_finished() && start.elapsed() < Duration::from_secs(60) {
+            let p = posted.load(Ordering::Acquire);
+            if p == CELLS || (p >= fence_posted + AFTER && at.elapsed() >= AFTER_TIME) {
+                break;
             }
-            fs[0].flush().map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(1));
         }
-        for (f, e) in fs.iter_mut().zip(evs.iter_mut()) {
-            e.clear();
-            f.poll(e);
-        }
-        for e in &evs[0] {
-            if let FabricEvent::Completion(Completion::Write {
-                peer: 1,
-                token,
-                result,
-            }) = e
-            {
-                if (TOKENS..TOKENS + CELLS).contains(token) {
-                    let slot = &mut results[(token - TOKENS) as usize];
-                    if slot.replace(result.clone()).is_some() {
-                        return Err(format!("write {} completed twice", token - TOKENS));
-                    }
-                    done += 1;
-                }
-            }
-        }
-        // Fence once the stream is under way, with writes in flight.
-        if fence.is_none() && region1.load_word(cell_at(BEFORE)) != 0 {
-            fs[1].set_writer(grant).map_err(|e| e.to_string())?;
-            fence = Some((Instant::now(), next, ring()));
-        }
-        if fence.is_some() {
-            // Keep posting, but spread over the 200 ms rather than in a burst.
-            std::thread::sleep(Duration::from_micros(100));
-        }
+        stop.store(true, Ordering::Release);
+        let streamed = t.join().map_err(|_| "stream thread panicked".to_string());
+        (fence.map(|()| streamed), snapshot, fence_posted)
+    });
+    let (results, first_after) = streamed.map_err(|e| e.to_string())?.and_then(|r| r)?;
+    let next = posted.into_inner();
+    if region1.load_word_at(cell_at(BEFORE)) == Some(0) {
+        return Err(format!(
+            "fence {grant:?}: the stream ended before the fence"
+        ));
     }
-    let (_, first_after, snapshot) = fence.ok_or("the stream ended before the fence")?;
     let after = ring();
     let changed =
         (0..CELLS as usize).find(|&k| after[k * CELL..][..CELL] != snapshot[k * CELL..][..CELL]);
@@ -880,6 +927,13 @@ fn fence_under_stream(
             stray.map_or(String::new(), |k| format!(" (cell {k} holds other bytes)"))
         ),
     )?;
+    check(
+        landed <= fence_posted,
+        &format!(
+            "fence {grant:?}: no write flushed after set_writer returned landed \
+             ({landed} landed, {fence_posted} posted before)"
+        ),
+    )?;
     let ok = |k: u64| results[k as usize] == Some(Ok(()));
     let bad = (0..next).find(|&k| {
         ok(k) != (k < landed)
@@ -895,8 +949,9 @@ fn fence_under_stream(
         bad.is_none(),
         &format!(
             "fence {grant:?}: exactly the {landed} landed writes completed Ok, the other {} \
-             failed ({} posted after the fence){}",
+             failed ({} posted before the fence, {} after){}",
             next - landed,
+            first_after - landed,
             next - first_after,
             bad.map_or(String::new(), |k| format!(
                 ": write {k} -> {:?}",
