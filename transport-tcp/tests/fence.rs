@@ -42,18 +42,15 @@ fn pattern(k: u64) -> [u8; CELL] {
 /// The leader's side: streams writes `0..CELLS` to `to` until `stop`, flushing every few
 /// posts and keeping at most `WINDOW` outstanding; then waits for every completion.
 /// Publishes in `posted` how many writes were posted, before flushing them.
-/// Returns the result of each write, by token, and the first token posted after it saw
-/// `fenced`.
+/// Returns the result of each write, by token.
 fn stream(
     f: &mut TcpFabric,
     to: NodeId,
     posted: &AtomicU64,
-    fenced: &AtomicBool,
     stop: &AtomicBool,
-) -> (Vec<Option<Result<(), FabricError>>>, u64) {
+) -> Vec<Option<Result<(), FabricError>>> {
     let mut results = vec![None; CELLS as usize];
     let (mut next, mut done) = (0u64, 0u64);
-    let mut first_after = None;
     let mut evs = Vec::new();
     let deadline = Instant::now() + WAIT * 3;
     while done < next || (next < CELLS && !stop.load(Ordering::Acquire)) {
@@ -62,9 +59,6 @@ fn stream(
             for _ in 0..8 {
                 if next == CELLS || next - done >= WINDOW {
                     break;
-                }
-                if first_after.is_none() && fenced.load(Ordering::Acquire) {
-                    first_after = Some(next);
                 }
                 f.write(to, cell_at(next), &pattern(next), next).unwrap();
                 next += 1;
@@ -89,7 +83,7 @@ fn stream(
             }
         }
     }
-    (results, first_after.unwrap_or(next))
+    results
 }
 
 /// Node 0 (deposed leader) streams into node 1; node 1 fences it with `set_writer(grant)`.
@@ -97,14 +91,10 @@ fn fence_under_stream(grant: Option<NodeId>) {
     let mut f = cluster(3);
     f[1].set_writer(Some(0)).unwrap();
     let mut leader = f.remove(0);
-    let (posted, fenced, stop) = (
-        AtomicU64::new(0),
-        AtomicBool::new(false),
-        AtomicBool::new(false),
-    );
+    let (posted, stop) = (AtomicU64::new(0), AtomicBool::new(false));
     let ring = |f: &TcpFabric| read_region(f.region(), cell_at(0), CELLS as usize * CELL);
-    let (results, first_after, snapshot, fence_at) = std::thread::scope(|s| {
-        let leader = s.spawn(|| stream(&mut leader, 1, &posted, &fenced, &stop));
+    let (results, snapshot, fence_at) = std::thread::scope(|s| {
+        let leader = s.spawn(|| stream(&mut leader, 1, &posted, &stop));
         let follower = &mut f[0];
         // Fence in the middle of the stream, with writes landing.
         wait_until("the first writes to land", || {
@@ -115,15 +105,13 @@ fn fence_under_stream(grant: Option<NodeId>) {
         // `fence_at` on was flushed after set_writer returned.
         let fence_at = posted.load(Ordering::Acquire);
         let snapshot = ring(follower);
-        fenced.store(true, Ordering::Release);
         let t = Instant::now();
         wait_until("the stream to go on after the fence", || {
             let p = posted.load(Ordering::Acquire);
             p == CELLS || (p >= fence_at + AFTER && t.elapsed() >= AFTER_TIME)
         });
         stop.store(true, Ordering::Release);
-        let (results, first_after) = leader.join().unwrap();
-        (results, first_after, snapshot, fence_at)
+        (leader.join().unwrap(), snapshot, fence_at)
     });
     let follower = &f[0];
     let posted = posted.into_inner();
@@ -187,15 +175,15 @@ fn fence_under_stream(grant: Option<NodeId>) {
         }
     }
     assert!(
-        posted - first_after >= AFTER.min(CELLS - first_after),
+        posted - fence_at >= AFTER.min(CELLS - fence_at),
         "only {} writes were posted after the fence",
-        posted - first_after
+        posted - fence_at
     );
     eprintln!(
         "fence {grant:?}: {posted} writes, {n_landed} landed before the fence, {} posted before \
-         the fence and refused, {} posted after it (all refused)",
-        first_after - n_landed,
-        posted - first_after
+         it and refused, {} posted after it (all refused)",
+        fence_at - n_landed,
+        posted - fence_at
     );
 
     // The node granted (if any) writes, and its bytes land.
