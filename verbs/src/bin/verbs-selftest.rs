@@ -768,22 +768,17 @@ fn pattern(k: u64) -> [u8; CELL] {
     b
 }
 
+type Results = Vec<Option<Result<(), FabricError>>>;
+
 /// The deposed leader's side: streams writes `0..CELLS` to node 1 (one cell each, at most
 /// 64 outstanding, flushed every 8) until `stop`, then waits for every completion; spreads
 /// its posts out once one has failed. Publishes in `posted` how many were posted,
 /// before flushing them. Returns each write's result (a write refused at `write` time
-/// counts as failed) and the first index posted after it saw `fenced`.
-type Results = Vec<Option<Result<(), FabricError>>>;
-fn stream(
-    f: &mut RdmaFabric,
-    posted: &AtomicU64,
-    fenced: &AtomicBool,
-    stop: &AtomicBool,
-) -> R<(Results, u64)> {
+/// counts as failed).
+fn stream(f: &mut RdmaFabric, posted: &AtomicU64, stop: &AtomicBool) -> R<Results> {
     const WINDOW: u64 = 64;
     let mut results: Results = vec![None; CELLS as usize];
     let (mut next, mut done) = (0u64, 0u64);
-    let mut first_after = None;
     let mut failed = false;
     let mut evs = Vec::new();
     let start = Instant::now();
@@ -795,9 +790,6 @@ fn stream(
             for _ in 0..8 {
                 if next == CELLS || next - done >= WINDOW {
                     break;
-                }
-                if first_after.is_none() && fenced.load(Ordering::Acquire) {
-                    first_after = Some(next);
                 }
                 match f.write(1, cell_at(next), &pattern(next), TOKENS + next) {
                     Ok(()) => {}
@@ -839,7 +831,7 @@ fn stream(
             std::thread::sleep(Duration::from_micros(100));
         }
     }
-    Ok((results, first_after.unwrap_or(next)))
+    Ok(results)
 }
 
 /// Deposed leader 0 keeps posting a stream of ring writes to follower 1 (on its own
@@ -866,15 +858,11 @@ fn fence_under_stream(
     region1
         .write(cell_at(0), &vec![0u8; CELLS as usize * CELL + CELL])
         .unwrap();
-    let (posted, fenced, stop) = (
-        AtomicU64::new(0),
-        AtomicBool::new(false),
-        AtomicBool::new(false),
-    );
+    let (posted, stop) = (AtomicU64::new(0), AtomicBool::new(false));
     let (leader, rest) = fs.split_first_mut().unwrap();
     let follower = &mut rest[0];
     let (streamed, snapshot, fence_posted) = std::thread::scope(|s| {
-        let t = s.spawn(|| stream(leader, &posted, &fenced, &stop));
+        let t = s.spawn(|| stream(leader, &posted, &stop));
         let start = Instant::now();
         // Fence once the stream is under way (spinning: on 2 vCPUs a sleep is too coarse).
         while region1.load_word_at(cell_at(BEFORE)) == Some(0)
@@ -887,7 +875,6 @@ fn fence_under_stream(
         // Every write from index `fence_posted` on was flushed after set_writer returned.
         let fence_posted = posted.load(Ordering::Acquire);
         let snapshot = ring();
-        fenced.store(true, Ordering::Release);
         let at = Instant::now();
         while !t.is_finished() && start.elapsed() < Duration::from_secs(60) {
             let p = posted.load(Ordering::Acquire);
@@ -900,7 +887,7 @@ fn fence_under_stream(
         let streamed = t.join().map_err(|_| "stream thread panicked".to_string());
         (fence.map(|()| streamed), snapshot, fence_posted)
     });
-    let (results, first_after) = streamed.map_err(|e| e.to_string())?.and_then(|r| r)?;
+    let results = streamed.map_err(|e| e.to_string())?.and_then(|r| r)?;
     let next = posted.into_inner();
     if region1.load_word_at(cell_at(BEFORE)) == Some(0) {
         return Err(format!(
@@ -951,8 +938,8 @@ fn fence_under_stream(
             "fence {grant:?}: exactly the {landed} landed writes completed Ok, the other {} \
              failed ({} posted before the fence, {} after){}",
             next - landed,
-            first_after - landed,
-            next - first_after,
+            fence_posted - landed,
+            next - fence_posted,
             bad.map_or(String::new(), |k| format!(
                 ": write {k} -> {:?}",
                 results[k as usize]
