@@ -54,6 +54,10 @@ pub trait Storage: Send {
     /// A replica that rebuilt its state from the others after losing its data dir now has
     /// it durably: a restart may trust the disk again (drop the "rejoining" mark).
     fn rejoined(&mut self) -> std::io::Result<()>;
+    /// The replica found it has no memory while the cluster has a history, and rebuilds
+    /// from the others: durably mark the data dir as rejoining (as `--rejoin` does) before
+    /// returning, so that a crash mid-rebuild rebuilds again.
+    fn begin_rejoin(&mut self) -> std::io::Result<()>;
 }
 
 /// Tickets are issued in order; this tracks which are still outstanding without hashing.
@@ -268,6 +272,20 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
     pub fn fabric_mut(&mut self) -> &mut F {
         &mut self.fabric
     }
+    /// Complete entries that landed in the ring and that the reader will read next, without
+    /// reading them (for the simulator's checks): index and payload.
+    pub fn ring_pending(&self) -> Vec<(Index, Vec<u8>)> {
+        let mut r = self.reader.clone();
+        let region = self.fabric.region().clone();
+        let mut out = Vec::new();
+        while let Some((h, bytes, _)) = r.poll(&region) {
+            if let Ok((_, p)) = layout::decode_entry(bytes) {
+                out.push((h.index, p.to_vec()));
+            }
+        }
+        out
+    }
+
     pub fn state_machine(&self) -> &S {
         &self.sm
     }
@@ -493,10 +511,15 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 }
             }
             Action::FenceAndDrain => {
-                if let Err(e) = self.fabric.set_writer(None) {
-                    tracing::error!(node = me, "fence failed: {e}");
+                let bugs = self.core.config().bugs;
+                if !bugs.fence_no_revoke {
+                    if let Err(e) = self.fabric.set_writer(None) {
+                        tracing::error!(node = me, "fence failed: {e}");
+                    }
                 }
-                self.drain_ring();
+                if !bugs.fence_no_drain {
+                    self.drain_ring();
+                }
                 self.core.handle_fenced();
             }
             Action::ResetRing { ballot, expect } => self.reader.reset(ballot, expect),
@@ -574,6 +597,13 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                     }
                 };
                 self.core.handle_checkpoint_installed(index, ok);
+            }
+            Action::BeginRejoin => {
+                if let Some(s) = self.storage.as_mut() {
+                    if let Err(e) = s.begin_rejoin() {
+                        self.fail(format!("marking the data dir as rejoining: {e}"));
+                    }
+                }
             }
             Action::Rejoined => {
                 tracing::info!(node = me, "rejoined: the rebuilt state is durable");

@@ -27,6 +27,16 @@ pub struct Faults {
     /// A write is delayed by up to `slow_extra`.
     pub write_slow: u32,
     pub slow_extra: u64,
+    /// A control message is replayed once more, up to `late_extra` later (past a rebuild
+    /// or a whole leadership).
+    pub msg_late: u32,
+    pub late_extra: u64,
+    /// A write lands but its completion reports a failure.
+    pub completion_lost: u32,
+    /// At each fabric call of a replica (in the middle of its step: between a revoke and
+    /// its drain, between a stream reset and the next poll), operations due within
+    /// `latency_max` happen at once.
+    pub midstep: u32,
 }
 
 impl Faults {
@@ -40,6 +50,10 @@ impl Faults {
             write_fail: 0,
             write_slow: 0,
             slow_extra: 0,
+            msg_late: 0,
+            late_extra: 0,
+            completion_lost: 0,
+            midstep: 0,
         }
     }
 }
@@ -284,7 +298,15 @@ impl Net {
                         }
                         Ok(_) => {
                             n.region.write(offset, &data).expect("classified in bounds");
-                            Ok(())
+                            let lost = self.sim.as_mut().is_some_and(|s| {
+                                let p = s.faults.completion_lost;
+                                s.chance(p)
+                            });
+                            if lost {
+                                Err(FabricError::Disconnected(to))
+                            } else {
+                                Ok(())
+                            }
                         }
                     }
                 };
@@ -336,6 +358,25 @@ impl Net {
         }
     }
 
+    /// Simulated mode, called inside a replica's step: sometimes operations due soon
+    /// happen now, so that writes land and messages arrive mid-step.
+    fn midstep(&mut self) {
+        let Some(s) = self.sim.as_mut() else { return };
+        if !s.chance(s.faults.midstep) {
+            return;
+        }
+        let until = s.now + s.faults.latency_max;
+        while self
+            .sim
+            .as_ref()
+            .and_then(|s| s.queue.peek())
+            .is_some_and(|op| op.0 <= until)
+        {
+            let Timed(_, _, op) = self.sim.as_mut().unwrap().queue.pop().unwrap();
+            self.perform(op);
+        }
+    }
+
     fn post(&mut self, op: Op) {
         let Some(s) = self.sim.as_mut() else {
             return self.perform(op);
@@ -351,6 +392,17 @@ impl Net {
                     0
                 };
                 let at = s.now + s.latency() + reorder;
+                if s.chance(s.faults.msg_late) {
+                    let at3 = s.now + s.latency() + s.random() % (s.faults.late_extra + 1);
+                    s.schedule(
+                        at3,
+                        Op::Msg {
+                            from,
+                            to,
+                            bytes: bytes.clone(),
+                        },
+                    );
+                }
                 if s.chance(s.faults.msg_dup) {
                     let at2 = s.now + s.latency();
                     s.schedule(
@@ -409,6 +461,7 @@ impl Fabric for MemFabric {
     ) -> Result<(), FabricError> {
         let mut n = self.net.0.lock().unwrap();
         self.check_peer(&n, peer)?;
+        n.midstep();
         n.post(Op::Write {
             from: self.node,
             to: peer,
@@ -445,6 +498,7 @@ impl Fabric for MemFabric {
         }
         let mut n = self.net.0.lock().unwrap();
         self.check_peer(&n, peer)?;
+        n.midstep();
         n.post(Op::Msg {
             from: self.node,
             to: peer,
@@ -466,6 +520,8 @@ impl Fabric for MemFabric {
     }
     fn set_writer(&mut self, writer: Option<NodeId>) -> Result<(), FabricError> {
         let mut n = self.net.0.lock().unwrap();
+        // Writes of the old writer may land right up to the revoke.
+        n.midstep();
         if let Some(me) = n.nodes.get_mut(&self.node) {
             me.writer = writer;
         }

@@ -72,7 +72,7 @@ impl RingCursor {
 }
 
 /// The owner's read position in its own ring.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RingReader {
     geo: RingGeometry,
     slot: u32,

@@ -324,7 +324,8 @@ impl BallotModel {
             | Action::StageCheckpoint { .. }
             | Action::InstallCheckpoint { .. }
             | Action::CompactLog { .. }
-            | Action::Rejoined => unreachable!("model: checkpoint action {a:?}"),
+            | Action::Rejoined
+            | Action::BeginRejoin => unreachable!("model: checkpoint or rejoin action {a:?}"),
         }
     }
 

@@ -1,83 +1,116 @@
-//! `ballot-sim`: runs the deterministic simulator over many seeds.
+//! `ballot-sim`: runs the deterministic simulator over many seeds, or measures it with
+//! planted bugs (`--planted-report`).
 //!
-//! ```text
-//! ballot-sim [--seeds N] [--first-seed S] [--seed S] [--replicas R] [--ticks T]
-//!            [--durability volatile|durable] [--no-faults] [--plant-bug ignore-promise|short-quorum|checkpoint-off-by-one]
-//! ```
 //! Prints one line per failing seed with the command that replays it, then
-//! `seeds=<n> violations=<v> commits=<c>`; exits 1 when any violation was found.
+//! `seeds=<n> violations=<v> commits=<c> ...`; exits 1 when any violation was found (in a
+//! report: when a planted bug was not caught).
 
-use ballot::protocol::Durability;
-use ballot::sim::{self, Options};
+use ballot::protocol::{Durability, PlantedBugs};
+use ballot::sim::{self, planted, Options};
+use clap::Parser;
 use std::process::ExitCode;
 
-fn usage(msg: &str) -> ExitCode {
-    eprintln!("ballot-sim: {msg}");
-    eprintln!("usage: ballot-sim [--seeds N] [--first-seed S] [--seed S] [--replicas R] [--ticks T] [--durability volatile|durable] [--no-faults] [--plant-bug ignore-promise|short-quorum|checkpoint-off-by-one] [--verbose]");
-    ExitCode::from(2)
+#[derive(Parser, Debug)]
+#[command(
+    name = "ballot-sim",
+    version,
+    about = "The deterministic simulator of Ballot"
+)]
+struct Args {
+    /// How many seeds to run.
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 1)]
+    first_seed: u64,
+    /// Run this one seed (replay).
+    #[arg(long, conflicts_with_all = ["seeds", "first_seed"])]
+    seed: Option<u64>,
+    /// Replicas in the cluster.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
+    replicas: u64,
+    /// Ticks of the faulty phase.
+    #[arg(long, default_value_t = 1500)]
+    ticks: u64,
+    /// volatile or durable.
+    #[arg(long, default_value = "volatile", value_parser = parse_durability)]
+    durability: Durability,
+    /// No faults at all.
+    #[arg(long)]
+    no_faults: bool,
+    /// Plant a bug (repeatable); `--plant-bug list` lists them.
+    #[arg(long = "plant-bug", value_parser = parse_bug)]
+    plant_bug: Vec<PlantedBugs>,
+    /// Switch off the core's contract assertions (only the simulator's checks remain).
+    #[arg(long)]
+    no_contracts: bool,
+    /// Check that a majority of current incarnations holds every index a leader commits,
+    /// when it commits it (not yet clean: see docs/status.md).
+    #[arg(long)]
+    check_commit_majority: bool,
+    /// For every planted bug and configuration (3 and 5 replicas, volatile and durable),
+    /// run the first `--seeds` seeds with contracts off and report the first failing
+    /// seed and the share of failing seeds.
+    #[arg(long)]
+    planted_report: bool,
+    /// One line per seed.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "volatile" => Ok(Durability::Volatile),
+        "durable" => Ok(Durability::Durable),
+        _ => Err("volatile or durable".into()),
+    }
+}
+
+fn parse_bug(s: &str) -> Result<PlantedBugs, String> {
+    PlantedBugs::named(s).ok_or_else(|| {
+        let names: Vec<_> = PlantedBugs::ALL.iter().map(|(n, _)| *n).collect();
+        format!("planted bugs: {}", names.join(", "))
+    })
 }
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let mut seeds = 100u64;
-    let mut first = 1u64;
-    let mut o = Options::new(1, 3);
-    let mut verbose = false;
-    while let Some(a) = args.next() {
-        let mut val = |name: &str| -> Result<u64, ExitCode> {
-            args.next()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| usage(&format!("{name} needs a number")))
-        };
-        match a.as_str() {
-            "--seeds" => match val("--seeds") {
-                Ok(v) => seeds = v,
-                Err(e) => return e,
-            },
-            "--first-seed" => match val("--first-seed") {
-                Ok(v) => first = v,
-                Err(e) => return e,
-            },
-            "--seed" => match val("--seed") {
-                Ok(v) => {
-                    first = v;
-                    seeds = 1
-                }
-                Err(e) => return e,
-            },
-            "--replicas" => match val("--replicas") {
-                Ok(v) if (1..=16).contains(&v) => o.replicas = v as usize,
-                Ok(_) => return usage("--replicas must be 1..=16"),
-                Err(e) => return e,
-            },
-            "--ticks" => match val("--ticks") {
-                Ok(v) => o.ticks = v,
-                Err(e) => return e,
-            },
-            "--durability" => match args.next().as_deref() {
-                Some("volatile") => o.durability = Durability::Volatile,
-                Some("durable") => o.durability = Durability::Durable,
-                _ => return usage("--durability is volatile or durable"),
-            },
-            "--no-faults" => o.faults = false,
-            "--plant-bug" => match args.next().as_deref() {
-                Some("ignore-promise") => o.bugs.ignore_promise = true,
-                Some("short-quorum") => o.bugs.short_quorum = true,
-                Some("checkpoint-off-by-one") => o.bugs.checkpoint_off_by_one = true,
-                _ => return usage("--plant-bug is ignore-promise or short-quorum"),
-            },
-            "--verbose" => verbose = true,
-            "-h" | "--help" => {
-                usage("help");
-                return ExitCode::SUCCESS;
-            }
-            other => return usage(&format!("unknown argument {other}")),
-        }
-    }
+    let a = Args::parse();
     // Contract failures are reported per seed; keep the default panic output out of the way.
     std::panic::set_hook(Box::new(|_| {}));
+    if a.planted_report {
+        let rows = planted::report(a.seeds, a.ticks, |line| println!("{line}"));
+        let missed = rows.iter().filter(|r| r.first.is_none()).count();
+        println!(
+            "planted bugs: {} rows, {} caught, {missed} missed",
+            rows.len(),
+            rows.len() - missed
+        );
+        return if missed > 0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let (first, seeds) = a.seed.map_or((a.first_seed, a.seeds), |s| (s, 1));
+    let mut bugs = PlantedBugs::default();
+    for b in &a.plant_bug {
+        for name in b.names() {
+            (PlantedBugs::ALL.iter().find(|(n, _)| *n == name).unwrap().1)(&mut bugs);
+        }
+    }
+    let o = Options {
+        replicas: a.replicas as usize,
+        ticks: a.ticks,
+        durability: a.durability,
+        faults: !a.no_faults,
+        bugs,
+        contracts: !a.no_contracts,
+        commit_majority: a.check_commit_majority,
+        ..Options::new(first, 3)
+    };
     let (mut violations, mut commits, mut ckpts, mut installs, mut losses) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
+    let started = std::time::Instant::now();
     for seed in first..first + seeds {
         let opts = Options { seed, ..o };
         let r = sim::run(opts);
@@ -85,16 +118,17 @@ fn main() -> ExitCode {
         ckpts += r.checkpoints;
         installs += r.installs;
         losses += r.disk_losses;
-        if verbose {
+        if a.verbose {
             println!(
                 "seed={seed} commits={} acked={} crashes={} elections={} checkpoints={} installs={} violations={}",
-                r.commits,
-                r.acked,
-                r.crashes,
-                r.elections,
-                r.checkpoints,
-                r.installs,
+                r.commits, r.acked, r.crashes, r.elections, r.checkpoints, r.installs,
                 r.violations.len()
+            );
+        } else if (seed - first + 1) % 100 == 0 && seeds > 100 {
+            eprintln!(
+                "  {}/{seeds} seeds, {violations} violations, {:.0} s",
+                seed - first + 1,
+                started.elapsed().as_secs_f64()
             );
         }
         if !r.violations.is_empty() {

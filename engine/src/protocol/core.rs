@@ -15,6 +15,32 @@ use crate::types::{Ballot, Index, NodeId};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+thread_local! {
+    static CONTRACTS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns the core's contract assertions on or off for this thread (on by default). The
+/// planted-bug runs turn them off, so that what catches a bug is the simulator's own
+/// end-to-end checks.
+pub fn set_contracts(on: bool) {
+    CONTRACTS.with(|c| c.set(on));
+}
+
+/// Whether the core's contract assertions are on in this thread.
+pub fn contracts() -> bool {
+    CONTRACTS.with(|c| c.get())
+}
+
+/// A precondition, postcondition or invariant of the protocol: checked unless the thread
+/// turned contracts off (`set_contracts`).
+macro_rules! contract {
+    ($cond:expr, $($msg:tt)+) => {
+        if contracts() {
+            assert!($cond, $($msg)+);
+        }
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Durability {
     /// Chosen once a majority (leader counted) holds the entry in memory, as in Mu.
@@ -23,7 +49,9 @@ pub enum Durability {
     Durable,
 }
 
-/// Deliberate protocol bugs, to prove that the simulator's checks can fail.
+/// Deliberate protocol bugs, one per rule the protocol rests on, to measure the
+/// simulator: each must be caught by its end-to-end checks (`ballot-sim --plant-bug NAME`,
+/// `engine/tests/planted.rs`). Off in every real configuration.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct PlantedBugs {
     /// The acceptor promises any ballot, even one below its promise.
@@ -32,6 +60,92 @@ pub struct PlantedBugs {
     pub short_quorum: bool,
     /// A replica that installs a checkpoint believes it covers one entry more than it does.
     pub checkpoint_off_by_one: bool,
+    /// The leader counts its own acknowledgement twice.
+    pub self_counted_twice: bool,
+    /// The leader commits one entry beyond what a majority acknowledged.
+    pub commit_off_by_one: bool,
+    /// Phase 1 adopts, per index, the value of the lowest ballot instead of the highest.
+    pub adopt_lowest_ballot: bool,
+    /// The fence does not revoke remote write permission.
+    pub fence_no_revoke: bool,
+    /// The fence does not drain the ring before the promise.
+    pub fence_no_drain: bool,
+    /// What a fence decides runs after actions queued before it.
+    pub fence_decisions_late: bool,
+    /// Recovery finishes on answers from one replica fewer than a majority of the others.
+    pub recovery_short_quorum: bool,
+    /// Recovery does not wait for the answer of the leader the answers name.
+    pub recovery_no_leader_wait: bool,
+    /// A replica that lost its memory votes at once instead of rebuilding first.
+    pub amnesia_votes: bool,
+    /// A candidate adopts from an acceptor that compacted past its `from`.
+    pub phase1_ignores_base: bool,
+    /// Recovery finishes on a checkpoint older than the most compacted answer.
+    pub recovery_ignores_base: bool,
+    /// A follower learns a commit index beyond what it received in the current stream.
+    pub follower_commit_uncapped: bool,
+    /// A follower restarts its stream on a late Resync or NeedCheckpoint of another stream.
+    pub restart_stale_stream: bool,
+    /// Replicas in no normal status (candidates, unestablished promises) answer recoveries.
+    pub recovery_answers_unestablished: bool,
+    /// Blank votes (no memory) count even from a replica known to have had a memory.
+    pub accept_blank_votes: bool,
+}
+
+impl PlantedBugs {
+    /// Every planted bug by name, with the switch that turns it on.
+    pub const ALL: &'static [(&'static str, fn(&mut PlantedBugs))] = &[
+        ("ignore-promise", |b| b.ignore_promise = true),
+        ("short-quorum", |b| b.short_quorum = true),
+        ("checkpoint-off-by-one", |b| b.checkpoint_off_by_one = true),
+        ("self-counted-twice", |b| b.self_counted_twice = true),
+        ("commit-off-by-one", |b| b.commit_off_by_one = true),
+        ("adopt-lowest-ballot", |b| b.adopt_lowest_ballot = true),
+        ("fence-no-revoke", |b| b.fence_no_revoke = true),
+        ("fence-no-drain", |b| b.fence_no_drain = true),
+        ("fence-decisions-late", |b| b.fence_decisions_late = true),
+        ("recovery-short-quorum", |b| b.recovery_short_quorum = true),
+        ("recovery-no-leader-wait", |b| {
+            b.recovery_no_leader_wait = true
+        }),
+        ("amnesia-votes", |b| b.amnesia_votes = true),
+        ("phase1-ignores-base", |b| b.phase1_ignores_base = true),
+        ("recovery-ignores-base", |b| b.recovery_ignores_base = true),
+        ("follower-commit-uncapped", |b| {
+            b.follower_commit_uncapped = true
+        }),
+        ("restart-stale-stream", |b| b.restart_stale_stream = true),
+        ("recovery-answers-unestablished", |b| {
+            b.recovery_answers_unestablished = true
+        }),
+        ("accept-blank-votes", |b| b.accept_blank_votes = true),
+    ];
+
+    /// The bug named `name` (as in [`PlantedBugs::ALL`]).
+    pub fn named(name: &str) -> Option<PlantedBugs> {
+        let (_, set) = Self::ALL.iter().find(|(n, _)| *n == name)?;
+        let mut b = PlantedBugs::default();
+        set(&mut b);
+        Some(b)
+    }
+
+    /// The names of the bugs that are on (a bug is on when switching it on changes nothing).
+    pub fn names(&self) -> Vec<&'static str> {
+        Self::ALL
+            .iter()
+            .filter(|(_, set)| {
+                let mut b = *self;
+                set(&mut b);
+                b == *self
+            })
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Whether any bug is on.
+    pub fn any(&self) -> bool {
+        *self != PlantedBugs::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -287,6 +401,10 @@ pub enum Action {
     /// A durable replica that rebuilt its state from the others (its data dir was lost)
     /// now holds that state durably: from here on a restart may trust its disk.
     Rejoined,
+    /// A replica that booted with no memory was told by a peer that the cluster has a
+    /// history: it rebuilds from the others. Durably mark the data dir as rejoining before
+    /// the next action, so that a crash mid-rebuild rebuilds again (`Storage::begin_rejoin`).
+    BeginRejoin,
 }
 
 /// Write tokens: kind in the top byte, the peer's stream generation, the index.
@@ -338,6 +456,9 @@ struct Peer {
     prepare_sent_at: u64,
     /// The last recovery of this peer we answered (its acknowledgements were reset then).
     recovery_nonce: u64,
+    /// A new stream its progress cell announced while our writes were still in flight:
+    /// `(stream, received, persisted)`, taken up once they have all completed.
+    announced: Option<(u64, Index, Index)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -395,6 +516,9 @@ struct Recovery {
 struct Recovered {
     promised: Ballot,
     commit: Index,
+    /// The most compacted answer's base: entries up to it were chosen, but the answers hold
+    /// them only in checkpoints. The rebuild must stand on a checkpoint at or past it.
+    base: Index,
     /// Per index, the value accepted with the highest ballot among the answers.
     best: BTreeMap<Index, Slot>,
 }
@@ -482,6 +606,19 @@ pub struct Core {
     pull: Option<Pull>,
     /// Durable recovery: the rebuilt log is durable once `persisted` reaches this.
     rejoin_target: Option<Index>,
+    /// The promised ballot once its leader has written to us (an entry or the commit cell):
+    /// `established == promised` is the "normal" status in which we answer recoveries.
+    established: Ballot,
+    /// Booted with no memory (not restored, not rebuilt) and not yet established by a
+    /// leader: our votes carry this id (random, not 0), so that a peer that knew us
+    /// otherwise refuses them. 0 once established, restored or rebuilt.
+    blank: u64,
+    /// What we know of each peer's memory: 0 seen with one, or the id of the blank
+    /// incarnation seen. A blank vote that contradicts it is refused (`Nack::recover`).
+    known: BTreeMap<NodeId, u64>,
+    /// Write generations handed out to peer streams, unique within this incarnation, so that
+    /// no completion of an earlier stream or leadership is counted in a later one.
+    write_gen: u64,
 }
 
 impl Core {
@@ -525,22 +662,73 @@ impl Core {
             progress_dirty: false,
             pull: None,
             rejoin_target: None,
+            established: Ballot::ZERO,
+            blank: 0,
+            known: BTreeMap::new(),
+            write_gen: 0,
         };
+        if !recovering {
+            c.blank = c.random() | 1;
+        }
         c.stream = c.random() >> 16;
         c.incarnation = c.random() >> 40;
-        if recovering {
-            let nonce = c.random();
-            c.role = Role::Recovering(Recovery {
-                nonce,
-                asked_at: 0,
-                answers: BTreeMap::new(),
-                pending: None,
-                waiting_since: None,
-            });
-            c.push(Action::SetWriter(None));
-            c.broadcast(Msg::RecoverReq { nonce, from: 1 });
+        if recovering && c.cfg.bugs.amnesia_votes {
+            c.blank = 0; // forgets, and votes as if it remembered
+        } else if recovering {
+            c.start_recovery();
         }
         Ok(c)
+    }
+
+    /// Amnesia: answer no Prepare and grant no write permission until a majority of the
+    /// others has told us their state (`on_recover_resp`).
+    fn start_recovery(&mut self) {
+        let nonce = self.random();
+        self.role = Role::Recovering(Recovery {
+            nonce,
+            asked_at: 0,
+            answers: BTreeMap::new(),
+            pending: None,
+            waiting_since: None,
+        });
+        self.push(Action::SetWriter(None));
+        self.broadcast(Msg::RecoverReq { nonce, from: 1 });
+    }
+
+    /// Records what a message of `from` says of its memory; false if it is a blank vote
+    /// of a replica we knew otherwise (it lost its memory: its vote must not count).
+    fn admit_vote(&mut self, from: NodeId, blank: u64) -> bool {
+        match self.known.get(&from) {
+            Some(&k) if blank != 0 && k != blank && !self.cfg.bugs.accept_blank_votes => false,
+            _ => {
+                self.known.insert(from, blank);
+                true
+            }
+        }
+    }
+
+    /// A blank replica was refused by a peer that knew it with a memory: it lost it (a wiped
+    /// data dir started without `--rejoin`), so it rebuilds like a rejoining replica.
+    fn recover_from_blank(&mut self) {
+        contract!(
+            self.blank != 0,
+            "contract: only a blank replica turns to recovery"
+        );
+        tracing::warn!(
+            node = self.cfg.id,
+            "this replica has no memory but its peers knew it with one: rebuilding from the others"
+        );
+        self.role = Role::Follower;
+        self.pull = None;
+        self.fenced.clear();
+        // Whatever it accepted since it booted is dropped: the rebuild takes the others'.
+        self.log.truncate_from(self.applied + 1);
+        self.commit = self.applied;
+        self.received = self.applied;
+        if self.cfg.durability == Durability::Durable {
+            self.push(Action::BeginRejoin);
+        }
+        self.start_recovery();
     }
 
     /// A replica restarted in durable mode from its disk: the promise, the index of the
@@ -553,6 +741,9 @@ impl Core {
         entries: Vec<Arc<[u8]>>,
     ) -> Result<Core, ConfigError> {
         let mut c = Core::new(cfg, false)?;
+        if promised != Ballot::ZERO || base > 0 || !entries.is_empty() {
+            c.blank = 0; // it remembers
+        }
         c.promised = promised;
         c.max_seen = promised;
         c.log = Log::with_base(base);
@@ -752,19 +943,31 @@ impl Core {
             return;
         }
         match msg {
-            Msg::Prepare { ballot, from: idx } => self.on_prepare(from, ballot, idx),
+            Msg::Prepare {
+                ballot,
+                from: idx,
+                blank,
+            } => self.on_prepare(from, ballot, idx, blank),
             Msg::Promise(p) => self.on_promise(from, p),
             Msg::Nack {
                 promised,
                 leader_alive,
-            } => self.on_nack(promised, leader_alive),
-            Msg::Resync { ballot } => self.on_resync(from, ballot),
+                recover,
+            } => self.on_nack(promised, leader_alive, recover),
+            Msg::Resync { ballot, stream } => self.on_resync(from, ballot, stream),
             Msg::RecoverReq { nonce, from: at } => self.on_recover_req(from, nonce, at),
             Msg::RecoverResp(r) => self.on_recover_resp(from, r),
-            Msg::NeedCheckpoint { ballot } => {
-                // A checkpoint holds chosen state only: pulling one is safe whatever we
-                // promised, and a leader with a stale ballot still has it.
-                if ballot.node() == from && matches!(self.role, Role::Follower) {
+            Msg::NeedCheckpoint { ballot, stream } => {
+                // Only from our leader, about the stream we read: the install restarts our
+                // stream, and a late duplicate must not restart one the leader is writing
+                // (it would count writes that land on the abandoned stream).
+                let stale = self.cfg.bugs.restart_stale_stream;
+                if ballot == self.promised
+                    && ballot.node() == from
+                    && (stream == self.stream || stale)
+                    && matches!(self.role, Role::Follower)
+                {
+                    self.establish(); // only a leader that won sends it
                     self.start_pull(from);
                 }
             }
@@ -809,7 +1012,14 @@ impl Core {
         );
         self.accept(i, slot);
         self.received = i;
+        self.establish();
         self.learn_commit(h.commit.min(i));
+    }
+
+    /// Our promised leader wrote to us: it won its phase 1, and we are in its stream.
+    fn establish(&mut self) {
+        self.established = self.promised;
+        self.blank = 0;
     }
 
     /// The fence requested by `FenceAndDrain` is in force and the ring is drained.
@@ -823,6 +1033,9 @@ impl Core {
         // What the fence decided (a new writer, a new stream, the promise) must take effect
         // before anything queued earlier, in particular before another fence: otherwise a
         // later candidacy's revocation could be undone by this promise's grant.
+        if self.cfg.bugs.fence_decisions_late {
+            return;
+        }
         let decided: Vec<_> = self.actions.drain(queued..).collect();
         for a in decided.into_iter().rev() {
             self.actions.push_front(a);
@@ -876,25 +1089,17 @@ impl Core {
         let Some(p) = l.peers.get_mut(&peer) else {
             return;
         };
-        if cell.stream != p.stream && cell.consumed_slots == 0 && p.state != PeerState::Unpromised {
+        if cell.stream > p.stream && cell.consumed_slots == 0 && p.state != PeerState::Unpromised {
             // The follower restarted its stream and the promise saying so was lost: its cell
-            // says where the new stream starts.
+            // says where the new stream starts. (Streams only grow within an incarnation: a
+            // cell of an older stream, overtaken by the promise of a newer one, is stale.)
+            let at = (cell.stream, cell.received, cell.persisted);
             if p.outstanding > 0 {
                 p.state = PeerState::Resyncing { asked_at: None };
+                p.announced = Some(at);
             } else {
-                let pr = Promise {
-                    ballot: cell.ballot,
-                    from: msg::STREAM_ONLY,
-                    stream: cell.stream,
-                    received: cell.received,
-                    persisted: cell.persisted,
-                    commit: 0,
-                    base: 0,
-                    chunk: 0,
-                    chunks: 1,
-                    entries: vec![],
-                };
-                Self::restart_peer(p, &pr, durable, tick, self.cfg.ring);
+                self.write_gen += 1;
+                Self::restart_peer(p, at, durable, tick, self.cfg.ring, self.write_gen);
             }
             return;
         }
@@ -918,7 +1123,12 @@ impl Core {
     /// The commit cell in the local header changed.
     pub fn handle_commit_cell(&mut self, cell: CommitCell) {
         if cell.ballot == self.promised && !self.is_leader() {
-            self.learn_commit(cell.commit.min(self.received));
+            self.establish();
+            let cap = match self.cfg.bugs.follower_commit_uncapped {
+                false => self.received,
+                true => self.log.last(),
+            };
+            self.learn_commit(cell.commit.min(cap));
         }
     }
 
@@ -1015,14 +1225,13 @@ impl Core {
     /// Accepts `slot` at `i` into the log (and, durably, schedules it for disk).
     fn accept(&mut self, i: Index, slot: Slot) {
         if let Some(old) = self.log.get(i) {
-            assert!(
+            contract!(
                 slot.ballot >= old.ballot,
                 "contract: accepted ballot at {i} never goes down"
             );
             if i <= self.commit {
-                assert_eq!(
-                    old.payload(),
-                    slot.payload(),
+                contract!(
+                    old.payload() == slot.payload(),
                     "contract: a chosen value never changes"
                 );
             }
@@ -1053,7 +1262,7 @@ impl Core {
 
     fn learn_commit(&mut self, c: Index) {
         if c > self.commit {
-            assert!(c <= self.log.last(), "contract: commit within the log");
+            contract!(c <= self.log.last(), "contract: commit within the log");
             self.commit = c;
             self.progress_dirty = true;
             self.apply_committed();
@@ -1143,6 +1352,7 @@ impl Core {
         if self.is_leader() || self.is_recovering() || self.pull.is_some() {
             return;
         }
+        let blank = self.blank;
         let ballot = self.promised.max(self.max_seen).next_for(self.cfg.id);
         self.promised = ballot;
         self.max_seen = ballot;
@@ -1169,7 +1379,11 @@ impl Core {
             last_prepare: self.tick,
             promises,
         });
-        self.broadcast(Msg::Prepare { ballot, from });
+        self.broadcast(Msg::Prepare {
+            ballot,
+            from,
+            blank,
+        });
         self.try_win();
     }
 
@@ -1178,7 +1392,7 @@ impl Core {
             return;
         };
         c.last_prepare = self.tick;
-        let (ballot, from) = (c.ballot, c.from);
+        let (ballot, from, blank) = (c.ballot, c.from, self.blank);
         let missing: Vec<_> = self
             .cfg
             .members
@@ -1189,7 +1403,11 @@ impl Core {
         for to in missing {
             self.push(Action::Send {
                 to,
-                msg: Msg::Prepare { ballot, from },
+                msg: Msg::Prepare {
+                    ballot,
+                    from,
+                    blank,
+                },
             });
         }
     }
@@ -1216,18 +1434,19 @@ impl Core {
 
     // --- acceptor ---
 
-    fn on_prepare(&mut self, from: NodeId, ballot: Ballot, idx: Index) {
+    fn on_prepare(&mut self, from: NodeId, ballot: Ballot, idx: Index, blank: u64) {
         if self.is_recovering() {
             return; // amnesia: no answer until recovered
+        }
+        if !self.admit_vote(from, blank) {
+            // The candidate has no memory of its own votes: it must rebuild first.
+            self.send_nack(from, false, true);
+            return;
         }
         self.max_seen = self.max_seen.max(ballot);
         let below = ballot < self.promised && !self.cfg.bugs.ignore_promise;
         if below || ballot.node() != from {
-            let msg = Msg::Nack {
-                promised: self.promised,
-                leader_alive: false,
-            };
-            self.push(Action::Send { to: from, msg });
+            self.send_nack(from, false, false);
             return;
         }
         if ballot == self.promised {
@@ -1236,11 +1455,7 @@ impl Core {
             return;
         }
         if self.leader_alive() && self.leader_hint() != Some(from) {
-            let msg = Msg::Nack {
-                promised: self.promised,
-                leader_alive: true,
-            };
-            self.push(Action::Send { to: from, msg });
+            self.send_nack(from, true, false);
             return;
         }
         self.fenced.push_back(Fenced::Promise {
@@ -1260,7 +1475,7 @@ impl Core {
             self.step_down();
         }
         if !self.cfg.bugs.ignore_promise {
-            assert!(
+            contract!(
                 ballot > self.promised,
                 "contract: a promise is never broken"
             );
@@ -1272,6 +1487,9 @@ impl Core {
         }
         self.quiet = 0;
         self.hb_seen = 0;
+        // A pull begun before (as a candidate) would install and restart the stream we
+        // start now behind the new leader's back: that leader tells us if we need one.
+        self.pull = None;
         self.start_stream(to);
         self.send_promise(to, ballot, from);
     }
@@ -1286,6 +1504,15 @@ impl Core {
             expect: self.received + 1,
         });
         self.push(Action::SetWriter(Some(to)));
+    }
+
+    fn send_nack(&mut self, to: NodeId, leader_alive: bool, recover: bool) {
+        let msg = Msg::Nack {
+            promised: self.promised,
+            leader_alive,
+            recover,
+        };
+        self.push(Action::Send { to, msg });
     }
 
     fn send_promise(&mut self, to: NodeId, ballot: Ballot, from: Index) {
@@ -1303,6 +1530,7 @@ impl Core {
                 base: self.log.base(),
                 chunk: k as u32,
                 chunks: n,
+                blank: self.blank,
                 entries,
             };
             self.push(Action::Send {
@@ -1312,17 +1540,23 @@ impl Core {
         }
     }
 
-    fn on_resync(&mut self, from: NodeId, ballot: Ballot) {
+    fn on_resync(&mut self, from: NodeId, ballot: Ballot, stream: u64) {
         if ballot < self.promised {
-            let msg = Msg::Nack {
-                promised: self.promised,
-                leader_alive: false,
-            };
-            self.push(Action::Send { to: from, msg });
-        } else if ballot == self.promised && ballot.node() == from && !self.is_leader() {
-            // The driver drained the ring before handing us this message, so nothing the
-            // leader saw complete is lost by restarting the stream.
+            self.send_nack(from, false, false);
+        } else if ballot == self.promised
+            && ballot.node() == from
+            && (stream == self.stream || self.cfg.bugs.restart_stale_stream)
+            && !self.is_leader()
+        {
+            // The leader asks only once every write of `stream` has completed, and the
+            // driver drained the ring before handing us this message: nothing the leader
+            // counted is lost by restarting. A Resync naming an earlier stream is a late
+            // duplicate: restarting on it would abandon a stream the leader is writing.
             self.start_stream(from);
+            self.send_promise_header(from);
+        } else if ballot == self.promised && ballot.node() == from && self.consumed == 0 {
+            // The leader asks about a stream we left before it wrote anything of ours: the
+            // promise of our stream was lost. Tell it again (a duplicate is ignored there).
             self.send_promise_header(from);
         }
     }
@@ -1339,6 +1573,7 @@ impl Core {
             base: self.log.base(),
             chunk: 0,
             chunks: 1,
+            blank: self.blank,
             entries: vec![],
         };
         self.push(Action::Send {
@@ -1347,7 +1582,11 @@ impl Core {
         });
     }
 
-    fn on_nack(&mut self, promised: Ballot, leader_alive: bool) {
+    fn on_nack(&mut self, promised: Ballot, leader_alive: bool, recover: bool) {
+        if recover && self.blank != 0 && matches!(self.role, Role::Follower | Role::Candidate(_)) {
+            self.recover_from_blank();
+            return;
+        }
         self.max_seen = self.max_seen.max(promised);
         let mine = match &self.role {
             Role::Candidate(c) => c.ballot,
@@ -1365,11 +1604,18 @@ impl Core {
     // --- candidate and leader ---
 
     fn on_promise(&mut self, from: NodeId, p: Promise) {
+        if matches!(self.role, Role::Candidate(_) | Role::Leader(_))
+            && !self.admit_vote(from, p.blank)
+        {
+            // A voter that forgot its promises: it must rebuild first.
+            self.send_nack(from, false, true);
+            return;
+        }
         match &mut self.role {
             // Only an answer to our Prepare reports what the acceptor accepted; a stream-only
             // promise (a restarted replica rejoining) does not count towards phase 1.
             Role::Candidate(c) if p.ballot == c.ballot && p.from == c.from => {
-                if p.base >= c.from {
+                if p.base >= c.from && !self.cfg.bugs.phase1_ignores_base {
                     // The acceptor compacted entries we would have to adopt: they are chosen,
                     // but only its checkpoint holds them. Catch up first, stand later.
                     self.give_up_candidacy();
@@ -1393,26 +1639,39 @@ impl Core {
                     peer.state = PeerState::Resyncing { asked_at: None };
                     return;
                 }
-                Self::restart_peer(peer, &p, durable, tick, self.cfg.ring);
+                self.write_gen += 1;
+                let at = (p.stream, p.received, p.persisted);
+                Self::restart_peer(peer, at, durable, tick, self.cfg.ring, self.write_gen);
             }
             _ => {}
         }
     }
 
-    fn restart_peer(peer: &mut Peer, p: &Promise, durable: bool, tick: u64, ring: RingGeometry) {
+    /// The peer promised a new stream `(stream, received, persisted)`: write it from slot 0
+    /// from `received + 1`, under a new write generation `gen`.
+    fn restart_peer(
+        peer: &mut Peer,
+        (stream, received, persisted): (u64, Index, Index),
+        durable: bool,
+        tick: u64,
+        ring: RingGeometry,
+        gen: u64,
+    ) {
+        debug_assert!(gen > peer.gen, "contract: write generations only grow");
         peer.state = PeerState::Streaming;
-        peer.stream = p.stream;
-        peer.gen = peer.gen.wrapping_add(1);
-        peer.next = p.received + 1;
+        peer.stream = stream;
+        peer.gen = gen;
+        peer.next = received + 1;
         peer.cursor = RingCursor::new(ring);
         peer.consumed = 0;
         peer.acked = if durable {
-            p.persisted.min(p.received)
+            persisted.min(received)
         } else {
-            p.received
+            received
         };
         peer.last_contact = tick;
         peer.commit_sent = 0;
+        peer.announced = None;
     }
 
     fn try_win(&mut self) {
@@ -1442,7 +1701,11 @@ impl Core {
                 if i < from {
                     continue;
                 }
-                if best.get(&i).is_none_or(|b| slot.ballot > b.ballot) {
+                let higher = |b: &Slot| match self.cfg.bugs.adopt_lowest_ballot {
+                    false => slot.ballot > b.ballot,
+                    true => slot.ballot < b.ballot,
+                };
+                if best.get(&i).is_none_or(higher) {
                     best.insert(i, slot);
                 }
             }
@@ -1488,26 +1751,23 @@ impl Core {
                 commit_sent_at: 0,
                 prepare_sent_at: self.tick,
                 recovery_nonce: 0,
+                announced: None,
             };
             if let Some(p) = c.promises.get(&n).filter(|p| p.complete()) {
-                let (stream, received, persisted) =
-                    p.header.expect("complete promise has a header");
-                let pr = Promise {
-                    ballot,
-                    from,
-                    stream,
-                    received,
-                    persisted,
-                    commit: 0,
-                    base: 0,
-                    chunk: 0,
-                    chunks: 1,
-                    entries: vec![],
-                };
-                Self::restart_peer(&mut peer, &pr, durable, self.tick, self.cfg.ring);
+                let at = p.header.expect("complete promise has a header");
+                self.write_gen += 1;
+                Self::restart_peer(
+                    &mut peer,
+                    at,
+                    durable,
+                    self.tick,
+                    self.cfg.ring,
+                    self.write_gen,
+                );
             }
             peers.insert(n, peer);
         }
+        self.establish();
         self.role = Role::Leader(Leadership {
             ballot,
             peers,
@@ -1534,11 +1794,27 @@ impl Core {
         let Role::Leader(l) = &mut self.role else {
             return;
         };
+        let durable = self.cfg.durability == Durability::Durable;
         for (&n, p) in l.peers.iter_mut() {
+            if let (PeerState::Resyncing { .. }, 0, Some(at)) =
+                (&p.state, p.outstanding, p.announced)
+            {
+                // The follower restarted its stream and told us only through its cell.
+                self.write_gen += 1;
+                Self::restart_peer(p, at, durable, tick, self.cfg.ring, self.write_gen);
+                continue;
+            }
             match p.state {
                 PeerState::Unpromised if tick - p.prepare_sent_at >= every => {
                     p.prepare_sent_at = tick;
-                    sends.push((n, Msg::Prepare { ballot, from }));
+                    sends.push((
+                        n,
+                        Msg::Prepare {
+                            ballot,
+                            from,
+                            blank: 0,
+                        },
+                    ));
                 }
                 PeerState::Resyncing { asked_at }
                     if p.outstanding == 0 && asked_at.is_none_or(|t| tick - t >= every) =>
@@ -1546,7 +1822,8 @@ impl Core {
                     p.state = PeerState::Resyncing {
                         asked_at: Some(tick),
                     };
-                    sends.push((n, Msg::Resync { ballot }));
+                    let stream = p.stream;
+                    sends.push((n, Msg::Resync { ballot, stream }));
                 }
                 PeerState::NeedsCheckpoint { asked_at }
                     if asked_at.is_none_or(|t| tick - t >= every) =>
@@ -1554,7 +1831,8 @@ impl Core {
                     p.state = PeerState::NeedsCheckpoint {
                         asked_at: Some(tick),
                     };
-                    sends.push((n, Msg::NeedCheckpoint { ballot }));
+                    let stream = p.stream;
+                    sends.push((n, Msg::NeedCheckpoint { ballot, stream }));
                 }
                 _ => {}
             }
@@ -1728,7 +2006,9 @@ impl Core {
             Durability::Volatile => self.log.last(),
             Durability::Durable => self.persisted.min(self.log.last()),
         };
+        let twice = self.cfg.bugs.self_counted_twice.then_some(own);
         let mut acks: Vec<Index> = std::iter::once(own)
+            .chain(twice)
             .chain(l.peers.values().map(|p| p.acked))
             .collect();
         acks.sort_unstable_by(|a, b| b.cmp(a));
@@ -1737,7 +2017,10 @@ impl Core {
         } else {
             self.cfg.majority()
         };
-        let chosen = acks[q.max(1) - 1];
+        let mut chosen = acks[q.max(1) - 1];
+        if self.cfg.bugs.commit_off_by_one {
+            chosen = (chosen + 1).min(self.log.last());
+        }
         if chosen > self.commit {
             self.learn_commit(chosen);
         }
@@ -1758,21 +2041,44 @@ impl Core {
             return;
         }
         let tick = self.tick;
-        if let Role::Leader(l) = &mut self.role {
-            if let Some(p) = l.peers.get_mut(&to) {
-                if p.recovery_nonce != nonce {
-                    // It forgot what it acknowledged: count nothing of its earlier
-                    // incarnation from now on (completions in flight are of an old
-                    // generation). Our answer, sent after this, holds every entry that
-                    // was chosen with its help.
-                    p.recovery_nonce = nonce;
-                    p.state = PeerState::Unpromised;
-                    p.acked = 0;
-                    p.gen = p.gen.wrapping_add(1);
-                    p.outstanding = 0;
-                    p.prepare_sent_at = tick;
+        match &mut self.role {
+            Role::Leader(l) => {
+                if let Some(p) = l.peers.get_mut(&to) {
+                    if p.recovery_nonce != nonce {
+                        // It forgot what it acknowledged: count nothing of its earlier
+                        // incarnation from now on (completions in flight are of an old
+                        // generation). Our answer, sent after this, holds every entry
+                        // that was chosen with its help.
+                        self.write_gen += 1;
+                        p.recovery_nonce = nonce;
+                        p.state = PeerState::Unpromised;
+                        p.acked = 0;
+                        p.gen = self.write_gen;
+                        p.outstanding = 0;
+                        p.prepare_sent_at = tick;
+                    }
                 }
             }
+            // It forgot its promise to us: its vote must not count (it may vote otherwise
+            // once rebuilt).
+            Role::Candidate(c) => {
+                c.promises.remove(&to);
+            }
+            _ => {}
+        }
+        // Only a replica in normal status answers (Viewstamped Replication's rule): a
+        // leader, or a follower its promised leader has written to. The rebuild waits for
+        // the leader of the highest ballot among the answers; an unestablished promise (a
+        // candidate that may never win) must not hide the leader that still counts the
+        // forgotten incarnation's acknowledgements.
+        let normal = match self.role {
+            _ if self.cfg.bugs.recovery_answers_unestablished => true,
+            Role::Leader(_) => true,
+            Role::Follower => self.promised != Ballot::ZERO && self.established == self.promised,
+            _ => false,
+        };
+        if !normal {
+            return;
         }
         // One chunk per request: a large log is pulled at the requester's pace and never
         // floods the fabric.
@@ -1841,7 +2147,7 @@ impl Core {
         // before we forgot it, and their logs (or checkpoints) cover anything chosen with
         // our help.
         let others = self.cfg.members.len() - 1;
-        let need = (others / 2 + 1).min(others);
+        let need = (others / 2 + 1).min(others) - usize::from(self.cfg.bugs.recovery_short_quorum);
         let complete: Vec<_> = rec.answers.iter().filter(|(_, a)| a.done).collect();
         if complete.len() < need {
             return;
@@ -1858,6 +2164,7 @@ impl Core {
         if promised != Ballot::ZERO
             && leader != self.cfg.id
             && !complete.iter().any(|(&n, _)| n == leader)
+            && !self.cfg.bugs.recovery_no_leader_wait
         {
             rec.waiting_since.get_or_insert(self.tick);
             return;
@@ -1882,6 +2189,7 @@ impl Core {
         let out = Recovered {
             promised,
             commit,
+            base,
             best,
         };
         if base <= self.applied {
@@ -1903,7 +2211,12 @@ impl Core {
         let base = self.applied;
         let max = out.best.keys().next_back().copied().unwrap_or(0);
         let above = out.best.range(base + 1..).count() as Index;
-        if max <= base || above == max - base {
+        // Standing on a checkpoint older than the most compacted answer would take, for the
+        // indexes in between, values of answers that other answers hold only in their
+        // checkpoints: the highest ballot among what is left is not the chosen value (the
+        // rule of phase 1, where a candidate behind an acceptor's base pulls first).
+        let covered = base >= out.base || self.cfg.bugs.recovery_ignores_base;
+        if covered && (max <= base || above == max - base) {
             self.finish_recovery(out, base);
         } else if let Role::Recovering(r) = &mut self.role {
             r.answers.clear();
@@ -1923,8 +2236,9 @@ impl Core {
             log.put(i, slot);
         }
         self.log = log;
-        self.promised = r.promised;
-        self.max_seen = r.promised;
+        // A replica that turned to recovery from blank keeps what it promised meanwhile.
+        self.promised = r.promised.max(self.promised);
+        self.max_seen = self.max_seen.max(self.promised);
         self.commit = r.commit.min(self.log.last()).max(base);
         self.applied = self.applied.max(base);
         self.received = self.commit;
@@ -1963,7 +2277,7 @@ impl Core {
     /// A checkpoint covering `upto` is kept (durably, in durable mode): drop the log up to
     /// it. Precondition: `upto <= applied` (a checkpoint holds applied state only).
     pub fn compact(&mut self, upto: Index) {
-        assert!(
+        contract!(
             upto <= self.applied,
             "contract: compaction at {upto} beyond applied {}",
             self.applied
@@ -2125,11 +2439,11 @@ impl Core {
             return;
         }
         self.pull = None;
-        assert!(
+        contract!(
             index > self.applied,
             "contract: a checkpoint is installed only ahead of what is applied"
         );
-        assert!(
+        contract!(
             matches!(self.role, Role::Follower | Role::Recovering(_)),
             "contract: only a follower or a recovering replica pulls checkpoints"
         );

@@ -6,6 +6,7 @@ pub mod log;
 pub mod msg;
 
 pub use self::core::{
-    Action, Config, ConfigError, Core, Data, Durability, PlantedBugs, ProposeError,
+    contracts, set_contracts, Action, Config, ConfigError, Core, Data, Durability, PlantedBugs,
+    ProposeError,
 };
 pub use msg::{Msg, MAX_CKPT_CHUNK};

@@ -13,21 +13,29 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Msg {
-    /// Phase 1a: promise `ballot` and report what you accepted from `from` on.
+    /// Phase 1a: promise `ballot` and report what you accepted from `from` on. `blank`: the
+    /// candidate booted with no memory and has not recovered (see [`Promise::blank`]).
     Prepare {
         ballot: Ballot,
         from: Index,
+        blank: u64,
     },
     /// Phase 1b, also sent to start a new stream under an already promised ballot.
     Promise(Promise),
-    /// Refusal: the sender promised `promised`; `leader_alive` when it sees a live leader.
+    /// Refusal: the sender promised `promised`; `leader_alive` when it sees a live leader;
+    /// `recover` when the receiver's vote was refused because it has no memory (`blank`)
+    /// while the cluster has a history: it must rebuild its state before it votes.
     Nack {
         promised: Ballot,
         leader_alive: bool,
+        recover: bool,
     },
-    /// Leader to follower: restart your ring stream (after failed writes).
+    /// Leader to follower: restart your ring stream `stream` (after failed writes). A
+    /// follower on another stream ignores it: a late duplicate must not restart a stream
+    /// the leader is writing.
     Resync {
         ballot: Ballot,
+        stream: u64,
     },
     /// A replica rebuilding after amnesia asks for the responder's state and its log
     /// from index `from` on (one chunk per request: the requester paces the transfer).
@@ -36,10 +44,11 @@ pub enum Msg {
         from: Index,
     },
     RecoverResp(RecoverResp),
-    /// Leader to follower: the entries you need next are compacted into a checkpoint; pull
-    /// one from me.
+    /// Leader to follower: the entries stream `stream` needs next are compacted into a
+    /// checkpoint; pull one from me. Ignored on any other stream (as `Resync`).
     NeedCheckpoint {
         ballot: Ballot,
+        stream: u64,
     },
     /// Pull a chunk of the image of checkpoint `index` (0: your newest) from `offset`.
     CkptReq {
@@ -74,6 +83,11 @@ pub struct Promise {
     pub base: Index,
     pub chunk: u32,
     pub chunks: u32,
+    /// Not 0: the acceptor booted with no memory (a first start, or a lost data dir
+    /// started without `--rejoin`) and no leader has established it yet; the value names
+    /// this blank incarnation. A peer that knew the acceptor otherwise (with a memory, or
+    /// as another blank incarnation) refuses the vote: the acceptor forgot its promises.
+    pub blank: u64,
     /// Accepted entries (encoded), ascending by index.
     pub entries: Vec<Arc<[u8]>>,
 }
@@ -101,6 +115,7 @@ pub enum MsgError {
     BadEntry(LayoutError),
     TrailingBytes(usize),
     ChunkTooLarge(u64),
+    BadFlag(u8),
 }
 
 impl std::fmt::Display for MsgError {
@@ -112,6 +127,7 @@ impl std::fmt::Display for MsgError {
             Self::BadEntry(e) => write!(f, "bad entry in control message: {e}"),
             Self::TrailingBytes(n) => write!(f, "{n} trailing bytes after control message"),
             Self::ChunkTooLarge(n) => write!(f, "checkpoint chunk of {n} bytes over the limit"),
+            Self::BadFlag(b) => write!(f, "bad flag byte {b:#x} in control message"),
         }
     }
 }
@@ -200,10 +216,15 @@ impl Msg {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = W(Vec::with_capacity(64));
         match self {
-            Msg::Prepare { ballot, from } => {
+            Msg::Prepare {
+                ballot,
+                from,
+                blank,
+            } => {
                 w.u8(PREPARE);
                 w.u64(ballot.0);
                 w.u64(*from);
+                w.u64(*blank);
             }
             Msg::Promise(p) => {
                 w.u8(PROMISE);
@@ -220,19 +241,22 @@ impl Msg {
                 }
                 w.u32(p.chunk);
                 w.u32(p.chunks);
+                w.u64(p.blank);
                 w.entries(&p.entries);
             }
             Msg::Nack {
                 promised,
                 leader_alive,
+                recover,
             } => {
                 w.u8(NACK);
                 w.u64(promised.0);
-                w.u8(u8::from(*leader_alive));
+                w.u8(u8::from(*leader_alive) | u8::from(*recover) << 1);
             }
-            Msg::Resync { ballot } => {
+            Msg::Resync { ballot, stream } => {
                 w.u8(RESYNC);
                 w.u64(ballot.0);
+                w.u64(*stream);
             }
             Msg::RecoverReq { nonce, from } => {
                 w.u8(RECOVER_REQ);
@@ -249,9 +273,10 @@ impl Msg {
                 w.u64(r.last);
                 w.entries(&r.entries);
             }
-            Msg::NeedCheckpoint { ballot } => {
+            Msg::NeedCheckpoint { ballot, stream } => {
                 w.u8(NEED_CHECKPOINT);
                 w.u64(ballot.0);
+                w.u64(*stream);
             }
             Msg::CkptReq { index, offset } => {
                 w.u8(CKPT_REQ);
@@ -281,12 +306,14 @@ impl Msg {
             PREPARE => Msg::Prepare {
                 ballot: Ballot(r.u64()?),
                 from: r.u64()?,
+                blank: r.u64()?,
             },
             PROMISE => {
                 let (ballot, from) = (Ballot(r.u64()?), r.u64()?);
                 let (stream, received, persisted, commit, base) =
                     (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
                 let (chunk, chunks) = r.chunk()?;
+                let blank = r.u64()?;
                 let entries = r.entries()?;
                 Msg::Promise(Promise {
                     ballot,
@@ -298,15 +325,25 @@ impl Msg {
                     base,
                     chunk,
                     chunks,
+                    blank,
                     entries,
                 })
             }
-            NACK => Msg::Nack {
-                promised: Ballot(r.u64()?),
-                leader_alive: r.u8()? != 0,
-            },
+            NACK => {
+                let promised = Ballot(r.u64()?);
+                let bits = r.u8()?;
+                if bits > 3 {
+                    return Err(MsgError::BadFlag(bits));
+                }
+                Msg::Nack {
+                    promised,
+                    leader_alive: bits & 1 != 0,
+                    recover: bits & 2 != 0,
+                }
+            }
             RESYNC => Msg::Resync {
                 ballot: Ballot(r.u64()?),
+                stream: r.u64()?,
             },
             RECOVER_REQ => Msg::RecoverReq {
                 nonce: r.u64()?,
@@ -329,6 +366,7 @@ impl Msg {
             }
             NEED_CHECKPOINT => Msg::NeedCheckpoint {
                 ballot: Ballot(r.u64()?),
+                stream: r.u64()?,
             },
             CKPT_REQ => Msg::CkptReq {
                 index: r.u64()?,
@@ -396,15 +434,15 @@ mod tests {
         fn round_trip(b in any::<u64>(), x in any::<u64>(), n in 0usize..5, len in 0usize..100) {
             let es: Vec<_> = (1..=n as u64).map(|i| entry(i, len)).collect();
             let msgs = [
-                Msg::Prepare { ballot: Ballot(b), from: x },
+                Msg::Prepare { ballot: Ballot(b), from: x, blank: b / 3 },
                 Msg::Promise(Promise { ballot: Ballot(b), from: 4, stream: x, received: 3, persisted: 2,
-                    commit: 1, base: x / 3, chunk: 0, chunks: 1, entries: es.clone() }),
-                Msg::Nack { promised: Ballot(b), leader_alive: x % 2 == 0 },
-                Msg::Resync { ballot: Ballot(b) },
+                    commit: 1, base: x / 3, chunk: 0, chunks: 1, blank: x / 7, entries: es.clone() }),
+                Msg::Nack { promised: Ballot(b), leader_alive: x % 2 == 0, recover: x % 5 == 0 },
+                Msg::Resync { ballot: Ballot(b), stream: x },
                 Msg::RecoverReq { nonce: x, from: b },
                 Msg::RecoverResp(RecoverResp { nonce: x, promised: Ballot(b), commit: 4, base: 2,
                     from: 3, last: x, entries: es }),
-                Msg::NeedCheckpoint { ballot: Ballot(b) },
+                Msg::NeedCheckpoint { ballot: Ballot(b), stream: x },
                 Msg::CkptReq { index: x, offset: b },
                 Msg::CkptChunk { index: x, offset: b, total: x ^ b, data: vec![9; len] },
             ];
@@ -421,7 +459,7 @@ mod tests {
         #[test]
         fn mutations_never_panic(at in any::<prop::sample::Index>(), v in any::<u8>()) {
             let m = Msg::Promise(Promise { ballot: Ballot(9), from: 1, stream: 1, received: 3, persisted: 2,
-                commit: 1, base: 0, chunk: 0, chunks: 1, entries: vec![entry(1, 10), entry(2, 20)] });
+                commit: 1, base: 0, chunk: 0, chunks: 1, blank: 0, entries: vec![entry(1, 10), entry(2, 20)] });
             let mut b = m.encode();
             let i = at.index(b.len());
             b[i] = v;

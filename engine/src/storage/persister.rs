@@ -316,6 +316,10 @@ impl Storage for Persister {
         tx.send(Req::Entries(seq, entries)).map_err(|_| self.gone())
     }
 
+    fn begin_rejoin(&mut self) -> io::Result<()> {
+        Ok(Self::mark_rejoining(&self.dir)?)
+    }
+
     fn rejoined(&mut self) -> io::Result<()> {
         let path = self.dir.join(REJOIN_MARKER);
         match std::fs::remove_file(&path) {
