@@ -38,6 +38,15 @@ impl RingCursor {
             written: 0,
         }
     }
+    /// A cursor for a stream whose reader has consumed `consumed` slots already (a
+    /// follower that read entries before its promise of the stream reached us).
+    pub fn resume(geo: RingGeometry, consumed: u64) -> Self {
+        Self {
+            geo,
+            slot: (consumed % u64::from(geo.slots)) as u32,
+            written: consumed,
+        }
+    }
     pub fn written(&self) -> u64 {
         self.written
     }

@@ -52,6 +52,10 @@ struct Bounds {
     faults: u8,
     /// Control messages in flight.
     max_msgs: usize,
+    /// Volatile crashes (the replica restarts at once with amnesia and rebuilds).
+    crashes: u8,
+    /// Duplicated control messages.
+    dups: u8,
 }
 
 #[derive(Clone, Debug)]
@@ -133,6 +137,7 @@ struct Node {
     seen_progress: [Option<Vec<u8>>; N],
     /// What was applied, in order: (NOOP?, payload).
     applied: Vec<(bool, Vec<u8>)>,
+    incarnation: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -146,20 +151,48 @@ struct State {
     done: BTreeMap<(NodeId, NodeId), VecDeque<Done>>,
     proposed: u8,
     faults: u8,
+    crashes: u8,
+    dups: u8,
+    /// What earlier incarnations applied (agreement spans them).
+    past: Vec<Vec<(bool, Vec<u8>)>>,
     /// A contract assertion of the core (or a model invariant) failed.
     panic: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Act {
-    Deliver { from: NodeId, to: NodeId, msg: Msg },
-    Drop { from: NodeId, to: NodeId, msg: Msg },
-    Land { from: NodeId, to: NodeId },
-    Fail { from: NodeId, to: NodeId },
-    Complete { issuer: NodeId, peer: NodeId },
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        msg: Msg,
+    },
+    Drop {
+        from: NodeId,
+        to: NodeId,
+        msg: Msg,
+    },
+    Land {
+        from: NodeId,
+        to: NodeId,
+    },
+    Fail {
+        from: NodeId,
+        to: NodeId,
+    },
+    Complete {
+        issuer: NodeId,
+        peer: NodeId,
+    },
     Consume(NodeId),
     Tick(NodeId),
     Propose(NodeId),
+    /// A volatile crash: the replica restarts with amnesia and rebuilds from the others.
+    Crash(NodeId),
+    Duplicate {
+        from: NodeId,
+        to: NodeId,
+        msg: Msg,
+    },
 }
 
 thread_local! {
@@ -191,7 +224,33 @@ impl BallotModel {
                 commands: env("MODEL_CMDS", 2),
                 faults: env("MODEL_FAULTS", 0),
                 max_msgs: env("MODEL_MSGS", 10),
+                crashes: env("MODEL_CRASHES", 0),
+                dups: env("MODEL_DUPS", 0),
             },
+        }
+    }
+
+    fn fresh(&self, id: NodeId, incarnation: u8) -> Node {
+        let mut cfg = self.config(id);
+        cfg.seed += u64::from(incarnation) * 31;
+        Node {
+            core: Core::new(cfg, incarnation > 0).expect("valid config"),
+            ticks: 0,
+            writer: None,
+            ring: BTreeMap::new(),
+            reader: Reader {
+                slot: 0,
+                consumed: 0,
+                ballot: Ballot::ZERO,
+                expect: 1,
+            },
+            commit_mem: Vec::new(),
+            progress_mem: Default::default(),
+            hb_word: 0,
+            seen_commit: None,
+            seen_progress: Default::default(),
+            applied: Vec::new(),
+            incarnation,
         }
     }
 
@@ -429,6 +488,27 @@ impl BallotModel {
                 s.faults += 1;
                 return Some(usize::MAX);
             }
+            Act::Duplicate { from, to, msg } => {
+                let k = (from, to, msg.encode());
+                let at = s.msgs.binary_search(&k).ok()?;
+                s.msgs.insert(at, k);
+                s.dups += 1;
+                return Some(usize::MAX);
+            }
+            Act::Crash(n) => {
+                let i = n as usize;
+                s.crashes += 1;
+                let old = std::mem::replace(&mut s.nodes[i], self.fresh(n, 0));
+                s.past.push(old.applied);
+                s.nodes[i] = self.fresh(n, old.incarnation + 1);
+                // Nothing reaches it any more: messages to it, its own operations and their
+                // completions are gone; operations towards it fail when they land (its
+                // region is new, and grants no one).
+                s.msgs.retain(|m| m.1 != n);
+                s.ops.retain(|k, _| k.0 != n);
+                s.done.retain(|k, _| k.0 != n);
+                i
+            }
             Act::Land { from, to } | Act::Fail { from, to } => {
                 let q = s.ops.get_mut(&(from, to))?;
                 let op = q.pop_front()?;
@@ -551,26 +631,7 @@ impl Model for BallotModel {
     type Action = Act;
 
     fn init_states(&self) -> Vec<State> {
-        let nodes = (0..N as NodeId)
-            .map(|id| Node {
-                core: Core::new(self.config(id), false).expect("valid config"),
-                ticks: 0,
-                writer: None,
-                ring: BTreeMap::new(),
-                reader: Reader {
-                    slot: 0,
-                    consumed: 0,
-                    ballot: Ballot::ZERO,
-                    expect: 1,
-                },
-                commit_mem: Vec::new(),
-                progress_mem: Default::default(),
-                hb_word: 0,
-                seen_commit: None,
-                seen_progress: Default::default(),
-                applied: Vec::new(),
-            })
-            .collect();
+        let nodes = (0..N as NodeId).map(|id| self.fresh(id, 0)).collect();
         vec![State {
             nodes,
             msgs: Vec::new(),
@@ -578,6 +639,9 @@ impl Model for BallotModel {
             done: BTreeMap::new(),
             proposed: 0,
             faults: 0,
+            crashes: 0,
+            dups: 0,
+            past: Vec::new(),
             panic: None,
         }]
     }
@@ -598,6 +662,13 @@ impl Model for BallotModel {
                 to: m.1,
                 msg: msg.clone(),
             });
+            if s.dups < self.b.dups {
+                out.push(Act::Duplicate {
+                    from: m.0,
+                    to: m.1,
+                    msg: msg.clone(),
+                });
+            }
             if s.faults < self.b.faults {
                 out.push(Act::Drop {
                     from: m.0,
@@ -626,6 +697,10 @@ impl Model for BallotModel {
             }
             if s.proposed < self.b.commands && node.core.is_leader() {
                 out.push(Act::Propose(id));
+            }
+            // At most one replica without its memory at a time (f = 1).
+            if s.crashes < self.b.crashes && !s.nodes.iter().any(|n| n.core.is_recovering()) {
+                out.push(Act::Crash(id));
             }
         }
     }
@@ -659,7 +734,7 @@ impl Model for BallotModel {
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
+        let mut v = vec![
             Property::always("no contract panic", |_, s: &State| s.panic.is_none()),
             Property::always("agreement", |_, s: &State| agreement(s)),
             Property::always("commit held by a majority", |_, s: &State| {
@@ -676,16 +751,33 @@ impl Model for BallotModel {
                     .iter()
                     .any(|n| n.applied.iter().filter(|e| !e.0).count() == 2)
             }),
-        ]
+        ];
+        if self.b.crashes > 0 {
+            v.push(Property::sometimes(
+                "a restarted replica rebuilt and applied a command",
+                |_, s: &State| {
+                    s.nodes.iter().any(|n| {
+                        n.incarnation > 0
+                            && !n.core.is_recovering()
+                            && n.applied.iter().any(|e| !e.0)
+                    })
+                },
+            ));
+        }
+        if self.b.commands < 2 {
+            v.retain(|p| p.name != "two commands applied");
+        }
+        v
     }
 }
 
 /// No two replicas apply different entries at the same index.
 fn agreement(s: &State) -> bool {
-    for a in 0..N {
-        for b in a + 1..N {
-            let (x, y) = (&s.nodes[a].applied, &s.nodes[b].applied);
-            if x.iter().zip(y).any(|(p, q)| p != q) {
+    let all: Vec<&Vec<(bool, Vec<u8>)>> =
+        s.nodes.iter().map(|n| &n.applied).chain(&s.past).collect();
+    for a in 0..all.len() {
+        for b in a + 1..all.len() {
+            if all[a].iter().zip(all[b]).any(|(p, q)| p != q) {
                 return false;
             }
         }
@@ -702,7 +794,13 @@ fn commit_held_by_majority(s: &State) -> bool {
                 return false;
             };
             let mine = entry_of(&mine.bytes);
-            let holders = s.nodes.iter().filter(|m| holds(m, i, &mine)).count();
+            // A replica rebuilding after amnesia may still be counted through its last
+            // incarnation's acknowledgement: its rebuild waits for the leader's answer.
+            let holders = s
+                .nodes
+                .iter()
+                .filter(|m| m.core.is_recovering() || holds(m, i, &mine))
+                .count();
             if holders < majority {
                 return false;
             }
@@ -840,7 +938,22 @@ fn check(model: BallotModel, finish: HasDiscoveries) -> Outcome {
 
 #[test]
 fn real_core_is_safe() {
-    let model = BallotModel::new(PlantedBugs::default());
+    assert_safe(BallotModel::new(PlantedBugs::default()));
+}
+
+/// A volatile crash and restart with recovery, and duplicated control messages, at small
+/// bounds (one command, one crash, one duplicate).
+#[test]
+fn crash_restart_and_duplicates_are_safe() {
+    let mut model = BallotModel::new(PlantedBugs::default());
+    model.b.commands = env("MODEL_CMDS", 1);
+    model.b.crashes = env("MODEL_CRASHES", 1);
+    model.b.dups = env("MODEL_DUPS", 1);
+    model.b.ticks = env("MODEL_TICKS", 2);
+    assert_safe(model);
+}
+
+fn assert_safe(model: BallotModel) {
     let out = check(model.clone(), HasDiscoveries::AllFailures);
     let mut bad = Vec::new();
     for p in model.properties() {

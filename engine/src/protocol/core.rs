@@ -456,9 +456,9 @@ struct Peer {
     prepare_sent_at: u64,
     /// The last recovery of this peer we answered (its acknowledgements were reset then).
     recovery_nonce: u64,
-    /// A new stream its progress cell announced while our writes were still in flight:
-    /// `(stream, received, persisted)`, taken up once they have all completed.
-    announced: Option<(u64, Index, Index)>,
+    /// The generation our `Resync` / `NeedCheckpoint` names (0: not asked yet): only a
+    /// stream-only promise echoing it restarts the peer, so a stale one never does.
+    ask: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -472,7 +472,7 @@ struct Leadership {
 struct Chunks {
     chunks: u32,
     got: BTreeMap<u32, Vec<Arc<[u8]>>>,
-    header: Option<(u64, Index, Index)>,
+    header: Option<(u64, Index, Index, u64)>,
 }
 
 impl Chunks {
@@ -566,6 +566,7 @@ enum Fenced {
         to: NodeId,
         ballot: Ballot,
         from: Index,
+        gen: u64,
     },
     Candidacy,
 }
@@ -588,6 +589,8 @@ pub struct Core {
     persist_barrier: u64,
     persist_cap: Index,
     persist_from: Option<Index>,
+    /// The highest index of any persist request made (completed or not).
+    persist_submitted: Index,
     stream: u64,
     /// Random per start (from the seed): keeps ticket numbers of incarnations apart.
     incarnation: u64,
@@ -616,9 +619,15 @@ pub struct Core {
     /// What we know of each peer's memory: 0 seen with one, or the id of the blank
     /// incarnation seen. A blank vote that contradicts it is refused (`Nack::recover`).
     known: BTreeMap<NodeId, u64>,
+    /// `known` started empty although this replica has a history (restored from disk, or
+    /// rebuilt): a blank vote of a peer it has no record of may come from a lost memory, so
+    /// it is refused too (the peer rebuilds; a first start has no such replica).
+    known_incomplete: bool,
     /// Write generations handed out to peer streams, unique within this incarnation, so that
     /// no completion of an earlier stream or leadership is counted in a later one.
     write_gen: u64,
+    /// Follower: the last `Resync` / `NeedCheckpoint` generation of our leader we acted on.
+    answered: u64,
 }
 
 impl Core {
@@ -647,6 +656,7 @@ impl Core {
             persist_barrier: 0,
             persist_cap: Index::MAX,
             persist_from: None,
+            persist_submitted: 0,
             stream: 0,
             incarnation: 0,
             consumed: 0,
@@ -665,7 +675,9 @@ impl Core {
             established: Ballot::ZERO,
             blank: 0,
             known: BTreeMap::new(),
+            known_incomplete: false,
             write_gen: 0,
+            answered: 0,
         };
         if !recovering {
             c.blank = c.random() | 1;
@@ -698,13 +710,15 @@ impl Core {
     /// Records what a message of `from` says of its memory; false if it is a blank vote
     /// of a replica we knew otherwise (it lost its memory: its vote must not count).
     fn admit_vote(&mut self, from: NodeId, blank: u64) -> bool {
-        match self.known.get(&from) {
-            Some(&k) if blank != 0 && k != blank && !self.cfg.bugs.accept_blank_votes => false,
-            _ => {
-                self.known.insert(from, blank);
-                true
-            }
+        let refuse = match self.known.get(&from) {
+            Some(&k) => blank != 0 && k != blank,
+            None => blank != 0 && self.known_incomplete,
+        };
+        if refuse && !self.cfg.bugs.accept_blank_votes {
+            return false;
         }
+        self.known.insert(from, blank);
+        true
     }
 
     /// A blank replica was refused by a peer that knew it with a memory: it lost it (a wiped
@@ -741,9 +755,10 @@ impl Core {
         entries: Vec<Arc<[u8]>>,
     ) -> Result<Core, ConfigError> {
         let mut c = Core::new(cfg, false)?;
-        if promised != Ballot::ZERO || base > 0 || !entries.is_empty() {
-            c.blank = 0; // it remembers
-        }
+        // It remembers, even if that is nothing (a data dir that lost its contents is not
+        // restored: the node starts it blank with `Core::new`, or rebuilding with --rejoin).
+        c.blank = 0;
+        c.known_incomplete = true;
         c.promised = promised;
         c.max_seen = promised;
         c.log = Log::with_base(base);
@@ -806,6 +821,11 @@ impl Core {
     }
     pub fn is_leader(&self) -> bool {
         matches!(self.role, Role::Leader(_))
+    }
+    /// Booted with no memory and not yet established, restored or rebuilt: its votes carry
+    /// a blank id (`Promise::blank`).
+    pub fn is_blank(&self) -> bool {
+        self.blank != 0
     }
     pub fn is_recovering(&self) -> bool {
         matches!(self.role, Role::Recovering(_))
@@ -947,28 +967,32 @@ impl Core {
                 ballot,
                 from: idx,
                 blank,
-            } => self.on_prepare(from, ballot, idx, blank),
+                gen,
+            } => self.on_prepare(from, ballot, idx, blank, gen),
             Msg::Promise(p) => self.on_promise(from, p),
             Msg::Nack {
                 promised,
                 leader_alive,
                 recover,
             } => self.on_nack(promised, leader_alive, recover),
-            Msg::Resync { ballot, stream } => self.on_resync(from, ballot, stream),
+            Msg::Resync { ballot, gen } => self.on_resync(from, ballot, gen),
             Msg::RecoverReq { nonce, from: at } => self.on_recover_req(from, nonce, at),
             Msg::RecoverResp(r) => self.on_recover_resp(from, r),
-            Msg::NeedCheckpoint { ballot, stream } => {
-                // Only from our leader, about the stream we read: the install restarts our
+            Msg::NeedCheckpoint { ballot, gen } => {
+                // Only from our leader, and ordered like `Resync`: the install restarts our
                 // stream, and a late duplicate must not restart one the leader is writing
                 // (it would count writes that land on the abandoned stream).
-                let stale = self.cfg.bugs.restart_stale_stream;
                 if ballot == self.promised
                     && ballot.node() == from
-                    && (stream == self.stream || stale)
                     && matches!(self.role, Role::Follower)
                 {
                     self.establish(); // only a leader that won sends it
-                    self.start_pull(from);
+                    if gen > self.answered || self.cfg.bugs.restart_stale_stream {
+                        self.answered = gen;
+                        self.start_pull(from);
+                    } else if gen == self.answered && self.pull.is_none() {
+                        self.send_promise_header(from); // our answer was lost
+                    }
                 }
             }
             Msg::CkptReq { index, offset } => {
@@ -1026,7 +1050,12 @@ impl Core {
     pub fn handle_fenced(&mut self) {
         let queued = self.actions.len();
         match self.fenced.pop_front() {
-            Some(Fenced::Promise { to, ballot, from }) => self.promise(to, ballot, from),
+            Some(Fenced::Promise {
+                to,
+                ballot,
+                from,
+                gen,
+            }) => self.promise(to, ballot, from, gen),
             Some(Fenced::Candidacy) => self.start_candidacy(),
             None => {}
         }
@@ -1089,22 +1118,9 @@ impl Core {
         let Some(p) = l.peers.get_mut(&peer) else {
             return;
         };
-        if cell.stream > p.stream && cell.consumed_slots == 0 && p.state != PeerState::Unpromised {
-            // The follower restarted its stream and the promise saying so was lost: its cell
-            // says where the new stream starts. (Streams only grow within an incarnation: a
-            // cell of an older stream, overtaken by the promise of a newer one, is stale.)
-            let at = (cell.stream, cell.received, cell.persisted);
-            if p.outstanding > 0 {
-                p.state = PeerState::Resyncing { asked_at: None };
-                p.announced = Some(at);
-            } else {
-                self.write_gen += 1;
-                Self::restart_peer(p, at, durable, tick, self.cfg.ring, self.write_gen);
-            }
-            return;
-        }
         if cell.stream != p.stream && p.state == PeerState::Streaming {
-            // The follower reads a stream we are not writing: start over.
+            // The follower reads a stream we are not writing (it restarted, and the promise
+            // saying so was lost): start over, through a Resync it will answer.
             p.state = PeerState::Resyncing { asked_at: None };
             return;
         }
@@ -1238,8 +1254,12 @@ impl Core {
         }
         self.log.put(i, slot);
         if self.cfg.durability == Durability::Durable {
-            if i <= self.persisted || self.persist_from.is_some_and(|f| f > i) {
-                // Overwriting persisted data: completions of older requests stop at i - 1.
+            let requested = self.persisted.max(self.persist_submitted);
+            if i <= requested || self.persist_from.is_some_and(|f| f > i) {
+                // Overwriting data persisted or on its way to disk: completions of older
+                // requests stop at i - 1 (found by the simulator's commit check: a request
+                // in flight with the old value at i completed after the overwrite and raised
+                // `persisted` past i).
                 self.persisted = self.persisted.min(i - 1);
                 self.persist_cap = self.persist_cap.min(i - 1);
                 self.persist_barrier = self.persist_seq + 1;
@@ -1252,6 +1272,7 @@ impl Core {
         if let Some(from) = self.persist_from.take() {
             self.persist_seq += 1;
             let to = self.log.last();
+            self.persist_submitted = self.persist_submitted.max(to);
             self.push(Action::Persist {
                 from,
                 to,
@@ -1369,7 +1390,7 @@ impl Core {
             Chunks {
                 chunks: 1,
                 got: BTreeMap::from([(0, own)]),
-                header: Some((self.stream, self.commit, self.reported_persisted())),
+                header: Some((self.stream, self.commit, self.reported_persisted(), 0)),
             },
         );
         self.role = Role::Candidate(Candidacy {
@@ -1383,6 +1404,7 @@ impl Core {
             ballot,
             from,
             blank,
+            gen: 0,
         });
         self.try_win();
     }
@@ -1407,6 +1429,7 @@ impl Core {
                     ballot,
                     from,
                     blank,
+                    gen: 0,
                 },
             });
         }
@@ -1434,7 +1457,7 @@ impl Core {
 
     // --- acceptor ---
 
-    fn on_prepare(&mut self, from: NodeId, ballot: Ballot, idx: Index, blank: u64) {
+    fn on_prepare(&mut self, from: NodeId, ballot: Ballot, idx: Index, blank: u64, gen: u64) {
         if self.is_recovering() {
             return; // amnesia: no answer until recovered
         }
@@ -1450,7 +1473,15 @@ impl Core {
             return;
         }
         if ballot == self.promised {
-            // A repeated Prepare: answer again, on the same stream.
+            // A repeated Prepare. From our leader asking anew (it lost track of us and has
+            // nothing in flight it counts): a new stream. Otherwise (a late duplicate, or a
+            // candidate repeating itself): the same answer on the same stream, or none.
+            if gen > self.answered || self.cfg.bugs.restart_stale_stream {
+                self.answered = gen;
+                self.start_stream(from);
+            } else if gen < self.answered {
+                return;
+            }
             self.send_promise(from, ballot, idx);
             return;
         }
@@ -1462,11 +1493,12 @@ impl Core {
             to: from,
             ballot,
             from: idx,
+            gen,
         });
         self.push(Action::FenceAndDrain);
     }
 
-    fn promise(&mut self, to: NodeId, ballot: Ballot, from: Index) {
+    fn promise(&mut self, to: NodeId, ballot: Ballot, from: Index, gen: u64) {
         // Re-check: the drain or other events may have changed things since the request.
         if ballot <= self.promised && !self.cfg.bugs.ignore_promise {
             return;
@@ -1490,6 +1522,7 @@ impl Core {
         // A pull begun before (as a candidate) would install and restart the stream we
         // start now behind the new leader's back: that leader tells us if we need one.
         self.pull = None;
+        self.answered = gen; // a new leader's generations
         self.start_stream(to);
         self.send_promise(to, ballot, from);
     }
@@ -1525,12 +1558,14 @@ impl Core {
                 from,
                 stream: self.stream,
                 received: self.received,
+                consumed: self.consumed,
                 persisted: self.reported_persisted(),
                 commit: self.commit,
                 base: self.log.base(),
                 chunk: k as u32,
                 chunks: n,
                 blank: self.blank,
+                gen: self.answered,
                 entries,
             };
             self.push(Action::Send {
@@ -1540,23 +1575,25 @@ impl Core {
         }
     }
 
-    fn on_resync(&mut self, from: NodeId, ballot: Ballot, stream: u64) {
+    fn on_resync(&mut self, from: NodeId, ballot: Ballot, gen: u64) {
         if ballot < self.promised {
             self.send_nack(from, false, false);
-        } else if ballot == self.promised
-            && ballot.node() == from
-            && (stream == self.stream || self.cfg.bugs.restart_stale_stream)
-            && !self.is_leader()
-        {
-            // The leader asks only once every write of `stream` has completed, and the
+            return;
+        }
+        if ballot != self.promised || ballot.node() != from || self.is_leader() {
+            return;
+        }
+        if gen > self.answered || self.cfg.bugs.restart_stale_stream {
+            // The leader asks only once none of its writes to us is in flight, and the
             // driver drained the ring before handing us this message: nothing the leader
-            // counted is lost by restarting. A Resync naming an earlier stream is a late
-            // duplicate: restarting on it would abandon a stream the leader is writing.
+            // counted is lost by restarting. A Resync of a generation we answered already
+            // is a late duplicate: restarting on it would abandon a stream the leader may
+            // be writing now.
+            self.answered = gen;
             self.start_stream(from);
             self.send_promise_header(from);
-        } else if ballot == self.promised && ballot.node() == from && self.consumed == 0 {
-            // The leader asks about a stream we left before it wrote anything of ours: the
-            // promise of our stream was lost. Tell it again (a duplicate is ignored there).
+        } else if gen == self.answered {
+            // Our answer was lost; the leader has written nothing since it asked.
             self.send_promise_header(from);
         }
     }
@@ -1568,12 +1605,14 @@ impl Core {
             from: msg::STREAM_ONLY,
             stream: self.stream,
             received: self.received,
+            consumed: self.consumed,
             persisted: self.reported_persisted(),
             commit: self.commit,
             base: self.log.base(),
             chunk: 0,
             chunks: 1,
             blank: self.blank,
+            gen: self.answered,
             entries: vec![],
         };
         self.push(Action::Send {
@@ -1624,34 +1663,49 @@ impl Core {
                 }
                 let e = c.promises.entry(from).or_default();
                 e.add(p.chunk, p.chunks, p.entries);
-                e.header = Some((p.stream, p.received, p.persisted));
+                e.header = Some((p.stream, p.received, p.persisted, p.consumed));
                 self.try_win();
             }
             Role::Leader(l) if p.ballot == l.ballot => {
                 let durable = self.cfg.durability == Durability::Durable;
                 let tick = self.tick;
                 let peer = l.peers.get_mut(&from).expect("members have peer state");
-                if peer.state != PeerState::Unpromised && peer.stream == p.stream {
-                    return; // a duplicate
+                // A stream is taken up only from the answer we wait for: a phase-1 answer
+                // while the peer has not promised, or a stream-only promise echoing our
+                // request. Anything else is a duplicate or stale, or (a follower that
+                // restarted on its own) is asked again.
+                let asked = peer.ask != 0 && p.gen == peer.ask;
+                let expected = match (&peer.state, p.from == msg::STREAM_ONLY) {
+                    (PeerState::Unpromised, false) => asked,
+                    (PeerState::Resyncing { .. } | PeerState::NeedsCheckpoint { .. }, true) => {
+                        asked
+                    }
+                    _ => false,
+                };
+                if !expected {
+                    if peer.state == PeerState::Streaming && peer.stream != p.stream {
+                        peer.state = PeerState::Resyncing { asked_at: None };
+                    }
+                    return;
                 }
                 if peer.outstanding > 0 {
-                    // Old-stream writes are in flight; they must finish first.
+                    // Writes of the old stream are in flight; they must finish first.
                     peer.state = PeerState::Resyncing { asked_at: None };
                     return;
                 }
                 self.write_gen += 1;
-                let at = (p.stream, p.received, p.persisted);
+                let at = (p.stream, p.received, p.persisted, p.consumed);
                 Self::restart_peer(peer, at, durable, tick, self.cfg.ring, self.write_gen);
             }
             _ => {}
         }
     }
 
-    /// The peer promised a new stream `(stream, received, persisted)`: write it from slot 0
-    /// from `received + 1`, under a new write generation `gen`.
+    /// The peer promised a stream `(stream, received, persisted, consumed)`: write it from
+    /// `received + 1`, at the slot its reader reached, under a new write generation `gen`.
     fn restart_peer(
         peer: &mut Peer,
-        (stream, received, persisted): (u64, Index, Index),
+        (stream, received, persisted, consumed): (u64, Index, Index, u64),
         durable: bool,
         tick: u64,
         ring: RingGeometry,
@@ -1662,8 +1716,8 @@ impl Core {
         peer.stream = stream;
         peer.gen = gen;
         peer.next = received + 1;
-        peer.cursor = RingCursor::new(ring);
-        peer.consumed = 0;
+        peer.cursor = RingCursor::resume(ring, consumed);
+        peer.consumed = consumed;
         peer.acked = if durable {
             persisted.min(received)
         } else {
@@ -1671,7 +1725,7 @@ impl Core {
         };
         peer.last_contact = tick;
         peer.commit_sent = 0;
-        peer.announced = None;
+        peer.ask = 0;
     }
 
     fn try_win(&mut self) {
@@ -1751,7 +1805,7 @@ impl Core {
                 commit_sent_at: 0,
                 prepare_sent_at: self.tick,
                 recovery_nonce: 0,
-                announced: None,
+                ask: 0,
             };
             if let Some(p) = c.promises.get(&n).filter(|p| p.complete()) {
                 let at = p.header.expect("complete promise has a header");
@@ -1794,25 +1848,22 @@ impl Core {
         let Role::Leader(l) = &mut self.role else {
             return;
         };
-        let durable = self.cfg.durability == Durability::Durable;
         for (&n, p) in l.peers.iter_mut() {
-            if let (PeerState::Resyncing { .. }, 0, Some(at)) =
-                (&p.state, p.outstanding, p.announced)
-            {
-                // The follower restarted its stream and told us only through its cell.
-                self.write_gen += 1;
-                Self::restart_peer(p, at, durable, tick, self.cfg.ring, self.write_gen);
-                continue;
-            }
             match p.state {
                 PeerState::Unpromised if tick - p.prepare_sent_at >= every => {
                     p.prepare_sent_at = tick;
+                    if p.ask == 0 {
+                        self.write_gen += 1;
+                        p.ask = self.write_gen;
+                    }
+                    let gen = p.ask;
                     sends.push((
                         n,
                         Msg::Prepare {
                             ballot,
                             from,
                             blank: 0,
+                            gen,
                         },
                     ));
                 }
@@ -1822,8 +1873,11 @@ impl Core {
                     p.state = PeerState::Resyncing {
                         asked_at: Some(tick),
                     };
-                    let stream = p.stream;
-                    sends.push((n, Msg::Resync { ballot, stream }));
+                    if p.ask == 0 {
+                        self.write_gen += 1;
+                        p.ask = self.write_gen;
+                    }
+                    sends.push((n, Msg::Resync { ballot, gen: p.ask }));
                 }
                 PeerState::NeedsCheckpoint { asked_at }
                     if asked_at.is_none_or(|t| tick - t >= every) =>
@@ -1831,8 +1885,11 @@ impl Core {
                     p.state = PeerState::NeedsCheckpoint {
                         asked_at: Some(tick),
                     };
-                    let stream = p.stream;
-                    sends.push((n, Msg::NeedCheckpoint { ballot, stream }));
+                    if p.ask == 0 {
+                        self.write_gen += 1;
+                        p.ask = self.write_gen;
+                    }
+                    sends.push((n, Msg::NeedCheckpoint { ballot, gen: p.ask }));
                 }
                 _ => {}
             }
@@ -2052,6 +2109,7 @@ impl Core {
                         self.write_gen += 1;
                         p.recovery_nonce = nonce;
                         p.state = PeerState::Unpromised;
+                        p.ask = 0;
                         p.acked = 0;
                         p.gen = self.write_gen;
                         p.outstanding = 0;
@@ -2122,7 +2180,10 @@ impl Core {
             return; // a duplicate, or an answer to an earlier request
         }
         a.promised = a.promised.max(r.promised);
-        a.commit = a.commit.max(r.commit);
+        // Its commit vouches for the entries it sends, which stop at its log's end when it
+        // first answered: a commit learned later may cover values we never get from it
+        // (found by the simulator: a rebuild applied another answer's unchosen value).
+        a.commit = a.commit.max(r.commit.min(a.target));
         a.base = a.base.max(r.base);
         let last = r
             .entries
@@ -2243,6 +2304,9 @@ impl Core {
         self.applied = self.applied.max(base);
         self.received = self.commit;
         self.quiet = 0;
+        self.answered = 0;
+        self.blank = 0; // rebuilt: it remembers again
+        self.known_incomplete = true;
         if self.cfg.durability == Durability::Durable {
             // A replica that lost its disk: the rebuilt promise and log become durable
             // before it acknowledges anything (persisted starts at the checkpoint).

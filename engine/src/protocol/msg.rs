@@ -15,10 +15,13 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 pub enum Msg {
     /// Phase 1a: promise `ballot` and report what you accepted from `from` on. `blank`: the
     /// candidate booted with no memory and has not recovered (see [`Promise::blank`]).
+    /// `gen`: 0 from a candidate; from a leader asking again a peer it lost track of, a
+    /// generation ordered as in `Resync` (the answer starts a new stream and echoes it).
     Prepare {
         ballot: Ballot,
         from: Index,
         blank: u64,
+        gen: u64,
     },
     /// Phase 1b, also sent to start a new stream under an already promised ballot.
     Promise(Promise),
@@ -30,12 +33,14 @@ pub enum Msg {
         leader_alive: bool,
         recover: bool,
     },
-    /// Leader to follower: restart your ring stream `stream` (after failed writes). A
-    /// follower on another stream ignores it: a late duplicate must not restart a stream
-    /// the leader is writing.
+    /// Leader to follower: restart your ring stream (after failed writes), answering with a
+    /// stream-only promise that echoes `gen`. The leader sends it only once none of its
+    /// writes to you is in flight, with a `gen` above any it asked before: a follower
+    /// restarts only for a `gen` above the last it answered, so a late duplicate never
+    /// restarts a stream the leader is writing.
     Resync {
         ballot: Ballot,
-        stream: u64,
+        gen: u64,
     },
     /// A replica rebuilding after amnesia asks for the responder's state and its log
     /// from index `from` on (one chunk per request: the requester paces the transfer).
@@ -44,11 +49,11 @@ pub enum Msg {
         from: Index,
     },
     RecoverResp(RecoverResp),
-    /// Leader to follower: the entries stream `stream` needs next are compacted into a
-    /// checkpoint; pull one from me. Ignored on any other stream (as `Resync`).
+    /// Leader to follower: the entries you need next are compacted into a checkpoint; pull
+    /// one from me, then promise a new stream echoing `gen` (ordered as in `Resync`).
     NeedCheckpoint {
         ballot: Ballot,
-        stream: u64,
+        gen: u64,
     },
     /// Pull a chunk of the image of checkpoint `index` (0: your newest) from `offset`.
     CkptReq {
@@ -75,8 +80,11 @@ pub struct Promise {
     pub from: Index,
     /// The follower's new ring stream: the leader writes it from slot 0.
     pub stream: u64,
-    /// Write the stream from `received + 1`.
+    /// Write the stream from `received + 1`...
     pub received: Index,
+    /// ...at the slot after the `consumed` slots its reader has consumed (0 for a fresh
+    /// stream; more when the reader read before this promise, e.g. a repeated answer).
+    pub consumed: u64,
     pub persisted: Index,
     pub commit: Index,
     /// The acceptor's compacted prefix: entries up to here are in its checkpoint only.
@@ -88,6 +96,9 @@ pub struct Promise {
     /// this blank incarnation. A peer that knew the acceptor otherwise (with a memory, or
     /// as another blank incarnation) refuses the vote: the acceptor forgot its promises.
     pub blank: u64,
+    /// The `gen` of the `Prepare`, `Resync` or `NeedCheckpoint` this answers; 0 when the
+    /// follower restarted on its own (a new incarnation) or answers a candidate.
+    pub gen: u64,
     /// Accepted entries (encoded), ascending by index.
     pub entries: Vec<Arc<[u8]>>,
 }
@@ -220,11 +231,13 @@ impl Msg {
                 ballot,
                 from,
                 blank,
+                gen,
             } => {
                 w.u8(PREPARE);
                 w.u64(ballot.0);
                 w.u64(*from);
                 w.u64(*blank);
+                w.u64(*gen);
             }
             Msg::Promise(p) => {
                 w.u8(PROMISE);
@@ -233,6 +246,7 @@ impl Msg {
                     p.from,
                     p.stream,
                     p.received,
+                    p.consumed,
                     p.persisted,
                     p.commit,
                     p.base,
@@ -242,6 +256,7 @@ impl Msg {
                 w.u32(p.chunk);
                 w.u32(p.chunks);
                 w.u64(p.blank);
+                w.u64(p.gen);
                 w.entries(&p.entries);
             }
             Msg::Nack {
@@ -253,10 +268,10 @@ impl Msg {
                 w.u64(promised.0);
                 w.u8(u8::from(*leader_alive) | u8::from(*recover) << 1);
             }
-            Msg::Resync { ballot, stream } => {
+            Msg::Resync { ballot, gen } => {
                 w.u8(RESYNC);
                 w.u64(ballot.0);
-                w.u64(*stream);
+                w.u64(*gen);
             }
             Msg::RecoverReq { nonce, from } => {
                 w.u8(RECOVER_REQ);
@@ -273,10 +288,10 @@ impl Msg {
                 w.u64(r.last);
                 w.entries(&r.entries);
             }
-            Msg::NeedCheckpoint { ballot, stream } => {
+            Msg::NeedCheckpoint { ballot, gen } => {
                 w.u8(NEED_CHECKPOINT);
                 w.u64(ballot.0);
-                w.u64(*stream);
+                w.u64(*gen);
             }
             Msg::CkptReq { index, offset } => {
                 w.u8(CKPT_REQ);
@@ -307,25 +322,28 @@ impl Msg {
                 ballot: Ballot(r.u64()?),
                 from: r.u64()?,
                 blank: r.u64()?,
+                gen: r.u64()?,
             },
             PROMISE => {
                 let (ballot, from) = (Ballot(r.u64()?), r.u64()?);
-                let (stream, received, persisted, commit, base) =
-                    (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let (stream, received, consumed, persisted, commit, base) =
+                    (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
                 let (chunk, chunks) = r.chunk()?;
-                let blank = r.u64()?;
+                let (blank, gen) = (r.u64()?, r.u64()?);
                 let entries = r.entries()?;
                 Msg::Promise(Promise {
                     ballot,
                     from,
                     stream,
                     received,
+                    consumed,
                     persisted,
                     commit,
                     base,
                     chunk,
                     chunks,
                     blank,
+                    gen,
                     entries,
                 })
             }
@@ -343,7 +361,7 @@ impl Msg {
             }
             RESYNC => Msg::Resync {
                 ballot: Ballot(r.u64()?),
-                stream: r.u64()?,
+                gen: r.u64()?,
             },
             RECOVER_REQ => Msg::RecoverReq {
                 nonce: r.u64()?,
@@ -366,7 +384,7 @@ impl Msg {
             }
             NEED_CHECKPOINT => Msg::NeedCheckpoint {
                 ballot: Ballot(r.u64()?),
-                stream: r.u64()?,
+                gen: r.u64()?,
             },
             CKPT_REQ => Msg::CkptReq {
                 index: r.u64()?,
@@ -434,15 +452,15 @@ mod tests {
         fn round_trip(b in any::<u64>(), x in any::<u64>(), n in 0usize..5, len in 0usize..100) {
             let es: Vec<_> = (1..=n as u64).map(|i| entry(i, len)).collect();
             let msgs = [
-                Msg::Prepare { ballot: Ballot(b), from: x, blank: b / 3 },
-                Msg::Promise(Promise { ballot: Ballot(b), from: 4, stream: x, received: 3, persisted: 2,
-                    commit: 1, base: x / 3, chunk: 0, chunks: 1, blank: x / 7, entries: es.clone() }),
+                Msg::Prepare { ballot: Ballot(b), from: x, blank: b / 3, gen: x / 5 },
+                Msg::Promise(Promise { ballot: Ballot(b), from: 4, stream: x, received: 3, consumed: x / 13, persisted: 2,
+                    commit: 1, base: x / 3, chunk: 0, chunks: 1, blank: x / 7, gen: x / 11, entries: es.clone() }),
                 Msg::Nack { promised: Ballot(b), leader_alive: x % 2 == 0, recover: x % 5 == 0 },
-                Msg::Resync { ballot: Ballot(b), stream: x },
+                Msg::Resync { ballot: Ballot(b), gen: x },
                 Msg::RecoverReq { nonce: x, from: b },
                 Msg::RecoverResp(RecoverResp { nonce: x, promised: Ballot(b), commit: 4, base: 2,
                     from: 3, last: x, entries: es }),
-                Msg::NeedCheckpoint { ballot: Ballot(b), stream: x },
+                Msg::NeedCheckpoint { ballot: Ballot(b), gen: x },
                 Msg::CkptReq { index: x, offset: b },
                 Msg::CkptChunk { index: x, offset: b, total: x ^ b, data: vec![9; len] },
             ];
@@ -458,8 +476,8 @@ mod tests {
 
         #[test]
         fn mutations_never_panic(at in any::<prop::sample::Index>(), v in any::<u8>()) {
-            let m = Msg::Promise(Promise { ballot: Ballot(9), from: 1, stream: 1, received: 3, persisted: 2,
-                commit: 1, base: 0, chunk: 0, chunks: 1, blank: 0, entries: vec![entry(1, 10), entry(2, 20)] });
+            let m = Msg::Promise(Promise { ballot: Ballot(9), from: 1, stream: 1, received: 3, consumed: 0, persisted: 2,
+                commit: 1, base: 0, chunk: 0, chunks: 1, blank: 0, gen: 3, entries: vec![entry(1, 10), entry(2, 20)] });
             let mut b = m.encode();
             let i = at.index(b.len());
             b[i] = v;

@@ -42,10 +42,6 @@ pub struct Options {
     /// The core's contract assertions (off in planted-bug runs, so that the simulator's
     /// own checks are what is measured).
     pub contracts: bool,
-    /// Check, whenever a leader's commit moves, that a majority of current incarnations
-    /// holds every newly committed index. Off by default: it still reports runs that no
-    /// other check fails (under investigation, see docs/status.md).
-    pub commit_majority: bool,
 }
 
 impl Options {
@@ -59,7 +55,6 @@ impl Options {
             clients: 3,
             bugs: PlantedBugs::default(),
             contracts: true,
-            commit_majority: false,
         }
     }
 
@@ -82,9 +77,7 @@ impl Options {
         if !self.contracts {
             s += " --no-contracts";
         }
-        if self.commit_majority {
-            s += " --check-commit-majority";
-        }
+
         s
     }
 }
@@ -98,6 +91,8 @@ pub struct Report {
     pub installs: u64,
     /// Durable mode: crashes that also lost the replica's data dir.
     pub disk_losses: u64,
+    /// Of those, restarts without `--rejoin` (the replica boots blank).
+    pub blank_boots: u64,
     pub acked: usize,
     pub crashes: usize,
     pub elections: usize,
@@ -129,6 +124,8 @@ struct Disk {
     /// The replica lost this disk and is rebuilding it from the others: until that is
     /// durable, a restart must rebuild again rather than trust what is here.
     rejoining: bool,
+    /// Wiped, and not rebuilt since (whether or not the replica knows: `--rejoin` forgotten).
+    lost: bool,
 }
 
 impl Disk {
@@ -269,7 +266,9 @@ impl Storage for SimDisk {
         Ok(())
     }
     fn rejoined(&mut self) -> std::io::Result<()> {
-        self.disk.lock().unwrap().rejoining = false;
+        let mut d = self.disk.lock().unwrap();
+        d.rejoining = false;
+        d.lost = false;
         Ok(())
     }
     fn begin_rejoin(&mut self) -> std::io::Result<()> {
@@ -366,10 +365,8 @@ fn faulty_network() -> Faults {
         write_fail: 2,
         write_slow: 20,
         slow_extra: 300,
-        // Late replays of control messages, up to 300 ticks (past a rebuild): off, because
-        // they expose an open hole (a stale stream-only promise restarts a peer on an
-        // abandoned stream; docs/status.md). `ballot-sim --late-replays` turns them on.
-        msg_late: 0,
+        // Late replays of control messages, up to 300 ticks (past a rebuild).
+        msg_late: 8,
         late_extra: 300 * UNITS_PER_TICK,
         completion_lost: 2,
         midstep: 150,
@@ -430,6 +427,11 @@ impl Sim {
                 // `ballot-node --rejoin`); whatever a partial rebuild left is overwritten.
                 Core::new(cfg, true)
             }
+            (true, Durability::Durable) if disk.lock().unwrap().lost => {
+                // Lost, and `--rejoin` forgotten: it boots as new (blank), as a node does
+                // on an empty data dir.
+                Core::new(cfg, false)
+            }
             (true, Durability::Durable) => {
                 // As the node does: the newest checkpoint, then the log after it.
                 let base = ckpts.latest().map_or(0, |c| c.index);
@@ -454,6 +456,11 @@ impl Sim {
             }
         }
         .expect("valid config");
+        if core.is_recovering() || core.is_blank() {
+            // Amnesia (volatile, or a lost data dir): the promise check starts over; the
+            // rebuild must adopt a promise that covers the lost ones.
+            self.nodes[id as usize].seen_promise = Ballot::ZERO;
+        }
         let storage: Option<Box<dyn Storage>> = match self.o.durability {
             Durability::Durable => Some(Box::new(SimDisk {
                 disk,
@@ -494,9 +501,6 @@ impl Sim {
         n.disk.lock().unwrap().crash();
         n.down_until = until;
         n.seen_commit = 0;
-        if self.o.durability == Durability::Volatile {
-            n.seen_promise = Ballot::ZERO; // amnesia
-        }
         self.net.crash(id);
         self.report.crashes += 1;
         for c in &mut self.clients {
@@ -538,15 +542,19 @@ impl Sim {
             if std::env::var_os("SIM_TRACE").is_some() {
                 eprintln!("disk of {id} lost at {tick}");
             }
+            // Half the time the operator forgets `--rejoin`: the replica boots blank, and
+            // its peers must make it rebuild before its votes count.
+            let forgot = self.rng.chance(500_000);
+            self.report.blank_boots += u64::from(forgot);
             let mut d = self.nodes[id as usize].disk.lock().unwrap();
             *d = Disk {
                 rng: d.rng,
-                rejoining: true,
+                rejoining: !forgot,
+                lost: true,
                 ..Disk::default()
             };
             drop(d);
             *self.nodes[id as usize].ckpts.0.lock().unwrap() = MemCheckpoints::default();
-            self.nodes[id as usize].seen_promise = Ballot::ZERO;
             self.report.disk_losses += 1;
         }
         if self.o.durability == Durability::Durable && self.rng.chance(600) {
@@ -770,7 +778,7 @@ impl Sim {
         }
         self.nodes[id].seen_promise = promised;
         let before = std::mem::replace(&mut self.nodes[id].seen_commit, commit);
-        if !leader || commit <= before || recovering || !self.o.commit_majority {
+        if !leader || commit <= before || recovering {
             return;
         }
         let from = (before + 1).max(base + 1).max(commit.saturating_sub(64));
@@ -782,9 +790,14 @@ impl Sim {
             let holders = (0..self.o.replicas)
                 .filter(|&j| self.holds(j, i, &value))
                 .count();
-            if holders < self.o.replicas / 2 + 1 {
+            // A replica that lost its memory and has not rebuilt yet may still be counted
+            // through an acknowledgement of its last incarnation: its rebuild must wait for
+            // this leader's answer, which then holds the entry. Once rebuilt it counts only
+            // for what it holds.
+            let rebuilding = (0..self.o.replicas).filter(|&j| self.rebuilding(j)).count();
+            if holders + rebuilding < self.o.replicas / 2 + 1 {
                 self.violation(format!(
-                    "commit: leader {id} committed index {i} at tick {tick}, held by {holders} of {} current incarnations",
+                    "commit: leader {id} committed index {i} at tick {tick}, held by {holders} of {} current incarnations ({rebuilding} rebuilding)",
                     self.o.replicas
                 ));
                 return;
@@ -800,19 +813,38 @@ impl Sim {
         }
     }
 
+    /// Whether `j` lost its memory (volatile: down or recovering; durable: its data dir)
+    /// and has not rebuilt it yet.
+    fn rebuilding(&self, j: usize) -> bool {
+        match self.o.durability {
+            Durability::Durable => {
+                let d = self.nodes[j].disk.lock().unwrap();
+                // Wiped and not rebuilt: rejoining, or down or blank since the wipe.
+                d.rejoining
+                    || d.lost
+                        && self.nodes[j]
+                            .replica
+                            .as_ref()
+                            .is_none_or(|r| r.core().is_blank())
+            }
+            Durability::Volatile => self.nodes[j]
+                .replica
+                .as_ref()
+                .is_none_or(|r| r.core().is_recovering()),
+        }
+    }
+
     /// Whether the current incarnation of `j` holds `value` at index `i`: durably on its
     /// disk (durable mode), or in its log, under its checkpoint, or landed in its ring
     /// where its reader will read next (volatile mode).
     fn holds(&self, j: usize, i: Index, value: &[u8]) -> bool {
-        let Some(r) = self.nodes[j].replica.as_ref() else {
-            return false;
-        };
-        if r.core().is_recovering() {
-            return false;
-        }
         let payload = |e: &[u8]| crate::layout::decode_entry(e).map(|(_, p)| p.to_vec()).ok();
         if self.o.durability == Durability::Durable {
+            // The disk outlives the replica's crashes, unless it is being rebuilt.
             let d = self.nodes[j].disk.lock().unwrap();
+            if d.rejoining {
+                return false;
+            }
             if i <= d.base {
                 return true;
             }
@@ -820,6 +852,12 @@ impl Sim {
                 .entries
                 .get((i - d.base - 1) as usize)
                 .is_some_and(|e| payload(e).as_deref() == Some(value));
+        }
+        let Some(r) = self.nodes[j].replica.as_ref() else {
+            return false;
+        };
+        if r.core().is_recovering() {
+            return false;
         }
         let log = r.core().log();
         if i <= log.base() || log.get(i).is_some_and(|s| s.payload() == value) {

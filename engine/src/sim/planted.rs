@@ -36,13 +36,15 @@ fn from_checks(v: &str) -> bool {
     !v.starts_with("contract:")
 }
 
-/// Runs seeds `1..=seeds` of `bug` in one configuration.
+/// Runs seeds `1..=seeds` of `bug` in one configuration (`first_only`: stop at the first
+/// seed that catches it).
 pub fn measure(
     bug: &'static str,
     replicas: usize,
     durability: Durability,
     seeds: u64,
     ticks: u64,
+    first_only: bool,
 ) -> Row {
     let bugs = PlantedBugs::named(bug).expect("a planted bug");
     let mut row = Row {
@@ -56,6 +58,10 @@ pub fn measure(
         example: String::new(),
     };
     for seed in 1..=seeds {
+        if first_only && row.first.is_some() {
+            row.seeds = seed - 1;
+            break;
+        }
         let r = run(Options {
             durability,
             bugs,
@@ -80,7 +86,12 @@ pub fn measure(
 
 /// Measures every planted bug in every configuration (two threads), printing a line per
 /// row through `print` as rows complete, in order.
-pub fn report(seeds: u64, ticks: u64, mut print: impl FnMut(String) + Send) -> Vec<Row> {
+pub fn report(
+    seeds: u64,
+    ticks: u64,
+    first_only: bool,
+    mut print: impl FnMut(String) + Send,
+) -> Vec<Row> {
     let jobs: Vec<(&'static str, usize, Durability)> = PlantedBugs::ALL
         .iter()
         .flat_map(|(bug, _)| CONFIGS.iter().map(move |&(n, d)| (*bug, n, d)))
@@ -103,7 +114,7 @@ pub fn report(seeds: u64, ticks: u64, mut print: impl FnMut(String) + Send) -> V
                 let Some(&(bug, n, d)) = jobs.get(k) else {
                     return;
                 };
-                let row = measure(bug, n, d, seeds, ticks);
+                let row = measure(bug, n, d, seeds, ticks, first_only);
                 let mut rows = rows.lock().unwrap();
                 rows[k] = Some(row);
                 // Print every finished row in order.
