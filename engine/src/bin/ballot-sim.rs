@@ -53,6 +53,10 @@ struct Args {
     /// With --planted-report: stop each row at its first failing seed (no share).
     #[arg(long, requires = "planted_report")]
     first_only: bool,
+    /// With --planted-report: fail only if one of these bugs (comma-separated) is missed
+    /// in some configuration; without it, any miss fails.
+    #[arg(long, requires = "planted_report", value_delimiter = ',', value_parser = parse_bug_name)]
+    must_catch: Vec<String>,
     /// One line per seed.
     #[arg(long)]
     verbose: bool,
@@ -64,6 +68,10 @@ fn parse_durability(s: &str) -> Result<Durability, String> {
         "durable" => Ok(Durability::Durable),
         _ => Err("volatile or durable".into()),
     }
+}
+
+fn parse_bug_name(s: &str) -> Result<String, String> {
+    parse_bug(s).map(|_| s.to_string())
 }
 
 fn parse_bug(s: &str) -> Result<PlantedBugs, String> {
@@ -85,7 +93,18 @@ fn main() -> ExitCode {
             rows.len(),
             rows.len() - missed
         );
-        return if missed > 0 {
+        let gate: Vec<_> = rows
+            .iter()
+            .filter(|r| r.first.is_none())
+            .filter(|r| a.must_catch.is_empty() || a.must_catch.iter().any(|b| b == r.bug))
+            .collect();
+        for r in &gate {
+            println!(
+                "MISSED {} with {} replicas, {:?}",
+                r.bug, r.replicas, r.durability
+            );
+        }
+        return if !gate.is_empty() {
             ExitCode::FAILURE
         } else {
             ExitCode::SUCCESS

@@ -1674,11 +1674,11 @@ impl Core {
                 // while the peer has not promised, or a stream-only promise echoing our
                 // request. Anything else is a duplicate or stale, or (a follower that
                 // restarted on its own) is asked again.
-                let asked = peer.ask != 0 && p.gen == peer.ask;
                 let expected = match (&peer.state, p.from == msg::STREAM_ONLY) {
-                    (PeerState::Unpromised, false) => asked,
+                    // `ask` 0: a late answer to the candidacy's own Prepare.
+                    (PeerState::Unpromised, false) => p.gen == peer.ask,
                     (PeerState::Resyncing { .. } | PeerState::NeedsCheckpoint { .. }, true) => {
-                        asked
+                        peer.ask != 0 && p.gen == peer.ask
                     }
                     _ => false,
                 };
@@ -2109,7 +2109,9 @@ impl Core {
                         self.write_gen += 1;
                         p.recovery_nonce = nonce;
                         p.state = PeerState::Unpromised;
-                        p.ask = 0;
+                        // Only an answer to a Prepare sent from now on is taken up.
+                        self.write_gen += 1;
+                        p.ask = self.write_gen;
                         p.acked = 0;
                         p.gen = self.write_gen;
                         p.outstanding = 0;

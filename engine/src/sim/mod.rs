@@ -141,6 +141,11 @@ impl Disk {
         self.base + self.entries.len() as Index
     }
 
+    /// Nothing on it (a wiped data dir that nothing was written to since).
+    fn is_empty(&self) -> bool {
+        self.promised == Ballot::ZERO && self.base == 0 && self.entries.is_empty()
+    }
+
     fn write(&mut self, entries: &[Arc<[u8]>]) {
         let Some(first) = entries.first() else { return };
         let (h, _) = crate::layout::decode_entry(first).expect("valid entry");
@@ -427,7 +432,7 @@ impl Sim {
                 // `ballot-node --rejoin`); whatever a partial rebuild left is overwritten.
                 Core::new(cfg, true)
             }
-            (true, Durability::Durable) if disk.lock().unwrap().lost => {
+            (true, Durability::Durable) if disk.lock().map(|d| d.lost && d.is_empty()).unwrap() => {
                 // Lost, and `--rejoin` forgotten: it boots as new (blank), as a node does
                 // on an empty data dir.
                 Core::new(cfg, false)
@@ -512,11 +517,15 @@ impl Sim {
         }
     }
 
-    /// Replicas down or still rebuilding their state after a restart.
+    /// Replicas down, blank (booted without their memory) or still rebuilding it.
     fn down(&self) -> usize {
         self.nodes
             .iter()
-            .filter(|n| n.replica.as_ref().is_none_or(|r| r.core().is_recovering()))
+            .filter(|n| {
+                n.replica
+                    .as_ref()
+                    .is_none_or(|r| r.core().is_recovering() || r.core().is_blank())
+            })
             .count()
     }
 
