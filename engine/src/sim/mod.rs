@@ -424,12 +424,20 @@ impl Sim {
             (false, _) => Core::new(cfg, false),
             (true, Durability::Volatile) => {
                 // Amnesia: nothing of the last incarnation is left, checkpoints included.
-                *ckpts.0.lock().unwrap() = MemCheckpoints::default();
                 Core::new(cfg, true)
             }
             (true, Durability::Durable) if disk.lock().unwrap().rejoining => {
                 // Lost, or lost and not yet rebuilt: rebuild from the others (as
-                // `ballot-node --rejoin`); whatever a partial rebuild left is overwritten.
+                // `ballot-node --rejoin`), from nothing: it removes the log and promise a
+                // partial rebuild left, as `ballot-node` does (checkpoints stay).
+                let mut d = disk.lock().unwrap();
+                let (rng, lost) = (d.rng, d.lost);
+                *d = Disk {
+                    rng,
+                    rejoining: true,
+                    lost,
+                    ..Disk::default()
+                };
                 Core::new(cfg, true)
             }
             (true, Durability::Durable) if disk.lock().map(|d| d.lost && d.is_empty()).unwrap() => {
