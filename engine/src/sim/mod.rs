@@ -423,7 +423,9 @@ impl Sim {
         let core = match (restart, self.o.durability) {
             (false, _) => Core::new(cfg, false),
             (true, Durability::Volatile) => {
-                // Amnesia: nothing of the last incarnation is left, checkpoints included.
+                // Amnesia: the promise and log are gone. The checkpoint store is kept (as on
+                // the durable rejoin path): it holds only applied, hence chosen, state, and
+                // the rebuild decides from the others' answers what to stand on.
                 Core::new(cfg, true)
             }
             (true, Durability::Durable) if disk.lock().unwrap().rejoining => {
