@@ -110,7 +110,7 @@ fn cluster(batch_bytes: usize) -> (Vec<Replica<MemFabric, Null>>, usize, u64) {
                 })
                 .unwrap(),
             );
-            let mut cfg = Config::new(i, vec![0, 1, 2], ring);
+            let mut cfg = Config::new(i, vec![0, 1, 2], ring, ballot::runtime::clock_seed(i));
             cfg.batch_bytes = batch_bytes;
             Replica::new(
                 Core::new(cfg, false).unwrap(),

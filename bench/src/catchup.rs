@@ -21,9 +21,10 @@
 //!   the install and is within one window of the leader's commit.
 //! - **C**: caught up, `--duration`.
 
-use crate::cluster::{self, ClusterOpts, Commands, LoadGen, NodeCtl, Req, Resp, Shared, Window};
+use crate::cluster::{self, Commands, LoadGen, NodeCtl, Req, Resp, Shared, Window};
 use crate::cpu;
 use crate::fabrics::{self, Idle};
+use crate::load::LoadOpts;
 use crate::stats;
 use crate::table::Table;
 use ballot::checkpoint::CheckpointPolicy;
@@ -49,7 +50,7 @@ pub const UNLIMITED_PER_TICK: u64 = 1 << 40;
 pub struct CatchupOpts {
     /// Replicas (3), payload, clients, outstanding, pipeline, batch, warm-up, `duration` (of
     /// phases A and C), cores, progress.
-    pub cluster: ClusterOpts,
+    pub load: LoadOpts,
     pub state_mib: u64,
     /// Catch-up caps in MiB/s; `None`: unlimited.
     pub rates: Vec<Option<u64>>,
@@ -454,13 +455,13 @@ pub fn table(results: &[CatchupResult]) -> String {
 
 /// Runs every cap in turn, each on a fresh cluster.
 pub fn run(o: &CatchupOpts) -> Result<Vec<CatchupResult>, String> {
-    if o.cluster.replicas != 3 {
+    if o.load.replicas != 3 {
         return Err("catchup runs 3 replicas (--replicas 3)".into());
     }
-    if o.cluster.payload < 9 {
+    if o.load.payload < 9 {
         return Err("catchup needs --payload of at least 9 bytes (an 8-byte key + value)".into());
     }
-    if o.cluster.payload - 8 > crate::table::PAGE {
+    if o.load.payload - 8 > crate::table::PAGE {
         return Err(format!(
             "catchup values are at most {} bytes (--payload {} at most)",
             crate::table::PAGE,
@@ -483,11 +484,11 @@ pub fn run(o: &CatchupOpts) -> Result<Vec<CatchupResult>, String> {
              {} clients x {} outstanding, {:?} warm-up, A and C {:?} each",
             rate_name(rate),
             o.state_mib,
-            o.cluster.payload,
-            o.cluster.clients,
-            o.cluster.outstanding,
-            o.cluster.warmup,
-            o.cluster.duration
+            o.load.payload,
+            o.load.clients,
+            o.load.outstanding,
+            o.load.warmup,
+            o.load.duration
         );
         out.push(run_one(o, rate)?);
     }
@@ -682,6 +683,16 @@ impl Run {
         Ok(())
     }
 
+    /// Checkpoint bytes served so far by every replica but `f`.
+    fn served_by_others(&self, f: usize) -> u64 {
+        self.ctls
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != f)
+            .map(|(_, c)| c.bytes_served.load(Ordering::Relaxed))
+            .sum()
+    }
+
     fn failure(&self) -> Option<String> {
         self.failed
             .lock()
@@ -708,26 +719,133 @@ fn replica(
     )
 }
 
+/// What one run (one cap) is set up with.
+struct Plan {
+    state_bytes: u64,
+    /// Value bytes of each command (the payload less its 8-byte key).
+    value: usize,
+    /// Keys of the table (the load writes them in turn).
+    keys: u64,
+    /// `serve_bytes_per_tick` of this run's cap.
+    per_tick: u64,
+    policy: CheckpointPolicy,
+    cfgs: Vec<Config>,
+}
+
+impl Plan {
+    fn new(o: &CatchupOpts, rate: Option<u64>) -> Plan {
+        let state_bytes = o.state_mib << 20;
+        let value = o.load.payload - 8;
+        let per_tick = rate.map_or(UNLIMITED_PER_TICK, |r| (r << 20) / 1000);
+        Plan {
+            state_bytes,
+            value,
+            keys: Table::new(state_bytes, value).slots(),
+            per_tick,
+            policy: CheckpointPolicy {
+                every_bytes: o.every_mib << 20,
+                keep: o.keep,
+                chunk_bytes: o.chunk_kib << 10,
+                serve_bytes_per_tick: per_tick,
+            },
+            cfgs: cluster::configs(&o.load).1,
+        }
+    }
+
+    fn load(&self, o: &CatchupOpts, shared: &Shared) -> LoadGen {
+        LoadGen::new(
+            &o.load,
+            Commands::Keyed {
+                payload: o.load.payload,
+                keys: self.keys,
+                next: 0,
+            },
+            shared,
+        )
+    }
+}
+
+/// Phase "down" stopped replica `f`, a follower of `leader`.
+struct Stopped {
+    leader: usize,
+    f: usize,
+    /// What `f` had applied when it stopped.
+    stop_applied: Index,
+    leader_base_at_restart: Index,
+    leader_log_at_restart: u64,
+}
+
+/// Phase "rejoin" restarted the follower, which then started pulling a checkpoint.
+struct Rejoined {
+    /// Bytes each replica had served before the restart.
+    served_before: Vec<u64>,
+    /// Their sum over the live replicas.
+    served0: u64,
+    restarted: Instant,
+    pull_at: Instant,
+}
+
+/// Phase B installed a checkpoint on the follower.
+struct Transferred {
+    /// Bytes served by the live replicas, and when that last changed.
+    last_served: (u64, Instant),
+    installed_at: Instant,
+    installed_index: Index,
+    image_bytes: u64,
+}
+
+/// One cap: a fresh cluster through warm-up, A, down, rejoin, B, tail and C.
 fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> {
-    let co = &o.cluster;
-    let state_bytes = o.state_mib << 20;
-    let value = co.payload - 8;
-    let keys = Table::new(state_bytes, value).slots();
-    let per_tick = rate.map_or(UNLIMITED_PER_TICK, |r| (r << 20) / 1000);
-    let policy = CheckpointPolicy {
-        every_bytes: o.every_mib << 20,
-        keep: o.keep,
-        chunk_bytes: o.chunk_kib << 10,
-        serve_bytes_per_tick: per_tick,
-    };
-    let (_, cfgs) = cluster::configs(co);
+    let plan = Plan::new(o, rate);
     let dirs = Dirs(std::env::temp_dir().join(format!(
         "ballot-bench-catchup-{}-{}",
         std::process::id(),
         rate.map_or("unlimited".to_string(), |r| r.to_string())
     )));
     let _ = std::fs::remove_dir_all(&dirs.0);
-    let regions = fabrics::regions(3, cfgs[0].ring);
+    // Declared after `dirs`: on an early return the cluster stops before its directories go.
+    let (mut run, peers) = start(o, &plan, &dirs)?;
+
+    // A: all three up.
+    run.begin();
+    run.until("A", None, Some(Instant::now() + o.load.duration), |_| false)?;
+    run.end("A");
+
+    let stopped = stop_follower(&mut run, o)?;
+    let rejoined = restart_follower(&mut run, o, &plan, &dirs, peers, stopped.f)?;
+    let transferred = transfer(&mut run, o, &dirs, stopped.f, &rejoined)?;
+    let caught_up = tail(&mut run, o, plan.cfgs[stopped.f].window, stopped.f)?;
+
+    // C: caught up.
+    run.begin();
+    run.until("C", None, Some(Instant::now() + o.load.duration), |_| false)?;
+    run.end("C");
+
+    let r = result(
+        &mut run,
+        o,
+        rate,
+        &plan,
+        &stopped,
+        &rejoined,
+        &transferred,
+        caught_up,
+    );
+    run.shared.stop.store(true, Ordering::SeqCst);
+    run.shared.report_failures();
+    drop(run);
+    drop(dirs);
+    Ok(r)
+}
+
+/// Starts the three replicas on tcp, waits for a leader and warms up. Returns the running
+/// cluster and the replicas' fabric addresses (for the restart).
+fn start(
+    o: &CatchupOpts,
+    plan: &Plan,
+    dirs: &Dirs,
+) -> Result<(Run, BTreeMap<NodeId, SocketAddr>), String> {
+    let regions = fabrics::regions(3, plan.cfgs[0].ring);
     let fabs = fabrics::tcp(regions)?;
     let peers: BTreeMap<NodeId, SocketAddr> = fabs
         .iter()
@@ -736,16 +854,9 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         .collect();
     let (resp_tx, resp_rx) = channel::unbounded::<Vec<Resp>>();
     let shared = Arc::new(Shared::new());
+    let cores = &o.load.cores;
     let mut run = Run {
-        gen: LoadGen::new(
-            co,
-            Commands::Keyed {
-                payload: co.payload,
-                keys,
-                next: 0,
-            },
-            &shared,
-        ),
+        gen: plan.load(o, &shared),
         shared,
         ctls: Vec::new(),
         senders: Vec::new(),
@@ -759,40 +870,31 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         elections_mark: 0,
         phases: Vec::new(),
         pins: (0..3)
-            .map(|i| (!co.cores.is_empty()).then(|| co.cores[i % co.cores.len()]))
+            .map(|i| (!cores.is_empty()).then(|| cores[i % cores.len()]))
             .collect(),
         failed: Default::default(),
         debug: std::env::var_os("BALLOT_BENCH_DEBUG").is_some(),
         next_debug: Instant::now(),
     };
-    for (i, (fabric, cfg)) in fabs.into_iter().zip(cfgs.iter().cloned()).enumerate() {
+    for (i, (fabric, cfg)) in fabs.into_iter().zip(plan.cfgs.iter().cloned()).enumerate() {
         let dir = dirs.0.join(i.to_string());
+        let (state_bytes, value, policy) = (plan.state_bytes, plan.value, plan.policy);
         let rep = replica(cfg, false, fabric, state_bytes, value, &dir, policy)?;
         run.spawn(i, Arc::new(NodeCtl::default()), move || Ok(rep))?;
     }
     fabrics::tighten_timer_slack();
     cluster::wait_for_leader(&run.shared, Duration::from_secs(15))?;
     // The load generator's clock starts now (commands queued before a leader would fail).
-    run.gen = LoadGen::new(
-        co,
-        Commands::Keyed {
-            payload: co.payload,
-            keys,
-            next: 0,
-        },
-        &run.shared,
-    );
-    let warm_end = run.gen.started() + co.warmup;
+    run.gen = plan.load(o, &run.shared);
+    let warm_end = run.gen.started() + o.load.warmup;
     run.until("warm-up", None, Some(warm_end), |_| false)?;
+    Ok((run, peers))
+}
 
-    // A: all three up.
-    run.begin();
-    run.until("A", None, Some(Instant::now() + co.duration), |_| false)?;
-    run.end("A");
-
-    // down: stop a follower; load until the leader's log base has passed it (and the other
-    // live replica has a checkpoint too: a recovery answer from a replica without one would
-    // carry its whole log).
+/// down: stops a follower; loads until the leader's log base has passed it (and the other
+/// live replica has a checkpoint too: a recovery answer from a replica without one would
+/// carry its whole log).
+fn stop_follower(run: &mut Run, o: &CatchupOpts) -> Result<Stopped, String> {
     let leader = run.leader().ok_or("no leader at the end of phase A")?;
     let f = (leader + 1) % 3;
     let other = 3 - leader - f;
@@ -805,7 +907,7 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         (0, ServeFrom::Follower) => vec![leader, other],
         _ => Vec::new(),
     };
-    let down_until = Instant::now() + co.duration;
+    let down_until = Instant::now() + o.load.duration;
     let mut stop_applied: Option<Index> = None;
     // Per replica: its checkpoints taken when it was last asked for one.
     let mut asked: [Option<u64>; 3] = [None; 3];
@@ -857,15 +959,29 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
     if let Some(t) = run.threads[f].take() {
         let _ = t.join();
     }
-    let stop_applied = stop_applied.unwrap_or(0);
     let leader_base_at_restart = run.ctls[leader].base.load(Ordering::Relaxed);
-    let leader_log_at_restart = run.ctls[leader]
-        .commit
-        .load(Ordering::Relaxed)
-        .saturating_sub(leader_base_at_restart);
+    Ok(Stopped {
+        leader,
+        f,
+        stop_applied: stop_applied.unwrap_or(0),
+        leader_base_at_restart,
+        leader_log_at_restart: run.ctls[leader]
+            .commit
+            .load(Ordering::Relaxed)
+            .saturating_sub(leader_base_at_restart),
+    })
+}
 
-    // rejoin: the follower comes back empty, as a recovering replica (built on its own
-    // thread: the load goes on meanwhile).
+/// rejoin: the follower comes back empty, as a recovering replica (built on its own thread:
+/// the load goes on meanwhile), until it starts pulling a checkpoint.
+fn restart_follower(
+    run: &mut Run,
+    o: &CatchupOpts,
+    plan: &Plan,
+    dirs: &Dirs,
+    peers: BTreeMap<NodeId, SocketAddr>,
+    f: usize,
+) -> Result<Rejoined, String> {
     run.begin();
     let served_before: Vec<u64> = run
         .ctls
@@ -873,10 +989,11 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         .map(|c| c.bytes_served.load(Ordering::Relaxed))
         .collect();
     let (cfg, ring, dir) = (
-        cfgs[f].clone(),
-        cfgs[f].ring,
+        plan.cfgs[f].clone(),
+        plan.cfgs[f].ring,
         dirs.0.join(format!("{f}-restarted")),
     );
+    let (state_bytes, value, policy) = (plan.state_bytes, plan.value, plan.policy);
     run.spawn(f, Arc::new(NodeCtl::default()), move || {
         let info = RegionInfo {
             cluster: fabrics::CLUSTER,
@@ -895,32 +1012,37 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
         .filter(|(i, _)| *i != f)
         .map(|(_, b)| b)
         .sum();
-    let served_sum = |r: &Run| -> u64 {
-        r.ctls
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != f)
-            .map(|(_, c)| c.bytes_served.load(Ordering::Relaxed))
-            .sum()
-    };
     run.until("rejoin", Some(o.timeout), None, |r| {
         let c = &r.ctls[f];
         r.failure().is_some()
             || c.pulling.load(Ordering::Relaxed)
             || c.checkpoints_installed.load(Ordering::Relaxed) > 0
-            || served_sum(r) > served0
+            || r.served_by_others(f) > served0
     })?;
     if let Some(e) = run.failure() {
         return Err(format!("restarting replica {f}: {e}"));
     }
     run.end("rejoin");
-    let pull_at = Instant::now();
+    Ok(Rejoined {
+        served_before,
+        served0,
+        restarted,
+        pull_at: Instant::now(),
+    })
+}
 
-    // B: the transfer, until the checkpoint is installed.
+/// B: the transfer, until the checkpoint is installed on `f`.
+fn transfer(
+    run: &mut Run,
+    o: &CatchupOpts,
+    dirs: &Dirs,
+    f: usize,
+    rejoined: &Rejoined,
+) -> Result<Transferred, String> {
     run.begin();
-    let mut last_served = (served_sum(&run), pull_at);
+    let mut last_served = (run.served_by_others(f), rejoined.pull_at);
     run.until("B", Some(o.timeout), None, |r| {
-        let s = served_sum(r);
+        let s = r.served_by_others(f);
         if s != last_served.0 {
             last_served = (s, Instant::now());
         }
@@ -936,12 +1058,19 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
             .join(format!("snap-{installed_index:020}.ckpt")),
     )
     .map_or(0, |m| m.len());
+    Ok(Transferred {
+        last_served,
+        installed_at,
+        installed_index,
+        image_bytes,
+    })
+}
 
-    // tail: until it has applied what the leader had committed at the install, and is
-    // within one window of the leader's commit.
+/// tail: until `f` has applied what the leader had committed at the install, and is within
+/// one window of the leader's commit. Returns when it was.
+fn tail(run: &mut Run, o: &CatchupOpts, window: u64, f: usize) -> Result<Instant, String> {
     run.begin();
     let target = run.shared.commit.load(Ordering::Relaxed);
-    let window = cfgs[f].window;
     run.until("tail", Some(o.timeout), None, |r| {
         let c = &r.ctls[f];
         let applied = c.applied.load(Ordering::Relaxed);
@@ -952,12 +1081,22 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
     })?;
     let caught_up = Instant::now();
     run.end("tail");
+    Ok(caught_up)
+}
 
-    // C: caught up.
-    run.begin();
-    run.until("C", None, Some(Instant::now() + co.duration), |_| false)?;
-    run.end("C");
-
+/// The run's figures, once every phase is done (takes the phases out of `run`).
+#[allow(clippy::too_many_arguments)]
+fn result(
+    run: &mut Run,
+    o: &CatchupOpts,
+    rate: Option<u64>,
+    plan: &Plan,
+    stopped: &Stopped,
+    rejoined: &Rejoined,
+    transferred: &Transferred,
+    caught_up: Instant,
+) -> CatchupResult {
+    let f = stopped.f;
     let served_by: Vec<(usize, u64)> = run
         .ctls
         .iter()
@@ -968,45 +1107,49 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
                 i,
                 c.bytes_served
                     .load(Ordering::Relaxed)
-                    .saturating_sub(served_before[i]),
+                    .saturating_sub(rejoined.served_before[i]),
             )
         })
         .filter(|(_, b)| *b > 0)
         .collect();
     let bytes_served: u64 = served_by.iter().map(|(_, b)| b).sum();
     let c = &run.ctls[f];
+    let (last_served, installed_at) = (transferred.last_served, transferred.installed_at);
     let transfer_s = last_served
         .1
-        .saturating_duration_since(pull_at)
+        .saturating_duration_since(rejoined.pull_at)
         .as_secs_f64();
-    let transfer_bytes = last_served.0.saturating_sub(served0);
-    let r = CatchupResult {
-        payload: co.payload,
-        clients: co.clients,
-        outstanding: co.outstanding,
+    let transfer_bytes = last_served.0.saturating_sub(rejoined.served0);
+    CatchupResult {
+        payload: o.load.payload,
+        clients: o.load.clients,
+        outstanding: o.load.outstanding,
         state_mib: o.state_mib,
-        every_bytes: policy.every_bytes,
+        every_bytes: plan.policy.every_bytes,
         keep: o.keep,
-        chunk_bytes: policy.chunk_bytes,
+        chunk_bytes: plan.policy.chunk_bytes,
         rate_mib_s: rate,
-        serve_bytes_per_tick: per_tick,
-        leader,
+        serve_bytes_per_tick: plan.per_tick,
+        leader: stopped.leader,
         stopped: f,
-        stop_applied,
-        leader_base_at_restart,
-        leader_log_at_restart,
+        stop_applied: stopped.stop_applied,
+        leader_base_at_restart: stopped.leader_base_at_restart,
+        leader_log_at_restart: stopped.leader_log_at_restart,
         leader_changes: run
             .shared
             .elections
             .load(Ordering::Relaxed)
             .saturating_sub(1),
-        installed_index,
-        image_bytes,
+        installed_index: transferred.installed_index,
+        image_bytes: transferred.image_bytes,
         installs: c.checkpoints_installed.load(Ordering::Relaxed),
         checkpoint_failures: c.checkpoint_failures.load(Ordering::Relaxed),
         bytes_served,
         served_by,
-        rejoin_s: pull_at.duration_since(restarted).as_secs_f64(),
+        rejoin_s: rejoined
+            .pull_at
+            .duration_since(rejoined.restarted)
+            .as_secs_f64(),
         transfer_s,
         install_s: installed_at
             .saturating_duration_since(last_served.1)
@@ -1018,10 +1161,5 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
             0.0
         },
         phases: std::mem::take(&mut run.phases),
-    };
-    run.shared.stop.store(true, Ordering::SeqCst);
-    run.shared.report_failures();
-    drop(run);
-    drop(dirs);
-    Ok(r)
+    }
 }

@@ -4,39 +4,17 @@
 //! so proposals are made on its own thread).
 
 use crate::fabrics::{self, FabricKind, Idle};
+use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
 use ballot::driver::{Replica, StateMachine};
 use ballot::fabric::Fabric;
 use ballot::protocol::{Config, Core};
+use ballot::tickets::TicketMap;
 use ballot::Index;
 use crossbeam::channel::{self, Receiver, Sender};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-#[derive(Debug, Clone)]
-pub struct ClusterOpts {
-    pub replicas: usize,
-    pub payload: usize,
-    pub clients: usize,
-    /// Commands each closed-loop client keeps outstanding.
-    pub outstanding: usize,
-    /// Core window (entries in flight); `None`: the core's default.
-    pub pipeline: Option<u64>,
-    /// Payload bytes per entry; `None`: the core's default.
-    pub batch_bytes: Option<usize>,
-    pub warmup: Duration,
-    pub duration: Duration,
-    /// Replica `i` is pinned to `cores[i % len]`; empty: unpinned.
-    pub cores: Vec<core_affinity::CoreId>,
-    /// Open loop at this many commands per second; `None`: closed loop.
-    pub open_loop: Option<f64>,
-    pub progress: bool,
-    /// Durable mode: each replica persists to its own directory under the system temp dir
-    /// (group commit + fdatasync by the persister thread) before an entry counts.
-    pub durable: bool,
-}
 
 /// The replicated application: does nothing, answers nothing.
 struct Null;
@@ -178,7 +156,7 @@ fn failure_slot(e: &ballot::protocol::ProposeError) -> usize {
     }
 }
 
-pub fn run(kind: FabricKind, o: &ClusterOpts) -> Result<BenchResult, String> {
+pub fn run(kind: FabricKind, o: &LoadOpts) -> Result<BenchResult, String> {
     if o.replicas == 0 || o.replicas > ballot::MAX_NODES {
         return Err(format!("--replicas must be 1..={}", ballot::MAX_NODES));
     }
@@ -200,7 +178,7 @@ pub fn run(kind: FabricKind, o: &ClusterOpts) -> Result<BenchResult, String> {
 }
 
 /// The batch size and each replica's configuration for `o`.
-pub(crate) fn configs(o: &ClusterOpts) -> (usize, Vec<Config>) {
+pub(crate) fn configs(o: &LoadOpts) -> (usize, Vec<Config>) {
     let per_cmd = o.payload + ballot::protocol::batch::COMMAND_OVERHEAD;
     // 0 means one command per entry (no batching).
     let batch = match o.batch_bytes {
@@ -211,9 +189,14 @@ pub(crate) fn configs(o: &ClusterOpts) -> (usize, Vec<Config>) {
     let ring = fabrics::geometry(batch);
     let mut cfgs = Vec::new();
     for i in 0..o.replicas {
-        let mut c = Config::new(i as u8, (0..o.replicas as u8).collect(), ring);
+        let mut c = Config::new(
+            i as u8,
+            (0..o.replicas as u8).collect(),
+            ring,
+            ballot::runtime::clock_seed(i as u8),
+        );
         c.batch_bytes = batch;
-        if o.durable {
+        if o.durable() {
             c.durability = ballot::protocol::Durability::Durable;
         }
         if let Some(w) = o.pipeline {
@@ -228,7 +211,7 @@ pub(crate) fn configs(o: &ClusterOpts) -> (usize, Vec<Config>) {
 fn run_with<F: Fabric + 'static>(
     fabrics: Vec<F>,
     cfgs: Vec<Config>,
-    o: &ClusterOpts,
+    o: &LoadOpts,
 ) -> Result<BenchResult, String> {
     let shared = Arc::new(Shared::new());
     let start = Instant::now();
@@ -237,7 +220,7 @@ fn run_with<F: Fabric + 'static>(
     let mut threads = Vec::new();
     for (i, (fabric, cfg)) in fabrics.into_iter().zip(cfgs).enumerate() {
         let core = Core::new(cfg, false).map_err(|e| format!("config: {e}"))?;
-        let storage = if o.durable {
+        let storage = if o.durable() {
             Some(durable_storage(i)?)
         } else {
             None
@@ -280,7 +263,7 @@ pub(crate) fn replica_loop<F: Fabric, S: StateMachine>(
     }
     fabrics::tighten_timer_slack();
     let id = rep.core().id() as usize;
-    let mut tickets: HashMap<u64, u64> = HashMap::with_capacity(1 << 16);
+    let mut tickets: TicketMap<u64> = TicketMap::new();
     let mut out: Vec<Resp> = Vec::new();
     let mut idle = Idle::new();
     while !shared.stop.load(Ordering::Relaxed)
@@ -306,7 +289,7 @@ pub(crate) fn replica_loop<F: Fabric, S: StateMachine>(
         }
         busy |= rep.step(start.elapsed().as_millis() as u64);
         for (t, outcome) in rep.take_completed() {
-            if let Some(tag) = tickets.remove(&t) {
+            if let Some(tag) = tickets.remove(t) {
                 if let Err(e) = &outcome {
                     shared.failures[failure_slot(e)].fetch_add(1, Ordering::Relaxed);
                 }
@@ -353,7 +336,7 @@ pub(crate) fn wait_for_leader(shared: &Shared, timeout: Duration) -> Result<(), 
 
 /// The load generator thread: closed-loop clients for `warmup + duration`.
 fn load(
-    o: &ClusterOpts,
+    o: &LoadOpts,
     shared: &Shared,
     senders: &[Sender<Vec<Req>>],
     resp_rx: &Receiver<Vec<Resp>>,
@@ -388,7 +371,7 @@ fn load(
         clients: if closed { o.clients } else { 0 },
         outstanding: if closed { o.outstanding } else { 0 },
         open_loop_rate: o.open_loop,
-        durability: if o.durable { "durable" } else { "volatile" },
+        durability: if o.durable() { "durable" } else { "volatile" },
         duration_s: w.secs,
         commits: w.commits,
         errors: w.errors,
@@ -481,7 +464,7 @@ pub(crate) struct LoadGen {
 const RETRY_AFTER: Duration = Duration::from_millis(1);
 
 impl LoadGen {
-    pub(crate) fn new(o: &ClusterOpts, mut cmds: Commands, shared: &Shared) -> LoadGen {
+    pub(crate) fn new(o: &LoadOpts, mut cmds: Commands, shared: &Shared) -> LoadGen {
         let t0 = Instant::now();
         let closed = o.open_loop.is_none();
         let mut sent_at = Vec::new();
@@ -515,7 +498,7 @@ impl LoadGen {
             t0,
             last_report: t0,
             next_report: t0 + Duration::from_secs(1),
-            report: o.progress,
+            report: o.progress(),
         }
     }
 

@@ -5,6 +5,7 @@ mod catchup;
 mod cluster;
 mod cpu;
 mod fabrics;
+mod load;
 mod plot;
 mod procs;
 mod raw;
@@ -12,8 +13,8 @@ mod stats;
 mod table;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cluster::ClusterOpts;
 use fabrics::FabricKind;
+use load::LoadOpts;
 use stats::BenchResult;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -83,68 +84,37 @@ enum Topology {
     Processes,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum DurabilityArg {
-    Volatile,
-    Durable,
-}
-
+/// The global options: the load every mode drives, and what is done with it. Numbered for
+/// `--help` together with [`LoadOpts`] (which takes 5-7, 10-14, 17, 19, 20; 0-2 are the
+/// subcommands).
 #[derive(Args, Debug)]
 struct Opts {
     /// Fabric; default: rdma if a device is present, else tcp (compare: every available one).
-    #[arg(long, value_enum, global = true)]
+    #[arg(long, value_enum, global = true, display_order = 3)]
     fabric: Option<FabricKind>,
     /// Where the replicas run: `threads` (one process) or `processes` (ballot-node processes
     /// on 127.0.0.1, driven through the client library). Default: threads; `compare` runs
     /// both (processes on tcp, when ballot-node is built).
-    #[arg(long, value_enum, global = true)]
+    #[arg(long, value_enum, global = true, display_order = 4)]
     topology: Option<Topology>,
-    #[arg(long, default_value_t = 3, global = true)]
-    replicas: usize,
-    /// Command size in bytes.
-    #[arg(long, default_value_t = 64, global = true)]
-    payload: usize,
-    /// Closed-loop clients (processes: client threads, one command outstanding each).
-    #[arg(long, default_value_t = 32, global = true)]
-    clients: usize,
+    #[command(flatten)]
+    load: LoadOpts,
     /// Run the cluster once per client count, e.g. `--sweep 1,4,16,64`
     /// (default list: 1,2,4,8,16,32,64); `--outstanding` stays fixed.
-    #[arg(long, value_name = "LIST", num_args = 0..=1, default_missing_value = "1,2,4,8,16,32,64", global = true)]
+    #[arg(long, value_name = "LIST", num_args = 0..=1, default_missing_value = "1,2,4,8,16,32,64", global = true, display_order = 8)]
     sweep: Option<String>,
     /// Write throughput-vs-latency and latency-distribution plots to this SVG file.
-    #[arg(long, value_name = "FILE.svg", global = true)]
+    #[arg(long, value_name = "FILE.svg", global = true, display_order = 9)]
     plot: Option<std::path::PathBuf>,
-    /// Commands each closed-loop client keeps outstanding.
-    #[arg(long, default_value_t = 4, global = true)]
-    outstanding: usize,
-    /// Core window: entries in flight beyond the commit index (default: the core's, 256).
-    #[arg(long, global = true)]
-    pipeline: Option<u64>,
-    /// Payload bytes packed into one entry (default 64 KiB); 0 = one command per entry.
-    #[arg(long, global = true)]
-    batch_bytes: Option<usize>,
-    /// Measured time, e.g. 10, 10s, 500ms.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
-    duration: Duration,
-    #[arg(long, default_value = "2s", value_parser = parse_duration, global = true)]
-    warmup: Duration,
     /// Measured time of each raw baseline in `compare`.
-    #[arg(long, default_value = "3s", value_parser = parse_duration, global = true)]
+    #[arg(long, default_value = "3s", value_parser = parse_duration, global = true, display_order = 15)]
     raw_duration: Duration,
     /// Pin replica threads: replica i runs on core LIST[i % len], e.g. 0,1 or 0-1.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, display_order = 16)]
     cores: Option<String>,
-    /// Open loop: commands per second at fixed intervals; latency from the intended send time.
-    #[arg(long, value_name = "RATE", global = true)]
-    open_loop: Option<f64>,
     /// One JSON object per result on stdout (progress stays on stderr).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, display_order = 18)]
     json: bool,
-    #[arg(long, value_enum, default_value = "volatile", global = true)]
-    durability: DurabilityArg,
-    /// No per-second progress lines.
-    #[arg(long, global = true)]
-    quiet: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -197,6 +167,7 @@ fn parse_cores(s: &str) -> Result<Vec<core_affinity::CoreId>, String> {
 }
 
 fn main() -> ExitCode {
+    ballot_verbs::init_diagnostics();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -207,10 +178,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(mut cli: Cli) -> Result<(), String> {
+    cli.opts.load.cores = cli
+        .opts
+        .cores
+        .as_deref()
+        .map(parse_cores)
+        .transpose()?
+        .unwrap_or_default();
     let o = &cli.opts;
     let sweep: Vec<usize> = match &o.sweep {
-        None => vec![o.clients],
+        None => vec![o.load.clients],
         Some(list) => list
             .split(',')
             .filter(|x| !x.trim().is_empty())
@@ -228,37 +206,17 @@ fn run(cli: Cli) -> Result<(), String> {
     if sweep.is_empty() {
         return Err("empty --sweep list".into());
     }
-    if o.sweep.is_some() && o.open_loop.is_some() {
+    if o.sweep.is_some() && o.load.open_loop.is_some() {
         return Err(
             "--sweep varies closed-loop clients; it cannot be combined with --open-loop".into(),
         );
     }
-    let cores = o
-        .cores
-        .as_deref()
-        .map(parse_cores)
-        .transpose()?
-        .unwrap_or_default();
-    let copts = ClusterOpts {
-        replicas: o.replicas,
-        payload: o.payload,
-        clients: o.clients,
-        outstanding: o.outstanding,
-        pipeline: o.pipeline,
-        batch_bytes: o.batch_bytes,
-        warmup: o.warmup,
-        duration: o.duration,
-        cores,
-        open_loop: o.open_loop,
-        progress: !o.quiet,
-        durable: o.durability == DurabilityArg::Durable,
-    };
     let results = match cli.cmd {
         None if o.topology == Some(Topology::Processes) => {
             check_processes_fabric(o.fabric)?;
             let mut out = Vec::new();
             for &n in &sweep {
-                let p = proc_opts(o, &copts, n);
+                let p = o.load.with_clients(n);
                 eprintln!("{}", describe_processes(&p));
                 out.push(procs::run(&p)?);
             }
@@ -268,10 +226,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let kind = pick(o.fabric);
             let mut out = Vec::new();
             for &n in &sweep {
-                let c = ClusterOpts {
-                    clients: n,
-                    ..copts.clone()
-                };
+                let c = o.load.with_clients(n);
                 eprintln!("{}", describe_cluster(kind, &c));
                 out.push(cluster::run(kind, &c)?);
             }
@@ -282,14 +237,21 @@ fn run(cli: Cli) -> Result<(), String> {
             eprintln!(
                 "raw {}: one-sided WRITE of a {}-byte entry + completion, {:?} warm-up, {:?} measured",
                 kind.name(),
-                ballot::layout::entry_size(o.payload + ballot::protocol::batch::COMMAND_OVERHEAD),
-                o.warmup,
-                o.duration
+                ballot::layout::entry_size(
+                    o.load.payload + ballot::protocol::batch::COMMAND_OVERHEAD
+                ),
+                o.load.warmup,
+                o.load.duration
             );
-            vec![raw::run(kind, o.payload, o.warmup, o.duration)?]
+            vec![raw::run(
+                kind,
+                o.load.payload,
+                o.load.warmup,
+                o.load.duration,
+            )?]
         }
-        Some(Cmd::Compare) => compare(o, &copts, &sweep)?,
-        Some(Cmd::Catchup(a)) => return run_catchup(o, copts, &a),
+        Some(Cmd::Compare) => compare(o, &sweep)?,
+        Some(Cmd::Catchup(a)) => return run_catchup(o, &a),
     };
     for r in results.iter().filter(|r| r.errors > 0) {
         eprintln!(
@@ -302,9 +264,9 @@ fn run(cli: Cli) -> Result<(), String> {
             "ballot-bench on {} ({} CPUs): {} replicas, {}-byte commands, {:?} per point, volatile",
             machine(),
             std::thread::available_parallelism().map_or(0, |n| n.get()),
-            o.replicas,
-            o.payload,
-            o.duration
+            o.load.replicas,
+            o.load.payload,
+            o.load.duration
         );
         std::fs::write(path, plot::svg(&results, &sub))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -323,21 +285,21 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
-fn run_catchup(o: &Opts, copts: ClusterOpts, a: &CatchupArgs) -> Result<(), String> {
+fn run_catchup(o: &Opts, a: &CatchupArgs) -> Result<(), String> {
     if matches!(o.fabric, Some(k) if k != FabricKind::Tcp) {
         return Err("catchup runs on tcp only (a replica is stopped and restarted)".into());
     }
     if o.topology == Some(Topology::Processes) {
         return Err("catchup runs the threads topology only".into());
     }
-    if copts.durable {
+    if o.load.durable() {
         return Err("catchup runs volatile only".into());
     }
     if o.sweep.is_some() || o.plot.is_some() {
         return Err("catchup takes neither --sweep nor --plot".into());
     }
     let c = catchup::CatchupOpts {
-        cluster: copts,
+        load: o.load.clone(),
         state_mib: a.state_mib,
         rates: catchup::parse_rates(&a.catchup_rate)?,
         every_mib: a.ckpt_every_mib,
@@ -374,21 +336,7 @@ fn check_processes_fabric(f: Option<FabricKind>) -> Result<(), String> {
     }
 }
 
-fn proc_opts(o: &Opts, c: &ClusterOpts, clients: usize) -> procs::ProcOpts {
-    procs::ProcOpts {
-        replicas: o.replicas,
-        payload: o.payload,
-        clients,
-        warmup: o.warmup,
-        duration: o.duration,
-        cores: c.cores.iter().map(|c| c.id).collect(),
-        open_loop: o.open_loop,
-        progress: !o.quiet,
-        durable: c.durable,
-    }
-}
-
-fn describe_processes(p: &procs::ProcOpts) -> String {
+fn describe_processes(p: &LoadOpts) -> String {
     let load = match p.open_loop {
         Some(r) => format!(
             "open loop at {} cmd/s over {} client threads",
@@ -407,7 +355,7 @@ fn describe_processes(p: &procs::ProcOpts) -> String {
         if p.cores.is_empty() {
             "shared cores".to_string()
         } else {
-            format!("--core {:?} (busy-poll)", p.cores)
+            format!("--core {:?} (busy-poll)", procs::core_ids(p))
         }
     )
 }
@@ -436,7 +384,7 @@ fn pick(f: Option<FabricKind>) -> FabricKind {
     })
 }
 
-fn describe_cluster(kind: FabricKind, o: &ClusterOpts) -> String {
+fn describe_cluster(kind: FabricKind, o: &LoadOpts) -> String {
     let load = match o.open_loop {
         Some(r) => format!("open loop at {} cmd/s", stats::si(r)),
         None => format!(
@@ -460,7 +408,7 @@ fn describe_cluster(kind: FabricKind, o: &ClusterOpts) -> String {
     )
 }
 
-fn compare(o: &Opts, copts: &ClusterOpts, sweep: &[usize]) -> Result<Vec<BenchResult>, String> {
+fn compare(o: &Opts, sweep: &[usize]) -> Result<Vec<BenchResult>, String> {
     let threads = o.topology != Some(Topology::Processes);
     let processes = match o.topology {
         Some(Topology::Processes) => {
@@ -499,22 +447,24 @@ fn compare(o: &Opts, copts: &ClusterOpts, sweep: &[usize]) -> Result<Vec<BenchRe
     let mut out = Vec::new();
     for k in kinds {
         eprintln!("== {}: raw round trip ({:?})", k.name(), o.raw_duration);
-        let raw = raw::run(k, o.payload, Duration::from_millis(500), o.raw_duration)?;
+        let raw = raw::run(
+            k,
+            o.load.payload,
+            Duration::from_millis(500),
+            o.raw_duration,
+        )?;
         eprintln!("   raw p50 {:.1} us, p99 {:.1} us", raw.p50_us, raw.p99_us);
         let mut runs = Vec::new();
         if threads {
             for &n in sweep {
-                let c = ClusterOpts {
-                    clients: n,
-                    ..copts.clone()
-                };
+                let c = o.load.with_clients(n);
                 eprintln!("== {}", describe_cluster(k, &c));
                 runs.push(cluster::run(k, &c)?);
             }
         }
         if processes && k == FabricKind::Tcp {
             for &n in sweep {
-                let p = proc_opts(o, copts, n);
+                let p = o.load.with_clients(n);
                 eprintln!("== {}", describe_processes(&p));
                 runs.push(procs::run(&p)?);
             }

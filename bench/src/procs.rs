@@ -7,6 +7,7 @@
 //! from a SIGINT/SIGTERM handler, and each child gets `PR_SET_PDEATHSIG = SIGKILL`, so
 //! they die with the bench even on `kill -9`.
 
+use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
 use ballot_node::client::{self, Client, ClientConfig};
 use hdrhistogram::Histogram;
@@ -18,21 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone)]
-pub struct ProcOpts {
-    pub replicas: usize,
-    /// Value size of each `put`, in bytes (the key is 8 more).
-    pub payload: usize,
-    /// Client threads, one command outstanding each (the client library's model).
-    pub clients: usize,
-    pub warmup: Duration,
-    pub duration: Duration,
-    /// Node `i` gets `--core cores[i % len]` (busy-polling); empty: shared cores.
-    pub cores: Vec<usize>,
-    /// Open loop: commands per second over all clients; latency from the intended send time.
-    pub open_loop: Option<f64>,
-    pub progress: bool,
-    pub durable: bool,
+/// The cores the nodes are pinned to: node `i` gets `--core ids[i % len]` (busy-polling);
+/// empty: shared cores.
+pub fn core_ids(o: &LoadOpts) -> Vec<usize> {
+    o.cores.iter().map(|c| c.id).collect()
 }
 
 /// Pids of the running children, for the signal handler and the panic hook.
@@ -303,7 +293,7 @@ struct Tally {
     errors: u64,
 }
 
-pub fn run(o: &ProcOpts) -> Result<BenchResult, String> {
+pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
     if o.replicas == 0 || o.replicas > ballot::MAX_NODES {
         return Err(format!("--replicas must be 1..={}", ballot::MAX_NODES));
     }
@@ -317,7 +307,7 @@ pub fn run(o: &ProcOpts) -> Result<BenchResult, String> {
         ));
     }
     let bin = find_node_binary()?;
-    let mut cluster = NodeCluster::start(&bin, o.replicas, &o.cores, o.durable)?;
+    let mut cluster = NodeCluster::start(&bin, o.replicas, &core_ids(o), o.durable())?;
     cluster.wait_ready(Duration::from_secs(20))?;
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
@@ -408,7 +398,7 @@ pub fn run(o: &ProcOpts) -> Result<BenchResult, String> {
         if commit_at_start.is_none() && now >= warm_end {
             commit_at_start = cluster.leader_commit();
         }
-        if o.progress && now >= next {
+        if o.progress() && now >= next {
             let d = shared.done.load(Ordering::Relaxed);
             eprintln!(
                 "  {:>5.1}s {:<8} {:>10.0} commits/s",
@@ -453,10 +443,10 @@ pub fn run(o: &ProcOpts) -> Result<BenchResult, String> {
         // Open loop too: the client threads that carried the arrivals.
         clients: o.clients,
         outstanding: 1,
-        pipeline: ballot::protocol::Config::new(0, vec![0], ballot_node::server::ring()).window,
+        pipeline: ballot::protocol::Config::new(0, vec![0], ballot_node::server::ring(), 0).window,
         batch_bytes: ballot_node::kv::MAX_COMMAND + 64,
         open_loop_rate: o.open_loop,
-        durability: if o.durable { "durable" } else { "volatile" },
+        durability: if o.durable() { "durable" } else { "volatile" },
         duration_s: secs,
         commits,
         errors,

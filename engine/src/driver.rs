@@ -9,6 +9,7 @@ use crate::fabric::{Completion, Fabric, FabricEvent};
 use crate::layout::{self, CommitCell, ProgressCell};
 use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
 use crate::ring::RingReader;
+use crate::tickets::TicketMap;
 use crate::types::{Ballot, Index};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -60,50 +61,23 @@ pub trait Storage: Send {
     fn begin_rejoin(&mut self) -> std::io::Result<()>;
 }
 
-/// Tickets are issued in order; this tracks which are still outstanding without hashing.
-#[derive(Debug, Default)]
-struct Tickets {
-    base: u64,
-    open: VecDeque<bool>,
+/// Why a replica stopped acknowledging: what it was doing when its [`Storage`] failed.
+#[derive(Debug)]
+pub struct StorageFailure {
+    /// What the replica was making durable ("persisting entries 5..=9", ...).
+    pub during: String,
+    pub source: std::io::Error,
 }
 
-impl Tickets {
-    fn insert(&mut self, t: u64) {
-        if self.open.is_empty() {
-            self.base = t;
-        }
-        debug_assert_eq!(
-            t,
-            self.base + self.open.len() as u64,
-            "tickets are issued in order"
-        );
-        self.open.push_back(true);
+impl std::fmt::Display for StorageFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.during, self.source)
     }
-    fn remove(&mut self, t: u64) -> bool {
-        let Some(k) = t.checked_sub(self.base) else {
-            return false;
-        };
-        let Some(slot) = self.open.get_mut(k as usize) else {
-            return false;
-        };
-        let was = std::mem::replace(slot, false);
-        while self.open.front() == Some(&false) {
-            self.open.pop_front();
-            self.base += 1;
-        }
-        was
-    }
-    fn drain(&mut self) -> Vec<u64> {
-        let base = self.base;
-        let out = self
-            .open
-            .iter()
-            .enumerate()
-            .filter(|(_, &o)| o)
-            .map(|(k, _)| base + k as u64)
-            .collect();
-        self.open.clear();
-        out
+}
+
+impl std::error::Error for StorageFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 
@@ -158,7 +132,7 @@ pub struct Replica<F: Fabric, S: StateMachine> {
     reader: RingReader,
     events: Vec<FabricEvent>,
     /// Tickets proposed here and not yet completed.
-    pending: Tickets,
+    pending: TicketMap<()>,
     /// Persist submissions in flight: (seq, last index).
     persisting: VecDeque<(u64, Index)>,
     persisted_buf: Vec<u64>,
@@ -170,7 +144,7 @@ pub struct Replica<F: Fabric, S: StateMachine> {
     commit_cell: Option<CommitCell>,
     progress: Vec<Option<ProgressCell>>,
     /// Set after a storage failure: this replica stops acknowledging anything.
-    failed: Option<String>,
+    failed: Option<StorageFailure>,
     ckpt: Option<Ckpt>,
     stats: Stats,
 }
@@ -196,7 +170,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             sm,
             storage,
             events: Vec::with_capacity(256),
-            pending: Tickets::default(),
+            pending: TicketMap::new(),
             persisting: VecDeque::new(),
             persisted_buf: Vec::new(),
             completed: Vec::new(),
@@ -292,8 +266,8 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
     pub fn stats(&self) -> Stats {
         self.stats
     }
-    pub fn failure(&self) -> Option<&str> {
-        self.failed.as_deref()
+    pub fn failure(&self) -> Option<&StorageFailure> {
+        self.failed.as_ref()
     }
 
     /// Proposes `cmd`; the returned ticket completes (see `take_completed`) once the
@@ -305,7 +279,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         let ticket = self.next_ticket;
         self.core.propose(ticket, cmd)?;
         self.next_ticket += 1;
-        self.pending.insert(ticket);
+        self.pending.insert(ticket, ());
         Ok(ticket)
     }
 
@@ -371,7 +345,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
     pub fn shutdown(&mut self) {
         self.core.shutdown();
         self.execute();
-        for t in self.pending.drain() {
+        for (t, ()) in self.pending.drain() {
             self.completed.push((t, Err(ProposeError::ShuttingDown)));
         }
     }
@@ -385,7 +359,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         }
         let mut done = std::mem::take(&mut self.persisted_buf);
         if let Err(e) = s.poll_persisted(&mut done) {
-            self.fail(format!("persisting: {e}"));
+            self.fail("persisting".into(), e);
             return true;
         }
         let any = !done.is_empty();
@@ -478,6 +452,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 data,
                 token,
             } => {
+                let token = token.get();
                 if let Err(e) = self.fabric.write(peer, offset, data.as_slice(), token) {
                     self.core.handle_completion(Completion::Write {
                         peer,
@@ -492,6 +467,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 len,
                 token,
             } => {
+                let token = token.get();
                 if let Err(e) = self.fabric.read(peer, offset, len, token) {
                     self.core.handle_completion(Completion::Read {
                         peer,
@@ -526,7 +502,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             Action::PersistPromise(b) => {
                 if let Some(s) = self.storage.as_mut() {
                     if let Err(e) = s.save_promise(b) {
-                        self.fail(format!("saving promise {b}: {e}"));
+                        self.fail(format!("saving promise {b}"), e);
                     }
                 }
             }
@@ -542,7 +518,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 match self.storage.as_mut() {
                     Some(s) => match s.submit(seq, entries) {
                         Ok(()) => self.persisting.push_back((seq, to)),
-                        Err(e) => self.fail(format!("persisting entries {from}..={to}: {e}")),
+                        Err(e) => self.fail(format!("persisting entries {from}..={to}"), e),
                     },
                     None => self.core.handle_persisted(seq, to),
                 }
@@ -550,13 +526,13 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             Action::Apply { index, entry } => self.apply(index, &entry),
             Action::Heartbeat(v) => self.fabric.region().store_word(layout::HEARTBEAT_OFFSET, v),
             Action::Reject { ticket, error } => {
-                if self.pending.remove(ticket) {
+                if self.pending.remove(ticket).is_some() {
                     self.completed.push((ticket, Err(error)));
                 }
             }
             Action::LeadershipLost => {
                 tracing::info!(node = me, "lost leadership");
-                for t in self.pending.drain() {
+                for (t, ()) in self.pending.drain() {
                     self.completed.push((t, Err(ProposeError::Indeterminate)));
                 }
             }
@@ -601,7 +577,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             Action::BeginRejoin => {
                 if let Some(s) = self.storage.as_mut() {
                     if let Err(e) = s.begin_rejoin() {
-                        self.fail(format!("marking the data dir as rejoining: {e}"));
+                        self.fail("marking the data dir as rejoining".into(), e);
                     }
                 }
             }
@@ -609,14 +585,14 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 tracing::info!(node = me, "rejoined: the rebuilt state is durable");
                 if let Some(s) = self.storage.as_mut() {
                     if let Err(e) = s.rejoined() {
-                        self.fail(format!("recording the rejoin: {e}"));
+                        self.fail("recording the rejoin".into(), e);
                     }
                 }
             }
             Action::CompactLog { upto } => {
                 if let Some(s) = self.storage.as_mut() {
                     if let Err(e) = s.compact(upto) {
-                        self.fail(format!("compacting the log up to {upto}: {e}"));
+                        self.fail(format!("compacting the log up to {upto}"), e);
                     }
                 }
             }
@@ -647,7 +623,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         drop(r);
         c.since = 0;
         // Commands proposed here that the checkpoint covers will not be applied one by one.
-        for t in self.pending.drain() {
+        for (t, ()) in self.pending.drain() {
             self.completed.push((t, Err(ProposeError::Indeterminate)));
         }
         Ok(())
@@ -775,14 +751,15 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             self.stats.applied_commands += 1;
             if batch::origin_node(origin) == self.core.id() {
                 let t = batch::origin_ticket(origin);
-                if self.pending.remove(t) {
+                if self.pending.remove(t).is_some() {
                     self.completed.push((t, Ok(out)));
                 }
             }
         }
     }
 
-    fn fail(&mut self, why: String) {
+    fn fail(&mut self, during: String, source: std::io::Error) {
+        let why = StorageFailure { during, source };
         tracing::error!(
             node = self.core.id(),
             "storage failure, no longer acknowledging: {why}"

@@ -29,7 +29,50 @@ pub enum FabricError {
     },
     /// Too many operations outstanding; poll completions and retry.
     Busy,
-    Io(String),
+    /// Any other failure of the transport, with its cause.
+    Io(IoError),
+}
+
+impl FabricError {
+    /// An [`FabricError::Io`] caused by `e`.
+    pub fn io(e: std::io::Error) -> Self {
+        Self::Io(IoError(Arc::new(e)))
+    }
+}
+
+impl From<std::io::Error> for FabricError {
+    fn from(e: std::io::Error) -> Self {
+        Self::io(e)
+    }
+}
+
+/// The cause of a [`FabricError::Io`]: an `io::Error` (which may wrap the fabric's own
+/// error, see [`std::io::Error::get_ref`]), shared because completions are cloned, and
+/// compared by kind and message.
+#[derive(Debug, Clone)]
+pub struct IoError(Arc<std::io::Error>);
+
+impl IoError {
+    pub fn get(&self) -> &std::io::Error {
+        &self.0
+    }
+    pub fn kind(&self) -> std::io::ErrorKind {
+        self.0.kind()
+    }
+}
+
+impl PartialEq for IoError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string())
+    }
+}
+impl Eq for IoError {}
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 impl std::fmt::Display for FabricError {
@@ -46,7 +89,14 @@ impl std::fmt::Display for FabricError {
         }
     }
 }
-impl std::error::Error for FabricError {}
+impl std::error::Error for FabricError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(e) => Some(e.get()),
+            _ => None,
+        }
+    }
+}
 
 /// A finished one-sided operation.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -288,6 +288,18 @@ pub fn peek_len(bytes: &[u8]) -> Option<usize> {
     (bytes.len() >= ENTRY_HEADER_SIZE).then(|| rd_u32(bytes, 24) as usize)
 }
 
+/// Index and ballot of an entry that may still be arriving (unchecked: validate with
+/// [`decode_entry`]), to tell whether it belongs to the stream being read. `None` when
+/// fewer than a header's bytes are given.
+pub fn peek_stream(bytes: &[u8]) -> Option<(Index, Ballot)> {
+    (bytes.len() >= ENTRY_HEADER_SIZE).then(|| (rd_u64(bytes, 0), Ballot(rd_u64(bytes, 8))))
+}
+
+/// Offset of the seal word from the start of an entry with `payload` bytes.
+pub fn seal_offset(payload: usize) -> usize {
+    entry_size(payload) - SEAL_SIZE
+}
+
 /// Static description of a region, stored in its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionInfo {

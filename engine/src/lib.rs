@@ -5,6 +5,8 @@
 //! - [`region`]: the memory peers write into.
 //! - [`fabric`]: the `Fabric` trait; [`mem_fabric`] is the in-process implementation.
 
+#![warn(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
+
 pub mod checkpoint;
 pub mod driver;
 pub mod fabric;
@@ -15,6 +17,7 @@ pub mod region;
 pub mod ring;
 pub mod runtime;
 pub mod storage;
+pub mod tickets;
 pub mod types;
 
 pub use types::{Ballot, Index, NodeId, MAX_NODES};

@@ -118,6 +118,19 @@ struct Sim {
     queue: BinaryHeap<Timed>,
     /// Last delivery time per ordered (from, to) pair, to keep one-sided ops in order.
     fifo: BTreeMap<(NodeId, NodeId), u64>,
+    /// Entries that landed in a ring, for the simulator's acceptor checks.
+    landed: Vec<Landed>,
+}
+
+/// A whole entry that a one-sided write put into `to`'s ring (the simulator checks what
+/// the acceptor `to` does with it: never below its promise, and reported by its next one).
+#[derive(Debug, Clone)]
+pub struct Landed {
+    pub to: NodeId,
+    pub from: NodeId,
+    pub index: crate::types::Index,
+    pub ballot: crate::types::Ballot,
+    pub payload: Vec<u8>,
 }
 
 struct Net {
@@ -147,6 +160,7 @@ impl MemNet {
             faults,
             queue: BinaryHeap::new(),
             fifo: BTreeMap::new(),
+            landed: Vec::new(),
         };
         MemNet(Arc::new(Mutex::new(Net {
             nodes: BTreeMap::new(),
@@ -175,6 +189,17 @@ impl MemNet {
     }
 
     /// The node stops: it receives nothing more; operations towards it fail.
+    /// The entries that landed in rings since the last call (simulated mode).
+    pub fn take_landed(&self) -> Vec<Landed> {
+        self.0
+            .lock()
+            .unwrap()
+            .sim
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.landed))
+            .unwrap_or_default()
+    }
+
     pub fn crash(&self, node: NodeId) {
         if let Some(n) = self.0.lock().unwrap().nodes.get_mut(&node) {
             n.up = false;
@@ -183,6 +208,17 @@ impl MemNet {
     }
 
     /// Cuts (or restores) both directions between `a` and `b`.
+    /// Cuts or restores the link from `from` to `to` only (messages, writes and reads that
+    /// `from` sends; `to` still reaches `from`).
+    pub fn set_link_one_way(&self, from: NodeId, to: NodeId, up: bool) {
+        let mut n = self.0.lock().unwrap();
+        if up {
+            n.cut.remove(&(from, to));
+        } else {
+            n.cut.insert((from, to));
+        }
+    }
+
     pub fn set_link(&self, a: NodeId, b: NodeId, up: bool) {
         let mut n = self.0.lock().unwrap();
         for k in [(a, b), (b, a)] {
@@ -296,8 +332,19 @@ impl Net {
                         Ok(WriteTarget::Ring) if n.writer != Some(from) => {
                             Err(FabricError::PermissionDenied(to))
                         }
-                        Ok(_) => {
+                        Ok(target) => {
                             n.region.write(offset, &data).expect("classified in bounds");
+                            if let (Some(s), WriteTarget::Ring) = (self.sim.as_mut(), target) {
+                                if let Ok((h, p)) = crate::layout::decode_entry(&data) {
+                                    s.landed.push(Landed {
+                                        to,
+                                        from,
+                                        index: h.index,
+                                        ballot: h.ballot,
+                                        payload: p.to_vec(),
+                                    });
+                                }
+                            }
                             let lost = self.sim.as_mut().is_some_and(|s| {
                                 let p = s.faults.completion_lost;
                                 s.chance(p)

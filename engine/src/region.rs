@@ -15,9 +15,14 @@ pub struct Region {
     info: RegionInfo,
 }
 
-// SAFETY: all access goes through raw-pointer copies and atomics (see module docs); the
-// mapping lives as long as the Region.
+// SAFETY: the mapping is owned by the Region and unmapped only when it drops, whichever
+// thread that is on; nothing in it is tied to the creating thread.
 unsafe impl Send for Region {}
+// SAFETY: shared access never forms a `&[u8]` or `&mut [u8]` over the mapping: bytes go in
+// and out through bounds-checked raw-pointer copies and header words through atomics (see
+// the module docs). Copies may overlap a concurrent writer's, exactly as with a NIC writing
+// the memory; a torn copy is possible and every reader validates what it copied (seal +
+// checksum, cell check words) before using it.
 unsafe impl Sync for Region {}
 
 impl Region {

@@ -9,7 +9,7 @@
 //! `s < consumed + slots`, where `consumed` is what the follower reported in its progress
 //! cell; so a write never lands on an entry the owner has not consumed.
 
-use crate::layout::{self, flags, EntryHeader, RingGeometry, ENTRY_HEADER_SIZE, SEAL_SIZE};
+use crate::layout::{self, flags, EntryHeader, RingGeometry, ENTRY_HEADER_SIZE};
 use crate::region::Region;
 use crate::types::{Ballot, Index};
 
@@ -133,8 +133,7 @@ impl RingReader {
             let at = self.geo.slot_offset(self.slot);
             let mut head = [0u8; ENTRY_HEADER_SIZE];
             region.read(at, &mut head).ok()?;
-            let index = u64::from_le_bytes(head[0..8].try_into().unwrap());
-            let ballot = Ballot(u64::from_le_bytes(head[8..16].try_into().unwrap()));
+            let (index, ballot) = layout::peek_stream(&head)?;
             if index != self.expect || ballot != self.ballot {
                 return None;
             }
@@ -143,11 +142,10 @@ impl RingReader {
                 return None;
             }
             let total = layout::entry_size(len);
-            let end = self.geo.slot_offset(self.slot) + total;
-            if end > region.len() {
+            if at + total > region.len() {
                 return None;
             }
-            let seal = region.load_word_at(end - SEAL_SIZE)?;
+            let seal = region.load_word_at(at + layout::seal_offset(len))?;
             if seal != index {
                 return None;
             }

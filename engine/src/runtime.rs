@@ -22,13 +22,22 @@
 use crate::driver::{Outcome, Replica, StateMachine};
 use crate::fabric::Fabric;
 use crate::protocol::ProposeError;
+use crate::tickets::TicketMap;
 use crate::types::{Index, NodeId};
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// A seed for [`crate::protocol::Config::new`] that differs on every start of replica
+/// `id` (from the wall clock).
+pub fn clock_seed(id: NodeId) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        ^ u64::from(id) << 56
+}
 
 /// How the replica thread runs.
 #[derive(Debug, Clone)]
@@ -333,11 +342,11 @@ fn run<F: Fabric, S: StateMachine>(
         None => false,
     };
     let start = Instant::now();
-    let mut waiting: HashMap<u64, Sender<Outcome>> = HashMap::new();
+    let mut waiting: TicketMap<Sender<Outcome>> = TicketMap::new();
     let mut idle: u32 = 0;
     let mut parked: Option<Request> = None;
     let accept =
-        |replica: &mut Replica<F, S>, waiting: &mut HashMap<u64, Sender<Outcome>>, req: Request| {
+        |replica: &mut Replica<F, S>, waiting: &mut TicketMap<Sender<Outcome>>, req: Request| {
             match replica.propose(req.cmd) {
                 Ok(t) => {
                     waiting.insert(t, req.reply);
@@ -368,7 +377,7 @@ fn run<F: Fabric, S: StateMachine>(
         let now = start.elapsed().as_millis() as u64;
         busy |= replica.step(now);
         for (t, out) in replica.take_completed() {
-            if let Some(tx) = waiting.remove(&t) {
+            if let Some(tx) = waiting.remove(t) {
                 let _ = tx.send(out);
             }
         }
@@ -388,7 +397,7 @@ fn run<F: Fabric, S: StateMachine>(
     }
     replica.shutdown();
     for (t, out) in replica.take_completed() {
-        if let Some(tx) = waiting.remove(&t) {
+        if let Some(tx) = waiting.remove(t) {
             let _ = tx.send(out);
         }
     }
@@ -435,7 +444,7 @@ mod tests {
                     .unwrap(),
                 );
                 let fabric = net.attach(id, region);
-                let mut cfg = Config::new(id, members.clone(), ring);
+                let mut cfg = Config::new(id, members.clone(), ring, clock_seed(id));
                 cfg.batch_bytes = 4096;
                 cfg.heartbeat_timeout = 50;
                 cfg.election_timeout = 50;

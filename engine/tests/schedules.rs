@@ -68,7 +68,8 @@ fn payload(entry: &[u8]) -> Vec<u8> {
 
 impl Cluster {
     fn cfg(&self, id: NodeId) -> Config {
-        let mut c = Config::new(id, (0..self.n as NodeId).collect(), self.geo);
+        let seed = 1000 + u64::from(id) * 7919 + self.incarnations[id as usize] * 31;
+        let mut c = Config::new(id, (0..self.n as NodeId).collect(), self.geo, seed);
         c.durability = Durability::Volatile;
         c.window = 8;
         c.batch_bytes = 512;
@@ -77,7 +78,6 @@ impl Cluster {
         c.election_timeout = 12;
         c.max_outstanding = 16;
         c.message_bytes = 1024;
-        c.seed = 1000 + u64::from(id) * 7919 + self.incarnations[id as usize] * 31;
         c
     }
 
@@ -138,7 +138,7 @@ impl Cluster {
                     .push_back(Op::Write {
                         offset,
                         data: data.as_slice().to_vec(),
-                        token,
+                        token: token.get(),
                     }),
                 Action::Read {
                     peer,
@@ -148,7 +148,7 @@ impl Cluster {
                 } => self.ops.entry((me, peer)).or_default().push_back(Op::Read {
                     offset,
                     len,
-                    token,
+                    token: token.get(),
                 }),
                 Action::Send { to, msg } => {
                     if self.log {

@@ -7,6 +7,7 @@
 //! the state machine applies a command at most once, so retries are safe. One command is
 //! outstanding per client; use several clients for concurrency.
 
+use crate::error::NodeError;
 use crate::kv::{Command, KvResult, Op};
 use crate::wire::{self, NodeStatus, Request, Response};
 use std::hash::{BuildHasher, Hasher};
@@ -267,7 +268,7 @@ impl Client {
     }
 
     /// Asks every node for its status.
-    pub fn cluster_status(&self) -> Vec<(String, Result<NodeStatus, String>)> {
+    pub fn cluster_status(&self) -> Vec<(String, Result<NodeStatus, NodeError>)> {
         self.cfg
             .addrs
             .iter()
@@ -283,7 +284,7 @@ impl Client {
 
 impl Client {
     /// Asks every node to take a checkpoint now.
-    pub fn cluster_checkpoint(&self) -> Vec<(String, Result<(), String>)> {
+    pub fn cluster_checkpoint(&self) -> Vec<(String, Result<(), NodeError>)> {
         self.cfg
             .addrs
             .iter()
@@ -304,30 +305,30 @@ fn unexpected(r: KvResult) -> ClientError {
     }
 }
 
-fn one_shot(addr: &str, timeout: Duration, req: Request) -> Result<Response, String> {
+fn one_shot(addr: &str, timeout: Duration, req: Request) -> Result<Response, NodeError> {
     let go = || -> io::Result<Response> {
         let mut s = TcpStream::connect_timeout(&resolve(addr)?, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         exchange(&mut s, &req.encode())
     };
-    go().map_err(|e| e.to_string())
+    go().map_err(NodeError::Unreachable)
 }
 
 /// One node's status.
-pub fn status(addr: &str, timeout: Duration) -> Result<NodeStatus, String> {
+pub fn status(addr: &str, timeout: Duration) -> Result<NodeStatus, NodeError> {
     match one_shot(addr, timeout, Request::Status)? {
-        Response::Ok(b) => NodeStatus::decode(&b),
-        other => Err(format!("unexpected answer {other:?}")),
+        Response::Ok(b) => NodeStatus::decode(&b).map_err(NodeError::Answer),
+        other => Err(NodeError::Answer(format!("unexpected answer {other:?}"))),
     }
 }
 
 /// Asks one node to take a checkpoint now (it is written in the background; its status
 /// shows the newest checkpoint).
-pub fn checkpoint(addr: &str, timeout: Duration) -> Result<(), String> {
+pub fn checkpoint(addr: &str, timeout: Duration) -> Result<(), NodeError> {
     match one_shot(addr, timeout, Request::Checkpoint)? {
         Response::Ok(b) if b.is_empty() => Ok(()),
-        Response::Error(e) => Err(e),
-        other => Err(format!("unexpected answer {other:?}")),
+        Response::Error(e) => Err(NodeError::Answer(e)),
+        other => Err(NodeError::Answer(format!("unexpected answer {other:?}"))),
     }
 }

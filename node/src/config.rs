@@ -1,6 +1,7 @@
 //! `ballot-node` configuration: a TOML file and/or flags (flags win), validated into a
 //! [`NodeConfig`]. Every mistake is a clear error, never a panic.
 
+use crate::error::NodeError;
 use ballot::checkpoint::CheckpointPolicy;
 use clap::Parser;
 use serde::Deserialize;
@@ -230,7 +231,7 @@ fn resolve(what: &str, s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Parses `id=host:port` entries; ids unique and below `MAX_NODES`.
-pub fn parse_id_list(what: &str, items: &[String]) -> Result<BTreeMap<u8, String>, String> {
+pub(crate) fn parse_id_list(what: &str, items: &[String]) -> Result<BTreeMap<u8, String>, String> {
     let mut out = BTreeMap::new();
     for item in items {
         let (id, addr) = item
@@ -290,7 +291,11 @@ fn load_key(key_file: Option<&PathBuf>) -> Result<Vec<u8>, String> {
 
 impl NodeConfig {
     /// Merges the file named by `--config` (if any) with the flags and validates.
-    pub fn load(flags: Flags) -> Result<NodeConfig, String> {
+    pub fn load(flags: Flags) -> Result<NodeConfig, NodeError> {
+        Self::merge(flags).map_err(NodeError::Config)
+    }
+
+    fn merge(flags: Flags) -> Result<NodeConfig, String> {
         let file = match &flags.config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
@@ -508,7 +513,7 @@ mod tests {
             (1, 16, &b"secret"[..])
         );
         assert_eq!(ok.client_peers[&1], "127.0.0.1:3");
-        let err = |args: &[&str]| NodeConfig::load(flags(args)).unwrap_err();
+        let err = |args: &[&str]| NodeConfig::load(flags(args)).unwrap_err().to_string();
         let with = |k: &str, v: &str| {
             let mut a: Vec<&str> = base.to_vec();
             let i = a.iter().position(|x| *x == k).unwrap();
@@ -652,15 +657,19 @@ mod tests {
             ("rejoin = true\n", "rejoin"),
         ] {
             std::fs::write(&file, format!("{toml_base}{line}")).unwrap();
-            let e = NodeConfig::load(flags(&["-c", file.to_str().unwrap()])).unwrap_err();
+            let e = NodeConfig::load(flags(&["-c", file.to_str().unwrap()]))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{line}: {e}");
         }
         std::fs::write(&file, "node = 0\nbogus = 1\n").unwrap();
         assert!(NodeConfig::load(flags(&["-c", file.to_str().unwrap()]))
             .unwrap_err()
+            .to_string()
             .contains("bogus"));
         assert!(NodeConfig::load(flags(&["-c", "/nonexistent.toml"]))
             .unwrap_err()
+            .to_string()
             .contains("cannot read config"));
         std::fs::remove_dir_all(&dir).ok();
     }

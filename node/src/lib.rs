@@ -5,9 +5,13 @@
 //! - [`client`]: the client library (redirects, retries with the same sequence number).
 //! - [`config`]: the replica's configuration (TOML and flags).
 //! - [`server`]: the replica process.
+//! - [`error`]: [`NodeError`], what the fallible entry points return.
 
 pub mod client;
 pub mod config;
+pub mod error;
 pub mod kv;
 pub mod server;
 pub mod wire;
+
+pub use error::NodeError;

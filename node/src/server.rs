@@ -2,6 +2,7 @@
 //! listener.
 
 use crate::config::{FabricChoice, NodeConfig};
+use crate::error::NodeError;
 use crate::kv::{Command, DigestCell, KvMachine};
 use crate::wire::{self, NodeStatus, Request, Response};
 use ballot::checkpoint::Checkpoints;
@@ -32,18 +33,18 @@ pub fn ring() -> RingGeometry {
 }
 
 /// Reads or creates the boot marker; `Ok(true)` when this is a restart.
-pub fn boot_marker(dir: &Path, cluster: u64, node: u8) -> Result<bool, String> {
+pub fn boot_marker(dir: &Path, cluster: u64, node: u8) -> Result<bool, NodeError> {
     std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+        .map_err(|e| NodeError::io(format!("cannot create data dir {}", dir.display()), e))?;
     let path = dir.join(MARKER);
     let want = format!("cluster={cluster:#x} node={node}\n");
     match std::fs::read_to_string(&path) {
         Ok(have) if have == want => Ok(true),
-        Ok(have) => Err(format!(
+        Ok(have) => Err(NodeError::Refused(format!(
             "data dir {} belongs to another replica ({}), not cluster={cluster:#x} node={node}",
             dir.display(),
             have.trim()
-        )),
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let tmp = dir.join(format!("{MARKER}.tmp"));
             let write = || -> std::io::Result<()> {
@@ -53,10 +54,15 @@ pub fn boot_marker(dir: &Path, cluster: u64, node: u8) -> Result<bool, String> {
                 std::fs::rename(&tmp, &path)?;
                 std::fs::File::open(dir)?.sync_all()
             };
-            write().map_err(|e| format!("cannot write boot marker {}: {e}", path.display()))?;
+            write().map_err(|e| {
+                NodeError::io(format!("cannot write boot marker {}", path.display()), e)
+            })?;
             Ok(false)
         }
-        Err(e) => Err(format!("cannot read boot marker {}: {e}", path.display())),
+        Err(e) => Err(NodeError::io(
+            format!("cannot read boot marker {}", path.display()),
+            e,
+        )),
     }
 }
 
@@ -82,10 +88,10 @@ pub enum Boot {
 
 /// Reads the data dir's markers and decides how this replica starts (writing the boot
 /// marker, and the rejoin marker for a durable rejoin).
-pub fn decide_boot(cfg: &NodeConfig) -> Result<Boot, String> {
+pub fn decide_boot(cfg: &NodeConfig) -> Result<Boot, NodeError> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+        .map_err(|e| NodeError::io(format!("cannot create data dir {}", dir.display()), e))?;
     let had_marker = dir.join(MARKER).exists();
     let pending = dir.join(REJOIN_MARKER).exists();
     // Durable state gone although the marker is there: `--rejoin` may rebuild it.
@@ -93,8 +99,10 @@ pub fn decide_boot(cfg: &NodeConfig) -> Result<Boot, String> {
     let rejoin = pending || (cfg.rejoin && (!had_marker || lost));
     if rejoin && cfg.durable && !pending {
         // Durable before anything else: a crash from here on rejoins again.
-        Persister::mark_rejoining(dir)
-            .map_err(|e| format!("cannot write the rejoin marker in {}: {e}", dir.display()))?;
+        Persister::mark_rejoining(dir).map_err(|source| NodeError::Storage {
+            what: format!("cannot write the rejoin marker in {}", dir.display()),
+            source,
+        })?;
     }
     let restart = boot_marker(dir, cfg.cluster, cfg.node)?;
     if cfg.rejoin && !rejoin {
@@ -115,10 +123,11 @@ pub fn decide_boot(cfg: &NodeConfig) -> Result<Boot, String> {
 
 /// Removes the durable log, promise and rewrite files (a rejoin starts from nothing; the
 /// rejoin marker stays).
-fn wipe_durable(dir: &Path) -> Result<(), String> {
-    let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+fn wipe_durable(dir: &Path) -> Result<(), NodeError> {
+    let list = |e| NodeError::io(format!("cannot list {}", dir.display()), e);
+    let rd = std::fs::read_dir(dir).map_err(list)?;
     for ent in rd {
-        let ent = ent.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let ent = ent.map_err(list)?;
         let name = ent.file_name();
         let name = name.to_string_lossy();
         let durable = (name.starts_with("seg-") && name.ends_with(".log"))
@@ -127,21 +136,20 @@ fn wipe_durable(dir: &Path) -> Result<(), String> {
             || name == ballot::storage::persister::REWRITE_LOG;
         if durable {
             let p = ent.path();
-            std::fs::remove_file(&p).map_err(|e| format!("cannot remove {}: {e}", p.display()))?;
+            std::fs::remove_file(&p)
+                .map_err(|e| NodeError::io(format!("cannot remove {}", p.display()), e))?;
         }
     }
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+        .map_err(|e| NodeError::io(format!("cannot sync {}", dir.display()), e))
 }
 
-fn open_checkpoints(dir: &Path) -> Result<FileCheckpoints, String> {
+fn open_checkpoints(dir: &Path) -> Result<FileCheckpoints, NodeError> {
     let ck_dir = dir.join(CHECKPOINT_DIR);
-    FileCheckpoints::open(&ck_dir).map_err(|e| {
-        format!(
-            "cannot open the checkpoints in {}: {e}; refusing to start",
-            ck_dir.display()
-        )
+    FileCheckpoints::open(&ck_dir).map_err(|source| NodeError::Unrecoverable {
+        what: format!("cannot open the checkpoints in {}", ck_dir.display()),
+        source,
     })
 }
 
@@ -156,34 +164,33 @@ struct Durable {
 /// Durable mode: recovers the promise, the newest checkpoint that verifies and the log
 /// after it from the data dir (torn tail cut and reported; corruption refused, naming file
 /// and offset) and rebuilds the core from them. A rejoin starts from nothing, recovering.
-fn open_durable(cfg: &NodeConfig, pc: Config, boot: Boot) -> Result<Durable, String> {
+fn open_durable(cfg: &NodeConfig, pc: Config, boot: Boot) -> Result<Durable, NodeError> {
     let dir = &cfg.data_dir;
     if boot == Boot::Restart && !dir.join("promise").exists() {
-        return Err(format!(
+        return Err(NodeError::Refused(format!(
             "data dir {} has a boot marker but no durable state (was it run in volatile \
              mode, or was its state deleted?): refusing to start a durable replica that may \
              have forgotten promises (if this replica's data was lost, start it with \
              --rejoin)",
             dir.display()
-        ));
+        )));
     }
     if boot == Boot::Rejoin {
         wipe_durable(dir)?;
     }
     let mut checkpoints = open_checkpoints(dir)?;
     if boot == Boot::Rejoin {
-        checkpoints
-            .clear()
-            .map_err(|e| format!("cannot clear {}: {e}", checkpoints.dir().display()))?;
+        checkpoints.clear().map_err(|e| {
+            NodeError::io(format!("cannot clear {}", checkpoints.dir().display()), e)
+        })?;
     }
     let mut opts = PersisterOptions::default();
     opts.log.segment_bytes = cfg.segment_bytes;
-    let (mut persister, rec) = Persister::open(dir, opts).map_err(|e| {
-        format!(
-            "cannot recover the durable state in {}: {e}; refusing to start",
-            dir.display()
-        )
-    })?;
+    let (mut persister, rec) =
+        Persister::open(dir, opts).map_err(|source| NodeError::Unrecoverable {
+            what: format!("cannot recover the durable state in {}", dir.display()),
+            source,
+        })?;
     if let Some(t) = &rec.log.torn_tail {
         tracing::warn!(
             file = %t.file.display(),
@@ -207,7 +214,7 @@ fn open_durable(cfg: &NodeConfig, pc: Config, boot: Boot) -> Result<Durable, Str
             "ballot-node: rejoining with an empty data dir: recovering from a majority \
              before taking part"
         );
-        let core = Core::new(pc, true).map_err(|e| format!("bad configuration: {e}"))?;
+        let core = Core::new(pc, true)?;
         return Ok(Durable {
             core,
             persister,
@@ -225,9 +232,9 @@ fn open_durable(cfg: &NodeConfig, pc: Config, boot: Boot) -> Result<Durable, Str
     if base > 0 {
         // Entries the checkpoint covers go (a log that ends below it is emptied, so that
         // the next append, at base + 1, is accepted).
-        persister
-            .compact(base)
-            .map_err(|e| format!("cannot compact the log in {}: {e}", dir.display()))?;
+        persister.compact(base).map_err(|e| {
+            NodeError::io(format!("cannot compact the log in {}", dir.display()), e)
+        })?;
     }
     tracing::info!(
         promised = %rec.promised,
@@ -237,8 +244,7 @@ fn open_durable(cfg: &NodeConfig, pc: Config, boot: Boot) -> Result<Durable, Str
         rewrite_discarded = rec.rewrite_discarded,
         "recovered durable state"
     );
-    let core = Core::restore(pc, rec.promised, base, entries)
-        .map_err(|e| format!("bad configuration: {e}"))?;
+    let core = Core::restore(pc, rec.promised, base, entries)?;
     Ok(Durable {
         core,
         persister,
@@ -254,7 +260,7 @@ fn restore_checkpoint(
     dir: &Path,
     ck: &mut FileCheckpoints,
     first: Option<Index>,
-) -> Result<(Index, KvMachine), String> {
+) -> Result<(Index, KvMachine), NodeError> {
     let covers = |c: Index| first.is_none_or(|f| f <= c + 1);
     let seg = |f: Index| dir.join(format!("seg-{f:020}.log"));
     let mut corrupt: Vec<(Index, String)> = Vec::new();
@@ -305,18 +311,21 @@ fn restore_checkpoint(
                 }
                 None => "there is no older checkpoint".to_string(),
             };
-            return Err(format!(
+            return Err(NodeError::Refused(format!(
                 "cannot recover the durable state in {}: {why}the log starts at index {f} \
                  ({}) and {older}: entries before {f} are missing; refusing to start",
                 dir.display(),
                 seg(f).display()
-            ));
+            )));
         }
     };
     for (i, e) in corrupt {
-        let to = ck
-            .set_aside(i)
-            .map_err(|err| format!("cannot set aside the corrupt checkpoint at {i}: {err}"))?;
+        let to = ck.set_aside(i).map_err(|err| {
+            NodeError::io(
+                format!("cannot set aside the corrupt checkpoint at {i}"),
+                err,
+            )
+        })?;
         eprintln!(
             "ballot-node: recovery: corrupt checkpoint set aside as {} ({e}); restored from {}",
             to.display(),
@@ -337,7 +346,7 @@ fn restore_checkpoint(
     Ok(chosen)
 }
 
-fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, String> {
+fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, NodeError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match TcpListener::bind(addr) {
@@ -345,7 +354,12 @@ fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, Str
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50))
             }
-            Err(e) => return Err(format!("cannot listen for {what} on {addr}: {e}")),
+            Err(e) => {
+                return Err(NodeError::io(
+                    format!("cannot listen for {what} on {addr}"),
+                    e,
+                ))
+            }
         }
     }
 }
@@ -390,7 +404,7 @@ fn rdma_fabric(
     gid_index: Option<u32>,
     recovering: bool,
     region: Arc<Region>,
-) -> Result<RdmaFabric, String> {
+) -> Result<RdmaFabric, NodeError> {
     let listen = cfg.peers[&cfg.node];
     let others = cfg
         .peers
@@ -407,7 +421,10 @@ fn rdma_fabric(
     rc.auto_reconnect = true;
     // The default staging (8 MiB per peer) holds the largest write: one entry, at most
     // half the 8 MiB ring.
-    let f = RdmaFabric::connect(&rc, region).map_err(|e| format!("rdma fabric: {e}"))?;
+    let f = RdmaFabric::connect(&rc, region).map_err(|source| NodeError::Fabric {
+        what: "rdma fabric",
+        source,
+    })?;
     tracing::info!(
         device = f.device(),
         gid_index = f.gid_index(),
@@ -418,7 +435,7 @@ fn rdma_fabric(
 }
 
 impl Node {
-    pub fn start(cfg: NodeConfig) -> Result<Node, String> {
+    pub fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
         let boot = decide_boot(&cfg)?;
         let recovering = boot != Boot::Fresh;
         let ring = ring();
@@ -427,11 +444,16 @@ impl Node {
             node: cfg.node,
             ring,
         })
-        .map_err(|e| format!("cannot allocate the region: {e}"))?;
+        .map_err(|e| NodeError::io("cannot allocate the region", e))?;
         let listen = cfg.peers[&cfg.node];
         let region = Arc::new(region);
         let members: Vec<u8> = cfg.peers.keys().copied().collect();
-        let mut pc = Config::new(cfg.node, members, ring);
+        let mut pc = Config::new(
+            cfg.node,
+            members,
+            ring,
+            ballot::runtime::clock_seed(cfg.node),
+        );
         pc.batch_bytes = crate::kv::MAX_COMMAND + 64;
         pc.heartbeat_timeout = cfg.heartbeat_timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
         pc.election_timeout = cfg.election_timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
@@ -444,14 +466,14 @@ impl Node {
             // A volatile restart is amnesiac: checkpoints of an earlier run are not used.
             let mut ck = open_checkpoints(&cfg.data_dir)?;
             ck.clear()
-                .map_err(|e| format!("cannot clear {}: {e}", ck.dir().display()))?;
+                .map_err(|e| NodeError::io(format!("cannot clear {}", ck.dir().display()), e))?;
             if boot == Boot::Rejoin {
                 eprintln!(
                     "ballot-node: rejoining with an empty data dir: recovering from a \
                      majority before taking part"
                 );
             }
-            let core = Core::new(pc, recovering).map_err(|e| format!("bad configuration: {e}"))?;
+            let core = Core::new(pc, recovering)?;
             (core, None, ck, KvMachine::default())
         };
         let digest = kv.digest_cell();
@@ -461,7 +483,7 @@ impl Node {
             name: format!("replica-{}", cfg.node),
             ..RuntimeConfig::default()
         };
-        let start = |e: std::io::Error| format!("cannot start the replica thread: {e}");
+        let start = |e| NodeError::io("cannot start the replica thread", e);
         let runtime = match &cfg.fabric {
             FabricChoice::Tcp => {
                 let fabric_listener = bind_retry(listen, "the fabric")?;
@@ -474,7 +496,7 @@ impl Node {
                     region,
                 );
                 let fabric = TcpFabric::start_with_listener(tcp, fabric_listener)
-                    .map_err(|e| format!("fabric: {e}"))?;
+                    .map_err(|e| NodeError::io("fabric", e))?;
                 let replica = Replica::new(core, fabric, kv, storage)
                     .with_checkpoints(checkpoints, cfg.checkpoint);
                 NodeRuntime::Tcp(Runtime::start(replica, rc).map_err(start)?)
@@ -496,7 +518,7 @@ impl Node {
         std::thread::Builder::new()
             .name("client-accept".into())
             .spawn(move || accept_loop(client_listener, h, peers, digest, st))
-            .map_err(|e| format!("cannot start the client listener: {e}"))?;
+            .map_err(|e| NodeError::io("cannot start the client listener", e))?;
         tracing::info!(
             node = cfg.node,
             boot = ?boot,

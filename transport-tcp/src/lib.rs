@@ -612,7 +612,10 @@ impl TcpFabric {
                     spins += 1;
                     if spins & 1023 == 0 {
                         if t0.elapsed() > timeout {
-                            break Err(FabricError::Io("timed out".into()));
+                            break Err(FabricError::io(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "timed out",
+                            )));
                         }
                         std::thread::yield_now();
                     } else {
@@ -620,7 +623,7 @@ impl TcpFabric {
                     }
                 }
                 Err(TryRecvError::Disconnected) => {
-                    break Err(FabricError::Io("fabric stopped".into()))
+                    break Err(FabricError::io(io::Error::other("fabric stopped")))
                 }
             }
         };

@@ -111,7 +111,12 @@ pub fn spawn_listener(
             while !stop.load(Ordering::Acquire) {
                 match listen.accept() {
                     Ok((mut s, from)) => {
-                        match admit(&auth, &mut s, |id| peers.contains(&id), Duration::from_secs(5)) {
+                        match admit(
+                            &auth,
+                            &mut s,
+                            |id| peers.contains(&id),
+                            Duration::from_secs(5),
+                        ) {
                             Ok(p) => {
                                 if tx.send((p, s)).is_err() {
                                     return;
@@ -119,7 +124,10 @@ pub fn spawn_listener(
                             }
                             Err(e) => {
                                 refused.fetch_add(1, Ordering::Relaxed);
-                                eprintln!("ballot-verbs: node {}: bootstrap connection from {from} refused: {e}", auth.node);
+                                tracing::warn!(
+                                    "node {}: bootstrap connection from {from} refused: {e}",
+                                    auth.node
+                                );
                             }
                         }
                     }
@@ -267,7 +275,7 @@ pub fn open_streams(
                         out.push((id, s));
                     }
                     Err(e) => {
-                        eprintln!("ballot-verbs: node {me}: bootstrap connection from {from} refused: {e}");
+                        tracing::warn!("node {me}: bootstrap connection from {from} refused: {e}");
                         refused.push(format!("{from}: {e}"));
                     }
                 }

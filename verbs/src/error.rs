@@ -69,7 +69,15 @@ impl From<VerbsError> for FabricError {
     fn from(e: VerbsError) -> Self {
         match e {
             VerbsError::NoDevice(s) => FabricError::NoDevice(s),
-            e => FabricError::Io(e.to_string()),
+            e => {
+                let kind = match &e {
+                    VerbsError::Call { errno, .. } => {
+                        std::io::Error::from_raw_os_error(*errno).kind()
+                    }
+                    _ => std::io::ErrorKind::InvalidInput,
+                };
+                FabricError::io(std::io::Error::new(kind, e))
+            }
         }
     }
 }
@@ -113,10 +121,10 @@ pub fn wc_to_fabric(status: u32, is_write: bool, peer: NodeId) -> FabricError {
         | st::IBV_WC_WR_FLUSH_ERR
         | st::IBV_WC_RESP_TIMEOUT_ERR
         | st::IBV_WC_REM_ABORT_ERR => FabricError::Disconnected(peer),
-        s => FabricError::Io(format!(
+        s => FabricError::io(std::io::Error::other(format!(
             "peer {peer}: work completion failed: {} (status {s})",
             wc_status_name(s)
-        )),
+        ))),
     }
 }
 
@@ -132,8 +140,13 @@ mod tests {
         assert!(s.contains("INIT->RTR") && s.contains("errno 22"), "{s}");
         let f: FabricError = VerbsError::NoDevice("x".into()).into();
         assert_eq!(f, FabricError::NoDevice("x".into()));
-        let f: FabricError = e.into();
-        assert!(matches!(f, FabricError::Io(s) if s.contains("errno 22")));
+        let f: FabricError = e.clone().into();
+        assert!(matches!(&f, FabricError::Io(s) if s.to_string().contains("errno 22")));
+        assert_eq!(f.to_string(), format!("I/O error: {e}"));
+        let source = std::error::Error::source(&f).expect("the verbs error is the source");
+        let io = source.downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(io.get_ref().unwrap().downcast_ref::<VerbsError>(), Some(&e));
     }
 
     #[test]
@@ -159,6 +172,6 @@ mod tests {
             FabricError::Disconnected(3)
         );
         assert!(matches!(wc_to_fabric(st::IBV_WC_LOC_PROT_ERR, true, 0),
-                         FabricError::Io(s) if s.contains("local protection")));
+                         FabricError::Io(s) if s.to_string().contains("local protection")));
     }
 }

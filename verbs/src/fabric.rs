@@ -228,13 +228,18 @@ fn psn(node: NodeId, peer: NodeId, epoch: u32, ctrl: bool) -> u32 {
         & 0xff_ffff
 }
 
+/// A failure described by text only (bootstrap, configuration), as a fabric error.
+fn other(why: String) -> FabricError {
+    FabricError::io(std::io::Error::other(why))
+}
+
 impl RdmaFabric {
     /// Opens the device, registers `region`, creates the QPs and connects to every peer
     /// through the authenticated TCP bootstrap. Blocks until all peers are connected or the
     /// timeout. The bootstrap listener then keeps running (until drop) so that a restarted
     /// peer can re-bootstrap: `poll` replaces its QPs.
     pub fn connect(cfg: &RdmaConfig, region: Arc<Region>) -> Result<RdmaFabric, FabricError> {
-        let bad = |s: String| FabricError::Io(s);
+        let bad = other;
         if cfg
             .peers
             .iter()
@@ -496,7 +501,7 @@ impl RdmaFabric {
         mtu: u32,
         may_write: bool,
     ) -> Result<(), FabricError> {
-        peer.remote = bootstrap::exchange(s, &peer.mine).map_err(FabricError::Io)?;
+        peer.remote = bootstrap::exchange(s, &peer.mine).map_err(other)?;
         let mtu = mtu.min(peer.remote.mtu);
         let r = &peer.remote;
         peer.data
@@ -555,7 +560,7 @@ impl RdmaFabric {
         let mut fresh = Self::make_peer(&self.shared, self.node, p, gen).map_err(fe)?;
         let path = self.path;
         Self::connect_peer(&mut fresh, &mut s, &path, self.mtu, self.writer == Some(p))?;
-        bootstrap::barrier(&mut s).map_err(FabricError::Io)?;
+        bootstrap::barrier(&mut s).map_err(other)?;
         let old = std::mem::replace(&mut self.peers[i], fresh);
         let mut old = old;
         Self::fail_data(&mut old, &mut self.events, FabricError::Disconnected(p));
@@ -583,14 +588,13 @@ impl RdmaFabric {
     fn maintain(&mut self) {
         while let Ok((p, s)) = self.rebootstrap.try_recv() {
             match self.rebootstrap_peer(p, s) {
-                Ok(()) => eprintln!(
-                    "ballot-verbs: node {}: peer {p} re-bootstrapped (new QPs, rkeys and region)",
+                Ok(()) => tracing::info!(
+                    "node {}: peer {p} re-bootstrapped (new QPs, rkeys and region)",
                     self.node
                 ),
-                Err(e) => eprintln!(
-                    "ballot-verbs: node {}: re-bootstrap of peer {p} failed: {e}",
-                    self.node
-                ),
+                Err(e) => {
+                    tracing::warn!("node {}: re-bootstrap of peer {p} failed: {e}", self.node)
+                }
             }
         }
         if !self.auto_reconnect {
@@ -613,8 +617,8 @@ impl RdmaFabric {
             }
             let why = self.peers[i].broken.clone().map(|e| e.to_string());
             let r = self.reconnect(p);
-            eprintln!(
-                "ballot-verbs: node {}: data QP to {p} broken ({}): reconnect {}",
+            tracing::warn!(
+                "node {}: data QP to {p} broken ({}): reconnect {}",
                 self.node,
                 why.unwrap_or_default(),
                 match r {
@@ -715,13 +719,13 @@ impl RdmaFabric {
             peer.list.signal_last();
             peer.unsignaled = 0;
             if let Err(e) = peer.data.post_send(&mut peer.list) {
-                let err = FabricError::Io(e.to_string());
+                let err = FabricError::from(e);
                 Self::fail_data(peer, &mut self.events, err);
             }
         }
         if !peer.ctrl_list.is_empty() {
             if let Err(e) = peer.ctrl.post_send(&mut peer.ctrl_list) {
-                peer.ctrl_broken = Some(FabricError::Io(e.to_string()));
+                peer.ctrl_broken = Some(FabricError::from(e));
             }
         }
     }
@@ -810,7 +814,7 @@ impl RdmaFabric {
         // Control messages go out at once: they are rare and latency matters more.
         let r = peer.ctrl.post_send(&mut peer.ctrl_list);
         r.map_err(|e| {
-            let err = FabricError::Io(e.to_string());
+            let err = FabricError::from(e);
             peer.ctrl_broken = Some(err.clone());
             err
         })

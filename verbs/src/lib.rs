@@ -8,6 +8,8 @@
 //!
 //! See `docs/rdma.md`.
 
+#![warn(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
+
 pub mod bootstrap;
 pub mod error;
 pub mod fabric;
@@ -16,3 +18,16 @@ pub mod wr;
 
 pub use error::VerbsError;
 pub use fabric::{RdmaConfig, RdmaFabric};
+
+/// For binaries that have no `tracing` subscriber of their own: prints this crate's
+/// diagnostics (refused bootstrap connections, re-bootstraps, data-QP reconnects) on
+/// stderr; `RUST_LOG` overrides the default filter (`ballot_verbs=info`). Does nothing if a
+/// subscriber is already installed.
+pub fn init_diagnostics() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ballot_verbs=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -108,8 +108,11 @@ pub struct Context {
     ctx: *mut ibv_context,
     name: String,
 }
-// SAFETY: ibv_context is thread safe (libibverbs locks internally).
+// SAFETY: the pointer is owned (closed once, in Drop) and an ibv_context is not tied to the
+// thread that opened it.
 unsafe impl Send for Context {}
+// SAFETY: shared use only passes the context to libibverbs calls, which are thread safe
+// (the library and providers lock internally); no Rust code reads or writes through it.
 unsafe impl Sync for Context {}
 
 /// What a port reports.
@@ -238,12 +241,16 @@ pub struct Pd {
     pd: *mut ibv_pd,
     ctx: Arc<Context>,
 }
+// SAFETY: the pointer is owned (deallocated once, in Drop, after every MR and QP holding an
+// Arc<Pd> is gone) and a protection domain is not tied to a thread.
 unsafe impl Send for Pd {}
+// SAFETY: shared use only passes the PD to ibv_reg_mr / ibv_create_qp, which are thread
+// safe; no Rust code reads or writes through the pointer.
 unsafe impl Sync for Pd {}
 
 impl Pd {
     pub fn new(ctx: &Arc<Context>) -> Result<Arc<Pd>, VerbsError> {
-        // SAFETY: valid context.
+        // SAFETY: `ctx.ctx` is open until the Context drops, which `ctx` (an Arc) prevents.
         let pd = unsafe { ibv_alloc_pd(ctx.ctx) };
         if pd.is_null() {
             return Err(VerbsError::last(format!("ibv_alloc_pd({})", ctx.name)));
@@ -290,8 +297,12 @@ pub struct Mr {
     _pd: Arc<Pd>,
     _backing: Backing,
 }
-// SAFETY: the memory is only accessed through raw copies (NIC semantics, as in Region).
+// SAFETY: the registration and the memory it covers are owned (the backing lives in the Mr,
+// deregistered once in Drop) and not tied to a thread.
 unsafe impl Send for Mr {}
+// SAFETY: through `&Mr` the registered memory is only accessed by bounds-checked raw copies
+// (NIC semantics, as in Region: the NIC may write it concurrently, readers validate), and
+// the ibv_mr is only read for its immutable lkey/rkey.
 unsafe impl Sync for Mr {}
 
 impl Mr {
@@ -364,7 +375,7 @@ impl Mr {
     pub fn alloc(pd: &Arc<Pd>, len: usize, access: Access) -> Result<Arc<Mr>, VerbsError> {
         let layout = std::alloc::Layout::from_size_align(len.max(1), 4096)
             .map_err(|e| VerbsError::Invalid(format!("buffer of {len} bytes: {e}")))?;
-        // SAFETY: non-zero size.
+        // SAFETY: the layout has a non-zero size (`len.max(1)`); a null return is checked.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             return Err(VerbsError::Invalid(format!(
@@ -376,11 +387,11 @@ impl Mr {
     }
 
     pub fn lkey(&self) -> u32 {
-        // SAFETY: valid registration.
+        // SAFETY: `self.mr` came from a successful ibv_reg_mr and stays registered until Drop.
         unsafe { (*self.mr).lkey }
     }
     pub fn rkey(&self) -> u32 {
-        // SAFETY: valid registration.
+        // SAFETY: `self.mr` came from a successful ibv_reg_mr and stays registered until Drop.
         unsafe { (*self.mr).rkey }
     }
     /// Address of the first registered byte (what a peer names in remote operations).
@@ -455,14 +466,20 @@ pub struct Cq {
     depth: usize,
     _ctx: Arc<Context>,
 }
+// SAFETY: the pointer is owned (destroyed once, in Drop, after every QP holding an
+// Arc<Cq>) and a CQ is not tied to a thread.
 unsafe impl Send for Cq {}
+// SAFETY: shared use is ibv_poll_cq (and passing the CQ to ibv_create_qp); libibverbs
+// providers lock the CQ internally, so concurrent polls are safe (each completion is
+// returned once).
 unsafe impl Sync for Cq {}
 
 const POLL_BATCH: usize = 32;
 
 impl Cq {
     pub fn new(ctx: &Arc<Context>, depth: usize) -> Result<Arc<Cq>, VerbsError> {
-        // SAFETY: valid context; no channel.
+        // SAFETY: `ctx.ctx` is open (the Arc keeps the Context alive); no completion channel
+        // and no context pointer are passed.
         let cq = unsafe {
             ibv_create_cq(
                 ctx.ctx,
@@ -575,6 +592,9 @@ pub struct Qp {
     caps: QpCaps,
     access: Access,
 }
+// SAFETY: the QP pointer is owned (destroyed once, in Drop) and not tied to a thread; the
+// MRs, CQs and PD it uses are held in Arcs (themselves Send + Sync). Qp is deliberately not
+// Sync: posting and state changes take `&mut self`.
 unsafe impl Send for Qp {}
 
 impl Qp {
@@ -584,7 +604,8 @@ impl Qp {
         recv_cq: &Arc<Cq>,
         caps: QpCaps,
     ) -> Result<Qp, VerbsError> {
-        // SAFETY: zeroed POD init struct, then filled.
+        // SAFETY: ibv_qp_init_attr is a plain C struct: all-zero bytes are a valid value (null
+        // pointers, zero counts); the fields that matter are set below.
         let mut a: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         a.send_cq = send_cq.cq;
         a.recv_cq = recv_cq.cq;
@@ -611,7 +632,7 @@ impl Qp {
     }
 
     pub fn num(&self) -> u32 {
-        // SAFETY: valid QP.
+        // SAFETY: `self.qp` came from a successful ibv_create_qp and lives until Drop.
         unsafe { (*self.qp).qp_num }
     }
     pub fn caps(&self) -> QpCaps {
@@ -638,7 +659,8 @@ impl Qp {
     }
 
     fn modify(&mut self, attr: &mut ibv_qp_attr, mask: u32, what: &str) -> Result<(), VerbsError> {
-        // SAFETY: valid QP and attribute struct.
+        // SAFETY: `self.qp` is live until Drop; `attr` is a valid struct for the call and
+        // `mask` names only the fields its callers set.
         let r = unsafe { ibv_modify_qp(self.qp, attr, mask as i32) };
         if r != 0 {
             return Err(VerbsError::ret(
@@ -651,7 +673,8 @@ impl Qp {
 
     /// RESET → INIT, granting the peer `access` to memory reachable through this QP.
     pub fn to_init(&mut self, port: u8, access: Access) -> Result<(), VerbsError> {
-        // SAFETY: POD.
+        // SAFETY: ibv_qp_attr is a plain C struct (integers, arrays, nullable pointers): all-zero
+        // bytes are a valid value; the fields that matter are set below.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_INIT;
         a.pkey_index = 0;
@@ -674,7 +697,8 @@ impl Qp {
         path: &PathConfig,
         mtu: u32,
     ) -> Result<(), VerbsError> {
-        // SAFETY: POD.
+        // SAFETY: ibv_qp_attr is a plain C struct (integers, arrays, nullable pointers): all-zero
+        // bytes are a valid value; the fields that matter are set below.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_RTR;
         a.path_mtu = mtu;
@@ -700,7 +724,8 @@ impl Qp {
 
     /// RTR → RTS.
     pub fn to_rts(&mut self, psn: u32, path: &PathConfig) -> Result<(), VerbsError> {
-        // SAFETY: POD.
+        // SAFETY: ibv_qp_attr is a plain C struct (integers, arrays, nullable pointers): all-zero
+        // bytes are a valid value; the fields that matter are set below.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_RTS;
         a.sq_psn = psn;
@@ -734,7 +759,8 @@ impl Qp {
 
     /// Changes what the peer may do through this QP while it is connected (RTS → RTS).
     pub fn set_access(&mut self, access: Access) -> Result<(), VerbsError> {
-        // SAFETY: POD.
+        // SAFETY: ibv_qp_attr is a plain C struct (integers, arrays, nullable pointers): all-zero
+        // bytes are a valid value; the fields that matter are set below.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_RTS;
         a.cur_qp_state = ibv_qp_state::IBV_QPS_RTS;
@@ -749,7 +775,8 @@ impl Qp {
     /// Moves the QP to RESET: outstanding requests are discarded, the peer's next
     /// operation fails. Bring it back with [`Qp::connect`].
     pub fn reset(&mut self) -> Result<(), VerbsError> {
-        // SAFETY: POD.
+        // SAFETY: ibv_qp_attr is a plain C struct (integers, arrays, nullable pointers): all-zero
+        // bytes are a valid value; the fields that matter are set below.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_RESET;
         self.modify(&mut a, ibv_qp_attr_mask::IBV_QP_STATE.0, "->RESET")?;
@@ -759,10 +786,12 @@ impl Qp {
 
     /// The QP's current state (`IBV_QPS_*`).
     pub fn state(&self) -> Result<u32, VerbsError> {
-        // SAFETY: POD out structs.
+        // SAFETY: ibv_qp_attr is a plain C struct (integers, arrays, nullable pointers):
+        // all-zero bytes are a valid value. Same for ibv_qp_init_attr below.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
         let mut i: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: valid QP.
+        // SAFETY: `self.qp` is live until Drop; `a` and `i` are valid out structs.
         let r = unsafe {
             ibv_query_qp(
                 self.qp,

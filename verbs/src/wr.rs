@@ -27,8 +27,10 @@ pub struct SendList {
     mrs: Vec<*const Mr>,
     cap: usize,
 }
-// SAFETY: raw pointers are only identities/addresses; they are dereferenced by the NIC
-// while the QP holds the MRs.
+// SAFETY: the raw pointers are MR identities (compared, never dereferenced here), local
+// addresses the NIC dereferences only while the posting QP holds those MRs, and
+// `next`/`sg_list` links into the list's own heap vectors (rebuilt by `link` before every
+// post, so they move with the list). Nothing is tied to the creating thread.
 unsafe impl Send for SendList {}
 
 impl SendList {
@@ -275,6 +277,9 @@ pub struct RecvList {
     mrs: Vec<*const Mr>,
     cap: usize,
 }
+// SAFETY: as for SendList: the raw pointers (MR identities, and `next`/`sg_list` links into
+// the list's own vectors, rebuilt by `link` before every post) are never dereferenced
+// outside `&mut self` methods; moving the list to another thread moves the vectors too.
 unsafe impl Send for RecvList {}
 
 impl RecvList {
@@ -409,10 +414,14 @@ mod tests {
         assert_eq!(flags, ibv_send_flags::IBV_SEND_SIGNALED.0);
         // Immediate data travels in network byte order.
         assert_eq!(
+            // SAFETY: a u32 union; push wrote imm_data for WRITE_WITH_IMM.
             unsafe { l.wrs[1].imm_data_invalidated_rkey_union.imm_data },
             0x0102_0304u32.to_be()
         );
         let head = l.link();
+        // SAFETY: `link` chained the list's own requests (alive in `l`, not modified until
+        // the end of this block); the third has no SGE, so only pointers set by `link` are
+        // followed.
         unsafe {
             assert_eq!((*head).wr_id, 1);
             let second = (*head).next;

@@ -6,7 +6,7 @@
 //! report: when a planted bug was not caught).
 
 use ballot::protocol::{Durability, PlantedBugs};
-use ballot::sim::{self, planted, Options};
+use ballot::sim::{self, digest::Digest, planted, Options};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -57,6 +57,14 @@ struct Args {
     /// in some configuration; without it, any miss fails.
     #[arg(long, requires = "planted_report", value_delimiter = ',', value_parser = parse_bug_name)]
     must_catch: Vec<String>,
+    /// With --planted-report: measure only these bugs (comma-separated; default all).
+    #[arg(long, requires = "planted_report", value_delimiter = ',', value_parser = parse_bug_name)]
+    only: Vec<String>,
+    /// Print a stable digest of the runs (report totals and histories) of the seeds, for
+    /// 3 and 5 replicas, volatile and durable, and a combined one: a refactoring that
+    /// changes no behaviour leaves them unchanged. Honours --plant-bug and --no-contracts.
+    #[arg(long, conflicts_with = "planted_report")]
+    digest: bool,
     /// One line per seed.
     #[arg(long)]
     verbose: bool,
@@ -86,7 +94,9 @@ fn main() -> ExitCode {
     // Contract failures are reported per seed; keep the default panic output out of the way.
     std::panic::set_hook(Box::new(|_| {}));
     if a.planted_report {
-        let rows = planted::report(a.seeds, a.ticks, a.first_only, |line| println!("{line}"));
+        let rows = planted::report(a.seeds, a.ticks, a.first_only, &a.only, |line| {
+            println!("{line}")
+        });
         let missed = rows.iter().filter(|r| r.first.is_none()).count();
         println!(
             "planted bugs: {} rows, {} caught, {missed} missed",
@@ -126,6 +136,10 @@ fn main() -> ExitCode {
         contracts: !a.no_contracts,
         ..Options::new(first, 3)
     };
+    if a.digest {
+        digest(o, first, seeds);
+        return ExitCode::SUCCESS;
+    }
     let (mut violations, mut commits, mut ckpts, mut installs, mut losses, mut blank) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let started = std::time::Instant::now();
@@ -170,4 +184,35 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `--digest`: one line per configuration, then the combined digest.
+fn digest(o: Options, first: u64, seeds: u64) {
+    let mut all = Digest::default();
+    for (replicas, durability) in [
+        (3, Durability::Volatile),
+        (5, Durability::Volatile),
+        (3, Durability::Durable),
+        (5, Durability::Durable),
+    ] {
+        let mut d = Digest::default();
+        let mut violations = 0;
+        for seed in first..first + seeds {
+            let r = sim::run(Options {
+                seed,
+                replicas,
+                durability,
+                ..o
+            });
+            violations += r.violations.len();
+            d.report(&r);
+        }
+        all.word(u64::from(d.value()));
+        println!(
+            "digest replicas={replicas} durability={durability:?} seeds={first}..={} violations={violations}: {:08x}",
+            first + seeds - 1,
+            d.value()
+        );
+    }
+    println!("digest combined: {:08x}", all.value());
 }

@@ -241,23 +241,7 @@ impl Msg {
             }
             Msg::Promise(p) => {
                 w.u8(PROMISE);
-                for v in [
-                    p.ballot.0,
-                    p.from,
-                    p.stream,
-                    p.received,
-                    p.consumed,
-                    p.persisted,
-                    p.commit,
-                    p.base,
-                ] {
-                    w.u64(v);
-                }
-                w.u32(p.chunk);
-                w.u32(p.chunks);
-                w.u64(p.blank);
-                w.u64(p.gen);
-                w.entries(&p.entries);
+                p.write(&mut w);
             }
             Msg::Nack {
                 promised,
@@ -280,13 +264,7 @@ impl Msg {
             }
             Msg::RecoverResp(r) => {
                 w.u8(RECOVER_RESP);
-                w.u64(r.nonce);
-                w.u64(r.promised.0);
-                w.u64(r.commit);
-                w.u64(r.base);
-                w.u64(r.from);
-                w.u64(r.last);
-                w.entries(&r.entries);
+                r.write(&mut w);
             }
             Msg::NeedCheckpoint { ballot, gen } => {
                 w.u8(NEED_CHECKPOINT);
@@ -324,29 +302,7 @@ impl Msg {
                 blank: r.u64()?,
                 gen: r.u64()?,
             },
-            PROMISE => {
-                let (ballot, from) = (Ballot(r.u64()?), r.u64()?);
-                let (stream, received, consumed, persisted, commit, base) =
-                    (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-                let (chunk, chunks) = r.chunk()?;
-                let (blank, gen) = (r.u64()?, r.u64()?);
-                let entries = r.entries()?;
-                Msg::Promise(Promise {
-                    ballot,
-                    from,
-                    stream,
-                    received,
-                    consumed,
-                    persisted,
-                    commit,
-                    base,
-                    chunk,
-                    chunks,
-                    blank,
-                    gen,
-                    entries,
-                })
-            }
+            PROMISE => Msg::Promise(Promise::read(&mut r)?),
             NACK => {
                 let promised = Ballot(r.u64()?);
                 let bits = r.u8()?;
@@ -367,21 +323,7 @@ impl Msg {
                 nonce: r.u64()?,
                 from: r.u64()?,
             },
-            RECOVER_RESP => {
-                let (nonce, promised, commit, base) =
-                    (r.u64()?, Ballot(r.u64()?), r.u64()?, r.u64()?);
-                let (from, last) = (r.u64()?, r.u64()?);
-                let entries = r.entries()?;
-                Msg::RecoverResp(RecoverResp {
-                    nonce,
-                    promised,
-                    commit,
-                    base,
-                    from,
-                    last,
-                    entries,
-                })
-            }
+            RECOVER_RESP => Msg::RecoverResp(RecoverResp::read(&mut r)?),
             NEED_CHECKPOINT => Msg::NeedCheckpoint {
                 ballot: Ballot(r.u64()?),
                 gen: r.u64()?,
@@ -409,6 +351,79 @@ impl Msg {
             return Err(MsgError::TrailingBytes(r.0.len()));
         }
         Ok(msg)
+    }
+}
+
+impl Promise {
+    fn write(&self, w: &mut W) {
+        for v in [
+            self.ballot.0,
+            self.from,
+            self.stream,
+            self.received,
+            self.consumed,
+            self.persisted,
+            self.commit,
+            self.base,
+        ] {
+            w.u64(v);
+        }
+        w.u32(self.chunk);
+        w.u32(self.chunks);
+        w.u64(self.blank);
+        w.u64(self.gen);
+        w.entries(&self.entries);
+    }
+
+    fn read(r: &mut R) -> Result<Promise, MsgError> {
+        let (ballot, from) = (Ballot(r.u64()?), r.u64()?);
+        let (stream, received, consumed, persisted, commit, base) =
+            (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+        let (chunk, chunks) = r.chunk()?;
+        let (blank, gen) = (r.u64()?, r.u64()?);
+        let entries = r.entries()?;
+        Ok(Promise {
+            ballot,
+            from,
+            stream,
+            received,
+            consumed,
+            persisted,
+            commit,
+            base,
+            chunk,
+            chunks,
+            blank,
+            gen,
+            entries,
+        })
+    }
+}
+
+impl RecoverResp {
+    fn write(&self, w: &mut W) {
+        w.u64(self.nonce);
+        w.u64(self.promised.0);
+        w.u64(self.commit);
+        w.u64(self.base);
+        w.u64(self.from);
+        w.u64(self.last);
+        w.entries(&self.entries);
+    }
+
+    fn read(r: &mut R) -> Result<RecoverResp, MsgError> {
+        let (nonce, promised, commit, base) = (r.u64()?, Ballot(r.u64()?), r.u64()?, r.u64()?);
+        let (from, last) = (r.u64()?, r.u64()?);
+        let entries = r.entries()?;
+        Ok(RecoverResp {
+            nonce,
+            promised,
+            commit,
+            base,
+            from,
+            last,
+            entries,
+        })
     }
 }
 

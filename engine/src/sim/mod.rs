@@ -11,6 +11,7 @@
 //! of the client history (stateright's tester; linearizability is compositional), liveness
 //! after the faults heal, and every contract asserted in the core (a panic is a violation).
 
+pub mod digest;
 pub mod kv;
 pub mod planted;
 
@@ -97,6 +98,8 @@ pub struct Report {
     pub crashes: usize,
     pub elections: usize,
     pub violations: Vec<String>,
+    /// Digest of the run's histories (`digest::history`).
+    pub history: u32,
 }
 
 /// The simulated disk of one replica. Submissions become durable after a seeded delay, in
@@ -311,6 +314,10 @@ struct Node {
     /// promise survives a durable restart; amnesia starts it over).
     seen_commit: Index,
     seen_promise: Ballot,
+    /// When this node last booted without its memory (volatile restart, lost data dir).
+    amnesia_at: u64,
+    /// The ballot this node last led and the tick it first stepped as its leader.
+    led: (Ballot, u64),
 }
 
 struct Client {
@@ -358,6 +365,62 @@ struct Sim {
     /// so many.
     ckpt_every: u64,
     ckpt_keep: usize,
+    /// Every index some leader committed, with its value: each must stay held by a
+    /// majority of current incarnations (counting those that rebuild), for good.
+    chosen: BTreeMap<Index, Vec<u8>>,
+    /// This seed's fault profile (swarm testing: each seed weights the faults differently,
+    /// so that rare combinations open their windows in some seeds).
+    swarm: Swarm,
+}
+
+/// Per-seed weights of the fault families (0: off; 1: the base rate; more: that many times
+/// the base rate).
+#[derive(Debug, Clone, Copy)]
+struct Swarm {
+    crash: u64,
+    /// Share (per million) of crashes whose replica restarts within a few ticks, before the
+    /// others elect anew (so that a rebuild meets the stream it left).
+    quick_restart: u64,
+    isolate: u64,
+    cut: u64,
+    /// Share (per million) of cut links that are one-way, and that are held long (stuck
+    /// candidates behind a link to the leader).
+    one_way: u64,
+    long_cut: u64,
+    slow: u64,
+}
+
+impl Swarm {
+    fn pick(rng: &mut Rng) -> Swarm {
+        let mut w = || [0, 1, 1, 2, 4][rng.below(5) as usize];
+        let (crash, isolate, cut, slow) = (w(), w(), w(), w());
+        Swarm {
+            crash,
+            quick_restart: [0, 200_000, 600_000][rng.below(3) as usize],
+            isolate,
+            cut,
+            one_way: [0, 300_000, 700_000][rng.below(3) as usize],
+            long_cut: [0, 100_000, 300_000][rng.below(3) as usize],
+            slow,
+        }
+    }
+}
+
+/// The network's faults for one seed: the base rates, each family weighted by the seed.
+fn swarm_network(rng: &mut Rng) -> Faults {
+    let base = faulty_network();
+    let mut w = || [0, 1, 1, 3, 10][rng.below(5) as usize];
+    Faults {
+        msg_loss: base.msg_loss * w(),
+        msg_dup: base.msg_dup * w(),
+        msg_reorder: base.msg_reorder * w(),
+        write_fail: base.write_fail * w(),
+        write_slow: base.write_slow * w(),
+        msg_late: base.msg_late * w(),
+        completion_lost: base.completion_lost * w(),
+        midstep: (base.midstep * w()).min(1000),
+        ..base
+    }
 }
 
 fn faulty_network() -> Faults {
@@ -381,7 +444,7 @@ fn faulty_network() -> Faults {
 impl Sim {
     fn config(&self, id: NodeId) -> Config {
         let members = (0..self.o.replicas as NodeId).collect();
-        let mut c = Config::new(id, members, self.geo);
+        let mut c = Config::new(id, members, self.geo, 0);
         c.durability = self.o.durability;
         c.window = 8;
         c.batch_bytes = 512;
@@ -475,6 +538,7 @@ impl Sim {
             // Amnesia (volatile, or a lost data dir): the promise check starts over; the
             // rebuild must adopt a promise that covers the lost ones.
             self.nodes[id as usize].seen_promise = Ballot::ZERO;
+            self.nodes[id as usize].amnesia_at = self.net.now() / UNITS_PER_TICK;
         }
         let storage: Option<Box<dyn Storage>> = match self.o.durability {
             Durability::Durable => Some(Box::new(SimDisk {
@@ -539,16 +603,26 @@ impl Sim {
             .count()
     }
 
+    /// When a replica crashed at `tick` restarts: usually after the others noticed, in some
+    /// seeds often within a few ticks (before they elect anew).
+    fn restart_at(&mut self, tick: u64) -> u64 {
+        if self.rng.chance(self.swarm.quick_restart) {
+            tick + 1 + self.rng.below(8)
+        } else {
+            tick + 20 + self.rng.below(80)
+        }
+    }
+
     fn inject_faults(&mut self, tick: u64) {
         let n = self.o.replicas as u64;
         let f = (n - 1) / 2;
         // Crash: in volatile mode at most f replicas may be down (amnesia beyond that loses
         // data by definition); in durable mode any number, sometimes all at once.
-        if self.rng.chance(4_000) {
+        if self.rng.chance(4_000 * self.swarm.crash) {
             let id = self.rng.below(n) as NodeId;
             let allowed = self.o.durability == Durability::Durable || (self.down() as u64) < f;
             if allowed && self.nodes[id as usize].replica.is_some() {
-                let until = tick + 20 + self.rng.below(80);
+                let until = self.restart_at(tick);
                 self.crash(id, until);
             }
         }
@@ -585,7 +659,7 @@ impl Sim {
             }
         }
         // Isolate one replica (often the leader) from everyone.
-        if self.rng.chance(4_000) {
+        if self.rng.chance(4_000 * self.swarm.isolate) {
             let leader = self
                 .nodes
                 .iter()
@@ -601,18 +675,34 @@ impl Sim {
             }
             self.nodes[id as usize].cut_until = tick + 20 + self.rng.below(60);
         }
-        // Cut one link.
-        if self.rng.chance(3_000) {
+        // Cut one link (sometimes one way only: `a` no longer reaches `b`), often one to
+        // the leader; sometimes held long (a candidate stuck behind it keeps trying).
+        if self.rng.chance(3_000 * self.swarm.cut) {
+            let leader = self
+                .nodes
+                .iter()
+                .position(|x| x.replica.as_ref().is_some_and(|r| r.core().is_leader()));
             let a = self.rng.below(n) as NodeId;
-            let b = self.rng.below(n) as NodeId;
+            let b = match leader {
+                Some(l) if self.rng.chance(500_000) => l as NodeId,
+                _ => self.rng.below(n) as NodeId,
+            };
             if a != b {
-                self.net.set_link(a, b, false);
-                let until = tick + 10 + self.rng.below(50);
+                if self.rng.chance(self.swarm.one_way) {
+                    self.net.set_link_one_way(a, b, false);
+                } else {
+                    self.net.set_link(a, b, false);
+                }
+                let until = if self.rng.chance(self.swarm.long_cut) {
+                    tick + 100 + self.rng.below(300)
+                } else {
+                    tick + 10 + self.rng.below(50)
+                };
                 self.nodes[a as usize].cut_until = self.nodes[a as usize].cut_until.max(until);
             }
         }
         // A slow replica.
-        if self.rng.chance(3_000) {
+        if self.rng.chance(3_000 * self.swarm.slow) {
             let id = self.rng.below(n) as usize;
             self.nodes[id].slow_until = tick + 20 + self.rng.below(100);
         }
@@ -746,6 +836,7 @@ impl Sim {
 
     fn step_all(&mut self, t: u64, tick: u64) {
         self.net.deliver_until(t);
+        self.absorb_landed(t / UNITS_PER_TICK);
         for id in 0..self.o.replicas {
             let n = &mut self.nodes[id];
             if t % STEP_UNITS != n.phase % STEP_UNITS {
@@ -758,12 +849,21 @@ impl Sim {
             if let Some(r) = n.replica.as_mut() {
                 let was = r.core().is_leader();
                 let was_rec = r.core().is_recovering();
+                let was_blank = r.core().is_blank();
                 r.step(now_ticks);
+                self.absorb_landed(tick);
                 self.check_step(id, tick);
                 let Some(r) = self.nodes[id].replica.as_mut() else {
                     continue;
                 };
-                if was_rec && !r.core().is_recovering() && std::env::var_os("SIM_TRACE").is_some() {
+                let rebuilt = was_rec && !r.core().is_recovering();
+                if rebuilt || was_blank && !r.core().is_blank() {
+                    self.check_chosen(tick);
+                }
+                let Some(r) = self.nodes[id].replica.as_mut() else {
+                    continue;
+                };
+                if rebuilt && std::env::var_os("SIM_TRACE").is_some() {
                     eprintln!(
                         "t={tick} recovered {} log {}..={}",
                         crate::driver::describe(r.core()),
@@ -789,46 +889,183 @@ impl Sim {
         let core = self.nodes[id].replica.as_ref().expect("stepped").core();
         let (promised, commit, leader) = (core.promised(), core.commit(), core.is_leader());
         let (recovering, base) = (core.is_recovering(), core.log().base());
-        if promised < self.nodes[id].seen_promise {
+        let seen = self.nodes[id].seen_promise;
+        if promised < seen {
             self.violation(format!(
-                "promise: node {id} went from {} down to {promised} at tick {tick}",
-                self.nodes[id].seen_promise
+                "promise: node {id} went from {seen} down to {promised} at tick {tick}"
             ));
         }
         self.nodes[id].seen_promise = promised;
+        if leader && self.nodes[id].led.0 != promised {
+            self.nodes[id].led = (promised, tick);
+        }
+        if promised > seen && seen != Ballot::ZERO {
+            self.check_promise_covers_acks(id, seen, tick);
+        }
+        self.check_acks(tick);
         let before = std::mem::replace(&mut self.nodes[id].seen_commit, commit);
         if !leader || commit <= before || recovering {
             return;
         }
         let from = (before + 1).max(base + 1).max(commit.saturating_sub(64));
+        let mut last_holders = Vec::new();
         for i in from..=commit {
             let Some(slot) = self.nodes[id].replica.as_ref().unwrap().core().log().get(i) else {
                 continue;
             };
             let value = slot.payload().to_vec();
-            let holders = (0..self.o.replicas)
-                .filter(|&j| self.holds(j, i, &value))
-                .count();
-            // A replica that lost its memory and has not rebuilt yet may still be counted
-            // through an acknowledgement of its last incarnation: its rebuild must wait for
-            // this leader's answer, which then holds the entry. Once rebuilt it counts only
-            // for what it holds.
-            let rebuilding = (0..self.o.replicas).filter(|&j| self.rebuilding(j)).count();
-            if holders + rebuilding < self.o.replicas / 2 + 1 {
+            last_holders = (0..self.o.replicas)
+                .filter(|&j| j != id && self.holds(j, i, &value))
+                .collect();
+            self.chosen.entry(i).or_insert_with(|| value.clone());
+            if !self.held_by_majority(i, &value) {
                 self.violation(format!(
-                    "commit: leader {id} committed index {i} at tick {tick}, held by {holders} of {} current incarnations ({rebuilding} rebuilding)",
-                    self.o.replicas
+                    "commit: leader {id} committed index {i} at tick {tick}, not held by a majority of current incarnations"
                 ));
                 return;
             }
         }
-        if self.o.faults && tick < self.o.ticks && self.rng.chance(3_000) {
-            let until = tick + 20 + self.rng.below(80);
+        // Sometimes the leader, or a follower that holds the newest committed entry (the
+        // acknowledgement that completed the majority), crashes right after the commit moved.
+        if self.o.faults && tick < self.o.ticks && self.rng.chance(3_000 * self.swarm.crash) {
+            let victim = match last_holders.len() {
+                0 => id,
+                k if self.rng.chance(500_000) => last_holders[self.rng.below(k as u64) as usize],
+                _ => id,
+            };
+            let until = self.restart_at(tick);
             let allowed = self.o.durability == Durability::Durable
                 || (self.down() as u64) < (self.o.replicas as u64 - 1) / 2;
-            if allowed {
-                self.crash(id as NodeId, until);
+            if allowed && self.nodes[victim].replica.is_some() {
+                self.crash(victim as NodeId, until);
             }
+        }
+    }
+
+    /// Whether `value` at index `i` is held by a majority of current incarnations, counting
+    /// replicas that lost their memory and are rebuilding it (a leader may still count an
+    /// acknowledgement of their last incarnation; their rebuild must then get the entry).
+    fn held_by_majority(&self, i: Index, value: &[u8]) -> bool {
+        let holders = (0..self.o.replicas)
+            .filter(|&j| self.holds(j, i, value))
+            .count();
+        let rebuilding = (0..self.o.replicas).filter(|&j| self.rebuilding(j)).count();
+        holders + rebuilding > self.o.replicas / 2
+    }
+
+    /// Every chosen value stays held by a majority of current incarnations (a rebuild that
+    /// finished without it, or a stream that lost it, fails here at once, whether or not a
+    /// later leader happens to overwrite it). Checked after rebuilds and every few ticks.
+    fn check_chosen(&mut self, tick: u64) {
+        let bad = self
+            .chosen
+            .iter()
+            .find(|(i, v)| !self.held_by_majority(**i, v))
+            .map(|(i, _)| *i);
+        if let Some(i) = bad {
+            let holders: Vec<usize> = (0..self.o.replicas)
+                .filter(|&j| self.holds(j, i, &self.chosen[&i]))
+                .collect();
+            self.violation(format!(
+                "chosen: index {i} (committed) is held only by {holders:?} of {} current incarnations at tick {tick}",
+                self.o.replicas
+            ));
+            // Report a lost index once.
+            self.chosen.remove(&i);
+        }
+    }
+
+    /// What a leader counts as accepted (volatile) or persisted (durable) by a peer on its
+    /// current stream is what that peer's current incarnation holds: in its log, under its
+    /// checkpoint, or landed where its reader reads next (durable: on its disk).
+    fn check_acks(&mut self, tick: u64) {
+        for l in 0..self.o.replicas {
+            let Some(r) = self.nodes[l].replica.as_ref() else {
+                continue;
+            };
+            let core = r.core();
+            if !core.is_leader() {
+                continue;
+            }
+            let ballot = core.promised();
+            for (p, a) in core.peer_acks() {
+                let p = p as usize;
+                let Some(slot) = core.log().get(a) else {
+                    continue; // nothing counted, or compacted here
+                };
+                let promised = self.promise_of(p);
+                // An incarnation that lost its memory after this leader took office may
+                // be the one it counted: what it lost, its rebuild and the leader's own
+                // commit checks answer for (its ack is of a memory that is gone).
+                let lost_since = self.nodes[p].amnesia_at >= self.nodes[l].led.1;
+                if self.rebuilding(p) || promised < ballot || lost_since {
+                    continue;
+                }
+                // A peer that promised a higher ballot since keeps what it accepted until a
+                // later leader's entry replaces it (the fence drained its ring first).
+                let replaced = promised > ballot
+                    && self.nodes[p]
+                        .replica
+                        .as_ref()
+                        .is_none_or(|r| r.core().log().get(a).is_some_and(|s| s.ballot > ballot));
+                if !replaced && !self.holds(p, a, slot.payload()) {
+                    self.violation(format!(
+                        "ack: leader {l} (ballot {ballot}) counts index {a} as accepted by {p}, which does not hold it, at tick {tick}"
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// When `p`'s promise rises above `old`, it has taken in everything the leader of
+    /// `old` counted from it: an acceptor reports what it accepted in its promise (the
+    /// fence drains its ring first).
+    fn check_promise_covers_acks(&mut self, p: usize, old: Ballot, tick: u64) {
+        for l in 0..self.o.replicas {
+            let Some(core) = self.nodes[l].replica.as_ref().map(|r| r.core()) else {
+                continue;
+            };
+            if !core.is_leader() || core.promised() != old {
+                continue;
+            }
+            let Some((_, a)) = core.peer_acks().into_iter().find(|x| x.0 as usize == p) else {
+                continue;
+            };
+            let Some(slot) = core.log().get(a) else {
+                continue;
+            };
+            if !self.holds(p, a, slot.payload()) {
+                self.violation(format!(
+                    "fence: node {p} promised above {old} at tick {tick} without index {a}, which leader {l} counts as accepted by it"
+                ));
+                return;
+            }
+        }
+    }
+
+    /// Takes in the entries that landed in rings: an acceptor accepts nothing below its
+    /// promise (the fence revokes the old leader's write permission before it promises).
+    fn absorb_landed(&mut self, tick: u64) {
+        for l in self.net.take_landed() {
+            let p = l.to as usize;
+            let promised = self.nodes[p].seen_promise;
+            if l.ballot < promised {
+                self.violation(format!(
+                    "accept: entry {} of ballot {} from {} landed in the ring of {p}, which promised {promised}, at tick {tick}",
+                    l.index, l.ballot, l.from
+                ));
+                continue;
+            }
+        }
+    }
+
+    /// The promise of `p`'s current incarnation (durable and down: the one on its disk).
+    fn promise_of(&self, p: usize) -> Ballot {
+        match (&self.nodes[p].replica, self.o.durability) {
+            (Some(r), _) => r.core().promised(),
+            (None, Durability::Durable) => self.nodes[p].disk.lock().unwrap().promised,
+            (None, Durability::Volatile) => Ballot::ZERO,
         }
     }
 
@@ -864,7 +1101,14 @@ impl Sim {
             if d.rejoining {
                 return false;
             }
-            if i <= d.base {
+            let ckpt = self.nodes[j]
+                .ckpts
+                .0
+                .lock()
+                .unwrap()
+                .latest()
+                .map_or(0, |c| c.index);
+            if i <= d.base.max(ckpt) {
                 return true;
             }
             return d
@@ -912,6 +1156,9 @@ impl Sim {
             }
             self.step_all(t, tick);
             self.collect();
+            if t % (25 * UNITS_PER_TICK) == 0 {
+                self.check_chosen(tick);
+            }
             if let Some(a) = acked_at_heal {
                 if !live_ok && self.report.acked > a {
                     live_ok = true;
@@ -1148,10 +1395,12 @@ pub fn run(o: Options) -> Report {
             cut_until: 0,
             seen_commit: 0,
             seen_promise: Ballot::ZERO,
+            amnesia_at: 0,
+            led: (Ballot::ZERO, 0),
         })
         .collect();
     let faults = if o.faults {
-        faulty_network()
+        swarm_network(&mut rng)
     } else {
         Faults {
             latency_max: 10,
@@ -1179,7 +1428,20 @@ pub fn run(o: Options) -> Report {
         geo: RingGeometry::new(64, 64).expect("valid geometry"),
         ckpt_every: 0,
         ckpt_keep: 1,
+        chosen: BTreeMap::new(),
+        swarm: Swarm {
+            crash: 1,
+            quick_restart: 0,
+            isolate: 1,
+            cut: 1,
+            one_way: 0,
+            long_cut: 0,
+            slow: 1,
+        },
     };
+    if o.faults {
+        sim.swarm = Swarm::pick(&mut sim.rng);
+    }
     // Frequent checkpoints (every 10 to 40 commands), so that compaction, catch-up through
     // checkpoints and restarts from them happen in most runs.
     sim.ckpt_every = 26 * (10 + sim.rng.below(30));
@@ -1191,6 +1453,7 @@ pub fn run(o: Options) -> Report {
         sim.check();
     }));
     crate::protocol::set_contracts(contracts);
+    sim.report.history = digest::history(&sim);
     if let Err(p) = outcome {
         let msg = p
             .downcast_ref::<String>()

@@ -90,10 +90,12 @@ pub fn report(
     seeds: u64,
     ticks: u64,
     first_only: bool,
+    only: &[String],
     mut print: impl FnMut(String) + Send,
 ) -> Vec<Row> {
     let jobs: Vec<(&'static str, usize, Durability)> = PlantedBugs::ALL
         .iter()
+        .filter(|(bug, _)| only.is_empty() || only.iter().any(|b| b == bug))
         .flat_map(|(bug, _)| CONFIGS.iter().map(move |&(n, d)| (*bug, n, d)))
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);

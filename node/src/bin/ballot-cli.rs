@@ -113,7 +113,7 @@ fn main() -> ExitCode {
                     .iter()
                     .map(|(a, r)| match r {
                         Ok(s) => serde_json::json!({"addr": a, "status": s}),
-                        Err(e) => serde_json::json!({"addr": a, "error": e}),
+                        Err(e) => serde_json::json!({"addr": a, "error": e.to_string()}),
                     })
                     .collect();
                 let _ = writeln!(out, "{}", serde_json::Value::Array(v));

@@ -27,6 +27,7 @@ use ballot::layout::{RegionInfo, RingGeometry};
 use ballot::protocol::{Config, Core, ProposeError};
 use ballot::region::Region;
 use ballot::sim::kv::{self, Machine, Op};
+use ballot::tickets::TicketMap;
 use ballot::NodeId;
 use ballot_verbs::{RdmaConfig, RdmaFabric};
 use hdrhistogram::Histogram;
@@ -110,7 +111,7 @@ struct Workload {
     total: u64,
     depth: usize,
     next: u64,
-    in_flight: HashMap<u64, Instant>,
+    in_flight: TicketMap<Instant>,
     commits: u64,
     failed: u64,
     hist: Histogram<u64>,
@@ -160,6 +161,7 @@ fn digest(m: &Machine) -> (String, String) {
 }
 
 fn main() {
+    ballot_verbs::init_diagnostics();
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {
@@ -214,7 +216,7 @@ fn main() {
 
     let mut members: Vec<NodeId> = args.peers.iter().map(|p| p.0).collect();
     members.sort_unstable();
-    let mut cfg = Config::new(me, members, ring);
+    let mut cfg = Config::new(me, members, ring, ballot::runtime::clock_seed(me));
     cfg.heartbeat_timeout = args.heartbeat_ms;
     cfg.election_timeout = args.election_ms;
     cfg.batch_bytes = cfg.batch_bytes.min(ring.max_payload());
@@ -231,7 +233,7 @@ fn main() {
         total: args.commands,
         depth: args.depth,
         next: 0,
-        in_flight: HashMap::new(),
+        in_flight: TicketMap::new(),
         commits: 0,
         failed: 0,
         hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
@@ -254,7 +256,7 @@ fn main() {
         // Completions of our proposals.
         for (ticket, out) in rep.take_completed() {
             busy = true;
-            if let Some(t) = wl.in_flight.remove(&ticket) {
+            if let Some(t) = wl.in_flight.remove(ticket) {
                 match out {
                     Ok(_) => {
                         wl.commits += 1;

@@ -335,6 +335,7 @@ fn verbs_checks(a: &Args) -> R<()> {
 }
 
 fn main() {
+    ballot_verbs::init_diagnostics();
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {
