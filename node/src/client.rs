@@ -5,7 +5,9 @@
 //! a time-out, a lost connection or an `Unavailable` answer sends the *same* command (same
 //! client id and sequence number) again, to the same or another node, until its deadline:
 //! the state machine applies a command at most once, so retries are safe. One command is
-//! outstanding per client; use several clients for concurrency.
+//! outstanding per client; use several clients for concurrency. With
+//! [`ClientConfig::fail_fast`] it stops early, with [`ClientError::Unreachable`], once every
+//! address has refused the connection in a row.
 
 use crate::error::NodeError;
 use crate::kv::{Command, KvResult, Op};
@@ -26,6 +28,11 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// `None`: a random id.
     pub client_id: Option<u64>,
+    /// Give up with [`ClientError::Unreachable`] as soon as every address in `addrs` failed
+    /// to connect (refused, unresolvable, connect time-out) in a row, instead of retrying
+    /// until the deadline. Off by default: a library user riding out a full-cluster
+    /// restart wants the retries; the CLI turns it on.
+    pub fail_fast: bool,
 }
 
 impl ClientConfig {
@@ -36,7 +43,42 @@ impl ClientConfig {
             deadline: Duration::from_secs(15),
             connect_timeout: Duration::from_millis(500),
             client_id: None,
+            fail_fast: false,
         }
+    }
+}
+
+/// Parses one endpoint: `host:port`, or `id=host:port` as in `--client-peers` (the `id=`
+/// part is dropped). Checks the form only; the name is resolved when connecting.
+pub fn parse_endpoint(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let addr = match t.split_once('=') {
+        Some((id, rest)) if !id.is_empty() && !id.contains(':') => rest,
+        _ => t,
+    };
+    let bad = |why: &str| {
+        Err(format!(
+            "bad endpoint `{s}`: {why} (want host:port or id=host:port)"
+        ))
+    };
+    if addr.is_empty() {
+        return bad("empty");
+    }
+    if addr.contains(|c: char| c.is_whitespace() || c == '=' || c == '/') {
+        return bad("unexpected character");
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if host.is_empty() {
+        return bad("no host");
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return bad("an IPv6 address must be in brackets, [::1]:port");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(addr.to_string()),
+        _ => bad("port is not a number in 1..=65535"),
     }
 }
 
@@ -47,6 +89,10 @@ pub enum ClientError {
     Unavailable(String),
     /// The cluster refused the command (malformed, too large): it did not take effect.
     Rejected(String),
+    /// Every address failed to connect, each with its error (in the order of
+    /// [`ClientConfig::addrs`]); only with [`ClientConfig::fail_fast`]. The command did not
+    /// reach any node, so it did not take effect.
+    Unreachable(Vec<(String, String)>),
 }
 
 impl std::fmt::Display for ClientError {
@@ -54,6 +100,13 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Unavailable(s) => write!(f, "cluster unavailable: {s}"),
             ClientError::Rejected(s) => write!(f, "rejected: {s}"),
+            ClientError::Unreachable(all) => {
+                write!(f, "no endpoint reachable")?;
+                for (a, e) in all {
+                    write!(f, "; {a}: {e}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -176,49 +229,82 @@ impl Client {
         let deadline = Instant::now() + self.cfg.deadline;
         let mut backoff = Duration::from_millis(5);
         let mut last_err = String::from("no attempt");
+        // Connect failures since the last successful connect: (address, error).
+        let mut refused: Vec<(String, String)> = Vec::new();
         self.last_attempts = 0;
         loop {
             if Instant::now() >= deadline {
                 return Err(ClientError::Unavailable(last_err));
             }
             self.last_attempts += 1;
-            let resp = self.connect().and_then(|s| exchange(s, &req));
-            let pause = match resp {
+            let resp = match self.connect() {
+                Ok(s) => exchange(s, &req),
+                Err(e) => {
+                    let t = self.target.clone().unwrap_or_default();
+                    last_err = format!("{t}: {e}");
+                    refused.retain(|(a, _)| *a != t);
+                    refused.push((t, e.to_string()));
+                    self.rotate();
+                    if let Some(all) = self.all_refused(&refused) {
+                        return Err(ClientError::Unreachable(all));
+                    }
+                    self.pause(&mut backoff, deadline);
+                    continue;
+                }
+            };
+            refused.clear();
+            match resp {
                 Ok(Response::Ok(payload)) => {
                     return KvResult::decode(&payload)
                         .map_err(|e| ClientError::Rejected(format!("bad result: {e}")))
                 }
                 Ok(Response::Error(e)) => return Err(ClientError::Rejected(e)),
                 Ok(Response::NotLeader { leader, addr }) => {
-                    last_err = format!("not leader (hint {leader:?})");
+                    let at = self.target.as_deref().unwrap_or("?");
+                    last_err = match leader {
+                        Some(l) => format!("{at} is not the leader (node {l} is)"),
+                        None => format!("{at} is not the leader and knows none"),
+                    };
                     self.conn = None;
                     match addr {
                         Some(a) if Some(&a) != self.target.as_ref() => {
                             self.target = Some(a);
                             continue;
                         }
-                        _ => {
-                            self.rotate();
-                            true
-                        }
+                        _ => self.rotate(),
                     }
                 }
-                Ok(Response::Unavailable(e)) => {
-                    last_err = e;
-                    true
-                }
+                Ok(Response::Unavailable(e)) => last_err = e,
                 Err(e) => {
                     last_err = format!("{}: {e}", self.target.as_deref().unwrap_or("?"));
                     self.rotate();
-                    true
                 }
-            };
-            if pause {
-                let left = deadline.saturating_duration_since(Instant::now());
-                std::thread::sleep(backoff.min(left));
-                backoff = (backoff * 2).min(Duration::from_millis(200));
             }
+            self.pause(&mut backoff, deadline);
         }
+    }
+
+    /// With `fail_fast`, when every configured address is among the `refused` ones: their
+    /// errors in the order of the configuration.
+    fn all_refused(&self, refused: &[(String, String)]) -> Option<Vec<(String, String)>> {
+        if !self.cfg.fail_fast {
+            return None;
+        }
+        self.cfg
+            .addrs
+            .iter()
+            .map(|a| {
+                let (_, e) = refused.iter().find(|(r, _)| r == a)?;
+                Some((a.clone(), e.clone()))
+            })
+            .collect()
+    }
+
+    /// Sleeps the back-off (never past `deadline`) and doubles it, up to 200 ms.
+    fn pause(&self, backoff: &mut Duration, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        std::thread::sleep((*backoff).min(left));
+        *backoff = (*backoff * 2).min(Duration::from_millis(200));
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
@@ -330,5 +416,39 @@ pub fn checkpoint(addr: &str, timeout: Duration) -> Result<(), NodeError> {
         Response::Ok(b) if b.is_empty() => Ok(()),
         Response::Error(e) => Err(NodeError::Answer(e)),
         other => Err(NodeError::Answer(format!("unexpected answer {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_endpoint;
+
+    #[test]
+    fn endpoints() {
+        for (s, want) in [
+            ("127.0.0.1:7200", "127.0.0.1:7200"),
+            ("2=127.0.0.1:7200", "127.0.0.1:7200"),
+            (" node-a=db.example:1 ", "db.example:1"),
+            ("[::1]:7200", "[::1]:7200"),
+            ("0=[::1]:7200", "[::1]:7200"),
+        ] {
+            assert_eq!(parse_endpoint(s).as_deref(), Ok(want), "{s}");
+        }
+        for s in [
+            "",
+            "0=",
+            "host",
+            ":7200",
+            "h:",
+            "h:0",
+            "h:70000",
+            "h:x",
+            "::1:7200",
+            "a=b=c:1",
+            "h :1",
+            "http://h:1",
+        ] {
+            assert!(parse_endpoint(s).is_err(), "{s} accepted");
+        }
     }
 }

@@ -305,6 +305,7 @@ fn worker(
             Ok(KvResult::Error(e)) | Err(ClientError::Rejected(e)) => {
                 panic!("command rejected: {e}")
             }
+            Err(e @ ClientError::Unreachable(_)) => panic!("fail_fast is off: {e}"),
             Err(ClientError::Unavailable(e)) => {
                 // Outcome unknown: the op stays pending forever; continue as a new thread.
                 eprintln!("worker {id}: op indeterminate ({e})");
@@ -529,21 +530,149 @@ fn checker_rejects_a_stale_read() {
     assert!(check_linearizable(&ok, 0).is_ok());
 }
 
+/// Runs `ballot-cli` with `args` (and `stdin` as its input, `env` set); returns the exit
+/// code, stdout, stderr and how long it took. `BALLOT_ENDPOINTS` is unset unless given.
+fn run_cli(args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> (i32, String, String, Duration) {
+    use std::io::Write;
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ballot-cli"))
+        .args(args)
+        .env_remove("BALLOT_ENDPOINTS")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ballot-cli");
+    // A child that exits before reading all of stdin makes this write fail: that is fine.
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        t.elapsed(),
+    )
+}
+
+fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn cli_dead_cluster_fails_fast_naming_each_endpoint() {
+    let (a, b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let list = format!("0={a},1={b}");
+    for cmd in [
+        vec!["get", "k"],
+        vec!["put", "k", "v"],
+        vec!["cas", "--absent", "k", "v"],
+    ] {
+        let mut args = cmd.clone();
+        args.extend(["--endpoints", &list, "--timeout", "20"]);
+        let (code, out, err, took) = run_cli(&args, &[], b"");
+        assert_eq!(code, 3, "{cmd:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(took < Duration::from_secs(3), "{cmd:?} took {took:?}");
+        assert!(
+            err.contains("no endpoint accepts connections"),
+            "{cmd:?}: {err}"
+        );
+        for addr in [&a, &b] {
+            assert!(
+                err.lines()
+                    .any(|l| l.contains(addr.as_str()) && l.contains("refused")),
+                "{cmd:?}: {addr} not named: {err}"
+            );
+        }
+    }
+    // The same from BALLOT_ENDPOINTS; status and health too.
+    for cmd in ["status", "health", "checkpoint"] {
+        let (code, _, err, took) = run_cli(&[cmd], &[("BALLOT_ENDPOINTS", &list)], b"");
+        assert_eq!(code, 3, "{cmd}: {err}");
+        assert!(took < Duration::from_secs(3), "{cmd} took {took:?}");
+    }
+}
+
+#[test]
+fn cli_usage_errors_exit_2() {
+    let ep = format!("127.0.0.1:{}", free_port());
+    let big = vec![b'x'; 2_000_000];
+    let cases: Vec<(Vec<&str>, &[u8], &str)> = vec![
+        (
+            vec!["--endpoints", "nohost", "get", "k"],
+            b"",
+            "bad endpoint",
+        ),
+        (
+            vec!["--endpoints", "h:notaport", "get", "k"],
+            b"",
+            "bad endpoint",
+        ),
+        (
+            vec!["--endpoints", "0=h:0", "get", "k"],
+            b"",
+            "bad endpoint",
+        ),
+        (vec!["get", "k"], b"", "no endpoints"),
+        (vec!["--endpoints", &ep, "frobnicate"], b"", "unrecognized"),
+        (vec!["--endpoints", &ep, "put", "k"], b"", "required"),
+        (vec!["--endpoints", &ep, "cas", "k", "v"], b"", "cas needs"),
+        (
+            vec!["--endpoints", &ep, "cas", "--absent", "k"],
+            b"",
+            "--absent",
+        ),
+        (
+            vec!["--endpoints", &ep, "--timeout", "0", "get", "k"],
+            b"",
+            "timeout",
+        ),
+        (vec!["--endpoints", &ep, "put", "k", "-"], &big, "limit"),
+        (
+            vec![
+                "--endpoints",
+                &ep,
+                "put",
+                "k",
+                "--value-file",
+                "/nonexistent/v",
+            ],
+            b"",
+            "cannot read value file",
+        ),
+    ];
+    for (args, stdin, want) in cases {
+        let (code, _, err, _) = run_cli(&args, &[], stdin);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: want {want:?} in {err}");
+    }
+    let long_key = "k".repeat(5000);
+    let (code, _, err, _) = run_cli(&["--endpoints", &ep, "get", &long_key], &[], b"");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("a key is 1 to 4096 bytes"), "{err}");
+}
+
 #[test]
 fn cli_exit_codes() {
-    let cl = Cluster::new(3, "cli");
+    let mut cl = Cluster::new(3, "cli");
     cl.wait_serving("after boot");
-    let all = cl.addrs().join(",");
+    // `id=host:port` entries, as in --client-peers.
+    let all = cl
+        .addrs()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{i}={a}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_ballot-cli"))
-            .args(["--cluster", &all, "--timeout", "10"])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+        let (code, out, _, _) = run_cli(args, &[("BALLOT_ENDPOINTS", &all)], b"");
+        (code, out)
     };
     assert_eq!(cli(&["put", "a", "1"]).0, 0);
     assert_eq!(cli(&["get", "a"]), (0, "1\n".to_string()));
@@ -552,31 +681,101 @@ fn cli_exit_codes() {
     assert_eq!(cli(&["cas", "a", "1", "3"]).0, 0);
     assert_eq!(cli(&["delete", "a"]).0, 0);
     assert_eq!(cli(&["delete", "a"]).0, 1);
-    assert_eq!(cli(&["frobnicate"]).0, 2);
-    let (code, json) = cli(&["status", "--json"]);
+    // --endpoints anywhere, and the old --cluster spelling.
+    let (code, out, err, _) = run_cli(&["get", "nope", "--endpoints", &all], &[], b"");
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    let (code, _, err, _) = run_cli(&["--cluster", &all, "put", "old", "x"], &[], b"");
+    assert_eq!(code, 0, "{err}");
+
+    // put / get / cas --absent with --json.
+    let j = |args: &[&str]| {
+        let (code, out) = cli(args);
+        let v = json_lines(&out);
+        assert_eq!(v.len(), 1, "{args:?}: {out}");
+        (code, v.into_iter().next().unwrap())
+    };
+    let (code, v) = j(&["--json", "put", "j", "héllo"]);
+    assert_eq!((code, &v["ok"]), (0, &serde_json::json!(true)));
+    let (code, v) = j(&["get", "j", "--json"]);
     assert_eq!(code, 0);
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 3);
+    assert_eq!(v["value"], "héllo");
+    assert_eq!(v["value_encoding"], "utf8");
+    let (code, v) = j(&["cas", "--absent", "j", "other", "--json"]);
+    assert_eq!(code, 1);
     assert_eq!(
-        v.as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["status"]["role"] == "leader")
-            .count(),
-        1
+        (&v["swapped"], &v["current"]),
+        (&false.into(), &"héllo".into())
     );
-    let dead = Command::new(env!("CARGO_BIN_EXE_ballot-cli"))
-        .args([
-            "--cluster",
-            &format!("127.0.0.1:{}", free_port()),
-            "--timeout",
-            "1",
-            "get",
-            "a",
-        ])
+    let (code, v) = j(&["cas", "--absent", "fresh", "new", "--json"]);
+    assert_eq!((code, &v["swapped"]), (0, &true.into()));
+    let (code, v) = j(&["get", "fresh", "--json"]);
+    assert_eq!((code, &v["value"]), (0, &"new".into()));
+    let (code, v) = j(&["get", "gone", "--json"]);
+    assert_eq!((code, &v["found"]), (1, &false.into()));
+
+    // A value from stdin: 1 MiB of non-UTF-8 bytes, above the 128 KiB argument limit.
+    let big: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 0x80).collect();
+    let (code, _, err, _) = run_cli(&["put", "big", "-", "--endpoints", &all], &[], &big);
+    assert_eq!(code, 0, "{err}");
+    let (code, v) = j(&["get", "big", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(v["value_encoding"], "base64");
+    assert_eq!(
+        v["value"].as_str().unwrap().len(),
+        big.len().div_ceil(3) * 4
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ballot-cli"))
+        .args(["get", "big", "--endpoints", &all])
         .output()
         .unwrap();
-    assert_eq!(dead.status.code(), Some(3));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, [&big[..], b"\n"].concat());
+    let (code, _, err, _) = run_cli(
+        &["cas", "fresh", "new", "-", "--endpoints", &all],
+        &[],
+        b"from stdin",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(cli(&["get", "fresh"]), (0, "from stdin\n".to_string()));
+
+    // status: one object per node per line, digests as hex strings; health.
+    let (code, out) = cli(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let nodes = json_lines(&out);
+    assert_eq!(nodes.len(), 3, "{out}");
+    assert_eq!(nodes.iter().filter(|n| n["role"] == "leader").count(), 1);
+    for n in &nodes {
+        let d = n["digest"].as_str().expect("digest is a string");
+        assert!(d.len() == 16 && u64::from_str_radix(d, 16).is_ok(), "{d}");
+    }
+    let (code, v) = j(&["health", "--json"]);
+    assert_eq!((code, &v["healthy"]), (0, &true.into()), "{v}");
+
+    // Two of three down: no leader, after a bounded wait; health names the nodes.
+    let leader = cl.leader();
+    let other = (leader + 1) % 3;
+    cl.kill9(leader);
+    cl.kill9(other);
+    let (code, _, err, took) = run_cli(
+        &["get", "j", "--timeout", "2"],
+        &[("BALLOT_ENDPOINTS", &all)],
+        b"",
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("no leader: 1 of 3 replicas reachable"),
+        "{err}"
+    );
+    assert!(!err.contains("hint"), "{err}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    let (code, _, err, _) = run_cli(&["health"], &[("BALLOT_ENDPOINTS", &all)], b"");
+    assert_eq!(code, 3, "{err}");
+    for i in [leader, other] {
+        assert!(
+            err.contains(&format!("{}: unreachable", cl.addrs()[i])),
+            "node {i} not named: {err}"
+        );
+    }
 }
 
 impl Cluster {
