@@ -24,7 +24,7 @@
 #
 # Everything the guest needs is fetched as Debian packages (apt-get download + dpkg -x)
 # into .cache/rxe-vm/ (cached between runs); only qemu-system-x86 is installed on the host.
-# See /work/shared/RXE-NOTES.md-style facts in docs/rdma.md.
+# Background facts about rxe and the guest: docs/rdma.md.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 start=$SECONDS
 phase() { echo "== $1 (at $((SECONDS - start)) s)"; }
 scripts/install-build-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
 phase "cargo test (workspace)"
 cargo test --workspace --release 2>&1 | tee /tmp/ballot-cargo-test.log | grep -E "^(test result|running|FAIL|failures|error)" || true
 if grep -qE "^test result: FAILED|^error" /tmp/ballot-cargo-test.log || ! grep -q "^test result" /tmp/ballot-cargo-test.log; then
@@ -28,5 +29,5 @@ if [ "${BALLOT_SKIP_RXE:-0}" != 1 ]; then
     phase "Soft-RoCE guest"
     scripts/rxe-vm.sh
 fi
-passed=$(grep -E "^test result: ok" /tmp/ballot-cargo-test.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
+passed=$(grep -E "^test result: ok" /tmp/ballot-cargo-test.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{ n += $1 } END { print n + 0 }')
 echo "ALL CHECKS: $passed passed, 0 failed ($((SECONDS - start)) s)"
