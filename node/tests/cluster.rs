@@ -83,8 +83,27 @@ impl Cluster {
         self.start_with(i, &[]);
     }
 
-    /// Starts node `i` with `more` flags (besides the cluster's).
+    /// Starts node `i` with `more` flags (besides the cluster's), as an operator does: with
+    /// `--initial-cluster-state new` when its data dir holds no state yet (the cluster's
+    /// first start), unless `more` says otherwise.
     fn start_with(&mut self, i: usize, more: &[&str]) {
+        let first = !self
+            .dir
+            .join(format!("data{i}"))
+            .join(ballot_node::server::MARKER)
+            .exists();
+        let explicit = more
+            .iter()
+            .any(|a| *a == "--rejoin" || *a == "--initial-cluster-state");
+        let mut args: Vec<&str> = more.to_vec();
+        if first && !explicit {
+            args.extend(["--initial-cluster-state", "new"]);
+        }
+        self.start_raw(i, &args);
+    }
+
+    /// Starts node `i` with exactly the cluster's flags and `more`.
+    fn start_raw(&mut self, i: usize, more: &[&str]) {
         assert!(self.children[i].is_none());
         let list = |ports: &[u16]| {
             ports
