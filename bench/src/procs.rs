@@ -172,6 +172,8 @@ impl NodeCluster {
                 .args(["--durability", if durable { "durable" } else { "volatile" }])
                 .arg("--data-dir")
                 .arg(dir.join(format!("data{i}")))
+                // Fresh data dirs: the cluster's first start.
+                .args(["--initial-cluster-state", "new"])
                 .env(ballot_node::config::KEY_ENV, &key)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())

@@ -4,6 +4,8 @@
 //! - [`layout`]: region and log-entry byte layout, shared by every fabric.
 //! - [`region`]: the memory peers write into.
 //! - [`fabric`]: the `Fabric` trait; [`mem_fabric`] is the in-process implementation.
+//! - [`node`]: a replica node around any state machine: data dir checks, boot marker,
+//!   durable open, checkpoints, rejoin and the runtime ([`node::NodeBuilder`]).
 
 #![warn(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
@@ -12,6 +14,7 @@ pub mod driver;
 pub mod fabric;
 pub mod layout;
 pub mod mem_fabric;
+pub mod node;
 pub mod protocol;
 pub mod region;
 pub mod ring;

@@ -3,6 +3,7 @@
 
 use crate::error::NodeError;
 use ballot::checkpoint::CheckpointPolicy;
+use ballot::node::InitialClusterState;
 use clap::Parser;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -84,10 +85,14 @@ pub struct Flags {
     /// truncated behind checkpoints by whole segments.
     #[arg(long, value_name = "BYTES")]
     pub segment_bytes: Option<String>,
-    /// This replica is an existing member whose data directory was lost: start it
-    /// *recovering* (it learns the state from a majority before it votes or acknowledges)
-    /// instead of as a fresh replica. Only acts when the data dir has no boot marker. See
-    /// docs/operations.md.
+    /// What this start is when the data dir holds no state of this replica (missing, empty
+    /// or wiped): `new` (the cluster's first start: a fresh voter) or `existing` (a member
+    /// whose data was lost: it rebuilds from a majority before it votes or acknowledges).
+    /// Without it such a start is refused. Ignored when the data dir holds this replica's
+    /// state. Flag only. See docs/operations.md.
+    #[arg(long, value_name = "new|existing")]
+    pub initial_cluster_state: Option<String>,
+    /// Same as `--initial-cluster-state existing` (kept for compatibility).
     #[arg(long)]
     pub rejoin: bool,
 }
@@ -151,8 +156,11 @@ pub struct NodeConfig {
     pub election_timeout: Duration,
     /// When checkpoints are taken, how many are kept, how fast they are served.
     pub checkpoint: CheckpointPolicy,
-    /// `--rejoin`: a lost data dir restarts recovering instead of fresh.
+    /// `--rejoin`: a lost data dir restarts recovering instead of fresh (implies
+    /// `initial_cluster_state` `Existing`).
     pub rejoin: bool,
+    /// `--initial-cluster-state`: what a start with no state of this replica is.
+    pub initial_cluster_state: Option<InitialClusterState>,
     /// Durable mode: segment file size.
     pub segment_bytes: u64,
 }
@@ -169,6 +177,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("durable", &self.durable)
             .field("checkpoint", &self.checkpoint)
             .field("rejoin", &self.rejoin)
+            .field("initial_cluster_state", &self.initial_cluster_state)
             .field("key", &"<redacted>")
             .finish()
     }
@@ -447,7 +456,24 @@ impl NodeConfig {
             serve_bytes_per_tick: rate / 1000,
             ..CheckpointPolicy::default()
         };
+        let initial_cluster_state =
+            match flags.initial_cluster_state.as_deref() {
+                None if flags.rejoin => Some(InitialClusterState::Existing),
+                None => None,
+                Some("existing") => Some(InitialClusterState::Existing),
+                Some("new") if flags.rejoin => return Err(
+                    "--rejoin contradicts --initial-cluster-state new (--rejoin means existing)"
+                        .into(),
+                ),
+                Some("new") => Some(InitialClusterState::New),
+                Some(v) => {
+                    return Err(format!(
+                        "unknown initial cluster state {v:?} (expected `new` or `existing`)"
+                    ))
+                }
+            };
         Ok(NodeConfig {
+            initial_cluster_state,
             checkpoint,
             rejoin: flags.rejoin,
             segment_bytes,
@@ -578,6 +604,25 @@ mod tests {
         assert_eq!(c.checkpoint.keep, 1);
         assert_eq!(c.checkpoint.serve_bytes_per_tick, (8 << 20) / 1000);
         assert!(c.rejoin);
+        assert_eq!(c.initial_cluster_state, Some(InitialClusterState::Existing));
+        assert_eq!(ok.initial_cluster_state, None);
+        for (v, want) in [
+            ("new", Some(InitialClusterState::New)),
+            ("existing", Some(InitialClusterState::Existing)),
+        ] {
+            let mut a = base.to_vec();
+            a.extend(["--initial-cluster-state", v]);
+            assert_eq!(
+                NodeConfig::load(flags(&a)).unwrap().initial_cluster_state,
+                want
+            );
+        }
+        let mut a = base.to_vec();
+        a.extend(["--initial-cluster-state", "fresh"]);
+        assert!(err(&a).contains("unknown initial cluster state"));
+        a.truncate(a.len() - 1);
+        a.extend(["new", "--rejoin"]);
+        assert!(err(&a).contains("contradicts"));
         assert_eq!(c.segment_bytes, 64 << 20);
         let mut a = base.to_vec();
         a.extend(["--checkpoint-every", "0"]);
@@ -655,6 +700,7 @@ mod tests {
             ("checkpoint_every = true\n", "not a byte count"),
             ("catchup_rate = \"slow\"\n", "not a byte count"),
             ("rejoin = true\n", "rejoin"),
+            ("initial_cluster_state = \"new\"\n", "initial_cluster_state"),
         ] {
             std::fs::write(&file, format!("{toml_base}{line}")).unwrap();
             let e = NodeConfig::load(flags(&["-c", file.to_str().unwrap()]))

@@ -3,6 +3,7 @@
 //! the ones users see (`ballot-node: …`, `ballot-cli status`).
 
 use ballot::fabric::FabricError;
+use ballot::node::StartError;
 use ballot::protocol::ConfigError;
 use ballot::storage::StorageError;
 use std::fmt;
@@ -70,6 +71,19 @@ impl std::error::Error for NodeError {
             Self::Protocol(e) => Some(e),
             Self::Fabric { source, .. } => Some(source),
             Self::Unreachable(e) => Some(e),
+        }
+    }
+}
+
+impl From<StartError> for NodeError {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Refused(s) => Self::Refused(s),
+            StartError::Io { what, source } => Self::Io { what, source },
+            StartError::Storage { what, source } => Self::Storage { what, source },
+            StartError::Unrecoverable { what, source } => Self::Unrecoverable { what, source },
+            StartError::Protocol(e) => Self::Protocol(e),
+            StartError::Fabric { what, source } => Self::Fabric { what, source },
         }
     }
 }

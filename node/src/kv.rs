@@ -367,6 +367,15 @@ impl KvMachine {
             .wrapping_add(mix(self.applied ^ 0xD1B5_4A32_D192_ED03)))
     }
 
+    /// An empty store publishing its [`StateDigest`] in `cell` (shared by every machine a
+    /// start builds, so the client threads see the one that runs).
+    pub fn with_digest_cell(cell: Arc<DigestCell>) -> KvMachine {
+        KvMachine {
+            cell,
+            ..KvMachine::default()
+        }
+    }
+
     /// The cell where [`StateDigest`] is published after every command.
     pub fn digest_cell(&self) -> Arc<DigestCell> {
         self.cell.clone()

@@ -83,8 +83,27 @@ impl Cluster {
         self.start_with(i, &[]);
     }
 
-    /// Starts node `i` with `more` flags (besides the cluster's).
+    /// Starts node `i` with `more` flags (besides the cluster's), as an operator does: with
+    /// `--initial-cluster-state new` when its data dir holds no state yet (the cluster's
+    /// first start), unless `more` says otherwise.
     fn start_with(&mut self, i: usize, more: &[&str]) {
+        let first = !self
+            .dir
+            .join(format!("data{i}"))
+            .join(ballot_node::server::MARKER)
+            .exists();
+        let explicit = more
+            .iter()
+            .any(|a| *a == "--rejoin" || *a == "--initial-cluster-state");
+        let mut args: Vec<&str> = more.to_vec();
+        if first && !explicit {
+            args.extend(["--initial-cluster-state", "new"]);
+        }
+        self.start_raw(i, &args);
+    }
+
+    /// Starts node `i` with exactly the cluster's flags and `more`.
+    fn start_raw(&mut self, i: usize, more: &[&str]) {
         assert!(self.children[i].is_none());
         let list = |ports: &[u16]| {
             ports
@@ -1509,4 +1528,154 @@ fn durable_corrupt_checkpoint_falls_back_or_refuses() {
     cl.start_with(victim, &["--rejoin"]);
     cl.wait_recovered(victim);
     cl.converged(&[0, 1, 2], Duration::from_secs(30));
+}
+
+// ---- Safe starts (docs/operations.md, "Life cycle") ----
+
+impl Cluster {
+    fn has_marker(&self, i: usize) -> bool {
+        self.data_dir(i).join(ballot_node::server::MARKER).exists()
+    }
+
+    /// Waits until `what` appears `times` times in node `i`'s log.
+    fn wait_log(&self, i: usize, what: &str, times: usize, bound: Duration) -> String {
+        let deadline = Instant::now() + bound;
+        loop {
+            let log = self.node_log(i);
+            if log.matches(what).count() >= times {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i}: {what:?} not logged {times} times within {bound:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A first start that fails on a busy port (the client port, the fabric port) writes
+/// nothing: the next, correct start is a first start again, not a restart that waits
+/// forever to recover from replicas that never had a state.
+#[test]
+fn failed_first_start_leaves_nothing_behind() {
+    let mut cl = Cluster::unstarted(3, "busy-port", false);
+    let _c0 = TcpListener::bind(("127.0.0.1", cl.client[0])).unwrap();
+    let _f1 = TcpListener::bind(("127.0.0.1", cl.fabric[1])).unwrap();
+    let _c2 = TcpListener::bind(("127.0.0.1", cl.client[2])).unwrap();
+    for i in 0..3 {
+        cl.start(i);
+    }
+    for i in 0..3 {
+        assert_eq!(cl.wait_exit(i, Duration::from_secs(20)), Some(1));
+        assert!(
+            cl.node_log(i).contains("cannot listen for"),
+            "{}",
+            cl.node_log(i)
+        );
+        assert!(
+            !cl.data_dir(i).exists(),
+            "node {i}'s failed start wrote {}",
+            cl.data_dir(i).display()
+        );
+    }
+    drop((_c0, _f1, _c2));
+    for i in 0..3 {
+        cl.start(i);
+    }
+    cl.wait_serving("after the failed first starts");
+    for i in 0..3 {
+        cl.wait_recovered(i);
+        assert!(cl.has_marker(i));
+    }
+}
+
+/// A durable replica whose data dir was wiped is refused without an initial cluster state
+/// (the message names both flags), writing nothing; with `existing` it rebuilds from the
+/// others and ends with their state; `new` on a restart is ignored with a warning.
+#[test]
+fn wiped_data_dir_needs_an_explicit_initial_state() {
+    let mut cl = Cluster::with_mode(3, "wiped", true);
+    cl.wait_serving("after boot");
+    load(&cl, "a", 50);
+    let l = cl.leader();
+    let victim = (l + 1) % 3;
+    cl.kill9(victim);
+    std::fs::remove_dir_all(cl.data_dir(victim)).unwrap();
+    cl.start_raw(victim, &[]);
+    assert_eq!(cl.wait_exit(victim, SERVE_BOUND), Some(1));
+    let log = cl.node_log(victim);
+    assert!(
+        log.contains("holds no state of replica")
+            && log.contains("--initial-cluster-state new")
+            && log.contains("--initial-cluster-state existing"),
+        "{log}"
+    );
+    assert!(!cl.data_dir(victim).exists(), "the refused start wrote");
+    cl.start_raw(victim, &["--initial-cluster-state", "existing"]);
+    cl.wait_recovered(victim);
+    load(&cl, "b", 20);
+    cl.converged(&[0, 1, 2], Duration::from_secs(30));
+    // A restart with `new` left on the command line: ignored, with a warning.
+    cl.kill9(victim);
+    cl.start_raw(victim, &["--initial-cluster-state", "new"]);
+    cl.wait_log(
+        victim,
+        "--initial-cluster-state new ignored",
+        1,
+        SERVE_BOUND,
+    );
+    cl.wait_recovered(victim);
+    cl.converged(&[0, 1, 2], Duration::from_secs(30));
+}
+
+/// A data dir written in durable mode is refused by a volatile start (which would forget
+/// what it promised and accepted), as a durable start refuses a volatile one.
+#[test]
+fn volatile_start_refuses_a_durable_data_dir() {
+    let mut cl = Cluster::with_mode(3, "mode-switch", true);
+    cl.wait_serving("after boot");
+    load(&cl, "a", 20);
+    let victim = (cl.leader() + 1) % 3;
+    cl.kill9(victim);
+    cl.durable = false;
+    cl.start(victim);
+    assert_eq!(cl.wait_exit(victim, SERVE_BOUND), Some(1));
+    let log = cl.node_log(victim);
+    assert!(
+        log.contains("holds durable state") && log.contains("--durability durable"),
+        "{log}"
+    );
+    cl.durable = true;
+    cl.start(victim);
+    cl.wait_recovered(victim);
+    cl.converged(&[0, 1, 2], Duration::from_secs(30));
+}
+
+/// A cluster that cannot recover says so, at WARN, every few seconds, on every replica
+/// that waits: a volatile majority restarted at once, and a rejoin with no one to rejoin
+/// from. They report `recovering` meanwhile.
+#[test]
+fn unrecoverable_cluster_warns_what_is_missing() {
+    let mut all = Cluster::new(3, "volatile-majority");
+    all.wait_serving("after boot");
+    for i in 0..3 {
+        all.kill9(i);
+    }
+    for i in 0..3 {
+        all.start(i);
+    }
+    let mut alone = Cluster::unstarted(3, "rejoin-alone", false);
+    alone.start_with(0, &["--initial-cluster-state", "existing"]);
+    let bound = Duration::from_secs(20);
+    for (cl, nodes) in [(&all, vec![0, 1, 2]), (&alone, vec![0])] {
+        for i in nodes {
+            let log = cl.wait_log(i, "still recovering after", 2, bound);
+            assert!(
+                log.contains("WARN") && log.contains("--initial-cluster-state new"),
+                "{log}"
+            );
+            assert_eq!(cl.status(i).expect("answers status").role, "recovering");
+        }
+    }
 }

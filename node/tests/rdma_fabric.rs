@@ -25,6 +25,8 @@ fn rdma_without_a_device_is_a_clear_error() {
             "127.0.0.1:0",
             "--fabric",
             "rdma",
+            "--initial-cluster-state",
+            "new",
         ])
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -33,7 +35,13 @@ fn rdma_without_a_device_is_a_clear_error() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
+    // The fabric is built before anything is written: a failed start leaves no data dir.
+    let left = dir.join("data").exists();
     std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        !left,
+        "a start that failed on its fabric created the data dir"
+    );
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
     assert!(err.contains("no RDMA device"), "stderr: {err}");
     assert!(err.contains("rxe"), "the hint names Soft-RoCE: {err}");

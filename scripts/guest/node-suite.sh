@@ -35,7 +35,8 @@ start() { # start ID
         --client-addr "127.0.0.1:$((PORT + 10 + $1))" --data-dir "$D/data$1" --key-file "$D/key" \
         --fabric rdma --rdma-device "$RXE_DEV" --rdma-gid-index "$RXE_GID_INDEX" \
         --heartbeat-timeout-ms 300 --election-timeout-ms 300 \
-        --checkpoint-every 512 --checkpoints-keep 1 >>"$D/node$1.log" 2>&1 &
+        --checkpoint-every 512 --checkpoints-keep 1 \
+        $([ -e "$D/data$1/ballot-node.boot" ] || echo --initial-cluster-state new) >>"$D/node$1.log" 2>&1 &
     case $1 in 0) P0=$! ;; 1) P1=$! ;; 2) P2=$! ;; esac
 }
 cli() { ballot-cli --cluster "$CL" --timeout 10 "$@"; }
