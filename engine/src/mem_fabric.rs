@@ -230,6 +230,19 @@ impl MemNet {
         }
     }
 
+    /// Simulated mode: the link from `from` to `to` stalls for `units` from now
+    /// (a congested path): its writes, reads and their completions, posted now or later,
+    /// arrive no earlier than that, in order. Control messages are not held up.
+    pub fn stall(&self, from: NodeId, to: NodeId, units: u64) {
+        if let Some(s) = self.0.lock().unwrap().sim.as_mut() {
+            let until = s.now + units;
+            for k in [(from, to), (to, from)] {
+                let last = s.fifo.entry(k).or_insert(0);
+                *last = (*last).max(until);
+            }
+        }
+    }
+
     pub fn heal_all(&self) {
         self.0.lock().unwrap().cut.clear();
     }
@@ -408,8 +421,14 @@ impl Net {
     /// Simulated mode, called inside a replica's step: sometimes operations due soon
     /// happen now, so that writes land and messages arrive mid-step.
     fn midstep(&mut self) {
+        let chance = self.sim.as_ref().map_or(0, |s| s.faults.midstep);
+        self.midstep_at(chance);
+    }
+
+    /// [`Net::midstep`] with its own chance (per mille).
+    fn midstep_at(&mut self, chance: u32) {
         let Some(s) = self.sim.as_mut() else { return };
-        if !s.chance(s.faults.midstep) {
+        if !s.chance(chance) {
             return;
         }
         let until = s.now + s.faults.latency_max;
@@ -567,8 +586,13 @@ impl Fabric for MemFabric {
     }
     fn set_writer(&mut self, writer: Option<NodeId>) -> Result<(), FabricError> {
         let mut n = self.net.0.lock().unwrap();
-        // Writes of the old writer may land right up to the revoke.
-        n.midstep();
+        // Writes of the old writer may land right up to the revoke: more often here than
+        // at other calls, since this is the window that the fence's drain exists for.
+        let chance = n
+            .sim
+            .as_ref()
+            .map_or(0, |s| (s.faults.midstep * 4).min(800));
+        n.midstep_at(chance);
         if let Some(me) = n.nodes.get_mut(&self.node) {
             me.writer = writer;
         }

@@ -97,15 +97,16 @@ fn main() -> ExitCode {
         let rows = planted::report(a.seeds, a.ticks, a.first_only, &a.only, |line| {
             println!("{line}")
         });
-        let missed = rows.iter().filter(|r| r.first.is_none()).count();
+        let missed = rows.iter().filter(|r| r.missed()).count();
+        let na = rows.iter().filter(|r| r.not_applicable).count();
         println!(
-            "planted bugs: {} rows, {} caught, {missed} missed",
+            "planted bugs: {} rows, {} caught, {missed} missed, {na} not applicable",
             rows.len(),
-            rows.len() - missed
+            rows.len() - missed - na
         );
         let gate: Vec<_> = rows
             .iter()
-            .filter(|r| r.first.is_none())
+            .filter(|r| r.missed())
             .filter(|r| a.must_catch.is_empty() || a.must_catch.iter().any(|b| b == r.bug))
             .collect();
         for r in &gate {

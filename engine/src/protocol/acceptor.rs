@@ -5,6 +5,7 @@ use super::config::Durability;
 use super::core::{Core, Fenced, Role};
 use super::msg::{self, Msg, Promise};
 use crate::types::{Ballot, Index, NodeId};
+use std::sync::Arc;
 
 impl Core {
     /// Records what a message of `from` says of its memory; false if it is a blank vote
@@ -125,25 +126,37 @@ impl Core {
         let chunks = msg::chunk_entries(entries, self.cfg.message_bytes);
         let n = chunks.len() as u32;
         for (k, entries) in chunks.into_iter().enumerate() {
-            let p = Promise {
-                ballot,
-                from,
-                stream: self.stream,
-                received: self.received,
-                consumed: self.consumed,
-                persisted: self.reported_persisted(),
-                commit: self.commit,
-                base: self.log.base(),
-                chunk: k as u32,
-                chunks: n,
-                blank: self.blank,
-                gen: self.answered,
-                entries,
-            };
+            let p = self.promise_now(ballot, from, k as u32, n, entries);
             self.push(Action::Send {
                 to,
                 msg: Msg::Promise(p),
             });
+        }
+    }
+
+    /// This acceptor's promise as it stands now, carrying one chunk of its log.
+    fn promise_now(
+        &self,
+        ballot: Ballot,
+        from: Index,
+        chunk: u32,
+        chunks: u32,
+        entries: Vec<Arc<[u8]>>,
+    ) -> Promise {
+        Promise {
+            ballot,
+            from,
+            stream: self.stream,
+            received: self.received,
+            consumed: self.consumed,
+            persisted: self.reported_persisted(),
+            commit: self.commit,
+            base: self.log.base(),
+            chunk,
+            chunks,
+            blank: self.blank,
+            gen: self.answered,
+            entries,
         }
     }
 
@@ -173,21 +186,7 @@ impl Core {
 
     /// A promise without entries: "stream to me from `received + 1`".
     pub(super) fn send_promise_header(&mut self, to: NodeId) {
-        let p = Promise {
-            ballot: self.promised,
-            from: msg::STREAM_ONLY,
-            stream: self.stream,
-            received: self.received,
-            consumed: self.consumed,
-            persisted: self.reported_persisted(),
-            commit: self.commit,
-            base: self.log.base(),
-            chunk: 0,
-            chunks: 1,
-            blank: self.blank,
-            gen: self.answered,
-            entries: vec![],
-        };
+        let p = self.promise_now(self.promised, msg::STREAM_ONLY, 0, 1, vec![]);
         self.push(Action::Send {
             to,
             msg: Msg::Promise(p),

@@ -29,6 +29,8 @@ use std::sync::{Arc, Mutex};
 /// Simulated time units per tick, and per replica step.
 const UNITS_PER_TICK: u64 = 100;
 const STEP_UNITS: u64 = 10;
+/// Keys that the first `Options::clients` clients share.
+const SHARED_KEYS: u64 = 3;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -316,6 +318,8 @@ struct Node {
     seen_promise: Ballot,
     /// When this node last booted without its memory (volatile restart, lost data dir).
     amnesia_at: u64,
+    /// Volatile: its last boot was blank after a wipe (it had a memory before).
+    wiped: bool,
     /// The ballot this node last led and the tick it first stepped as its leader.
     led: (Ballot, u64),
 }
@@ -388,6 +392,18 @@ struct Swarm {
     one_way: u64,
     long_cut: u64,
     slow: u64,
+    /// A follower's link to the leader cut one way: its reads of the leader's heartbeat
+    /// fail, so it deems the leader dead and fences it, while the leader's writes still
+    /// land in its ring (the window that the fence's revoke and drain close).
+    blind: u64,
+    /// Clients beyond `Options::clients`: more writes in flight when a fence falls.
+    extra_clients: usize,
+    /// The leader's data path to one follower stalls for long (past a whole rebuild): that
+    /// follower lags behind what the leader counts from the others.
+    stall: u64,
+    /// Share (per million) of restarts whose replica is cut from the leader while it
+    /// rebuilds (its rebuild then stands on the other answers, or waits).
+    rebuild_cut: u64,
 }
 
 impl Swarm {
@@ -402,6 +418,10 @@ impl Swarm {
             one_way: [0, 300_000, 700_000][rng.below(3) as usize],
             long_cut: [0, 100_000, 300_000][rng.below(3) as usize],
             slow,
+            blind: [0, 1, 1, 2, 4][rng.below(5) as usize],
+            extra_clients: [0, 2, 5][rng.below(3) as usize],
+            stall: [0, 1, 1, 2, 4][rng.below(5) as usize],
+            rebuild_cut: [0, 300_000, 700_000][rng.below(3) as usize],
         }
     }
 }
@@ -485,7 +505,17 @@ impl Sim {
         let mut machine = Machine::default();
         let core = match (restart, self.o.durability) {
             (false, _) => Core::new(cfg, false),
+            (true, Durability::Volatile) if self.o.faults && self.rng.chance(100_000) => {
+                // The operator wiped the data dir (boot marker and checkpoints) and started
+                // the replica as if the cluster were new: it boots blank, and its peers,
+                // which knew it with a memory, must make it rebuild before its votes count.
+                *ckpts.0.lock().unwrap() = MemCheckpoints::default();
+                self.report.blank_boots += 1;
+                self.nodes[id as usize].wiped = true;
+                Core::new(cfg, false)
+            }
             (true, Durability::Volatile) => {
+                self.nodes[id as usize].wiped = false;
                 // Amnesia: the promise and log are gone. The checkpoint store is kept (as on
                 // the durable rejoin path): it holds only applied, hence chosen, state, and
                 // the rebuild decides from the others' answers what to stand on.
@@ -660,12 +690,9 @@ impl Sim {
         }
         // Isolate one replica (often the leader) from everyone.
         if self.rng.chance(4_000 * self.swarm.isolate) {
-            let leader = self
-                .nodes
-                .iter()
-                .position(|x| x.replica.as_ref().is_some_and(|r| r.core().is_leader()));
+            let leader = self.leader();
             let id = match leader {
-                Some(l) if self.rng.chance(600_000) => l as NodeId,
+                Some(l) if self.rng.chance(600_000) => l,
                 _ => self.rng.below(n) as NodeId,
             };
             for other in 0..n as NodeId {
@@ -678,13 +705,10 @@ impl Sim {
         // Cut one link (sometimes one way only: `a` no longer reaches `b`), often one to
         // the leader; sometimes held long (a candidate stuck behind it keeps trying).
         if self.rng.chance(3_000 * self.swarm.cut) {
-            let leader = self
-                .nodes
-                .iter()
-                .position(|x| x.replica.as_ref().is_some_and(|r| r.core().is_leader()));
+            let leader = self.leader();
             let a = self.rng.below(n) as NodeId;
             let b = match leader {
-                Some(l) if self.rng.chance(500_000) => l as NodeId,
+                Some(l) if self.rng.chance(500_000) => l,
                 _ => self.rng.below(n) as NodeId,
             };
             if a != b {
@@ -701,6 +725,27 @@ impl Sim {
                 self.nodes[a as usize].cut_until = self.nodes[a as usize].cut_until.max(until);
             }
         }
+        // A follower blind to the leader: it stops reading the leader's heartbeat (and
+        // soon fences it) while the leader's writes keep landing in its ring.
+        if self.rng.chance(3_000 * self.swarm.blind) {
+            let leader = self.leader();
+            let f = self.rng.below(n) as NodeId;
+            if let Some(l) = leader.filter(|&l| l != f) {
+                self.net.set_link_one_way(f, l, false);
+                let until = tick + 20 + self.rng.below(60);
+                self.nodes[f as usize].cut_until = self.nodes[f as usize].cut_until.max(until);
+            }
+        }
+        // A stalled data path from the leader to one follower.
+        if self.rng.chance(3_000 * self.swarm.stall) {
+            if let Some(l) = self.leader() {
+                let f = self.rng.below(n) as NodeId;
+                if f != l {
+                    let units = (20 + self.rng.below(100)) * UNITS_PER_TICK;
+                    self.net.stall(l, f, units);
+                }
+            }
+        }
         // A slow replica.
         if self.rng.chance(3_000 * self.swarm.slow) {
             let id = self.rng.below(n) as usize;
@@ -708,11 +753,32 @@ impl Sim {
         }
     }
 
+    /// The replica that currently leads, if one does.
+    fn leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .position(|x| x.replica.as_ref().is_some_and(|r| r.core().is_leader()))
+            .map(|l| l as NodeId)
+    }
+
     fn heal_due(&mut self, tick: u64, all: bool) {
         for id in 0..self.o.replicas {
             let n = &self.nodes[id];
             if n.replica.is_none() && (all || tick >= n.down_until) {
                 self.boot(id as NodeId, true);
+                // Sometimes the replica rebuilds cut off from the leader (one way or both).
+                if !all && self.rng.chance(self.swarm.rebuild_cut) {
+                    if let Some(l) = self.leader().filter(|&l| l as usize != id) {
+                        if self.rng.chance(500_000) {
+                            self.net.set_link_one_way(l, id as NodeId, false);
+                        } else {
+                            self.net.set_link(l, id as NodeId, false);
+                        }
+                        let until = tick + 20 + self.rng.below(130);
+                        self.nodes[l as usize].cut_until =
+                            self.nodes[l as usize].cut_until.max(until);
+                    }
+                }
             }
             let n = &mut self.nodes[id];
             if n.cut_until != 0 && (all || tick >= n.cut_until) {
@@ -753,7 +819,13 @@ impl Sim {
                 continue;
             };
             let id = self.ops.len() as u64 + 1;
-            let key = self.rng.below(3) as u8;
+            // The first clients share keys 0..3; each extra client writes a key of its own
+            // (load for the fence's windows without a history whose linearization search
+            // grows exponentially).
+            let key = match ci.checked_sub(self.o.clients) {
+                None => self.rng.below(SHARED_KEYS) as u8,
+                Some(extra) => (SHARED_KEYS as usize + extra) as u8,
+            };
             let op = match self.rng.below(3) {
                 0 => Op::Put(key, id),
                 1 => Op::Get(key),
@@ -1035,7 +1107,7 @@ impl Sim {
             let Some(slot) = core.log().get(a) else {
                 continue;
             };
-            if !self.holds(p, a, slot.payload()) {
+            if !self.holds_live(p, a, slot.payload()) {
                 self.violation(format!(
                     "fence: node {p} promised above {old} at tick {tick} without index {a}, which leader {l} counts as accepted by it"
                 ));
@@ -1050,7 +1122,12 @@ impl Sim {
         for l in self.net.take_landed() {
             let p = l.to as usize;
             let promised = self.nodes[p].seen_promise;
-            if l.ballot < promised {
+            // A write of a lower ballot by the very node promised to now is a late write of
+            // its own earlier stream (a stalled data path, then a regrant to the same node):
+            // it lands before that node's new writes (the data path is FIFO per link) and
+            // the reader, which takes only entries of its stream's ballot, never reads it.
+            // Any other node's lower ballot landing means the fence let it through.
+            if l.ballot < promised && l.from != promised.node() {
                 self.violation(format!(
                     "accept: entry {} of ballot {} from {} landed in the ring of {p}, which promised {promised}, at tick {tick}",
                     l.index, l.ballot, l.from
@@ -1083,10 +1160,10 @@ impl Sim {
                             .as_ref()
                             .is_none_or(|r| r.core().is_blank())
             }
-            Durability::Volatile => self.nodes[j]
-                .replica
-                .as_ref()
-                .is_none_or(|r| r.core().is_recovering()),
+            // Down, rebuilding, or blank since a wipe.
+            Durability::Volatile => self.nodes[j].replica.as_ref().is_none_or(|r| {
+                r.core().is_recovering() || self.nodes[j].wiped && r.core().is_blank()
+            }),
         }
     }
 
@@ -1096,11 +1173,9 @@ impl Sim {
     fn holds(&self, j: usize, i: Index, value: &[u8]) -> bool {
         let payload = |e: &[u8]| crate::layout::decode_entry(e).map(|(_, p)| p.to_vec()).ok();
         if self.o.durability == Durability::Durable {
-            // The disk outlives the replica's crashes, unless it is being rebuilt.
+            // The disk outlives the replica's crashes; its log does not while it is being
+            // rebuilt (a crash then starts the rebuild over), its checkpoints do.
             let d = self.nodes[j].disk.lock().unwrap();
-            if d.rejoining {
-                return false;
-            }
             let ckpt = self.nodes[j]
                 .ckpts
                 .0
@@ -1108,7 +1183,13 @@ impl Sim {
                 .unwrap()
                 .latest()
                 .map_or(0, |c| c.index);
-            if i <= d.base.max(ckpt) {
+            if i <= ckpt {
+                return true;
+            }
+            if d.rejoining {
+                return false;
+            }
+            if i <= d.base {
                 return true;
             }
             return d
@@ -1116,6 +1197,13 @@ impl Sim {
                 .get((i - d.base - 1) as usize)
                 .is_some_and(|e| payload(e).as_deref() == Some(value));
         }
+        self.holds_live(j, i, value)
+    }
+
+    /// Whether `j`'s running replica holds `value` at `i` in memory: under its log's base,
+    /// in its log, or where its reader will read next. (A promise answers from memory: what
+    /// a durable replica that is still rebuilding its disk holds counts here.)
+    fn holds_live(&self, j: usize, i: Index, value: &[u8]) -> bool {
         let Some(r) = self.nodes[j].replica.as_ref() else {
             return false;
         };
@@ -1330,7 +1418,8 @@ impl Sim {
         // Linearizability, key by key (skipped when the log itself is already wrong: the
         // search for a linearization of a broken history can take exponential time).
         let clean = violations.is_empty();
-        for key in (0..3u8).filter(|_| clean) {
+        let keys = SHARED_KEYS as usize + self.swarm.extra_clients;
+        for key in (0..keys as u8).filter(|_| clean) {
             if let Err(v) = self.check_linearizable(key) {
                 violations.push(v);
             }
@@ -1396,6 +1485,7 @@ pub fn run(o: Options) -> Report {
             seen_commit: 0,
             seen_promise: Ballot::ZERO,
             amnesia_at: 0,
+            wiped: false,
             led: (Ballot::ZERO, 0),
         })
         .collect();
@@ -1437,10 +1527,22 @@ pub fn run(o: Options) -> Report {
             one_way: 0,
             long_cut: 0,
             slow: 1,
+            blind: 0,
+            extra_clients: 0,
+            stall: 0,
+            rebuild_cut: 0,
         },
     };
     if o.faults {
         sim.swarm = Swarm::pick(&mut sim.rng);
+        for i in 0..sim.swarm.extra_clients {
+            sim.clients.push(Client {
+                thread: sim.next_thread,
+                target: (i % o.replicas) as NodeId,
+                outstanding: None,
+            });
+            sim.next_thread += 1;
+        }
     }
     // Frequent checkpoints (every 10 to 40 commands), so that compaction, catch-up through
     // checkpoints and restarts from them happen in most runs.

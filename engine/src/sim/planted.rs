@@ -19,8 +19,17 @@ pub struct Row {
     pub failed: u64,
     /// Seeds that only panicked (the code crashed; not counted as caught).
     pub panicked: u64,
-    /// The first violation seen.
+    /// The first violation seen, or why the row does not apply.
     pub example: String,
+    /// The bug cannot lose a value in this configuration ([`not_applicable`]).
+    pub not_applicable: bool,
+}
+
+impl Row {
+    /// Applies and was not caught.
+    pub fn missed(&self) -> bool {
+        self.first.is_none() && !self.not_applicable
+    }
 }
 
 /// The configurations every bug is measured in.
@@ -30,6 +39,25 @@ pub const CONFIGS: [(usize, Durability); 4] = [
     (3, Durability::Durable),
     (5, Durability::Durable),
 ];
+
+/// Why `bug` cannot lose a value in this configuration, if it cannot: such rows are
+/// reported "n/a" and neither count as caught nor as missed.
+pub fn not_applicable(bug: &str, replicas: usize, durability: Durability) -> Option<&'static str> {
+    match (bug, durability) {
+        // A durable leader counts a follower's persisted report, which the follower sends
+        // only for entries its reader consumed: an entry left unread in the ring (by a
+        // fence without its drain, or on an abandoned stream) is never counted.
+        ("fence-no-drain" | "restart-stale-stream", Durability::Durable) => {
+            Some("durable acknowledgements count only entries the reader consumed")
+        }
+        // With 3 replicas a rebuild needs the answers of both others: the leader's is
+        // always among them.
+        ("recovery-no-leader-wait" | "recovery-answers-unestablished", _) if replicas < 5 => {
+            Some("with 3 replicas every rebuild waits for both others, the leader included")
+        }
+        _ => None,
+    }
+}
 
 /// Whether a violation comes from the simulator's checks (not from a panic of the code).
 fn from_checks(v: &str) -> bool {
@@ -56,7 +84,14 @@ pub fn measure(
         failed: 0,
         panicked: 0,
         example: String::new(),
+        not_applicable: false,
     };
+    if let Some(why) = not_applicable(bug, replicas, durability) {
+        row.not_applicable = true;
+        row.seeds = 0;
+        row.example = why.to_string();
+        return row;
+    }
     for seed in 1..=seeds {
         if first_only && row.first.is_some() {
             row.seeds = seed - 1;
@@ -144,7 +179,11 @@ fn line(r: &Row) -> String {
             Durability::Durable => "d",
         }
     );
-    let first = r.first.map_or("MISSED".to_string(), |s| s.to_string());
+    let first = match r.first {
+        Some(s) => s.to_string(),
+        None if r.not_applicable => "n/a".to_string(),
+        None => "MISSED".to_string(),
+    };
     let mut ex = r.example.clone();
     ex.truncate(90);
     format!(
