@@ -15,8 +15,8 @@ $sim --seeds "$seeds" --replicas 3 --durability durable
 $sim --seeds "$seeds" --replicas 5 --durability durable
 $sim --seeds "$long" --first-seed 40000 --replicas 3 --ticks 4000 # long histories
 echo "== planted bugs (scripts/planted-report.sh gives the shares)"
-# Every planted bug is reported; those the simulator catches in every configuration where
-# they apply today
-# are a gate (a regression fails). The others are open work (docs/status.md).
+# Every planted bug is reported; those the simulator catches today in every configuration
+# where they apply are a gate (a regression fails). The others are open work
+# (docs/status.md); rows that cannot apply are reported n/a with the reason.
 $sim --planted-report --first-only --seeds 50 \
     --must-catch ignore-promise,short-quorum,checkpoint-off-by-one,self-counted-twice,commit-off-by-one,adopt-lowest-ballot,fence-no-revoke,fence-decisions-late,amnesia-votes,phase1-ignores-base,follower-commit-uncapped,restart-stale-stream
