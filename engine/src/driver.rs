@@ -9,6 +9,7 @@ use crate::fabric::{Completion, Fabric, FabricEvent};
 use crate::layout::{self, CommitCell, ProgressCell};
 use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
 use crate::ring::RingReader;
+use crate::storage::StorageError;
 use crate::tickets::TicketMap;
 use crate::types::{Ballot, Index};
 use std::collections::VecDeque;
@@ -43,22 +44,22 @@ pub trait StateMachine: Send {
 ///   but a *rewrite* (first index at or below the durable end) survives whole or not at all:
 ///   entries persisted before must never be lost to a torn replacement.
 pub trait Storage: Send {
-    fn save_promise(&mut self, ballot: Ballot) -> std::io::Result<()>;
-    fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> std::io::Result<()>;
+    fn save_promise(&mut self, ballot: Ballot) -> Result<(), StorageError>;
+    fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> Result<(), StorageError>;
     /// Appends the sequence numbers of submissions that are now durable, in order.
-    fn poll_persisted(&mut self, done: &mut Vec<u64>) -> std::io::Result<()>;
+    fn poll_persisted(&mut self, done: &mut Vec<u64>) -> Result<(), StorageError>;
     /// Entries up to `upto` are covered by a durable checkpoint and may be dropped (in order
     /// with submissions; it need not be durable: recovery skips entries a checkpoint covers).
     /// If the log ends below `upto`, it is emptied and the next submission starts at
     /// `upto + 1`.
-    fn compact(&mut self, upto: Index) -> std::io::Result<()>;
+    fn compact(&mut self, upto: Index) -> Result<(), StorageError>;
     /// A replica that rebuilt its state from the others after losing its data dir now has
     /// it durably: a restart may trust the disk again (drop the "rejoining" mark).
-    fn rejoined(&mut self) -> std::io::Result<()>;
+    fn rejoined(&mut self) -> Result<(), StorageError>;
     /// The replica found it has no memory while the cluster has a history, and rebuilds
     /// from the others: durably mark the data dir as rejoining (as `--rejoin` does) before
     /// returning, so that a crash mid-rebuild rebuilds again.
-    fn begin_rejoin(&mut self) -> std::io::Result<()>;
+    fn begin_rejoin(&mut self) -> Result<(), StorageError>;
 }
 
 /// Why a replica stopped acknowledging: what it was doing when its [`Storage`] failed.
@@ -66,7 +67,7 @@ pub trait Storage: Send {
 pub struct StorageFailure {
     /// What the replica was making durable ("persisting entries 5..=9", ...).
     pub during: String,
-    pub source: std::io::Error,
+    pub source: StorageError,
 }
 
 impl std::fmt::Display for StorageFailure {
@@ -758,7 +759,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         }
     }
 
-    fn fail(&mut self, during: String, source: std::io::Error) {
+    fn fail(&mut self, during: String, source: StorageError) {
         let why = StorageFailure { during, source };
         tracing::error!(
             node = self.core.id(),

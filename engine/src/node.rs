@@ -639,9 +639,12 @@ impl<S: StateMachine + 'static> NodeBuilder<S> {
         if base > 0 {
             // Entries the checkpoint covers go (a log that ends below it is emptied, so that
             // the next append, at base + 1, is accepted).
-            persister.compact(base).map_err(|e| {
-                StartError::io(format!("cannot compact the log in {}", dir.display()), e)
-            })?;
+            persister
+                .compact(base)
+                .map_err(|source| StartError::Storage {
+                    what: format!("cannot compact the log in {}", dir.display()),
+                    source,
+                })?;
         }
         tracing::info!(
             promised = %rec.promised,

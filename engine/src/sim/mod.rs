@@ -21,6 +21,7 @@ use crate::layout::{RegionInfo, RingGeometry};
 use crate::mem_fabric::{Faults, MemFabric, MemNet};
 use crate::protocol::{Config, Core, Durability, PlantedBugs, ProposeError};
 use crate::region::Region;
+use crate::storage::StorageError;
 use crate::types::{Ballot, Index, NodeId};
 use kv::{Machine, Op, Ret, Spec};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -263,29 +264,29 @@ impl Checkpoints for SharedCkpts {
 }
 
 impl Storage for SimDisk {
-    fn save_promise(&mut self, ballot: Ballot) -> std::io::Result<()> {
+    fn save_promise(&mut self, ballot: Ballot) -> Result<(), StorageError> {
         self.disk.lock().unwrap().promised = ballot;
         Ok(())
     }
-    fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> std::io::Result<()> {
+    fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> Result<(), StorageError> {
         self.queue(seq, DiskOp::Write(entries));
         Ok(())
     }
-    fn compact(&mut self, upto: Index) -> std::io::Result<()> {
+    fn compact(&mut self, upto: Index) -> Result<(), StorageError> {
         self.queue(0, DiskOp::Compact(upto));
         Ok(())
     }
-    fn rejoined(&mut self) -> std::io::Result<()> {
+    fn rejoined(&mut self) -> Result<(), StorageError> {
         let mut d = self.disk.lock().unwrap();
         d.rejoining = false;
         d.lost = false;
         Ok(())
     }
-    fn begin_rejoin(&mut self) -> std::io::Result<()> {
+    fn begin_rejoin(&mut self) -> Result<(), StorageError> {
         self.disk.lock().unwrap().rejoining = true;
         Ok(())
     }
-    fn poll_persisted(&mut self, done: &mut Vec<u64>) -> std::io::Result<()> {
+    fn poll_persisted(&mut self, done: &mut Vec<u64>) -> Result<(), StorageError> {
         let now = self.net.now();
         let mut d = self.disk.lock().unwrap();
         while d.pending.front().is_some_and(|p| p.1 <= now) {

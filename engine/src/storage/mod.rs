@@ -72,6 +72,11 @@ pub enum StorageError {
     },
     /// A snapshot that does not exist or is not complete.
     NoSuchSnapshot { index: Index },
+    /// The persister could not make a promise durable; its thread stopped.
+    PromiseFailed { ballot: Ballot },
+    /// The persister's thread stopped, after the failure `cause` (or on its own), so
+    /// nothing more is made durable. Reopen (which runs recovery) to go on.
+    Stopped { cause: String },
 }
 
 impl StorageError {
@@ -148,6 +153,8 @@ impl std::fmt::Display for StorageError {
                 write!(f, "index {index} not in the log (holds {first}..={last})")
             }
             Self::NoSuchSnapshot { index } => write!(f, "no complete snapshot at index {index}"),
+            Self::PromiseFailed { ballot } => write!(f, "promise store failed (ballot {ballot})"),
+            Self::Stopped { cause } => write!(f, "{cause}"),
         }
     }
 }

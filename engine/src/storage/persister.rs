@@ -93,7 +93,7 @@ pub struct Recovered {
 }
 
 enum Req {
-    Promise(Ballot, SyncSender<io::Result<()>>),
+    Promise(Ballot, SyncSender<Result<()>>),
     Entries(u64, Vec<Arc<[u8]>>),
     Compact(Index),
 }
@@ -102,7 +102,7 @@ enum Req {
 pub struct Persister {
     dir: PathBuf,
     tx: Option<Sender<Req>>,
-    done: Receiver<io::Result<u64>>,
+    done: Receiver<Result<u64>>,
     failed: Option<String>,
     thread: Option<JoinHandle<()>>,
 }
@@ -286,17 +286,18 @@ impl Persister {
         sync_dir(dir)
     }
 
-    fn gone(&self) -> io::Error {
-        io::Error::other(
-            self.failed
+    fn gone(&self) -> StorageError {
+        StorageError::Stopped {
+            cause: self
+                .failed
                 .clone()
                 .unwrap_or_else(|| "persister thread stopped".into()),
-        )
+        }
     }
 }
 
 impl Storage for Persister {
-    fn save_promise(&mut self, ballot: Ballot) -> io::Result<()> {
+    fn save_promise(&mut self, ballot: Ballot) -> Result<()> {
         let (reply, wait) = mpsc::sync_channel(1);
         let tx = self.tx.as_ref().expect("open");
         if tx.send(Req::Promise(ballot, reply)).is_err() {
@@ -308,7 +309,7 @@ impl Storage for Persister {
         }
     }
 
-    fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> io::Result<()> {
+    fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> Result<()> {
         if self.failed.is_some() {
             return Err(self.gone());
         }
@@ -316,20 +317,20 @@ impl Storage for Persister {
         tx.send(Req::Entries(seq, entries)).map_err(|_| self.gone())
     }
 
-    fn begin_rejoin(&mut self) -> io::Result<()> {
-        Ok(Self::mark_rejoining(&self.dir)?)
+    fn begin_rejoin(&mut self) -> Result<()> {
+        Self::mark_rejoining(&self.dir)
     }
 
-    fn rejoined(&mut self) -> io::Result<()> {
+    fn rejoined(&mut self) -> Result<()> {
         let path = self.dir.join(REJOIN_MARKER);
         match std::fs::remove_file(&path) {
-            Ok(()) => Ok(sync_dir(&self.dir)?),
+            Ok(()) => sync_dir(&self.dir),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StorageError::io("remove", &path, e).into()),
+            Err(e) => Err(StorageError::io("remove", &path, e)),
         }
     }
 
-    fn compact(&mut self, upto: Index) -> io::Result<()> {
+    fn compact(&mut self, upto: Index) -> Result<()> {
         if self.failed.is_some() {
             return Err(self.gone());
         }
@@ -337,7 +338,7 @@ impl Storage for Persister {
         tx.send(Req::Compact(upto)).map_err(|_| self.gone())
     }
 
-    fn poll_persisted(&mut self, done: &mut Vec<u64>) -> io::Result<()> {
+    fn poll_persisted(&mut self, done: &mut Vec<u64>) -> Result<()> {
         if self.failed.is_some() {
             return Err(self.gone());
         }
@@ -378,7 +379,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(&mut self, rx: Receiver<Req>, done: Sender<io::Result<u64>>) {
+    fn run(&mut self, rx: Receiver<Req>, done: Sender<Result<u64>>) {
         let mut group = Vec::new();
         let mut seqs = Vec::new();
         while let Ok(first) = rx.recv() {
@@ -396,27 +397,25 @@ impl Writer {
                     Req::Promise(b, reply) => {
                         let r = self.promise.store(b);
                         let failed = r.is_err();
-                        let _ = reply.send(r.map_err(io::Error::from));
+                        let _ = reply.send(r);
                         if failed {
-                            failure = Some(io::Error::other(format!(
-                                "promise store failed (ballot {b})"
-                            )));
+                            failure = Some(StorageError::PromiseFailed { ballot: b });
                         }
                     }
                     Req::Entries(seq, entries) => match self.write(&entries) {
                         Ok(()) => seqs.push(seq),
-                        Err(e) => failure = Some(e.into()),
+                        Err(e) => failure = Some(e),
                     },
                     Req::Compact(upto) => {
                         if let Err(e) = self.compact(upto) {
-                            failure = Some(e.into());
+                            failure = Some(e);
                         }
                     }
                 }
             }
             if failure.is_none() && !seqs.is_empty() {
                 if let Err(e) = self.log.sync() {
-                    failure = Some(e.into());
+                    failure = Some(e);
                 }
             }
             if let Some(e) = failure {
@@ -548,7 +547,7 @@ mod tests {
     }
 
     /// Waits until `seqs` are all reported (in order), or an error.
-    fn wait(p: &mut Persister, seqs: &[u64]) -> io::Result<()> {
+    fn wait(p: &mut Persister, seqs: &[u64]) -> Result<()> {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while got.len() < seqs.len() {
@@ -560,7 +559,7 @@ mod tests {
         Ok(())
     }
 
-    fn wait_err(p: &mut Persister) -> io::Error {
+    fn wait_err(p: &mut Persister) -> StorageError {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got = Vec::new();
         loop {
@@ -789,7 +788,7 @@ mod tests {
             }
             assert!(seq < 10_000, "tmpfs never filled");
         };
-        assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err}");
+        assert!(err.is_no_space(), "{err}");
         assert!(
             err.to_string().contains(fs.path().to_str().unwrap()),
             "{err}"
