@@ -2,6 +2,7 @@
 //! SIGCONT), with concurrent clients whose history is checked for linearizability.
 
 use ballot::sim::kv::{Op as SOp, Ret, Spec};
+use ballot::sim::linearizability::{self, Call, Violation};
 use ballot_node::client::{self, Client, ClientConfig, ClientError};
 use ballot_node::kv::{KvResult, Op};
 use std::net::TcpListener;
@@ -404,34 +405,18 @@ fn acked_writer(
 }
 
 fn check_linearizable(history: &[Rec], key: u8) -> Result<usize, String> {
-    use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
-    let mut events: Vec<(Instant, bool, usize)> = Vec::new();
-    for (i, r) in history.iter().enumerate().filter(|(_, r)| r.key == key) {
-        events.push((r.invoked, true, i));
-        if let Some((t, _)) = r.returned {
-            events.push((t, false, i));
+    let calls = history.iter().filter(|r| r.key == key).map(|r| Call {
+        thread: r.thread,
+        op: r.op,
+        invoked: r.invoked,
+        returned: r.returned,
+    });
+    linearizability::check(calls, Spec::default()).map_err(|e| match e {
+        Violation::Malformed(e) => format!("history malformed for key {key}: {e}"),
+        Violation::NotLinearizable { ops } => {
+            format!("key {key}: history of {ops} ops has no linearization")
         }
-    }
-    // Returns before invokes at equal instants (conservative: no false overlap).
-    events.sort_by_key(|&(t, inv, i)| (t, inv, i));
-    let mut t = LinearizabilityTester::new(Spec::default());
-    for (_, invoke, i) in events {
-        let r = &history[i];
-        let res = if invoke {
-            t.on_invoke(r.thread, r.op).map(|_| ())
-        } else {
-            t.on_return(r.thread, r.returned.unwrap().1).map(|_| ())
-        };
-        res.map_err(|e| format!("history malformed for key {key}: {e}"))?;
-    }
-    if t.is_consistent() {
-        Ok(t.len())
-    } else {
-        Err(format!(
-            "key {key}: history of {} ops has no linearization",
-            t.len()
-        ))
-    }
+    })
 }
 
 #[test]

@@ -106,7 +106,7 @@ impl Spec {
     }
 }
 
-impl stateright::semantics::SequentialSpec for Spec {
+impl super::linearizability::SequentialSpec for Spec {
     type Op = Op;
     type Ret = Ret;
     fn invoke(&mut self, op: &Op) -> Ret {

@@ -8,11 +8,13 @@
 //! Checks: agreement (one command list per index across every replica and incarnation),
 //! applied logs are prefixes of one another, no command applied twice, every acknowledged
 //! command applied and present on every live replica at the end, per-key linearizability
-//! of the client history (stateright's tester; linearizability is compositional), liveness
-//! after the faults heal, and every contract asserted in the core (a panic is a violation).
+//! of the client history ([`linearizability`], over stateright's tester; linearizability
+//! is compositional), liveness after the faults heal, and every contract asserted in the
+//! core (a panic is a violation).
 
 pub mod digest;
 pub mod kv;
+pub mod linearizability;
 pub mod planted;
 
 use crate::checkpoint::{CheckpointInfo, CheckpointPolicy, Checkpoints, MemCheckpoints};
@@ -1431,35 +1433,24 @@ impl Sim {
     }
 
     fn check_linearizable(&self, key: u8) -> Result<(), String> {
-        use stateright::semantics::{ConsistencyTester, LinearizabilityTester};
-        let mut events: Vec<(u64, bool, usize)> = Vec::new();
-        for (k, o) in self.ops.iter().enumerate() {
-            if o.failed || o.op.key() != key {
-                continue;
+        let history = self
+            .ops
+            .iter()
+            .filter(|o| !o.failed && o.op.key() == key)
+            .map(|o| linearizability::Call {
+                thread: o.thread,
+                op: o.op,
+                invoked: o.invoked,
+                returned: o.returned,
+            });
+        match linearizability::check(history, Spec::default()) {
+            Ok(_) => Ok(()),
+            Err(linearizability::Violation::Malformed(e)) => {
+                Err(format!("history malformed for key {key}: {e}"))
             }
-            events.push((o.invoked, true, k));
-            if let Some((s, _)) = o.returned {
-                events.push((s, false, k));
-            }
-        }
-        events.sort();
-        let mut t = LinearizabilityTester::new(Spec::default());
-        for (_, invoke, k) in events {
-            let o = &self.ops[k];
-            let r = if invoke {
-                t.on_invoke(o.thread, o.op).map(|_| ())
-            } else {
-                t.on_return(o.thread, o.returned.unwrap().1).map(|_| ())
-            };
-            r.map_err(|e| format!("history malformed for key {key}: {e}"))?;
-        }
-        if t.is_consistent() {
-            Ok(())
-        } else {
-            Err(format!(
-                "linearizability: history of key {key} ({} ops) has no linearization",
-                t.len()
-            ))
+            Err(linearizability::Violation::NotLinearizable { ops }) => Err(format!(
+                "linearizability: history of key {key} ({ops} ops) has no linearization"
+            )),
         }
     }
 }
