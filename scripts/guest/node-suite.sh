@@ -128,7 +128,8 @@ echo "== nodes: a process with the wrong cluster key is refused at the RDMA boot
 echo "not the cluster key" >"$D/wrongkey"
 ballot-node --node 2 --cluster 0xBA11 --peers "0=127.0.0.1:$PORT,1=127.0.0.1:$((PORT + 1)),2=127.0.0.1:$((PORT + 9))" \
     --client-addr "127.0.0.1:$((PORT + 19))" --data-dir "$D/rogue" --key-file "$D/wrongkey" \
-    --fabric rdma --rdma-device "$RXE_DEV" --rdma-gid-index "$RXE_GID_INDEX" >"$D/rogue.log" 2>&1 &
+    --fabric rdma --rdma-device "$RXE_DEV" --rdma-gid-index "$RXE_GID_INDEX" \
+    --initial-cluster-state new >"$D/rogue.log" 2>&1 &
 rp=$!
 n=100; while [ $n -gt 0 ] && kill -0 $rp 2>/dev/null; do sleep 0.1; n=$((n - 1)); done
 kill -0 $rp 2>/dev/null && { kill -9 $rp; fail "the wrong-key node is still running"; }
