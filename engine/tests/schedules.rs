@@ -500,6 +500,16 @@ impl Cluster {
         bad
     }
 
+    /// `i` loses its data dir and is started again as if the cluster were new (the
+    /// operator forgot `--rejoin`): a blank replica, with no memory of its promises.
+    fn boot_blank(&mut self, i: usize) {
+        self.crash(i, false);
+        self.incarnations[i] += 1;
+        self.nodes[i] = self.fresh_node(i as NodeId, false);
+        self.up[i] = true;
+        self.exec(i);
+    }
+
     /// Heals every cut, lets `live` run for a while, and checks agreement.
     fn heal_and_converge(&mut self, live: &[usize]) {
         self.cut.clear();
@@ -615,6 +625,20 @@ fn elect_first(c: &mut Cluster) {
     }
     c.settle(&all);
     assert!(c.nodes[0].core.is_leader(), "node 0 leads");
+    // A promise that arrived after node 0 won is taken up when node 0 asks again.
+    for _ in 0..100 {
+        if c.nodes[0].core.peer_summary().matches("Streaming").count() == c.n - 1 {
+            return;
+        }
+        for i in 0..c.n {
+            c.tick(i);
+        }
+        c.settle(&all);
+    }
+    panic!(
+        "node 0 streams to every replica: {}",
+        c.nodes[0].core.peer_summary()
+    );
 }
 
 /// Five replicas, volatile. The rebuild of an amnesiac replica X waits for the leader that
@@ -1065,4 +1089,63 @@ fn duplicated_resync_counts_a_write_the_follower_never_reads() {
         bad.is_empty(),
         "agreement violated at e's index {e}: {bad:?}"
     );
+}
+
+/// Three replicas (found by `ballot-sim --seed 258 --replicas 3 --durability durable`). B and
+/// L choose e while F, established in L's stream from the start, lags. B loses its data dir
+/// and boots blank. F, which never exchanged a vote with B, had no record of B's memory and
+/// counted B's blank vote: F won with {F, B}, neither of which holds e, and chose another
+/// value at e's index. A replica that learned that values were chosen knows a majority it
+/// may not have seen accepted them: it refuses the blank vote of a peer it has no record
+/// of, and B rebuilds first.
+#[test]
+fn blank_vote_of_a_peer_never_heard_from_counts_after_a_leader() {
+    let mut c = Cluster::new(3);
+    let all: Vec<NodeId> = (0..3).collect();
+    let (l, f, b) = (0usize, 1usize, 2usize);
+    let (ln, fnn, bn) = (l as NodeId, f as NodeId, b as NodeId);
+    elect_first(&mut c);
+    for k in 0..3 {
+        c.propose(l, &cmd(k));
+        c.settle(&all);
+    }
+    assert!(
+        c.nodes[f].core.commit() >= 3,
+        "F is established in L's stream"
+    );
+
+    // L proposes e; it lands at B only (the data path to F is slow): L chooses e.
+    c.propose(l, b"THE-CHOSEN-VALUE-e");
+    let e = c.nodes[l].core.log().last();
+    c.land_all(ln, bn);
+    c.complete_all(ln, bn);
+    assert!(c.nodes[l].core.commit() >= e, "L chose e");
+    assert!(c.nodes[l].applied.contains_key(&e), "L applied e");
+
+    // B loses its data dir and boots blank; L is cut off from both (it keeps e).
+    c.boot_blank(b);
+    for o in [f, b] {
+        c.cut.insert((ln, o as NodeId));
+        c.cut.insert((o as NodeId, ln));
+    }
+    c.ops.retain(|(from, _), _| *from != ln);
+    c.msgs.retain(|(from, to, _)| *from != ln && *to != ln);
+    for _ in 0..200 {
+        if c.nodes[f].core.is_leader() || c.nodes[b].core.is_leader() {
+            break;
+        }
+        c.tick(f);
+        c.tick(b);
+        c.settle(&[fnn, bn]);
+    }
+    eprintln!("after F and B stood:");
+    c.describe();
+    // F refuses B's blank vote (B rebuilds, and needs L or F's answer as a majority of the
+    // others), and B refuses F's: neither wins without L.
+    assert!(
+        !c.nodes[f].core.is_leader() && !c.nodes[b].core.is_leader(),
+        "a leader elected with a blank vote"
+    );
+    c.heal_and_converge(&all.iter().map(|&n| n as usize).collect::<Vec<_>>());
+    c.check_chosen_survives(e, &[l, f, b]);
 }

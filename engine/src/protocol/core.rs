@@ -91,9 +91,10 @@ pub struct Core {
     /// What we know of each peer's memory: 0 seen with one, or the id of the blank
     /// incarnation seen. A blank vote that contradicts it is refused (`Nack::recover`).
     pub(super) known: BTreeMap<NodeId, u64>,
-    /// `known` started empty although this replica has a history (restored from disk, or
-    /// rebuilt): a blank vote of a peer it has no record of may come from a lost memory, so
-    /// it is refused too (the peer rebuilds; a first start has no such replica).
+    /// This replica has a history (restored from disk, rebuilt, or it learned that a value
+    /// was chosen), so `known` may miss peers that had a memory: a blank vote of a peer it has no record
+    /// of may come from a lost memory, so it is refused too (the peer rebuilds). Only a
+    /// first start before any leader has no such replica.
     pub(super) known_incomplete: bool,
     /// Write generations handed out to peer streams, unique within this incarnation, so that
     /// no completion of an earlier stream or leadership is counted in a later one.
@@ -452,6 +453,15 @@ impl Core {
         self.blank = 0;
     }
 
+    /// We learned that a value was chosen: a majority accepted it, and a peer we have no
+    /// record of may be one of them that lost its disk since. From now on its blank vote
+    /// is refused (it rebuilds, from the majority that holds the value, so this never
+    /// wedges: at most the others are blank). Before anything is chosen, blank votes keep
+    /// a first start live.
+    pub(super) fn saw_chosen(&mut self) {
+        self.known_incomplete = true;
+    }
+
     /// The fence requested by `FenceAndDrain` is in force and the ring is drained.
     pub fn handle_fenced(&mut self) {
         self.assert_invariants();
@@ -551,6 +561,9 @@ impl Core {
         self.assert_invariants();
         if cell.ballot == self.promised && !self.is_leader() {
             self.establish();
+            if cell.commit > 0 {
+                self.saw_chosen(); // even if we hold none of it yet
+            }
             let cap = match self.cfg.bugs.follower_commit_uncapped {
                 false => self.received,
                 true => self.log.last(),
@@ -742,6 +755,7 @@ impl Core {
         if c > self.commit {
             contract!(c <= self.log.last(), "contract: commit within the log");
             self.commit = c;
+            self.saw_chosen();
             self.progress_dirty = true;
             self.apply_committed();
         }

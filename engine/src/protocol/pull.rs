@@ -27,6 +27,11 @@ impl Core {
         self.pull.is_some()
     }
 
+    /// The replica a checkpoint is being pulled from, if one is.
+    pub fn pull_source(&self) -> Option<NodeId> {
+        self.pull.as_ref().map(|p| p.from)
+    }
+
     /// A checkpoint covering `upto` is kept (durably, in durable mode): drop the log up to
     /// it. Precondition: `upto <= applied` (a checkpoint holds applied state only).
     pub fn compact(&mut self, upto: Index) {
@@ -213,6 +218,7 @@ impl Core {
         self.log.compact(index);
         self.applied = index;
         self.commit = self.commit.max(index);
+        self.saw_chosen();
         self.received = self.received.max(index);
         self.after_compaction(index);
         self.progress_dirty = true;
