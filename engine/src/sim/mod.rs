@@ -325,6 +325,8 @@ struct Node {
     wiped: bool,
     /// The ballot this node last led and the tick it first stepped as its leader.
     led: (Ballot, u64),
+    /// This replica checkpoints every `ckpt_mul` times the run's interval.
+    ckpt_mul: u64,
 }
 
 struct Client {
@@ -378,6 +380,8 @@ struct Sim {
     /// This seed's fault profile (swarm testing: each seed weights the faults differently,
     /// so that rare combinations open their windows in some seeds).
     swarm: Swarm,
+    /// The random stream of the faults added after the first swarm (see `pick_more`).
+    more: Rng,
 }
 
 /// Per-seed weights of the fault families (0: off; 1: the base rate; more: that many times
@@ -407,6 +411,16 @@ struct Swarm {
     /// Share (per million) of restarts whose replica is cut from the leader while it
     /// rebuilds (its rebuild then stands on the other answers, or waits).
     rebuild_cut: u64,
+    /// A majorities ring (5 replicas or more): each replica reaches a majority, no two the
+    /// same one, held long: a deposed leader keeps followers that deem it alive while a
+    /// newer leader leads others, and a rebuild hears from some of each view.
+    ring: u64,
+    /// Share (per million) of checkpoint pulls whose source is cut off just after the pull
+    /// starts (the pull falls back to another source, perhaps with an older checkpoint).
+    pull_cut: u64,
+    /// Replicas checkpoint at different paces (some four times as rarely), so that the
+    /// answers a rebuild gets are compacted to different points.
+    ckpt_skew: bool,
 }
 
 impl Swarm {
@@ -425,7 +439,18 @@ impl Swarm {
             extra_clients: [0, 2, 5][rng.below(3) as usize],
             stall: [0, 1, 1, 2, 4][rng.below(5) as usize],
             rebuild_cut: [0, 300_000, 700_000][rng.below(3) as usize],
+            ring: 0,
+            pull_cut: 0,
+            ckpt_skew: false,
         }
+    }
+
+    /// The knobs added after the others, drawn from a stream of their own so that a seed
+    /// whose new knobs are all off replays as it did before they existed.
+    fn pick_more(&mut self, rng: &mut Rng) {
+        self.ring = [0, 0, 1, 2][rng.below(4) as usize];
+        self.pull_cut = [0, 300_000, 700_000][rng.below(3) as usize];
+        self.ckpt_skew = rng.chance(500_000);
     }
 }
 
@@ -581,7 +606,7 @@ impl Sim {
             Durability::Volatile => None,
         };
         let policy = CheckpointPolicy {
-            every_bytes: self.ckpt_every,
+            every_bytes: self.ckpt_every * self.nodes[id as usize].ckpt_mul,
             keep: self.ckpt_keep,
             chunk_bytes: 512,
             serve_bytes_per_tick: 2048,
@@ -747,6 +772,27 @@ impl Sim {
                     let units = (20 + self.rng.below(100)) * UNITS_PER_TICK;
                     self.net.stall(l, f, units);
                 }
+            }
+        }
+        // A majorities ring, held long: on a random ring, each replica reaches those within
+        // (f + 1) / 2 places of it, a majority, and no two replicas the same majority.
+        if n >= 5 && self.swarm.ring > 0 && self.more.chance(1_000 * self.swarm.ring) {
+            let mut order: Vec<NodeId> = (0..n as NodeId).collect();
+            for k in (1..order.len()).rev() {
+                order.swap(k, self.more.below(k as u64 + 1) as usize);
+            }
+            let reach = (f + 1) / 2;
+            let until = tick + 60 + self.more.below(240);
+            for a in 0..n {
+                for b in a + 1..n {
+                    let d = b - a;
+                    if d.min(n - d) > reach {
+                        self.net
+                            .set_link(order[a as usize], order[b as usize], false);
+                    }
+                }
+                let c = &mut self.nodes[order[a as usize] as usize].cut_until;
+                *c = (*c).max(until);
             }
         }
         // A slow replica.
@@ -925,9 +971,22 @@ impl Sim {
                 let was = r.core().is_leader();
                 let was_rec = r.core().is_recovering();
                 let was_blank = r.core().is_blank();
+                let was_pulling = r.core().is_pulling();
                 r.step(now_ticks);
                 self.absorb_landed(tick);
                 self.check_step(id, tick);
+                let Some(r) = self.nodes[id].replica.as_mut() else {
+                    continue;
+                };
+                if let Some(src) = r.core().pull_source().filter(|_| !was_pulling) {
+                    if self.o.faults && tick < self.o.ticks && self.more.chance(self.swarm.pull_cut)
+                    {
+                        self.net.set_link(id as NodeId, src, false);
+                        let until = tick + 10 + self.more.below(60);
+                        let c = &mut self.nodes[id].cut_until;
+                        *c = (*c).max(until);
+                    }
+                }
                 let Some(r) = self.nodes[id].replica.as_mut() else {
                     continue;
                 };
@@ -1264,6 +1323,19 @@ impl Sim {
             t += 1;
         }
         if !live_ok {
+            if std::env::var_os("SIM_TRACE").is_some() {
+                for n in &self.nodes {
+                    if let Some(r) = n.replica.as_ref() {
+                        let c = r.core();
+                        eprintln!(
+                            "stuck: {} blank={} {}",
+                            crate::driver::describe(c),
+                            c.is_blank(),
+                            c.peer_summary()
+                        );
+                    }
+                }
+            }
             self.violation(
                 "liveness: no command committed in 300 ticks after faults healed".into(),
             );
@@ -1479,6 +1551,7 @@ pub fn run(o: Options) -> Report {
             amnesia_at: 0,
             wiped: false,
             led: (Ballot::ZERO, 0),
+            ckpt_mul: 1,
         })
         .collect();
     let faults = if o.faults {
@@ -1523,10 +1596,20 @@ pub fn run(o: Options) -> Report {
             extra_clients: 0,
             stall: 0,
             rebuild_cut: 0,
+            ring: 0,
+            pull_cut: 0,
+            ckpt_skew: false,
         },
+        more: Rng(o.seed ^ 0x9e37_79b9_7f4a_7c15),
     };
     if o.faults {
         sim.swarm = Swarm::pick(&mut sim.rng);
+        sim.swarm.pick_more(&mut sim.more);
+        if sim.swarm.ckpt_skew {
+            for n in &mut sim.nodes {
+                n.ckpt_mul = [1, 1, 4][sim.more.below(3) as usize];
+            }
+        }
         for i in 0..sim.swarm.extra_clients {
             sim.clients.push(Client {
                 thread: sim.next_thread,
