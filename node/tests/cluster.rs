@@ -1787,3 +1787,40 @@ fn json_logs_and_unreachable_or_refused_peers_warned_once_per_period() {
     assert_eq!(warned(&dial, Some(1)), 1, "{log}");
     assert_eq!(warned(&["refused handshake"], None), 1, "{log}");
 }
+
+/// docs/operations.md, "Backup and restore": `ballot-cli checkpoint`, copy the newest
+/// `snap-*.ckpt`, seed every replica of a new durable cluster with it.
+#[test]
+fn a_checkpoint_backup_restores_a_new_durable_cluster() {
+    let cl = Cluster::with_mode(3, "backup", true);
+    cl.wait_serving("after boot");
+    let mut c = Client::new(cl.addrs());
+    for k in 0..5 {
+        c.put(format!("b{k}").as_bytes(), format!("v{k}").as_bytes())
+            .unwrap();
+    }
+    let applied = cl.converged(&[0, 1, 2], SERVE_BOUND).applied;
+    let eps = cl.addrs().join(",");
+    let (code, out, err, _) = run_cli(&["checkpoint"], &[("BALLOT_ENDPOINTS", &eps)], b"");
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until("node 0 keeps the checkpoint", || {
+        cl.status(0).is_some_and(|s| s.checkpoint >= applied)
+    });
+    let backup = cl.checkpoint_files(0).pop().unwrap();
+    c.put(b"after", b"not in the backup").unwrap();
+    let mut restored = Cluster::unstarted(3, "restored", true);
+    for i in 0..3 {
+        let dir = restored.dir.join(format!("data{i}")).join("checkpoints");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&backup, dir.join(backup.file_name().unwrap())).unwrap();
+        restored.start(i); // --initial-cluster-state new: an empty data dir but for it
+    }
+    restored.wait_serving("restored from the backup");
+    let mut c = Client::new(restored.addrs());
+    for k in 0..5 {
+        let want = format!("v{k}").into_bytes();
+        assert_eq!(c.get(format!("b{k}").as_bytes()).unwrap(), Some(want));
+    }
+    assert_eq!(c.get(b"after").unwrap(), None);
+    assert!(restored.status_wait(0).log_base >= applied);
+}
