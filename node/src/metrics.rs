@@ -382,14 +382,18 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn bind(addr: SocketAddr) -> Result<Endpoint, NodeError> {
-        let server = tiny_http::Server::http(addr).map_err(|e| {
+    /// Serves HTTP on `listener` (bound by the caller, so that a busy port fails the start
+    /// early).
+    pub fn new(listener: std::net::TcpListener) -> Result<Endpoint, NodeError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| NodeError::io("metrics listener", e))?;
+        let server = tiny_http::Server::from_listener(listener, None).map_err(|e| {
             NodeError::io(
-                format!("cannot listen for metrics on {addr}"),
+                format!("cannot serve metrics on {addr}"),
                 std::io::Error::other(e.to_string()),
             )
         })?;
-        let addr = server.server_addr().to_ip().unwrap_or(addr);
         Ok(Endpoint { server, addr })
     }
 

@@ -126,7 +126,10 @@ impl Node {
         let listen = cfg.peers[&cfg.node];
         // Listeners first: a start that fails on a busy port leaves the data dir untouched.
         let client_listener = bind_retry(cfg.client_addr, "clients")?;
-        let endpoint = cfg.metrics_addr.map(Endpoint::bind).transpose()?;
+        let endpoint = match cfg.metrics_addr {
+            Some(a) => Some(Endpoint::new(bind_retry(a, "metrics")?)?),
+            None => None,
+        };
         let log_format = cfg.log.format;
         let digest = Arc::new(DigestCell::default());
         let cell = digest.clone();
