@@ -8,8 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Buckets of a [`Histogram`]: upper bounds of 1 µs · 2^k for k in `0..BUCKETS` (1 µs to
-/// about 8.4 s), and the last one catches everything above.
+/// Buckets of a [`Histogram`]: upper bounds of 1 µs · 2^k for k in `0..BUCKETS - 1` (1 µs
+/// to about 4.2 s), and a last one that catches everything above.
 pub const BUCKETS: usize = 24;
 
 /// A latency histogram with power-of-two buckets in microseconds. `observe` is three

@@ -6,11 +6,11 @@
 //! metric's meaning, is in docs/operations.md.
 
 use crate::error::NodeError;
-use ballot::metrics::HistogramSnapshot;
+use ballot::metrics::{Histogram, HistogramSnapshot, Metrics};
 use ballot::runtime::{Handle, Role, Status};
-use ballot_tcp::StatsReader;
+use ballot_tcp::{PeerStats, Stats as TcpStats, StatsReader};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
@@ -74,14 +74,135 @@ pub fn health(st: &Status, storage_failed: bool) -> Result<String, String> {
     }
 }
 
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
-    e.encode_descriptor(name, help, None, MetricType::Gauge)?
-        .encode_gauge(&v)
+/// Counter or gauge.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
 }
 
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
-    e.encode_descriptor(name, help, None, MetricType::Counter)?
-        .encode_counter::<NoLabelSet, _, u64>(&v, None)
+/// What a scalar metric reads: the replica's status, its measurements, the node's own
+/// counters.
+struct View<'a> {
+    st: &'a Status,
+    m: &'a Metrics,
+    healthy: bool,
+    clients: u64,
+}
+
+type Scalar = (&'static str, &'static str, Kind, fn(&View) -> i64);
+
+/// Every scalar metric of the replica: name (counters get `_total` from the encoder), help,
+/// kind, and how to read it. docs/operations.md lists them with their meaning.
+#[rustfmt::skip]
+const SCALARS: &[Scalar] = &[
+    ("ballot_health", "1 when /health answers 200", Kind::Gauge, |v| i64::from(v.healthy)),
+    ("ballot_node", "This replica's id", Kind::Gauge, |v| i64::from(v.st.node)),
+    ("ballot_leader", "The replica this one believes leads (-1: none known)", Kind::Gauge,
+        |v| v.st.leader_hint.map_or(-1, i64::from)),
+    ("ballot_ballot", "Highest ballot promised (round << 8 | node)", Kind::Gauge,
+        |v| v.st.ballot as i64),
+    ("ballot_ballot_round", "Round of the highest ballot promised", Kind::Gauge,
+        |v| (v.st.ballot >> 8) as i64),
+    ("ballot_leader_changes", "Times a different leader was seen (or this replica became one)",
+        Kind::Counter, |v| v.m.leader_changes.get() as i64),
+    ("ballot_commit_index", "Highest log index known committed", Kind::Gauge,
+        |v| v.st.commit as i64),
+    ("ballot_applied_index", "Highest log index applied to the state machine", Kind::Gauge,
+        |v| v.st.applied as i64),
+    ("ballot_commits", "Proposals made on this replica that committed and applied",
+        Kind::Counter, |v| v.m.commits.get() as i64),
+    ("ballot_applied_commands", "Commands applied by the state machine since start",
+        Kind::Counter, |v| v.st.applied_commands as i64),
+    ("ballot_storage_errors", "Storage failures", Kind::Counter,
+        |v| v.m.storage_errors.get() as i64),
+    ("ballot_storage_failed", "1 once the replica stopped acknowledging after a storage failure",
+        Kind::Gauge, |v| v.m.storage_failed.get() as i64),
+    ("ballot_log_base_index", "Entries up to here are compacted into a checkpoint", Kind::Gauge,
+        |v| v.st.log_base as i64),
+    ("ballot_checkpoint_index", "Index of the newest checkpoint kept (0: none)", Kind::Gauge,
+        |v| v.st.checkpoint as i64),
+    ("ballot_checkpoints_taken", "Checkpoints taken here", Kind::Counter,
+        |v| v.m.checkpoints_taken.get() as i64),
+    ("ballot_checkpoint_failures", "Checkpoints that failed to be taken or installed",
+        Kind::Counter, |v| v.m.checkpoint_failures.get() as i64),
+    ("ballot_checkpoints_installed", "Checkpoints installed from another replica (catch-up)",
+        Kind::Counter, |v| v.st.checkpoints_installed as i64),
+    ("ballot_checkpoint_served_bytes", "Checkpoint bytes sent to replicas catching up",
+        Kind::Counter, |v| v.m.checkpoint_bytes_served.get() as i64),
+    ("ballot_catchup_pulling", "1 while a checkpoint is being pulled from another replica",
+        Kind::Gauge, |v| v.m.pulling.get() as i64),
+    ("ballot_catchup_pull_index", "Index of the checkpoint being pulled (0: none, or not yet named)",
+        Kind::Gauge, |v| v.m.pull_index.get() as i64),
+    ("ballot_catchup_pull_bytes", "Bytes of the checkpoint being pulled received so far",
+        Kind::Gauge, |v| v.m.pull_bytes.get() as i64),
+    ("ballot_bad_messages", "Control messages dropped because they did not decode",
+        Kind::Counter, |v| v.m.bad_messages.get() as i64),
+    ("ballot_client_connections", "Client connections open", Kind::Gauge,
+        |v| v.clients as i64),
+];
+
+/// The latency histograms: name, help, which one, whether only in durable mode.
+#[rustfmt::skip]
+const HISTOGRAMS: &[(&str, &str, fn(&Metrics) -> &Histogram, bool)] = &[
+    ("ballot_commit_latency_seconds",
+        "Proposal accepted by the replica thread to committed and applied here (this replica's proposals)",
+        |m| &m.commit_latency, false),
+    ("ballot_apply_latency_seconds",
+        "State machine time to apply one log entry (a batch of commands)",
+        |m| &m.apply_latency, false),
+    ("ballot_fsync_latency_seconds",
+        "One fdatasync of the log by the persister (a group of entries)",
+        |m| &m.fsync_latency, true),
+];
+
+/// The TCP fabric's metrics per peer (label `peer`): name, help, kind, how to read it.
+#[rustfmt::skip]
+const PER_PEER: &[(&str, &str, Kind, fn(&PeerStats) -> u64)] = &[
+    ("ballot_fabric_peer_connected", "1 while the outbound connection to the peer is up",
+        Kind::Gauge, |p| u64::from(p.connected)),
+    ("ballot_fabric_sent_bytes", "Bytes written to the peer's connections", Kind::Counter,
+        |p| p.bytes_sent),
+    ("ballot_fabric_received_bytes", "Bytes read from the peer's connections", Kind::Counter,
+        |p| p.bytes_received),
+    ("ballot_fabric_disconnects", "Outbound connections to the peer lost", Kind::Counter,
+        |p| p.disconnects),
+    ("ballot_fabric_dial_failures", "Dials to the peer that failed (unreachable or refused)",
+        Kind::Counter, |p| p.dial_failures),
+];
+
+/// The TCP fabric's counters over all peers.
+#[rustfmt::skip]
+const FABRIC: &[(&str, &str, fn(&TcpStats) -> u64)] = &[
+    ("ballot_fabric_refused_handshakes",
+        "Handshakes refused, either side (wrong key, cluster or id; too many connections)",
+        |t| t.refused_handshakes),
+    ("ballot_fabric_refused_frames",
+        "Malformed, unexpected or out-of-bounds frames (connection closed)",
+        |t| t.refused_frames),
+    ("ballot_fabric_denied_writes", "Ring writes refused for lack of write permission",
+        |t| t.denied_writes),
+];
+
+/// Writes one sample of a counter or gauge (after its descriptor, or a label set).
+fn sample(m: &mut MetricEncoder, kind: Kind, v: i64) -> std::fmt::Result {
+    match kind {
+        Kind::Counter => m.encode_counter::<NoLabelSet, _, u64>(&v.max(0).unsigned_abs(), None),
+        Kind::Gauge => m.encode_gauge(&v),
+    }
+}
+
+fn descriptor<'a>(
+    e: &'a mut DescriptorEncoder,
+    name: &'a str,
+    help: &str,
+    kind: Kind,
+) -> Result<MetricEncoder<'a>, std::fmt::Error> {
+    let t = match kind {
+        Kind::Counter => MetricType::Counter,
+        Kind::Gauge => MetricType::Gauge,
+    };
+    e.encode_descriptor(name, help, None, t)
 }
 
 fn histogram(
@@ -100,28 +221,6 @@ fn histogram(
         .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &buckets, None)
 }
 
-/// One metric per peer: `f` gives the value for a peer.
-fn per_peer(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    peers: &[u8],
-    f: impl Fn(u8) -> u64,
-) -> std::fmt::Result {
-    let mut m = e.encode_descriptor(name, help, None, kind)?;
-    for &p in peers {
-        let labels = [("peer", p.to_string())];
-        let mut fam = m.encode_family(&labels)?;
-        if matches!(kind, MetricType::Counter) {
-            fam.encode_counter::<NoLabelSet, _, u64>(&f(p), None)?;
-        } else {
-            fam.encode_gauge(&f(p))?;
-        }
-    }
-    Ok(())
-}
-
 #[derive(Debug)]
 struct Exporter(Sources);
 
@@ -130,237 +229,60 @@ impl Collector for Exporter {
         let s = &self.0;
         let st = s.handle.status();
         let m = s.handle.metrics();
-        let e = &mut e;
-        {
-            let mut r = e.encode_descriptor(
-                "ballot_role",
-                "1 for the role this replica is in, 0 for the others",
-                None,
-                MetricType::Gauge,
+        let mut roles = e.encode_descriptor(
+            "ballot_role",
+            "1 for the role this replica is in, 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for role in ROLES {
+            let labels = [("role", role.name())];
+            roles
+                .encode_family(&labels)?
+                .encode_gauge(&u64::from(st.role == role))?;
+        }
+        let view = View {
+            st: &st,
+            m,
+            healthy: health(&st, s.handle.storage_failed()).is_ok(),
+            clients: s.clients.load(Ordering::Relaxed),
+        };
+        for (name, help, kind, read) in SCALARS {
+            sample(
+                &mut descriptor(&mut e, name, help, *kind)?,
+                *kind,
+                read(&view),
             )?;
-            for role in ROLES {
-                let labels = [("role", role.name())];
-                r.encode_family(&labels)?
-                    .encode_gauge(&u64::from(st.role == role))?;
+        }
+        for (name, help, which, durable_only) in HISTOGRAMS {
+            if s.durable || !durable_only {
+                histogram(&mut e, name, help, &which(m).snapshot())?;
             }
         }
-        let ok = health(&st, s.handle.storage_failed()).is_ok();
-        gauge(
-            e,
-            "ballot_health",
-            "1 when /health answers 200",
-            i64::from(ok),
-        )?;
-        gauge(e, "ballot_node", "This replica's id", i64::from(st.node))?;
-        gauge(
-            e,
-            "ballot_leader",
-            "The replica this one believes leads (-1: none known)",
-            st.leader_hint.map_or(-1, i64::from),
-        )?;
-        gauge(
-            e,
-            "ballot_ballot",
-            "Highest ballot promised (round << 8 | node)",
-            st.ballot as i64,
-        )?;
-        gauge(
-            e,
-            "ballot_ballot_round",
-            "Round of the highest ballot promised",
-            (st.ballot >> 8) as i64,
-        )?;
-        counter(
-            e,
-            "ballot_leader_changes",
-            "Times a different leader was seen (or this replica became one)",
-            m.leader_changes.get(),
-        )?;
-        gauge(
-            e,
-            "ballot_commit_index",
-            "Highest log index known committed",
-            st.commit as i64,
-        )?;
-        gauge(
-            e,
-            "ballot_applied_index",
-            "Highest log index applied to the state machine",
-            st.applied as i64,
-        )?;
-        counter(
-            e,
-            "ballot_commits",
-            "Proposals made on this replica that committed and applied",
-            m.commits.get(),
-        )?;
-        counter(
-            e,
-            "ballot_applied_commands",
-            "Commands applied by the state machine since start",
-            st.applied_commands,
-        )?;
-        histogram(e, "ballot_commit_latency_seconds", "Proposal accepted by the replica thread to committed and applied here (this replica's proposals)", &m.commit_latency.snapshot())?;
-        histogram(
-            e,
-            "ballot_apply_latency_seconds",
-            "State machine time to apply one log entry (a batch of commands)",
-            &m.apply_latency.snapshot(),
-        )?;
-        if s.durable {
-            histogram(
-                e,
-                "ballot_fsync_latency_seconds",
-                "One fdatasync of the log by the persister (a group of entries)",
-                &m.fsync_latency.snapshot(),
-            )?;
-        }
-        counter(
-            e,
-            "ballot_storage_errors",
-            "Storage failures",
-            m.storage_errors.get(),
-        )?;
-        gauge(
-            e,
-            "ballot_storage_failed",
-            "1 once the replica stopped acknowledging after a storage failure",
-            m.storage_failed.get() as i64,
-        )?;
-        gauge(
-            e,
-            "ballot_log_base_index",
-            "Entries up to here are compacted into a checkpoint",
-            st.log_base as i64,
-        )?;
-        gauge(
-            e,
-            "ballot_checkpoint_index",
-            "Index of the newest checkpoint kept (0: none)",
-            st.checkpoint as i64,
-        )?;
-        counter(
-            e,
-            "ballot_checkpoints_taken",
-            "Checkpoints taken here",
-            m.checkpoints_taken.get(),
-        )?;
-        counter(
-            e,
-            "ballot_checkpoint_failures",
-            "Checkpoints that failed to be taken or installed",
-            m.checkpoint_failures.get(),
-        )?;
-        counter(
-            e,
-            "ballot_checkpoints_installed",
-            "Checkpoints installed from another replica (catch-up)",
-            st.checkpoints_installed,
-        )?;
-        counter(
-            e,
-            "ballot_checkpoint_served_bytes",
-            "Checkpoint bytes sent to replicas catching up",
-            m.checkpoint_bytes_served.get(),
-        )?;
-        gauge(
-            e,
-            "ballot_catchup_pulling",
-            "1 while a checkpoint is being pulled from another replica",
-            m.pulling.get() as i64,
-        )?;
-        gauge(
-            e,
-            "ballot_catchup_pull_index",
-            "Index of the checkpoint being pulled (0: none, or not yet named)",
-            m.pull_index.get() as i64,
-        )?;
-        gauge(
-            e,
-            "ballot_catchup_pull_bytes",
-            "Bytes of the checkpoint being pulled received so far",
-            m.pull_bytes.get() as i64,
-        )?;
-        counter(
-            e,
-            "ballot_bad_messages",
-            "Control messages dropped because they did not decode",
-            m.bad_messages.get(),
-        )?;
-        gauge(
-            e,
-            "ballot_client_connections",
-            "Client connections open",
-            s.clients.load(Ordering::Relaxed) as i64,
-        )?;
         if let Some(f) = &s.fabric {
-            encode_fabric(e, f, &s.peers)?;
+            encode_fabric(&mut e, f, &s.peers)?;
         }
         Ok(())
     }
 }
 
 fn encode_fabric(e: &mut DescriptorEncoder, f: &StatsReader, peers: &[u8]) -> std::fmt::Result {
-    use MetricType::{Counter, Gauge};
-    per_peer(
-        e,
-        "ballot_fabric_peer_connected",
-        "1 while the outbound connection to the peer is up",
-        Gauge,
-        peers,
-        |p| u64::from(f.peer(p).connected),
-    )?;
-    per_peer(
-        e,
-        "ballot_fabric_sent_bytes",
-        "Bytes written to the peer's connections",
-        Counter,
-        peers,
-        |p| f.peer(p).bytes_sent,
-    )?;
-    per_peer(
-        e,
-        "ballot_fabric_received_bytes",
-        "Bytes read from the peer's connections",
-        Counter,
-        peers,
-        |p| f.peer(p).bytes_received,
-    )?;
-    per_peer(
-        e,
-        "ballot_fabric_disconnects",
-        "Outbound connections to the peer lost",
-        Counter,
-        peers,
-        |p| f.peer(p).disconnects,
-    )?;
-    per_peer(
-        e,
-        "ballot_fabric_dial_failures",
-        "Dials to the peer that failed (unreachable or refused)",
-        Counter,
-        peers,
-        |p| f.peer(p).dial_failures,
-    )?;
+    let stats: Vec<(u8, PeerStats)> = peers.iter().map(|&p| (p, f.peer(p))).collect();
+    for (name, help, kind, read) in PER_PEER {
+        let mut d = descriptor(e, name, help, *kind)?;
+        for (p, ps) in &stats {
+            let labels = [("peer", p.to_string())];
+            sample(&mut d.encode_family(&labels)?, *kind, read(ps) as i64)?;
+        }
+    }
     let t = f.snapshot();
-    counter(
-        e,
-        "ballot_fabric_refused_handshakes",
-        "Handshakes refused, either side (wrong key, cluster or id; too many connections)",
-        t.refused_handshakes,
-    )?;
-    counter(
-        e,
-        "ballot_fabric_refused_frames",
-        "Malformed, unexpected or out-of-bounds frames (connection closed)",
-        t.refused_frames,
-    )?;
-    counter(
-        e,
-        "ballot_fabric_denied_writes",
-        "Ring writes refused for lack of write permission",
-        t.denied_writes,
-    )?;
+    for (name, help, read) in FABRIC {
+        sample(
+            &mut descriptor(e, name, help, Kind::Counter)?,
+            Kind::Counter,
+            read(&t) as i64,
+        )?;
+    }
     Ok(())
 }
 
