@@ -90,12 +90,19 @@ struct View<'a> {
     clients: u64,
 }
 
-type Scalar = (&'static str, &'static str, Kind, fn(&View) -> i64);
+/// A metric of a table: name (counters get `_total` from the encoder), help, kind, and how
+/// to read it from a `T`.
+type Row<T, V> = (&'static str, &'static str, Kind, fn(&T) -> V);
 
-/// Every scalar metric of the replica: name (counters get `_total` from the encoder), help,
-/// kind, and how to read it. docs/operations.md lists them with their meaning.
+/// A scalar of the replica (a `Row` over any `View`).
+type ScalarRow = (&'static str, &'static str, Kind, fn(&View<'_>) -> i64);
+
+/// A latency histogram: name, help, which one, whether it exists in durable mode only.
+type HistogramRow = (&'static str, &'static str, fn(&Metrics) -> &Histogram, bool);
+
+/// Every scalar metric of the replica. docs/operations.md lists them with their meaning.
 #[rustfmt::skip]
-const SCALARS: &[Scalar] = &[
+const SCALARS: &[ScalarRow] = &[
     ("ballot_health", "1 when /health answers 200", Kind::Gauge, |v| i64::from(v.healthy)),
     ("ballot_node", "This replica's id", Kind::Gauge, |v| i64::from(v.st.node)),
     ("ballot_leader", "The replica this one believes leads (-1: none known)", Kind::Gauge,
@@ -142,9 +149,9 @@ const SCALARS: &[Scalar] = &[
         |v| v.clients as i64),
 ];
 
-/// The latency histograms: name, help, which one, whether only in durable mode.
+/// The latency histograms.
 #[rustfmt::skip]
-const HISTOGRAMS: &[(&str, &str, fn(&Metrics) -> &Histogram, bool)] = &[
+const HISTOGRAMS: &[HistogramRow] = &[
     ("ballot_commit_latency_seconds",
         "Proposal accepted by the replica thread to committed and applied here (this replica's proposals)",
         |m| &m.commit_latency, false),
@@ -156,9 +163,9 @@ const HISTOGRAMS: &[(&str, &str, fn(&Metrics) -> &Histogram, bool)] = &[
         |m| &m.fsync_latency, true),
 ];
 
-/// The TCP fabric's metrics per peer (label `peer`): name, help, kind, how to read it.
+/// The TCP fabric's metrics per peer (label `peer`).
 #[rustfmt::skip]
-const PER_PEER: &[(&str, &str, Kind, fn(&PeerStats) -> u64)] = &[
+const PER_PEER: &[Row<PeerStats, u64>] = &[
     ("ballot_fabric_peer_connected", "1 while the outbound connection to the peer is up",
         Kind::Gauge, |p| u64::from(p.connected)),
     ("ballot_fabric_sent_bytes", "Bytes written to the peer's connections", Kind::Counter,
@@ -173,15 +180,15 @@ const PER_PEER: &[(&str, &str, Kind, fn(&PeerStats) -> u64)] = &[
 
 /// The TCP fabric's counters over all peers.
 #[rustfmt::skip]
-const FABRIC: &[(&str, &str, fn(&TcpStats) -> u64)] = &[
+const FABRIC: &[Row<TcpStats, u64>] = &[
     ("ballot_fabric_refused_handshakes",
         "Handshakes refused, either side (wrong key, cluster or id; too many connections)",
-        |t| t.refused_handshakes),
+        Kind::Counter, |t| t.refused_handshakes),
     ("ballot_fabric_refused_frames",
         "Malformed, unexpected or out-of-bounds frames (connection closed)",
-        |t| t.refused_frames),
+        Kind::Counter, |t| t.refused_frames),
     ("ballot_fabric_denied_writes", "Ring writes refused for lack of write permission",
-        |t| t.denied_writes),
+        Kind::Counter, |t| t.denied_writes),
 ];
 
 /// Writes one sample of a counter or gauge (after its descriptor, or a label set).
@@ -276,10 +283,10 @@ fn encode_fabric(e: &mut DescriptorEncoder, f: &StatsReader, peers: &[u8]) -> st
         }
     }
     let t = f.snapshot();
-    for (name, help, read) in FABRIC {
+    for (name, help, kind, read) in FABRIC {
         sample(
-            &mut descriptor(e, name, help, Kind::Counter)?,
-            Kind::Counter,
+            &mut descriptor(e, name, help, *kind)?,
+            *kind,
             read(&t) as i64,
         )?;
     }
