@@ -7,6 +7,7 @@
 use crate::checkpoint::{CheckpointPolicy, CheckpointSource, Checkpoints};
 use crate::fabric::{Completion, Fabric, FabricEvent};
 use crate::layout::{self, CommitCell, ProgressCell};
+use crate::metrics::Metrics;
 use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
 use crate::ring::RingReader;
 use crate::storage::StorageError;
@@ -14,6 +15,7 @@ use crate::tickets::TicketMap;
 use crate::types::{Ballot, Index};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The replicated application. `apply` must be deterministic.
 pub trait StateMachine: Send {
@@ -148,6 +150,8 @@ pub struct Replica<F: Fabric, S: StateMachine> {
     failed: Option<StorageFailure>,
     ckpt: Option<Ckpt>,
     stats: Stats,
+    /// Shared with the runtime and an exporter: apply latency measured here.
+    metrics: Arc<Metrics>,
 }
 
 impl<F: Fabric, S: StateMachine> Replica<F, S> {
@@ -182,7 +186,20 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             failed: None,
             ckpt: None,
             stats: Stats::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Records measurements into `metrics` (shared with whoever exports them) instead of a
+    /// private set.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Where this replica records its measurements.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Keeps checkpoints in `store` and takes them by `policy`; the log is compacted behind
@@ -736,6 +753,8 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         if flags & layout::flags::NOOP != 0 {
             return;
         }
+        // Per entry, not per command: two clock reads for a whole batch.
+        let started = Instant::now();
         for item in batch::iter(payload) {
             let Ok((origin, cmd)) = item else {
                 tracing::error!(
@@ -757,6 +776,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 }
             }
         }
+        self.metrics.apply_latency.observe(started.elapsed());
     }
 
     fn fail(&mut self, during: String, source: StorageError) {

@@ -4,6 +4,7 @@
 //! - [`layout`]: region and log-entry byte layout, shared by every fabric.
 //! - [`region`]: the memory peers write into.
 //! - [`fabric`]: the `Fabric` trait; [`mem_fabric`] is the in-process implementation.
+//! - [`metrics`]: what a running replica measures (atomics an exporter reads).
 //! - [`node`]: a replica node around any state machine: data dir checks, boot marker,
 //!   durable open, checkpoints, rejoin and the runtime ([`node::NodeBuilder`]).
 
@@ -14,6 +15,7 @@ pub mod driver;
 pub mod fabric;
 pub mod layout;
 pub mod mem_fabric;
+pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod region;

@@ -35,6 +35,7 @@ use crate::checkpoint::{CheckpointPolicy, Checkpoints};
 use crate::driver::{Replica, StateMachine, Storage};
 use crate::fabric::{Fabric, FabricError};
 use crate::layout::{RegionInfo, RingGeometry};
+use crate::metrics::Metrics;
 use crate::protocol::{Config, ConfigError, Core, Durability};
 use crate::region::Region;
 use crate::runtime::{Handle, Role, Runtime, RuntimeConfig};
@@ -248,6 +249,8 @@ pub struct NodeBuilder<S: StateMachine> {
     stall_warning: Option<Duration>,
     wording: Wording,
     notice: Notice,
+    /// Shared by the replica, the persister and the runtime's handle.
+    metrics: Arc<Metrics>,
 }
 
 impl<S: StateMachine + 'static> NodeBuilder<S> {
@@ -283,6 +286,7 @@ impl<S: StateMachine + 'static> NodeBuilder<S> {
             stall_warning: Some(Duration::from_secs(5)),
             wording: Wording::default(),
             notice: Box::new(|_| {}),
+            metrics: Arc::default(),
         }
     }
 
@@ -537,8 +541,9 @@ impl<S: StateMachine + 'static> NodeBuilder<S> {
             write_marker(&dir, &self.marker_text())?;
         }
         let checkpoints: Box<dyn Checkpoints> = Box::new(checkpoints);
-        let replica =
-            Replica::new(core, fabric, sm, storage).with_checkpoints(checkpoints, self.checkpoint);
+        let replica = Replica::new(core, fabric, sm, storage)
+            .with_checkpoints(checkpoints, self.checkpoint)
+            .with_metrics(self.metrics.clone());
         let runtime = Runtime::start(replica, self.runtime.clone())
             .map_err(|e| StartError::io("cannot start the replica thread", e))?;
         let handle = runtime.handle();
@@ -597,6 +602,7 @@ impl<S: StateMachine + 'static> NodeBuilder<S> {
         }
         let mut opts = PersisterOptions::default();
         opts.log.segment_bytes = self.segment_bytes;
+        opts.metrics = Some(self.metrics.clone());
         let (mut persister, rec) =
             Persister::open(&dir, opts).map_err(|source| StartError::Unrecoverable {
                 what: format!("cannot recover the durable state in {}", dir.display()),

@@ -21,6 +21,7 @@
 
 use crate::driver::{Outcome, Replica, StateMachine};
 use crate::fabric::Fabric;
+use crate::metrics::Metrics;
 use crate::protocol::ProposeError;
 use crate::tickets::TicketMap;
 use crate::types::{Index, NodeId};
@@ -146,11 +147,34 @@ struct StatusCell {
     installed: AtomicU64,
     /// Set by `Handle::checkpoint`, taken by the replica thread.
     checkpoint_requested: AtomicBool,
+    /// The last leader seen (`0xFF`: none yet), for counting leader changes.
+    last_leader: AtomicU8,
 }
 
 impl StatusCell {
+    /// Called by the replica thread after each step: plain stores, no allocation.
     fn publish<F: Fabric, S: StateMachine>(&self, r: &Replica<F, S>) {
         let c = r.core();
+        let m = r.metrics();
+        if let Some(l) = c.leader_hint() {
+            if self.last_leader.swap(l, Ordering::Relaxed) != l {
+                m.leader_changes.add(1);
+            }
+        }
+        let st = r.stats();
+        m.checkpoints_taken.set(st.checkpoints_taken);
+        m.checkpoint_failures.set(st.checkpoint_failures);
+        m.checkpoint_bytes_served.set(st.checkpoint_bytes_served);
+        m.storage_errors.set(st.storage_errors);
+        m.bad_messages.set(st.bad_messages);
+        m.storage_failed.set(u64::from(r.failure().is_some()));
+        let (pulling, (index, bytes)) = match c.pull_progress() {
+            Some(p) => (1, p),
+            None => (0, (0, 0)),
+        };
+        m.pulling.set(pulling);
+        m.pull_index.set(index);
+        m.pull_bytes.set(bytes);
         self.role
             .store(Role::from_name(c.role_name()).to_u8(), Ordering::Relaxed);
         self.ballot.store(c.promised().0, Ordering::Relaxed);
@@ -222,6 +246,7 @@ impl Ticket {
 pub struct Handle {
     tx: Sender<Request>,
     status: Arc<StatusCell>,
+    metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 }
 
@@ -258,6 +283,16 @@ impl Handle {
         self.status.snapshot()
     }
 
+    /// The replica's measurements (latency histograms, counters), updated as it runs.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether the replica stopped acknowledging after a storage failure.
+    pub fn storage_failed(&self) -> bool {
+        self.metrics.storage_failed.get() != 0
+    }
+
     /// Asks the replica thread to take a checkpoint now (it is written in the background;
     /// `status().checkpoint` shows it once kept).
     pub fn checkpoint(&self) {
@@ -283,11 +318,13 @@ impl<F: Fabric + 'static, S: StateMachine + 'static> Runtime<F, S> {
         let (tx, rx) = channel::bounded(cfg.queue.max(1));
         let status = Arc::new(StatusCell::default());
         status.node.store(replica.core().id(), Ordering::Relaxed);
+        status.last_leader.store(0xFF, Ordering::Relaxed);
         status.publish(&replica);
         let stop = Arc::new(AtomicBool::new(false));
         let handle = Handle {
             tx,
             status: status.clone(),
+            metrics: replica.metrics().clone(),
             stop: stop.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -342,30 +379,34 @@ fn run<F: Fabric, S: StateMachine>(
         None => false,
     };
     let start = Instant::now();
-    let mut waiting: TicketMap<Sender<Outcome>> = TicketMap::new();
+    // Each waiting proposal keeps the time of the step that accepted it (commit latency).
+    let mut waiting: TicketMap<(Sender<Outcome>, Instant)> = TicketMap::new();
     let mut idle: u32 = 0;
     let mut parked: Option<Request> = None;
-    let accept =
-        |replica: &mut Replica<F, S>, waiting: &mut TicketMap<Sender<Outcome>>, req: Request| {
-            match replica.propose(req.cmd) {
-                Ok(t) => {
-                    waiting.insert(t, req.reply);
-                }
-                Err(e) => {
-                    let _ = req.reply.send(Err(e));
-                }
-            }
-        };
+    let accept = |replica: &mut Replica<F, S>,
+                  waiting: &mut TicketMap<(Sender<Outcome>, Instant)>,
+                  req: Request,
+                  at: Instant| match replica.propose(req.cmd) {
+        Ok(t) => {
+            waiting.insert(t, (req.reply, at));
+        }
+        Err(e) => {
+            let _ = req.reply.send(Err(e));
+        }
+    };
+    let metrics = replica.metrics().clone();
     while !stop.load(Ordering::Acquire) {
         let mut busy = false;
+        // One clock read per step serves every proposal accepted in it.
+        let step_start = Instant::now();
         if let Some(req) = parked.take() {
-            accept(&mut replica, &mut waiting, req);
+            accept(&mut replica, &mut waiting, req, step_start);
             busy = true;
         }
         for _ in 0..cfg.queue.max(1) {
             match rx.try_recv() {
                 Ok(req) => {
-                    accept(&mut replica, &mut waiting, req);
+                    accept(&mut replica, &mut waiting, req, step_start);
                     busy = true;
                 }
                 Err(_) => break,
@@ -374,10 +415,18 @@ fn run<F: Fabric, S: StateMachine>(
         if status.checkpoint_requested.swap(false, Ordering::AcqRel) {
             replica.request_checkpoint();
         }
-        let now = start.elapsed().as_millis() as u64;
+        let now = step_start.duration_since(start).as_millis() as u64;
         busy |= replica.step(now);
+        let mut done_at = None;
         for (t, out) in replica.take_completed() {
-            if let Some(tx) = waiting.remove(t) {
+            if let Some((tx, at)) = waiting.remove(t) {
+                if out.is_ok() {
+                    let d = *done_at.get_or_insert_with(Instant::now);
+                    metrics
+                        .commit_latency
+                        .observe(d.saturating_duration_since(at));
+                    metrics.commits.add(1);
+                }
                 let _ = tx.send(out);
             }
         }
@@ -397,11 +446,11 @@ fn run<F: Fabric, S: StateMachine>(
     }
     replica.shutdown();
     for (t, out) in replica.take_completed() {
-        if let Some(tx) = waiting.remove(t) {
+        if let Some((tx, _)) = waiting.remove(t) {
             let _ = tx.send(out);
         }
     }
-    for (_, tx) in waiting.drain() {
+    for (_, (tx, _)) in waiting.drain() {
         let _ = tx.send(Err(ProposeError::ShuttingDown));
     }
     while let Ok(req) = rx.try_recv() {
@@ -519,6 +568,14 @@ mod tests {
         let st = h.status();
         assert_eq!(st.role, Role::Leader);
         assert!(st.commit >= st.applied && st.applied > 0);
+        // The leader measured what it committed; every replica saw a leader.
+        let m = h.metrics();
+        assert_eq!(m.commits.get(), 201);
+        assert_eq!(m.commit_latency.snapshot().count, 201);
+        assert!(m.apply_latency.snapshot().count > 0);
+        assert!(rs
+            .iter()
+            .all(|r| r.handle().metrics().leader_changes.get() >= 1));
         // Clean shutdown returns the replicas; further proposals fail.
         let h2 = rs[l].handle();
         for r in rs {

@@ -95,6 +95,18 @@ pub struct Flags {
     /// Same as `--initial-cluster-state existing` (kept for compatibility).
     #[arg(long)]
     pub rejoin: bool,
+    /// Serve Prometheus metrics (`/metrics`) and health (`/health`) over HTTP on this
+    /// `host:port` (default: not served).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+    /// Log level or filter (`error`, `warn`, `info`, `debug`, `trace`, or a filter such as
+    /// `info,ballot_tcp=debug`). Default: RUST_LOG if set, else `info`.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// `text` (default; colour only when stderr is a terminal) or `json` (one JSON object
+    /// per line).
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -118,6 +130,9 @@ pub struct FileConfig {
     pub checkpoints_keep: Option<toml::Value>,
     pub catchup_rate: Option<toml::Value>,
     pub segment_bytes: Option<toml::Value>,
+    pub metrics_addr: Option<String>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
 }
 
 /// Defaults of the checkpoint settings.
@@ -136,6 +151,70 @@ pub enum FabricChoice {
         device: Option<String>,
         gid_index: Option<u32>,
     },
+}
+
+/// How the replica logs (to stderr).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A level or `tracing` filter; `None`: RUST_LOG if set, else `info`.
+    pub level: Option<String>,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogConfig {
+    /// Installs the global subscriber: stderr, no ANSI colour unless stderr is a terminal.
+    pub fn init(&self) {
+        use std::io::IsTerminal;
+        use tracing_subscriber::EnvFilter;
+        let filter = match &self.level {
+            Some(l) => EnvFilter::new(l),
+            None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        };
+        let b = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
+        match self.format {
+            LogFormat::Text => b.init(),
+            LogFormat::Json => b.json().init(),
+        }
+    }
+}
+
+/// Validates the logging and metrics settings (flags win over the file).
+fn observability(
+    flags: &Flags,
+    file: &FileConfig,
+) -> Result<(LogConfig, Option<SocketAddr>), String> {
+    let level = flags.log_level.clone().or_else(|| file.log_level.clone());
+    if let Some(l) = &level {
+        tracing_subscriber::EnvFilter::try_new(l)
+            .map_err(|e| format!("log level {l:?} is not a level or filter: {e}"))?;
+    }
+    let format = match flags.log_format.as_deref().or(file.log_format.as_deref()) {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(f) => {
+            return Err(format!(
+                "unknown log format {f:?} (expected `text` or `json`)"
+            ))
+        }
+    };
+    let metrics_addr = match flags
+        .metrics_addr
+        .as_deref()
+        .or(file.metrics_addr.as_deref())
+    {
+        Some(a) => Some(resolve("metrics address", a)?),
+        None => None,
+    };
+    Ok((LogConfig { level, format }, metrics_addr))
 }
 
 /// A validated configuration.
@@ -163,6 +242,9 @@ pub struct NodeConfig {
     pub initial_cluster_state: Option<InitialClusterState>,
     /// Durable mode: segment file size.
     pub segment_bytes: u64,
+    /// Where `/metrics` and `/health` are served (`None`: not served).
+    pub metrics_addr: Option<SocketAddr>,
+    pub log: LogConfig,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -178,6 +260,8 @@ impl std::fmt::Debug for NodeConfig {
             .field("checkpoint", &self.checkpoint)
             .field("rejoin", &self.rejoin)
             .field("initial_cluster_state", &self.initial_cluster_state)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("log", &self.log)
             .field("key", &"<redacted>")
             .finish()
     }
@@ -314,6 +398,7 @@ impl NodeConfig {
             }
             None => FileConfig::default(),
         };
+        let (log, metrics_addr) = observability(&flags, &file)?;
         let node = flags
             .node
             .or(file.node)
@@ -473,6 +558,8 @@ impl NodeConfig {
                 }
             };
         Ok(NodeConfig {
+            metrics_addr,
+            log,
             initial_cluster_state,
             checkpoint,
             rejoin: flags.rejoin,
@@ -647,6 +734,38 @@ mod tests {
             assert!(e.contains(want), "{flag} {v}: {e}");
         }
         assert!(Flags::try_parse_from(["ballot-node", "--checkpoints-keep", "-1"]).is_err());
+        // Logging and metrics.
+        assert_eq!(ok.metrics_addr, None);
+        assert_eq!(
+            ok.log,
+            LogConfig {
+                level: None,
+                format: LogFormat::Text
+            }
+        );
+        let mut a = base.to_vec();
+        a.extend([
+            "--metrics-addr",
+            "127.0.0.1:9100",
+            "--log-level",
+            "info,ballot_tcp=debug",
+            "--log-format",
+            "json",
+        ]);
+        let c = NodeConfig::load(flags(&a)).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level.as_deref(), Some("info,ballot_tcp=debug"));
+        for (flag, v, want) in [
+            ("--metrics-addr", "nowhere", "metrics address"),
+            ("--log-format", "xml", "unknown log format"),
+            ("--log-level", "info,ballot=loud", "not a level or filter"),
+        ] {
+            let mut a = base.to_vec();
+            a.extend([flag, v]);
+            let e = err(&a);
+            assert!(e.contains(want), "{flag} {v}: {e}");
+        }
         assert_eq!(parse_size(" 4k "), Some(4096));
         assert_eq!(parse_size("1G"), Some(1 << 30));
         assert_eq!(parse_size("7"), Some(7));
@@ -667,6 +786,14 @@ mod tests {
             "node = 0\ncluster = 7\npeers = [\"0=127.0.0.1:1\", \"1=127.0.0.1:2\"]\n\
              client_addr = \"127.0.0.1:5\"\ndata_dir = \"/tmp/d\"\nkey_file = \"{kf}\"\n"
         );
+        std::fs::write(
+            &file,
+            format!("{toml_base}metrics_addr = \"127.0.0.1:9101\"\nlog_format = \"json\"\n"),
+        )
+        .unwrap();
+        let c = NodeConfig::load(flags(&["-c", file.to_str().unwrap()])).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9101".parse().unwrap()));
+        assert_eq!(c.log.format, LogFormat::Json);
         std::fs::write(
             &file,
             format!(

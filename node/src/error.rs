@@ -2,34 +2,23 @@
 //! one-shot admin requests), with the cause kept as the error's source. The messages are
 //! the ones users see (`ballot-node: …`, `ballot-cli status`).
 
-use ballot::fabric::FabricError;
 use ballot::node::StartError;
 use ballot::protocol::ConfigError;
-use ballot::storage::StorageError;
 use std::fmt;
 
 #[derive(Debug)]
 pub enum NodeError {
     /// The configuration (flags, config file, key file) is unusable.
     Config(String),
-    /// The data dir does not allow this start (another replica's, state missing or
-    /// incomplete); the message says why and what to do.
-    Refused(String),
-    /// A file, socket or thread operation failed: what was being done, and why.
+    /// The engine did not start the replica: the data dir refused this start, durable
+    /// state unusable or unrecoverable, the protocol core or the fabric refused. Its
+    /// message is the engine's.
+    Start(StartError),
+    /// A file, socket or thread operation of the node crate failed: what was being done,
+    /// and why.
     Io {
         what: String,
         source: std::io::Error,
-    },
-    /// Durable state could not be used: what was being done, and why.
-    Storage { what: String, source: StorageError },
-    /// Durable state could not be recovered, so the replica does not start.
-    Unrecoverable { what: String, source: StorageError },
-    /// The protocol core refused the configuration.
-    Protocol(ConfigError),
-    /// The fabric could not be started.
-    Fabric {
-        what: &'static str,
-        source: FabricError,
     },
     /// A node could not be reached for a one-shot request (status, checkpoint).
     Unreachable(std::io::Error),
@@ -49,14 +38,9 @@ impl NodeError {
 impl fmt::Display for NodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Config(s) | Self::Refused(s) | Self::Answer(s) => f.write_str(s),
+            Self::Config(s) | Self::Answer(s) => f.write_str(s),
+            Self::Start(e) => e.fmt(f),
             Self::Io { what, source } => write!(f, "{what}: {source}"),
-            Self::Storage { what, source } => write!(f, "{what}: {source}"),
-            Self::Unrecoverable { what, source } => {
-                write!(f, "{what}: {source}; refusing to start")
-            }
-            Self::Protocol(e) => write!(f, "bad configuration: {e}"),
-            Self::Fabric { what, source } => write!(f, "{what}: {source}"),
             Self::Unreachable(e) => e.fmt(f),
         }
     }
@@ -65,11 +49,10 @@ impl fmt::Display for NodeError {
 impl std::error::Error for NodeError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Config(_) | Self::Refused(_) | Self::Answer(_) => None,
+            Self::Config(_) | Self::Answer(_) => None,
+            // The engine's error is transparent: its own cause is the source.
+            Self::Start(e) => std::error::Error::source(e),
             Self::Io { source, .. } => Some(source),
-            Self::Storage { source, .. } | Self::Unrecoverable { source, .. } => Some(source),
-            Self::Protocol(e) => Some(e),
-            Self::Fabric { source, .. } => Some(source),
             Self::Unreachable(e) => Some(e),
         }
     }
@@ -77,26 +60,20 @@ impl std::error::Error for NodeError {
 
 impl From<StartError> for NodeError {
     fn from(e: StartError) -> Self {
-        match e {
-            StartError::Refused(s) => Self::Refused(s),
-            StartError::Io { what, source } => Self::Io { what, source },
-            StartError::Storage { what, source } => Self::Storage { what, source },
-            StartError::Unrecoverable { what, source } => Self::Unrecoverable { what, source },
-            StartError::Protocol(e) => Self::Protocol(e),
-            StartError::Fabric { what, source } => Self::Fabric { what, source },
-        }
+        Self::Start(e)
     }
 }
 
 impl From<ConfigError> for NodeError {
     fn from(e: ConfigError) -> Self {
-        Self::Protocol(e)
+        Self::Start(StartError::Protocol(e))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ballot::storage::StorageError;
     use std::error::Error as _;
 
     #[test]
@@ -115,10 +92,10 @@ mod tests {
             .downcast_ref::<std::io::Error>()
             .unwrap();
         assert_eq!(io.kind(), std::io::ErrorKind::PermissionDenied);
-        let e = NodeError::Unrecoverable {
+        let e = NodeError::from(StartError::Unrecoverable {
             what: "cannot recover the durable state in /x".into(),
             source: StorageError::NoSuchSnapshot { index: 7 },
-        };
+        });
         let s = e.to_string();
         assert!(
             s.starts_with("cannot recover the durable state in /x: "),

@@ -5,12 +5,14 @@
 //! - [`client`]: the client library (redirects, retries with the same sequence number).
 //! - [`config`]: the replica's configuration (TOML and flags).
 //! - [`server`]: the replica process.
+//! - [`metrics`]: its metrics and health endpoint (`--metrics-addr`).
 //! - [`error`]: [`NodeError`], what the fallible entry points return.
 
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod kv;
+pub mod metrics;
 pub mod server;
 pub mod wire;
 

@@ -2,9 +2,10 @@
 //! [`ballot::node::NodeBuilder`], which owns the start-up logic (data dir checks, boot
 //! marker, durable open, checkpoints, rejoin, runtime).
 
-use crate::config::{FabricChoice, NodeConfig};
+use crate::config::{FabricChoice, LogFormat, NodeConfig};
 use crate::error::NodeError;
 use crate::kv::{Command, DigestCell, KvMachine};
+use crate::metrics::{Endpoint, Sources};
 use crate::wire::{self, NodeStatus, Request, Response};
 use ballot::layout::RingGeometry;
 use ballot::node::{Boot, FabricSetup, NodeBuilder, StartError, Wording};
@@ -14,7 +15,7 @@ use ballot::runtime::{Handle, RuntimeConfig};
 use ballot_tcp::{TcpConfig, TcpFabric};
 use ballot_verbs::{RdmaConfig, RdmaFabric};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,7 @@ pub fn wording() -> Wording {
     }
 }
 
-fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, NodeError> {
+fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, StartError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match TcpListener::bind(addr) {
@@ -53,7 +54,7 @@ fn bind_retry(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, Nod
                 std::thread::sleep(Duration::from_millis(50))
             }
             Err(e) => {
-                return Err(NodeError::io(
+                return Err(StartError::io(
                     format!("cannot listen for {what} on {addr}"),
                     e,
                 ))
@@ -77,7 +78,7 @@ fn rdma_fabric(
     gid_index: Option<u32>,
     restarted: bool,
     region: Arc<Region>,
-) -> Result<RdmaFabric, NodeError> {
+) -> Result<RdmaFabric, StartError> {
     let listen = cfg.peers[&cfg.node];
     let others = cfg
         .peers
@@ -94,7 +95,7 @@ fn rdma_fabric(
     rc.auto_reconnect = true;
     // The default staging (8 MiB per peer) holds the largest write: one entry, at most
     // half the 8 MiB ring.
-    let f = RdmaFabric::connect(&rc, region).map_err(|source| NodeError::Fabric {
+    let f = RdmaFabric::connect(&rc, region).map_err(|source| StartError::Fabric {
         what: "rdma fabric",
         source,
     })?;
@@ -107,12 +108,13 @@ fn rdma_fabric(
     Ok(f)
 }
 
-/// A `NodeError` from the fabric closure, carried through the engine's start.
-fn fabric_err(e: NodeError) -> StartError {
-    match e {
-        NodeError::Io { what, source } => StartError::Io { what, source },
-        NodeError::Fabric { what, source } => StartError::Fabric { what, source },
-        other => StartError::Refused(other.to_string()),
+/// How the replica reports notices (a flag ignored, a torn tail cut, a rejoin): on
+/// stderr as `ballot-node: …` lines, or as log events when the logs are JSON lines (so
+/// that every line of stderr is JSON).
+fn notice(format: LogFormat, m: &str) {
+    match format {
+        LogFormat::Text => eprintln!("ballot-node: {m}"),
+        LogFormat::Json => tracing::warn!(notice = true, "{m}"),
     }
 }
 
@@ -124,6 +126,11 @@ impl Node {
         let listen = cfg.peers[&cfg.node];
         // Listeners first: a start that fails on a busy port leaves the data dir untouched.
         let client_listener = bind_retry(cfg.client_addr, "clients")?;
+        let endpoint = match cfg.metrics_addr {
+            Some(a) => Some(Endpoint::new(bind_retry(a, "metrics")?)?),
+            None => None,
+        };
+        let log_format = cfg.log.format;
         let digest = Arc::new(DigestCell::default());
         let cell = digest.clone();
         let members: Vec<u8> = cfg.peers.keys().copied().collect();
@@ -144,10 +151,11 @@ impl Node {
             ..RuntimeConfig::default()
         })
         .wording(wording())
-        .notices(|m| eprintln!("ballot-node: {m}"));
+        .notices(move |m| notice(log_format, m));
+        let mut fabric_stats = None;
         let node = match &cfg.fabric {
             FabricChoice::Tcp => builder.start(|s: FabricSetup| {
-                let fabric_listener = bind_retry(listen, "the fabric").map_err(fabric_err)?;
+                let fabric_listener = bind_retry(listen, "the fabric")?;
                 let tcp = TcpConfig::new(
                     cfg.node,
                     cfg.cluster,
@@ -156,32 +164,58 @@ impl Node {
                     cfg.peers.clone(),
                     s.region,
                 );
-                TcpFabric::start_with_listener(tcp, fabric_listener)
-                    .map_err(|e| StartError::io("fabric", e))
+                let f = TcpFabric::start_with_listener(tcp, fabric_listener)
+                    .map_err(|e| StartError::io("fabric", e))?;
+                fabric_stats = Some(f.stats_reader());
+                Ok(f)
             })?,
             FabricChoice::Rdma { device, gid_index } => builder.start(|s: FabricSetup| {
-                rdma_fabric(&cfg, device, *gid_index, s.restarted, s.region).map_err(fabric_err)
+                rdma_fabric(&cfg, device, *gid_index, s.restarted, s.region)
             })?,
         };
         let boot = node.boot();
         if cfg.rejoin && boot != Boot::Rejoin {
             tracing::warn!("--rejoin ignored: the data dir holds this replica's state");
-            eprintln!(
-                "ballot-node: --rejoin ignored: {} holds this replica's state",
-                cfg.data_dir.display()
-            );
+            if log_format == LogFormat::Text {
+                notice(
+                    log_format,
+                    &format!(
+                        "--rejoin ignored: {} holds this replica's state",
+                        cfg.data_dir.display()
+                    ),
+                );
+            }
         }
         let recovering = boot != Boot::Fresh;
         let stop = Arc::new(AtomicBool::new(false));
-        let (h, st, peers) = (
-            node.handle(),
-            stop.clone(),
-            Arc::new(cfg.client_peers.clone()),
-        );
+        let clients = Arc::new(AtomicU64::new(0));
+        let serving = Serving {
+            handle: node.handle(),
+            peers: Arc::new(cfg.client_peers.clone()),
+            digest,
+            clients: clients.clone(),
+        };
+        let st = stop.clone();
         std::thread::Builder::new()
             .name("client-accept".into())
-            .spawn(move || accept_loop(client_listener, h, peers, digest, st))
+            .spawn(move || accept_loop(client_listener, serving, st))
             .map_err(|e| NodeError::io("cannot start the client listener", e))?;
+        let metrics_addr = endpoint.as_ref().map(Endpoint::addr);
+        if let Some(ep) = endpoint {
+            let sources = Sources {
+                handle: node.handle(),
+                fabric: fabric_stats,
+                peers: cfg
+                    .peers
+                    .keys()
+                    .copied()
+                    .filter(|&p| p != cfg.node)
+                    .collect(),
+                durable: cfg.durable,
+                clients,
+            };
+            ep.serve(sources, stop.clone())?;
+        }
         tracing::info!(
             node = cfg.node,
             boot = ?boot,
@@ -189,6 +223,7 @@ impl Node {
             fabric = %listen,
             kind = if matches!(cfg.fabric, FabricChoice::Tcp) { "tcp" } else { "rdma" },
             clients = %cfg.client_addr,
+            metrics = %metrics_addr.map_or("off".to_string(), |a| a.to_string()),
             "ballot-node started"
         );
         Ok(Node {
@@ -208,21 +243,32 @@ impl Node {
     }
 }
 
-fn accept_loop(
-    l: TcpListener,
-    h: Handle,
+/// What a client connection's thread needs.
+#[derive(Clone)]
+struct Serving {
+    handle: Handle,
     peers: Arc<std::collections::BTreeMap<u8, String>>,
     digest: Arc<DigestCell>,
-    stop: Arc<AtomicBool>,
-) {
+    /// Client connections open (for the metrics).
+    clients: Arc<AtomicU64>,
+}
+
+fn accept_loop(l: TcpListener, serving: Serving, stop: Arc<AtomicBool>) {
     l.set_nonblocking(true).ok();
     while !stop.load(Ordering::Acquire) {
         match l.accept() {
             Ok((s, _)) => {
-                let (h, p, d) = (h.clone(), peers.clone(), digest.clone());
-                let _ = std::thread::Builder::new()
+                let sv = serving.clone();
+                sv.clients.fetch_add(1, Ordering::Relaxed);
+                let spawned = std::thread::Builder::new()
                     .name("client-conn".into())
-                    .spawn(move || serve(s, h, p, d));
+                    .spawn(move || {
+                        serve(s, &sv.handle, &sv.peers, &sv.digest);
+                        sv.clients.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    serving.clients.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5))
@@ -237,9 +283,9 @@ fn accept_loop(
 
 fn serve(
     mut s: TcpStream,
-    h: Handle,
-    peers: Arc<std::collections::BTreeMap<u8, String>>,
-    digest: Arc<DigestCell>,
+    h: &Handle,
+    peers: &std::collections::BTreeMap<u8, String>,
+    digest: &DigestCell,
 ) {
     s.set_nonblocking(false).ok();
     s.set_nodelay(true).ok();

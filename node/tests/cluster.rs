@@ -1664,3 +1664,163 @@ fn unrecoverable_cluster_warns_what_is_missing() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Observability: `--metrics-addr` (/metrics, /health) and `--log-format json`.
+
+/// A plain HTTP/1.0 GET (no chunked answer): status code and body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// The value of `series` (a name, with its labels if it has some) in a scrape.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn scrape(port: u16) -> String {
+    let (code, body) = http_get(port, "/metrics").expect("metrics endpoint answers");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// Waits up to `SERVE_BOUND` until `ok` holds.
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SERVE_BOUND;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {SERVE_BOUND:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn metrics_move_with_the_workload_and_health_follows_the_leader() {
+    let mut cl = Cluster::unstarted(3, "metrics", false);
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for (i, p) in ports.iter().enumerate() {
+        cl.start_with(i, &["--metrics-addr", &format!("127.0.0.1:{p}")]);
+    }
+    cl.wait_serving("after boot");
+    let health = |i: usize| http_get(ports[i], "/health").map(|(c, _)| c);
+    wait_until("every node healthy", || {
+        (0..3).all(|i| health(i) == Some(200))
+    });
+    let applied = |i: usize| sample(&scrape(ports[i]), "ballot_applied_commands_total");
+    let before: Vec<f64> = (0..3).map(applied).collect();
+    let mut c = Client::new(cl.addrs());
+    for k in 0..20u32 {
+        c.put(format!("m{k}").as_bytes(), b"v").unwrap();
+    }
+    wait_until("every node applied the 20 puts", || {
+        (0..3).all(|i| applied(i) >= before[i] + 20.0)
+    });
+    let l = cl.leader();
+    let m = scrape(ports[l]);
+    assert_eq!(sample(&m, "ballot_role{role=\"leader\"}"), 1.0);
+    assert_eq!(sample(&m, "ballot_leader"), l as f64);
+    assert!(sample(&m, "ballot_commits_total") >= 20.0, "{m}");
+    assert!(sample(&m, "ballot_commit_latency_seconds_count") >= 20.0);
+    assert!(sample(&m, "ballot_commit_index") >= sample(&m, "ballot_applied_index"));
+    assert!(sample(&m, "ballot_leader_changes_total") >= 1.0);
+    let f = (l + 1) % 3;
+    let peer = format!("ballot_fabric_sent_bytes_total{{peer=\"{f}\"}}");
+    assert!(sample(&m, &peer) > 0.0, "{m}");
+    assert_eq!(http_get(ports[l], "/nothing").map(|(c, _)| c), Some(404));
+    // The leader and one more die: the survivor knows no leader and says so.
+    cl.kill9(l);
+    cl.kill9((l + 2) % 3);
+    wait_until("the survivor unhealthy", || health(f) == Some(503));
+    let (_, why) = http_get(ports[f], "/health").unwrap();
+    assert!(why.contains("no known leader"), "{why}");
+    assert_eq!(sample(&scrape(ports[f]), "ballot_health"), 0.0);
+}
+
+#[test]
+fn json_logs_and_unreachable_or_refused_peers_warned_once_per_period() {
+    // Node 0 logs JSON; node 1 has the wrong key (it redials node 0 about ten times in
+    // 2.5 s and each handshake is refused); node 2 is never started. Without rate limits
+    // node 0 would warn at every one of those dials; with them, once per peer (10 s).
+    let mut cl = Cluster::unstarted(3, "jsonlog", false);
+    cl.start_with(0, &["--log-format", "json"]);
+    // Node 0 has read its key once it answers.
+    wait_until("node 0 up", || cl.status(0).is_some());
+    std::fs::write(cl.dir.join("key"), "another key\n").unwrap();
+    cl.start_with(1, &[]);
+    std::thread::sleep(Duration::from_millis(2500));
+    cl.kill9(0);
+    cl.kill9(1);
+    let log = std::fs::read_to_string(cl.dir.join("node0.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let warned = |what: &[&str], peer: Option<u8>| {
+        lines
+            .iter()
+            .filter(|v| {
+                v["level"] == "WARN"
+                    && what.iter().any(|w| v["fields"]["message"] == *w)
+                    && peer.is_none_or(|p| v["fields"]["peer"] == p)
+            })
+            .count()
+    };
+    let dial = [
+        "peer unreachable; retrying",
+        "handshake refused by peer; retrying",
+    ];
+    assert_eq!(warned(&dial, Some(2)), 1, "{log}");
+    assert_eq!(warned(&dial, Some(1)), 1, "{log}");
+    assert_eq!(warned(&["refused handshake"], None), 1, "{log}");
+}
+
+/// docs/operations.md, "Backup and restore": `ballot-cli checkpoint`, copy the newest
+/// `snap-*.ckpt`, seed every replica of a new durable cluster with it.
+#[test]
+fn a_checkpoint_backup_restores_a_new_durable_cluster() {
+    let cl = Cluster::with_mode(3, "backup", true);
+    cl.wait_serving("after boot");
+    let mut c = Client::new(cl.addrs());
+    for k in 0..5 {
+        c.put(format!("b{k}").as_bytes(), format!("v{k}").as_bytes())
+            .unwrap();
+    }
+    let applied = cl.converged(&[0, 1, 2], SERVE_BOUND).applied;
+    let eps = cl.addrs().join(",");
+    let (code, out, err, _) = run_cli(&["checkpoint"], &[("BALLOT_ENDPOINTS", &eps)], b"");
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until("node 0 keeps the checkpoint", || {
+        cl.status(0).is_some_and(|s| s.checkpoint >= applied)
+    });
+    let backup = cl.checkpoint_files(0).pop().unwrap();
+    c.put(b"after", b"not in the backup").unwrap();
+    let mut restored = Cluster::unstarted(3, "restored", true);
+    for i in 0..3 {
+        let dir = restored.dir.join(format!("data{i}")).join("checkpoints");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&backup, dir.join(backup.file_name().unwrap())).unwrap();
+        restored.start(i); // --initial-cluster-state new: an empty data dir but for it
+    }
+    restored.wait_serving("restored from the backup");
+    let mut c = Client::new(restored.addrs());
+    for k in 0..5 {
+        let want = format!("v{k}").into_bytes();
+        assert_eq!(c.get(format!("b{k}").as_bytes()).unwrap(), Some(want));
+    }
+    assert_eq!(c.get(b"after").unwrap(), None);
+    assert!(restored.status_wait(0).log_base >= applied);
+}

@@ -62,6 +62,7 @@
 pub mod codec;
 pub mod handshake;
 pub mod nic;
+mod throttle;
 
 use ballot::fabric::{Completion, Fabric, FabricError, FabricEvent, MAX_CONTROL};
 use ballot::region::Region;
@@ -71,11 +72,12 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError}
 use nic::{Outcome, WritePermission};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use throttle::{Throttle, Throttles};
 use tracing::{debug, info, warn};
 
 /// Bounds and timings. The defaults suit a LAN or loopback.
@@ -99,6 +101,10 @@ pub struct Tuning {
     pub handshake_timeout: Duration,
     /// A flush (or a receiver's response) blocked this long treats the peer as dead.
     pub write_timeout: Duration,
+    /// Warnings that repeat while a fault lasts (a peer unreachable, a handshake refused)
+    /// are logged at most once per this period per peer (or remote address), with the
+    /// count of those held back.
+    pub warn_every: Duration,
 }
 
 impl Default for Tuning {
@@ -113,6 +119,7 @@ impl Default for Tuning {
             connect_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(3),
             write_timeout: Duration::from_secs(5),
+            warn_every: Duration::from_secs(10),
         }
     }
 }
@@ -195,8 +202,33 @@ pub struct Stats {
     pub disconnects: u64,
 }
 
+/// Per-peer counters, as returned by [`StatsReader::peer`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Whether the outbound connection to the peer is up (authenticated).
+    pub connected: bool,
+    /// Bytes written to the peer's connections (our frames and our answers to its frames).
+    pub bytes_sent: u64,
+    /// Bytes read from the peer's connections.
+    pub bytes_received: u64,
+    /// Outbound connections to the peer lost.
+    pub disconnects: u64,
+    /// Dials to the peer that failed (unreachable, or its handshake refused).
+    pub dial_failures: u64,
+}
+
+#[derive(Default)]
+struct PeerCells {
+    connected: AtomicBool,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    disconnects: AtomicU64,
+    dial_failures: AtomicU64,
+}
+
 #[derive(Default)]
 struct StatCells {
+    peer: [PeerCells; MAX_NODES],
     accepted: AtomicU64,
     connected: AtomicU64,
     refused_handshakes: AtomicU64,
@@ -216,7 +248,44 @@ fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Reads a fabric's counters from any thread, after the fabric has moved into the replica
+/// (for a metrics endpoint). See [`TcpFabric::stats_reader`].
+#[derive(Clone)]
+pub struct StatsReader(Arc<StatCells>);
+
+impl StatsReader {
+    pub fn snapshot(&self) -> Stats {
+        self.0.snapshot()
+    }
+    /// Counters of the connections with `peer` (all zero for an unknown id).
+    pub fn peer(&self, peer: NodeId) -> PeerStats {
+        let Some(c) = self.0.peer.get(peer as usize) else {
+            return PeerStats::default();
+        };
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PeerStats {
+            connected: c.connected.load(Ordering::Relaxed),
+            bytes_sent: g(&c.bytes_sent),
+            bytes_received: g(&c.bytes_received),
+            disconnects: g(&c.disconnects),
+            dial_failures: g(&c.dial_failures),
+        }
+    }
+}
+
+impl std::fmt::Debug for StatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StatsReader")
+            .field(&self.snapshot())
+            .finish()
+    }
+}
+
 impl StatCells {
+    /// The cells of `peer` (ids are checked against `MAX_NODES` at start).
+    fn of(&self, peer: NodeId) -> &PeerCells {
+        &self.peer[peer as usize]
+    }
     fn snapshot(&self) -> Stats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
@@ -250,7 +319,9 @@ struct Shared {
     region: Arc<Region>,
     perm: WritePermission,
     tuning: Tuning,
-    stats: StatCells,
+    stats: Arc<StatCells>,
+    /// Refused inbound handshakes, per remote address (the peer is not known yet).
+    refused_log: Mutex<Throttles<IpAddr>>,
     events: Sender<Vec<FabricEvent>>,
     stop: AtomicBool,
     /// Live inbound connections: id -> (authenticated peer, stream).
@@ -321,7 +392,7 @@ fn status_result(peer: NodeId, s: Status) -> Result<(), FabricError> {
 }
 
 /// Pushes `buf` with as few `write(2)` calls as the kernel allows (one, normally).
-fn push_all(s: &TcpStream, buf: &[u8], stats: &StatCells) -> io::Result<()> {
+fn push_all(s: &TcpStream, buf: &[u8], stats: &StatCells, peer: NodeId) -> io::Result<()> {
     let mut w = s;
     let mut at = 0;
     while at < buf.len() {
@@ -329,6 +400,7 @@ fn push_all(s: &TcpStream, buf: &[u8], stats: &StatCells) -> io::Result<()> {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 bump(&stats.send_syscalls, 1);
+                bump(&stats.of(peer).bytes_sent, n as u64);
                 at += n
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -479,8 +551,9 @@ impl TcpFabric {
             peers,
             region: config.region,
             perm: WritePermission::new(None),
+            refused_log: Mutex::new(Throttles::new(config.tuning.warn_every, 1024)),
             tuning: config.tuning,
-            stats: StatCells::default(),
+            stats: Arc::default(),
             events: ev_tx,
             stop: AtomicBool::new(false),
             inbound: Mutex::new(HashMap::new()),
@@ -524,6 +597,11 @@ impl TcpFabric {
 
     pub fn stats(&self) -> Stats {
         self.shared.stats.snapshot()
+    }
+
+    /// A reader of this fabric's counters (whole and per peer) for another thread.
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader(self.shared.stats.clone())
     }
 
     /// Who holds write permission on the local ring.
@@ -746,7 +824,7 @@ impl Fabric for TcpFabric {
                     _ => continue,
                 }
             };
-            if let Err(e) = push_all(&conn, &buf, &self.shared.stats) {
+            if let Err(e) = push_all(&conn, &buf, &self.shared.stats, link.peer) {
                 // The link thread sees the shutdown and fails what is outstanding.
                 warn!(node = self.shared.node, peer = link.peer, addr = %link.addr,
                       error = %e, "flush failed; dropping connection");
@@ -813,17 +891,51 @@ impl Drop for TcpFabric {
 // ---------------------------------------------------------------------------------------
 // Outbound: one thread per peer dials, authenticates, then reads completions.
 
+/// Why a dial failed.
+enum DialError {
+    /// The peer could not be reached (refused, timed out, reset).
+    Unreachable(io::Error),
+    /// The peer answered but the handshake was refused (wrong key, cluster or node id).
+    Refused(handshake::HandshakeError),
+    /// The fabric is stopping.
+    Stopped,
+}
+
 fn link_thread(sh: Arc<Shared>, link: Arc<Link>, stop: Receiver<()>) {
     let t = sh.tuning.clone();
     let mut backoff = t.backoff_min;
+    // One rate limit for both dial failures: a peer that stays down (or keeps refusing us)
+    // is reported at once, then once per `warn_every`, instead of at every back-off.
+    let mut failing = Throttle::new(t.warn_every);
     while !sh.stopped() {
         match dial(&sh, &link) {
             Ok(stream) => {
                 backoff = t.backoff_min;
+                let held = failing.reset();
+                if held > 0 {
+                    info!(node = sh.node, peer = link.peer, addr = %link.addr,
+                          failed_dials = held, "peer reachable again");
+                }
                 read_completions(&sh, &link, stream);
             }
-            Err(e) => debug!(node = sh.node, peer = link.peer, addr = %link.addr,
-                             error = %e, "connect failed"),
+            Err(DialError::Stopped) => {}
+            Err(e) => {
+                bump(&sh.stats.of(link.peer).dial_failures, 1);
+                let (peer, addr) = (link.peer, link.addr);
+                match (failing.allow(Instant::now()), e) {
+                    (Some(suppressed), DialError::Unreachable(e)) => {
+                        warn!(node = sh.node, peer, %addr, error = %e, suppressed,
+                              "peer unreachable; retrying")
+                    }
+                    (Some(suppressed), DialError::Refused(e)) => {
+                        warn!(node = sh.node, peer, %addr, error = %e, suppressed,
+                              "handshake refused by peer; retrying")
+                    }
+                    (None, e) => debug!(node = sh.node, peer, %addr, error = %e.describe(),
+                                        "dial failed"),
+                    (Some(_), DialError::Stopped) => {}
+                }
+            }
         }
         if sh.stopped() {
             break;
@@ -836,20 +948,36 @@ fn link_thread(sh: Arc<Shared>, link: Arc<Link>, stop: Receiver<()>) {
     }
 }
 
+impl DialError {
+    fn describe(&self) -> String {
+        match self {
+            DialError::Unreachable(e) => e.to_string(),
+            DialError::Refused(e) => format!("handshake refused: {e}"),
+            DialError::Stopped => "stopped".into(),
+        }
+    }
+}
+
+impl From<io::Error> for DialError {
+    fn from(e: io::Error) -> Self {
+        DialError::Unreachable(e)
+    }
+}
+
 /// Connects, authenticates and installs the connection; returns the reading half.
-fn dial(sh: &Shared, link: &Link) -> io::Result<TcpStream> {
+fn dial(sh: &Shared, link: &Link) -> Result<TcpStream, DialError> {
     let t = &sh.tuning;
     let mut s = TcpStream::connect_timeout(&link.addr, t.connect_timeout)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(t.handshake_timeout))?;
     s.set_write_timeout(Some(t.handshake_timeout))?;
-    if let Err(e) = handshake::client(&mut s, sh.creds(), link.peer) {
-        if !matches!(e, handshake::HandshakeError::Io(_)) {
+    match handshake::client(&mut s, sh.creds(), link.peer) {
+        Ok(()) => {}
+        Err(handshake::HandshakeError::Io(e)) => return Err(DialError::Unreachable(e)),
+        Err(e) => {
             bump(&sh.stats.refused_handshakes, 1);
-            warn!(node = sh.node, peer = link.peer, addr = %link.addr, error = %e,
-                  "handshake refused");
+            return Err(DialError::Refused(e));
         }
-        return Err(io::Error::other(e.to_string()));
     }
     s.set_read_timeout(None)?;
     s.set_write_timeout(Some(t.write_timeout))?;
@@ -857,10 +985,14 @@ fn dial(sh: &Shared, link: &Link) -> io::Result<TcpStream> {
     let mut st = lock(&link.state);
     if sh.stopped() {
         let _ = s.shutdown(Shutdown::Both);
-        return Err(io::Error::other("stopped"));
+        return Err(DialError::Stopped);
     }
     debug_assert!(st.pending.is_empty() && st.buf.is_empty());
     st.conn = Some(Arc::new(s));
+    sh.stats
+        .of(link.peer)
+        .connected
+        .store(true, Ordering::Relaxed);
     bump(&sh.stats.connected, 1);
     info!(node = sh.node, peer = link.peer, addr = %link.addr, "connected");
     Ok(reader)
@@ -890,7 +1022,7 @@ fn read_completions(sh: &Shared, link: &Link, mut s: TcpStream) {
     let reason: String = 'conn: loop {
         match inb.fill(&mut s, need) {
             Ok(0) => break 'conn "closed by peer".into(),
-            Ok(_) => {}
+            Ok(n) => bump(&sh.stats.of(peer).bytes_received, n as u64),
             Err(e) => break 'conn e.to_string(),
         }
         let mut batch = Vec::new();
@@ -965,6 +1097,9 @@ fn read_completions(sh: &Shared, link: &Link, mut s: TcpStream) {
     let failed = fail_link(&mut lock(&link.state), peer);
     let _ = s.shutdown(Shutdown::Both);
     bump(&sh.stats.disconnects, 1);
+    let cells = sh.stats.of(peer);
+    cells.connected.store(false, Ordering::Relaxed);
+    bump(&cells.disconnects, 1);
     if !sh.stopped() {
         warn!(node = sh.node, peer, addr = %link.addr, reason = %reason,
               failed = failed.len(), "disconnected");
@@ -993,7 +1128,9 @@ fn listen_thread(sh: Arc<Shared>, listener: TcpListener) {
         };
         if sh.inbound_live.load(Ordering::Acquire) >= sh.tuning.max_inbound {
             bump(&sh.stats.refused_handshakes, 1);
-            warn!(node = sh.node, %addr, "too many inbound connections; refused");
+            if let Some(suppressed) = lock(&sh.refused_log).allow(addr.ip(), Instant::now()) {
+                warn!(node = sh.node, %addr, suppressed, "too many inbound connections; refused");
+            }
             continue;
         }
         sh.inbound_live.fetch_add(1, Ordering::AcqRel);
@@ -1024,7 +1161,13 @@ fn serve_inbound(sh: &Shared, mut s: TcpStream, addr: SocketAddr) {
         Ok(p) => p,
         Err(e) => {
             bump(&sh.stats.refused_handshakes, 1);
-            warn!(node = sh.node, %addr, error = %e, "refused handshake");
+            // A peer with the wrong key redials for ever: say so once per period.
+            match lock(&sh.refused_log).allow(addr.ip(), Instant::now()) {
+                Some(suppressed) => {
+                    warn!(node = sh.node, %addr, error = %e, suppressed, "refused handshake")
+                }
+                None => debug!(node = sh.node, %addr, error = %e, "refused handshake"),
+            }
             return;
         }
     };
@@ -1088,7 +1231,7 @@ fn nic_loop(sh: &Shared, s: &mut TcpStream, peer: NodeId, addr: SocketAddr) -> b
                 }
                 return false;
             }
-            Ok(_) => {}
+            Ok(n) => bump(&sh.stats.of(peer).bytes_received, n as u64),
             Err(e) => {
                 debug!(node = sh.node, peer, %addr, error = %e, "inbound connection ended");
                 return false;
@@ -1148,7 +1291,7 @@ fn nic_loop(sh: &Shared, s: &mut TcpStream, peer: NodeId, addr: SocketAddr) -> b
             let _ = sh.events.send(messages);
         }
         if !out.is_empty() {
-            if let Err(e) = push_all(s, &out, &sh.stats) {
+            if let Err(e) = push_all(s, &out, &sh.stats, peer) {
                 debug!(node = sh.node, peer, %addr, error = %e, "cannot answer; closing");
                 return false;
             }

@@ -28,6 +28,13 @@ fn write_lands_bytes_at_the_offset() {
     assert_eq!(read_region(f[1].region(), at + data.len(), 8), vec![0; 8]);
     assert_eq!(f[1].stats().writes_landed, 1);
     assert_eq!(f[1].stats().bytes_landed, 1000);
+    // Per-peer counters, readable after the fabric moved elsewhere.
+    let (r0, r1) = (f[0].stats_reader(), f[1].stats_reader());
+    let (p01, p10) = (r0.peer(1), r1.peer(0));
+    assert!(p01.connected && p01.bytes_sent > 1000, "{p01:?}");
+    assert!(p10.bytes_received >= p01.bytes_sent - 64, "{p10:?} {p01:?}");
+    assert_eq!(r0.peer(0), Default::default());
+    assert_eq!(r0.peer(200), Default::default());
     // A large write (a 1 MiB entry) too.
     let big: Vec<u8> = (0..(1 << 20) + 40).map(|i| (i % 251) as u8).collect();
     f[0].write(1, RING_OFFSET, &big, 43).unwrap();
@@ -379,6 +386,8 @@ fn disconnect_fails_outstanding_and_reconnect_works() {
     f.push(n1);
     assert_serves(&mut f, 0, 1, 100);
     assert!(f[0].stats().disconnects >= 1);
+    let p = f[0].stats_reader().peer(1);
+    assert!(p.disconnects >= 1 && p.connected, "{p:?}");
 }
 
 #[test]

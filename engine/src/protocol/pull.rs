@@ -32,6 +32,12 @@ impl Core {
         self.pull.as_ref().map(|p| p.from)
     }
 
+    /// The checkpoint being pulled (0 until its first chunk names it) and the bytes
+    /// received so far; `None` when not pulling.
+    pub fn pull_progress(&self) -> Option<(Index, u64)> {
+        self.pull.as_ref().map(|p| (p.index, p.offset))
+    }
+
     /// A checkpoint covering `upto` is kept (durably, in durable mode): drop the log up to
     /// it. Precondition: `upto <= applied` (a checkpoint holds applied state only).
     pub fn compact(&mut self, upto: Index) {

@@ -26,6 +26,7 @@ use super::{ensure_dir, sync_dir, LogOptions, PromiseStore, Recovery, Result, Se
 use super::{LogEntry, StorageError};
 use crate::driver::Storage;
 use crate::layout::{decode_entry, encode_entry, entry_size};
+use crate::metrics::Metrics;
 use crate::types::{Ballot, Index};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ pub(crate) enum CrashPoint {
 #[derive(Debug, Clone, Default)]
 pub struct PersisterOptions {
     pub log: LogOptions,
+    /// Where the thread records its log `fdatasync` latency (`fsync_latency`).
+    pub metrics: Option<Arc<Metrics>>,
     #[cfg(test)]
     pub(crate) crash_at: Option<CrashPoint>,
     /// Test hook: the thread's first log `fdatasync` fails with this errno.
@@ -255,6 +258,7 @@ impl Persister {
             dir: dir.clone(),
             log,
             promise,
+            metrics: opts.metrics,
             #[cfg(test)]
             crash_at: opts.crash_at,
         };
@@ -374,6 +378,7 @@ struct Writer {
     dir: PathBuf,
     log: SegmentLog,
     promise: PromiseStore,
+    metrics: Option<Arc<Metrics>>,
     #[cfg(test)]
     crash_at: Option<CrashPoint>,
 }
@@ -414,8 +419,11 @@ impl Writer {
                 }
             }
             if failure.is_none() && !seqs.is_empty() {
+                let started = std::time::Instant::now();
                 if let Err(e) = self.log.sync() {
                     failure = Some(e);
+                } else if let Some(m) = &self.metrics {
+                    m.fsync_latency.observe(started.elapsed());
                 }
             }
             if let Some(e) = failure {

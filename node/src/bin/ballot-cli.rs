@@ -200,25 +200,11 @@ fn run(cli: Cli) -> u8 {
         } => cas(&mut c, json, &key, values, absent, value_file.as_deref()),
         Cmd::Status => status(&c, json),
         Cmd::Health => health(&c, json),
-        Cmd::Checkpoint => {
-            let all = c.cluster_checkpoint();
-            for (a, r) in &all {
-                match r {
-                    Ok(()) => say(json, json!({"endpoint": a, "requested": true}), || {
-                        format!("{a} checkpoint requested")
-                    }),
-                    Err(e) => say(json, json!({"endpoint": a, "error": e.to_string()}), || {
-                        format!("{a} unreachable: {e}")
-                    }),
-                }
-            }
-            if all.iter().any(|(_, r)| r.is_ok()) {
-                OK
-            } else {
-                eprintln!("ballot-cli: no node answered");
-                UNAVAILABLE
-            }
-        }
+        Cmd::Checkpoint => each_endpoint(json, &c.cluster_checkpoint(), |a, ()| {
+            say(json, json!({"endpoint": a, "requested": true}), || {
+                format!("{a} checkpoint requested")
+            })
+        }),
     }
 }
 
@@ -416,26 +402,38 @@ fn status_json(a: &str, s: &NodeStatus) -> Value {
 }
 
 fn status(c: &Client, json: bool) -> u8 {
-    let all = c.cluster_status();
-    for (a, r) in &all {
+    each_endpoint(json, &c.cluster_status(), |a, s| {
+        say(json, status_json(a, s), || {
+            format!(
+                "{a} node={} role={} ballot={}.{} commit={} applied={} leader={} \
+                 log_base={} checkpoint={} digest={:016x}@{}",
+                s.node,
+                s.role,
+                s.ballot_round,
+                s.ballot & 0xFF,
+                s.commit,
+                s.applied,
+                s.leader.map_or("-".to_string(), |l| l.to_string()),
+                s.log_base,
+                s.checkpoint,
+                s.digest,
+                s.digest_index
+            )
+        })
+    })
+}
+
+/// Prints the answers to a request sent to every endpoint (`answered` prints one that
+/// answered, this an endpoint that did not) and returns the exit code: 0 if any answered,
+/// else 3.
+fn each_endpoint<T>(
+    json: bool,
+    all: &[(String, Result<T, NodeError>)],
+    answered: impl Fn(&str, &T),
+) -> u8 {
+    for (a, r) in all {
         match r {
-            Ok(s) => say(json, status_json(a, s), || {
-                format!(
-                    "{a} node={} role={} ballot={}.{} commit={} applied={} leader={} \
-                     log_base={} checkpoint={} digest={:016x}@{}",
-                    s.node,
-                    s.role,
-                    s.ballot_round,
-                    s.ballot & 0xFF,
-                    s.commit,
-                    s.applied,
-                    s.leader.map_or("-".to_string(), |l| l.to_string()),
-                    s.log_base,
-                    s.checkpoint,
-                    s.digest,
-                    s.digest_index
-                )
-            }),
+            Ok(v) => answered(a, v),
             Err(e) => say(json, json!({"endpoint": a, "error": e.to_string()}), || {
                 format!("{a} unreachable: {e}")
             }),

@@ -1,6 +1,6 @@
 //! One replica of a Ballot key-value cluster. See `docs/operations.md`.
 
-use ballot_node::config::{Flags, NodeConfig};
+use ballot_node::config::{Flags, LogFormat, NodeConfig};
 use ballot_node::server::Node;
 use clap::Parser;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +13,6 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let flags = Flags::parse();
     let cfg = match NodeConfig::load(flags) {
         Ok(c) => c,
@@ -27,10 +21,15 @@ fn main() {
             std::process::exit(2);
         }
     };
+    cfg.log.init();
+    let format = cfg.log.format;
     let node = match Node::start(cfg) {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("ballot-node: {e}");
+            match format {
+                LogFormat::Text => eprintln!("ballot-node: {e}"),
+                LogFormat::Json => tracing::error!(error = %e, "cannot start"),
+            }
             std::process::exit(1);
         }
     };
@@ -42,6 +41,9 @@ fn main() {
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("ballot-node: shutting down");
+    match format {
+        LogFormat::Text => eprintln!("ballot-node: shutting down"),
+        LogFormat::Json => tracing::info!("shutting down"),
+    }
     node.shutdown();
 }
