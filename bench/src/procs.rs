@@ -28,7 +28,8 @@ pub fn core_ids(o: &LoadOpts) -> Vec<usize> {
 /// Pids of the running children, for the signal handler and the panic hook.
 static PIDS: [AtomicI32; ballot::MAX_NODES] = [const { AtomicI32::new(0) }; ballot::MAX_NODES];
 
-fn kill_all_children() {
+/// Kills every `ballot-node` child at once (signal handlers, panic hook).
+pub fn kill_all_children() {
     for p in &PIDS {
         let pid = p.swap(0, Ordering::SeqCst);
         if pid > 0 {
@@ -54,9 +55,10 @@ fn install_cleanup_hooks() {
             kill_all_children();
             prev(info);
         }));
+        // SIGINT is `interrupt`'s: the first stops the run in order (this guard then stops
+        // the nodes), the second kills them and exits.
         // SAFETY: the handler only calls async-signal-safe functions.
         unsafe {
-            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
             libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         }
     });
@@ -97,10 +99,11 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
 }
 
-/// Removes `ballot-bench-<pid>` temp dirs of runs that are gone (an interrupted run exits
-/// from its signal handler, where removing a directory tree is not safe).
-fn remove_stale_dirs() {
-    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+/// Removes `ballot-bench-<pid>-nodes-*` dirs in `parent` of runs that are gone (a run
+/// killed by SIGTERM or a second Ctrl-C exits from its signal handler, where removing a
+/// directory tree is not safe).
+fn remove_stale_dirs(parent: &Path) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
         return;
     };
     for e in rd.flatten() {
@@ -108,7 +111,8 @@ fn remove_stale_dirs() {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix("ballot-bench-"))
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .and_then(|p| p.split_once("-nodes-"))
+            .and_then(|(p, _)| p.parse::<libc::pid_t>().ok())
         else {
             continue;
         };
@@ -123,24 +127,20 @@ fn remove_stale_dirs() {
 
 /// Running `ballot-node` processes; dropping it stops them and removes the directory.
 pub struct NodeCluster {
-    pub dir: PathBuf,
     pub client_addrs: Vec<String>,
     children: Vec<Child>,
+    /// Logs and data dirs; removed after the children are stopped (fields drop after
+    /// `Drop::drop`).
+    dir: tempfile::TempDir,
 }
 
 impl NodeCluster {
-    pub fn start(
-        bin: &Path,
-        n: usize,
-        cores: &[usize],
-        durable: bool,
-    ) -> Result<NodeCluster, String> {
+    pub fn start(bin: &Path, o: &LoadOpts) -> Result<NodeCluster, String> {
+        let (n, cores, durable) = (o.replicas, core_ids(o), o.durable());
         install_cleanup_hooks();
-        remove_stale_dirs();
-        let dir = std::env::temp_dir().join(format!("ballot-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        remove_stale_dirs(&o.data_dir.clone().unwrap_or_else(std::env::temp_dir));
+        let tmp = o.scratch_dir("nodes")?;
+        let dir = tmp.path().to_path_buf();
         let fabric: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let clients: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let list = |ports: &[u16]| {
@@ -158,9 +158,9 @@ impl NodeCluster {
             client::random_id()
         );
         let mut c = NodeCluster {
-            dir: dir.clone(),
             client_addrs: clients.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
             children: Vec::new(),
+            dir: tmp,
         };
         for i in 0..n {
             let log = std::fs::File::create(dir.join(format!("node{i}.log")))
@@ -200,7 +200,8 @@ impl NodeCluster {
 
     /// The last lines of node `i`'s log (for error messages).
     fn log_tail(&self, i: usize) -> String {
-        let s = std::fs::read_to_string(self.dir.join(format!("node{i}.log"))).unwrap_or_default();
+        let s = std::fs::read_to_string(self.dir.path().join(format!("node{i}.log")))
+            .unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(5)..].join("\n    ")
     }
@@ -232,25 +233,28 @@ impl NodeCluster {
                     return Ok(l);
                 }
             }
+            if crate::interrupt::requested() {
+                return Err("interrupted while the ballot-node cluster was starting".into());
+            }
             if Instant::now() >= deadline {
                 return Err(format!(
                     "the ballot-node cluster did not serve within {within:?}; logs in {}",
-                    self.dir.display()
+                    self.dir.path().display()
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
-    /// The leader's commit index, if a node says it leads.
-    pub fn leader_commit(&self) -> Option<u64> {
-        self.client_addrs
-            .iter()
-            .filter_map(|a| client::status(a, Duration::from_millis(500)).ok())
-            .filter(|s| s.role == "leader")
-            .max_by_key(|s| s.ballot)
-            .map(|s| s.commit)
-    }
+/// The leader's commit index, if a node at one of `addrs` says it leads.
+fn leader_commit(addrs: &[String]) -> Option<u64> {
+    addrs
+        .iter()
+        .filter_map(|a| client::status(a, Duration::from_millis(500)).ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.ballot)
+        .map(|s| s.commit)
 }
 
 impl Drop for NodeCluster {
@@ -278,7 +282,6 @@ impl Drop for NodeCluster {
         for p in &PIDS {
             p.store(0, Ordering::SeqCst);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -309,8 +312,47 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
         ));
     }
     let bin = find_node_binary()?;
-    let mut cluster = NodeCluster::start(&bin, o.replicas, &core_ids(o), o.durable())?;
+    let mut cluster = NodeCluster::start(&bin, o)?;
     cluster.wait_ready(Duration::from_secs(20))?;
+    let mut r = drive(o, &cluster.client_addrs)?;
+    drop(cluster);
+    r.replicas = o.replicas;
+    r.durability = o.durability_name();
+    Ok(r)
+}
+
+/// Drives an existing cluster (`--endpoints`): the nodes at `addrs` (their client
+/// addresses), which run elsewhere and are left running.
+pub fn run_endpoints(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
+    if o.payload > ballot_node::kv::MAX_VALUE {
+        return Err(format!(
+            "--payload must be at most {} with --endpoints (a put's value)",
+            ballot_node::kv::MAX_VALUE
+        ));
+    }
+    let mut errs = Vec::new();
+    for a in addrs {
+        match client::status(a, Duration::from_secs(2)) {
+            Ok(_) => {}
+            Err(e) => errs.push(format!("{a}: {e}")),
+        }
+    }
+    if errs.len() == addrs.len() {
+        return Err(format!("no endpoint answered: {}", errs.join("; ")));
+    }
+    for e in &errs {
+        eprintln!("warning: endpoint {e}");
+    }
+    let mut r = drive(o, addrs)?;
+    r.topology = "external";
+    r.replicas = addrs.len();
+    r.durability = o.durability.map_or("unknown", |_| o.durability_name());
+    Ok(r)
+}
+
+/// `--clients` client threads issuing puts through the client library to the nodes at
+/// `addrs`, for the warm-up and the measured window (shorter if interrupted).
+fn drive(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         done: AtomicU64::new(0),
@@ -321,11 +363,7 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
     let tallies = Arc::new(Mutex::new(Vec::<Tally>::new()));
     let mut threads = Vec::new();
     for c in 0..o.clients {
-        let (addrs, sh, tallies) = (
-            cluster.client_addrs.clone(),
-            shared.clone(),
-            tallies.clone(),
-        );
+        let (addrs, sh, tallies) = (addrs.to_vec(), shared.clone(), tallies.clone());
         let value = vec![0xA5u8; o.payload];
         // Open loop: client c sends at t0 + (c + k * clients) / rate.
         let gap = o
@@ -393,37 +431,47 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
     }
     // Progress, and the leader's commit index at the window's edges (commands per entry).
     let mut commit_at_start = None;
-    let mut last = (Instant::now(), 0u64);
-    let mut next = t0 + Duration::from_secs(1);
-    while Instant::now() < end {
-        let now = Instant::now();
-        if commit_at_start.is_none() && now >= warm_end {
-            commit_at_start = cluster.leader_commit();
-        }
-        if o.progress() && now >= next {
+    let mut ticker = stats::Ticker::new(o.progress(), t0, "warm-up");
+    let mut last_done = 0u64;
+    let mut line = |t: Option<stats::Tick>| {
+        if let Some(t) = t {
             let d = shared.done.load(Ordering::Relaxed);
             eprintln!(
-                "  {:>5.1}s {:<8} {:>10.0} commits/s",
-                now.saturating_duration_since(t0).as_secs_f64(),
-                if now >= warm_end {
-                    "measure"
-                } else {
-                    "warm-up"
-                },
-                (d - last.1) as f64 / now.duration_since(last.0).as_secs_f64()
+                "{} {:>10.0} commits/s",
+                t.head(),
+                (d - last_done) as f64 / t.secs
             );
-            last = (now, d);
-            next += Duration::from_secs(1);
+            last_done = d;
         }
+    };
+    let mut stopped_at = end;
+    while Instant::now() < end {
+        let now = Instant::now();
+        if crate::interrupt::requested() {
+            stopped_at = now;
+            shared.stop.store(true, Ordering::SeqCst);
+            break;
+        }
+        if commit_at_start.is_none() && now >= warm_end {
+            commit_at_start = leader_commit(addrs);
+        }
+        line(ticker.due(
+            now,
+            if now >= warm_end {
+                "measure"
+            } else {
+                "warm-up"
+            },
+        ));
         std::thread::sleep(
             Duration::from_millis(5).min(end.saturating_duration_since(Instant::now())),
         );
     }
-    let commit_at_end = cluster.leader_commit();
+    let commit_at_end = leader_commit(addrs);
     for h in threads {
         let _ = h.join();
     }
-    drop(cluster);
+    line(ticker.finish(stopped_at.min(Instant::now())));
     let mut total = stats::histogram();
     let (mut commits, mut errors) = (0u64, 0u64);
     for t in tallies.lock().expect("tallies").iter() {
@@ -431,7 +479,7 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
         commits += t.commits;
         errors += t.errors;
     }
-    let secs = o.duration.as_secs_f64();
+    let secs = stopped_at.saturating_duration_since(warm_end).as_secs_f64();
     let entries = match (commit_at_start, commit_at_end) {
         (Some(a), Some(b)) if b > a => Some(b - a),
         _ => None,
@@ -448,11 +496,15 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
         pipeline: ballot::protocol::Config::new(0, vec![0], ballot_node::server::ring(), 0).window,
         batch_bytes: ballot_node::kv::MAX_COMMAND + 64,
         open_loop_rate: o.open_loop,
-        durability: if o.durable() { "durable" } else { "volatile" },
         duration_s: secs,
+        partial: stopped_at < end,
         commits,
         errors,
-        throughput_ops_s: commits as f64 / secs,
+        throughput_ops_s: if secs > 0.0 {
+            commits as f64 / secs
+        } else {
+            0.0
+        },
         // Commands per entry counts all the window's commits against all its entries
         // (entries also carry the commands that straddle the window's edges).
         commands_per_entry: entries.map(|e| commits as f64 / e as f64),
