@@ -654,7 +654,7 @@ impl LoadGen {
 fn durable_storage(dir: &std::path::Path) -> Result<Box<dyn ballot::driver::Storage>, String> {
     use ballot::storage::persister::{Persister, PersisterOptions};
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (p, _) = Persister::open(&dir, PersisterOptions::default())
+    let (p, _) = Persister::open(dir, PersisterOptions::default())
         .map_err(|e| format!("durable storage in {}: {e}", dir.display()))?;
     Ok(Box::new(p))
 }

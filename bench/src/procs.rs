@@ -1,11 +1,13 @@
 //! Topology `processes`: real `ballot-node` processes on 127.0.0.1, driven by client threads
-//! through the client library (`ballot_node::client`), over the same TCP a deployment uses.
+//! through the client library (`ballot_node::client`), over the same TCP a deployment uses;
+//! and `--endpoints`: the same client threads against an existing cluster.
 //!
 //! The processes are owned by a [`NodeCluster`] guard: dropping it stops them (SIGTERM, then
-//! SIGKILL) and removes the temporary directory. Because the release profile aborts on
-//! panic (no unwinding, so no `Drop`), the children are also killed from a panic hook and
-//! from a SIGINT/SIGTERM handler, and each child gets `PR_SET_PDEATHSIG = SIGKILL`, so
-//! they die with the bench even on `kill -9`.
+//! SIGKILL) and removes its temporary directory. The first Ctrl-C ends the run in order
+//! (`interrupt`), so the guard does that too. Because the release profile aborts on panic
+//! (no unwinding, so no `Drop`), the children are also killed from a panic hook, a SIGTERM
+//! handler and a second Ctrl-C, and each child gets `PR_SET_PDEATHSIG = SIGKILL`, so they
+//! die with the bench even on `kill -9`.
 
 use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
