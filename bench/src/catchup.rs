@@ -438,8 +438,8 @@ pub fn run(o: &CatchupOpts) -> Result<Vec<CatchupResult>, String> {
             o.load.payload,
             o.load.clients,
             o.load.outstanding,
-            o.load.warmup,
-            o.load.duration
+            o.load.measure.warmup,
+            o.load.measure.duration
         );
         match run_one(o, rate) {
             Ok(r) => out.push(r),
@@ -764,7 +764,12 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
 
     // A: all three up.
     run.begin();
-    run.until("A", None, Some(Instant::now() + o.load.duration), |_| false)?;
+    run.until(
+        "A",
+        None,
+        Some(Instant::now() + o.load.measure.duration),
+        |_| false,
+    )?;
     run.end("A");
 
     let stopped = stop_follower(&mut run, o)?;
@@ -774,7 +779,12 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
 
     // C: caught up.
     run.begin();
-    run.until("C", None, Some(Instant::now() + o.load.duration), |_| false)?;
+    run.until(
+        "C",
+        None,
+        Some(Instant::now() + o.load.measure.duration),
+        |_| false,
+    )?;
     run.end("C");
 
     let r = result(
@@ -842,7 +852,7 @@ fn start(
     cluster::wait_for_leader(&run.shared, Duration::from_secs(15))?;
     // The load generator's clock starts now (commands queued before a leader would fail).
     run.gen = plan.load(o, &run.shared);
-    let warm_end = run.gen.started() + o.load.warmup;
+    let warm_end = run.gen.started() + o.load.measure.warmup;
     run.until("warm-up", None, Some(warm_end), |_| false)?;
     Ok((run, peers))
 }
@@ -863,7 +873,7 @@ fn stop_follower(run: &mut Run, o: &CatchupOpts) -> Result<Stopped, String> {
         (0, ServeFrom::Follower) => vec![leader, other],
         _ => Vec::new(),
     };
-    let down_until = Instant::now() + o.load.duration;
+    let down_until = Instant::now() + o.load.measure.duration;
     let mut stop_applied: Option<Index> = None;
     // Per replica: its checkpoints taken when it was last asked for one.
     let mut asked: [Option<u64>; 3] = [None; 3];

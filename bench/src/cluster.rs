@@ -347,9 +347,9 @@ fn load(
     fabrics::tighten_timer_slack();
     wait_for_leader(shared, Duration::from_secs(15))?;
     let mut g = LoadGen::new(o, Commands::Fixed(vec![0xA5u8; o.payload]), shared);
-    let warm_end = g.started() + o.warmup;
-    let end = warm_end + o.duration;
-    let mut measuring = o.warmup.is_zero();
+    let warm_end = g.started() + o.measure.warmup;
+    let end = warm_end + o.measure.duration;
+    let mut measuring = o.measure.warmup.is_zero();
     let mut idle = Idle::new();
     let mut partial = false;
     loop {

@@ -27,11 +27,10 @@ pub struct OutputOpts {
     pub quiet: bool,
 }
 
+/// The sizes measured and for how long (every subcommand).
 #[derive(Args, Debug, Clone, Serialize)]
-pub struct LoadOpts {
-    #[arg(long, default_value_t = 3)]
-    pub replicas: usize,
-    /// Command size in bytes; a list (e.g. 64,256,1024,4096) runs once per size.
+pub struct Measure {
+    /// Command size in bytes; a list (e.g. 64,256,1024,4096) measures each size in turn.
     #[arg(
         long = "payload",
         value_name = "BYTES[,BYTES...]",
@@ -39,6 +38,21 @@ pub struct LoadOpts {
         default_value = "64"
     )]
     pub payloads: Vec<usize>,
+    /// Measured time (per size and point), e.g. 10, 10s, 500ms.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    #[serde(serialize_with = "crate::report::secs")]
+    pub duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
+    #[serde(serialize_with = "crate::report::secs")]
+    pub warmup: Duration,
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct LoadOpts {
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    #[command(flatten)]
+    pub measure: Measure,
     /// This run's command size (one of `--payload`).
     #[arg(skip)]
     pub payload: usize,
@@ -55,13 +69,6 @@ pub struct LoadOpts {
     /// Payload bytes packed into one entry (default 64 KiB); 0 = one command per entry.
     #[arg(long)]
     pub batch_bytes: Option<usize>,
-    /// Measured time, e.g. 10, 10s, 500ms.
-    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
-    #[serde(serialize_with = "crate::report::secs")]
-    pub duration: Duration,
-    #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
-    #[serde(serialize_with = "crate::report::secs")]
-    pub warmup: Duration,
     /// Open loop: commands per second at fixed intervals; latency from the intended send time.
     #[arg(long, value_name = "RATE")]
     pub open_loop: Option<f64>,
@@ -113,6 +120,14 @@ impl LoadOpts {
             clients,
             ..self.clone()
         }
+    }
+    /// Parses `--cores` into `cores`.
+    pub fn resolve_cores(&mut self) -> Result<(), String> {
+        self.cores = match self.cores_arg.as_deref() {
+            Some(list) => crate::parse_cores(list)?,
+            None => Vec::new(),
+        };
+        Ok(())
     }
     /// A fresh directory for this run's files (`what` names it), under `--data-dir` or the
     /// system temp dir; removed when the guard is dropped.

@@ -213,12 +213,7 @@ fn run(cmd: Cmd, meta: &RunMeta) -> Result<(), String> {
 /// The points of a run: every `--payload` size with every `--sweep` client count (or
 /// `--clients`). Parses `--cores` into the load on the way.
 fn points(load: &mut LoadOpts, sweep: Option<&str>) -> Result<Vec<LoadOpts>, String> {
-    load.cores = load
-        .cores_arg
-        .as_deref()
-        .map(parse_cores)
-        .transpose()?
-        .unwrap_or_default();
+    load.resolve_cores()?;
     let counts: Vec<usize> = match sweep {
         None => vec![load.clients],
         Some(list) => list
@@ -243,10 +238,11 @@ fn points(load: &mut LoadOpts, sweep: Option<&str>) -> Result<Vec<LoadOpts>, Str
             "--sweep varies closed-loop clients; it cannot be combined with --open-loop".into(),
         );
     }
-    if load.payloads.is_empty() {
+    if load.measure.payloads.is_empty() {
         return Err("empty --payload list".into());
     }
     Ok(load
+        .measure
         .payloads
         .iter()
         .flat_map(|&p| counts.iter().map(move |&n| (p, n)))
@@ -316,7 +312,7 @@ impl Sweep {
 }
 
 fn per_point(o: &LoadOpts) -> Duration {
-    o.warmup + o.duration + Duration::from_secs(1)
+    o.measure.warmup + o.measure.duration + Duration::from_secs(1)
 }
 
 fn run_cluster(a: &RunArgs, points: &[LoadOpts]) -> Result<Vec<BenchResult>, String> {
@@ -355,8 +351,8 @@ fn run_endpoints(
             addrs.join(","),
             p.payload,
             p.clients,
-            p.warmup,
-            p.duration
+            p.measure.warmup,
+            p.measure.duration
         );
         if !sweep.next(&what) {
             break;
@@ -367,7 +363,7 @@ fn run_endpoints(
 }
 
 fn run_raw(a: &RawArgs, meta: &RunMeta) -> Result<(), String> {
-    if a.payloads.is_empty() {
+    if a.measure.payloads.is_empty() {
         return Err("empty --payload list".into());
     }
     if a.server {
@@ -377,7 +373,7 @@ fn run_raw(a: &RawArgs, meta: &RunMeta) -> Result<(), String> {
         Some(server) => {
             eprintln!(
                 "raw to {server}: one-sided WRITE + completion for {:?}-byte commands",
-                a.payloads
+                a.measure.payloads
             );
             remote::connect(a, server)?
         }
@@ -386,14 +382,20 @@ fn run_raw(a: &RawArgs, meta: &RunMeta) -> Result<(), String> {
             eprintln!(
                 "raw {}: one-sided WRITE of one entry + completion for {:?}-byte commands, {:?} warm-up, {} per size",
                 kind.name(),
-                a.payloads,
-                a.warmup,
+                a.measure.payloads,
+                a.measure.warmup,
                 match a.iterations {
                     Some(n) => format!("{n} round trips"),
-                    None => format!("{:?}", a.duration),
+                    None => format!("{:?}", a.measure.duration),
                 }
             );
-            raw::run(kind, &a.payloads, a.warmup, a.limit(), &a.rdma)?
+            raw::run(
+                kind,
+                &a.measure.payloads,
+                a.measure.warmup,
+                a.limit(),
+                &a.rdma,
+            )?
         }
     };
     report(&results, &a.out, meta, None)
@@ -429,8 +431,8 @@ fn report(
             machine(),
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             load.replicas,
-            load.payloads,
-            load.duration
+            load.measure.payloads,
+            load.measure.duration
         );
         std::fs::write(path, plot::svg(results, &sub))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -449,13 +451,8 @@ fn run_catchup(a: CatchupArgs, meta: &RunMeta) -> Result<(), String> {
         return Err("catchup runs volatile only".into());
     }
     let mut load = a.load.clone();
-    load.cores = load
-        .cores_arg
-        .as_deref()
-        .map(parse_cores)
-        .transpose()?
-        .unwrap_or_default();
-    load.payload = match load.payloads[..] {
+    load.resolve_cores()?;
+    load.payload = match load.measure.payloads[..] {
         [p] => p,
         _ => return Err("catchup takes one --payload size".into()),
     };
@@ -545,7 +542,7 @@ fn compare(a: &CompareArgs, points: &[LoadOpts]) -> Result<Vec<BenchResult>, Str
         }
         let raws = raw::run(
             k,
-            &o.load.payloads,
+            &o.load.measure.payloads,
             Duration::from_millis(500),
             raw::Limit::Time(a.raw_duration),
             &o.rdma,
@@ -656,8 +653,8 @@ fn describe_processes(p: &LoadOpts) -> String {
         p.replicas,
         p.payload,
         load,
-        p.warmup,
-        p.duration,
+        p.measure.warmup,
+        p.measure.duration,
         if p.cores.is_empty() {
             "shared cores".to_string()
         } else {
@@ -693,8 +690,8 @@ fn describe_cluster(kind: FabricKind, o: &LoadOpts) -> String {
         kind.name(),
         o.payload,
         load,
-        o.warmup,
-        o.duration,
+        o.measure.warmup,
+        o.measure.duration,
         if o.cores.is_empty() {
             "unpinned".to_string()
         } else {

@@ -360,8 +360,8 @@ fn drive(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
         done: AtomicU64::new(0),
     });
     let t0 = Instant::now() + Duration::from_millis(20);
-    let warm_end = t0 + o.warmup;
-    let end = warm_end + o.duration;
+    let warm_end = t0 + o.measure.warmup;
+    let end = warm_end + o.measure.duration;
     let tallies = Arc::new(Mutex::new(Vec::<Tally>::new()));
     let mut threads = Vec::new();
     for c in 0..o.clients {

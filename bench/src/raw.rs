@@ -4,7 +4,7 @@
 //! hosts, as perftest's `ib_write_lat` runs.
 
 use crate::fabrics::{self, FabricKind, RdmaOpts};
-use crate::load::OutputOpts;
+use crate::load::{Measure, OutputOpts};
 use crate::stats::{self, BenchResult};
 use ballot::fabric::{Completion, Fabric, FabricEvent};
 use ballot::layout::{self, RING_OFFSET};
@@ -21,21 +21,8 @@ pub struct RawArgs {
     /// tcp. Two hosts: tcp or rdma.
     #[arg(long, value_enum)]
     pub fabric: Option<FabricKind>,
-    /// Command size in bytes; a list (e.g. 64,256,1024,4096) measures each size in turn.
-    #[arg(
-        long = "payload",
-        value_name = "BYTES[,BYTES...]",
-        value_delimiter = ',',
-        default_value = "64"
-    )]
-    pub payloads: Vec<usize>,
-    /// Measured time per size, e.g. 10, 10s, 500ms.
-    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
-    #[serde(serialize_with = "crate::report::secs")]
-    pub duration: Duration,
-    #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
-    #[serde(serialize_with = "crate::report::secs")]
-    pub warmup: Duration,
+    #[command(flatten)]
+    pub measure: Measure,
     /// Round trips measured per size (perftest's `-n`), instead of `--duration`.
     #[arg(long, value_name = "N")]
     pub iterations: Option<u64>,
@@ -71,7 +58,7 @@ impl RawArgs {
     pub fn limit(&self) -> Limit {
         match self.iterations {
             Some(n) => Limit::Iterations(n),
-            None => Limit::Time(self.duration),
+            None => Limit::Time(self.measure.duration),
         }
     }
 }

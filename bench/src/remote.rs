@@ -230,6 +230,7 @@ pub fn connect(a: &RawArgs, server: &str) -> Result<Vec<BenchResult>, String> {
     let _ = s.set_nodelay(true);
     let mut c = Control::new(s)?;
     let entry = a
+        .measure
         .payloads
         .iter()
         .map(|&p| raw::entry_bytes(p))
@@ -251,13 +252,13 @@ pub fn connect(a: &RawArgs, server: &str) -> Result<Vec<BenchResult>, String> {
     if ready != "ready" {
         return Err(format!("unexpected answer from the server: {ready:?}"));
     }
-    let (warm, limit) = (a.warmup, a.limit());
+    let (warm, limit) = (a.measure.warmup, a.limit());
     let results = match ep {
         Endpoint::Tcp(mut f) => {
-            raw::measure_sizes(&mut f, kind, "two-host", &a.payloads, warm, limit)
+            raw::measure_sizes(&mut f, kind, "two-host", &a.measure.payloads, warm, limit)
         }
         Endpoint::Rdma(mut f) => {
-            raw::measure_sizes(&mut f, kind, "two-host", &a.payloads, warm, limit)
+            raw::measure_sizes(&mut f, kind, "two-host", &a.measure.payloads, warm, limit)
         }
     };
     let _ = c.send("done");

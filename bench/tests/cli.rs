@@ -40,6 +40,29 @@ struct Run {
     options: serde_json::Value,
 }
 
+/// A short cluster run on MemFabric, JSON on stdout.
+const SHORT: &[&str] = &[
+    "--fabric",
+    "mem",
+    "--clients",
+    "2",
+    "--duration",
+    "300ms",
+    "--warmup",
+    "100ms",
+    "--json",
+    "--quiet",
+];
+
+/// A port nothing listens on (just now).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn bench(args: &[&str]) -> Output {
     Command::new(BENCH).args(args).output().unwrap()
 }
@@ -50,6 +73,14 @@ fn ok(out: &Output) -> String {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     stdout
+}
+
+/// Runs the bench with `args`; it must exit with `code` and say `want` on stderr.
+fn fails(args: &[&str], code: i32, want: &str) {
+    let out = bench(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(err.contains(want), "{args:?}: {err}");
 }
 
 fn parse(stdout: &str) -> Vec<Result> {
@@ -79,20 +110,7 @@ fn sane(r: &Result) {
 
 #[test]
 fn json_is_serde_with_run_metadata() {
-    let out = bench(&[
-        "--fabric",
-        "mem",
-        "--payload",
-        "64,256",
-        "--clients",
-        "2",
-        "--duration",
-        "300ms",
-        "--warmup",
-        "100ms",
-        "--json",
-        "--quiet",
-    ]);
+    let out = bench(&[SHORT, &["--payload", "64,256"]].concat());
     let rs = parse(&ok(&out));
     assert_eq!(rs.len(), 2);
     for (r, payload) in rs.iter().zip([64, 256]) {
@@ -115,32 +133,19 @@ fn json_is_serde_with_run_metadata() {
         assert_eq!(m.options["subcommand"], "cluster");
         assert_eq!(m.options["run"]["fabric"], "mem");
         assert_eq!(
-            m.options["run"]["load"]["payloads"],
+            m.options["run"]["load"]["measure"]["payloads"],
             serde_json::json!([64, 256])
         );
-        assert_eq!(m.options["run"]["load"]["duration"], 0.3);
+        assert_eq!(m.options["run"]["load"]["measure"]["duration"], 0.3);
     }
 }
 
 #[test]
 fn durable_threads_run_is_labelled_and_leaves_no_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let out = bench(&[
-        "--fabric",
-        "mem",
-        "--durability",
-        "durable",
-        "--clients",
-        "2",
-        "--duration",
-        "300ms",
-        "--warmup",
-        "100ms",
-        "--json",
-        "--quiet",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let data_dir = dir.path().to_str().unwrap();
+    let durable = ["--durability", "durable", "--data-dir", data_dir];
+    let out = bench(&[SHORT, &durable].concat());
     let rs = parse(&ok(&out));
     assert_eq!(rs.len(), 1);
     sane(&rs[0]);
@@ -161,39 +166,23 @@ fn subcommands_take_only_their_own_options() {
         &["--endpoints", "127.0.0.1:1", "--topology", "processes"][..],
         &["raw", "--listen", "127.0.0.1:0"][..],
     ] {
-        let out = bench(args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert!(err.contains("error:"), "{args:?}: {err}");
+        fails(args, 2, "error:");
     }
 }
 
 #[test]
 fn endpoints_that_do_not_answer_are_a_clear_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let out = bench(&[
-        "--endpoints",
-        &format!("127.0.0.1:{port}"),
-        "--duration",
-        "1",
-        "--quiet",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("no endpoint answered"), "{err}");
+    let at = format!("127.0.0.1:{}", free_port());
+    fails(
+        &["--endpoints", &at, "--duration", "1", "--quiet"],
+        1,
+        "no endpoint answered",
+    );
 }
 
 #[test]
 fn raw_server_and_client_on_loopback() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let server = Command::new(BENCH)
         .args(["raw", "--server", "--listen", &addr, "--fabric", "tcp"])

@@ -166,6 +166,18 @@ fn endpoints_drive_an_existing_cluster_and_leave_it_running() {
         nodes.0.push(child);
     }
     let endpoints = list(&client);
+    // Until every node serves its client port (the bench refuses a cluster that does not
+    // answer at all).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for p in &client {
+        while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "ballot-node did not listen on {p}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let out = Command::new(BENCH)
         .args([
             "--endpoints",
