@@ -166,7 +166,7 @@ pub fn serve(a: &RawArgs) -> Result<(), String> {
         kind.name(),
         l.local_addr().map_err(|e| e.to_string())?
     );
-    let (s, from) = l.accept().map_err(|e| format!("accept: {e}"))?;
+    let (s, from) = accept(&l)?;
     let mut c = Control::new(s)?;
     let hello = c.expect("the client's hello")?;
     let (entry, client_addr) = match parse_hello(&hello, kind) {
@@ -193,6 +193,28 @@ pub fn serve(a: &RawArgs) -> Result<(), String> {
     }
     eprintln!("raw server: client {from} done");
     Ok(())
+}
+
+/// The first client, or an error on Ctrl-C (a blocking accept would not see it).
+fn accept(l: &TcpListener) -> Result<(TcpStream, SocketAddr), String> {
+    l.set_nonblocking(true)
+        .map_err(|e| format!("accept: {e}"))?;
+    loop {
+        match l.accept() {
+            Ok((s, from)) => {
+                s.set_nonblocking(false)
+                    .map_err(|e| format!("accept: {e}"))?;
+                return Ok((s, from));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if crate::interrupt::requested() {
+                    return Err("interrupted before a client connected".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
 }
 
 /// The server's check of the client's hello: (largest entry, client's fabric address).
