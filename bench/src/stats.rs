@@ -103,7 +103,7 @@ fn opt_cell(v: Option<f64>, prec: usize) -> String {
 pub fn table(results: &[BenchResult]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "{:<7} {:<5} {:<9} {:<8} {:>3} {:>7} {:>7} {:>6} {:>6} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>5}\n",
+        "{:<7} {:<6} {:<9} {:<8} {:>3} {:>7} {:>7} {:>6} {:>6} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>5}\n",
         "kind", "fabric", "topo", "dur", "n", "payload", "clients", "batch", "secs", "ops/s", "MB/s",
         "min us", "mean us", "stdev", "p50 us", "p99 us", "p99.9", "p99.99", "max us", "raw p50",
         "p50/raw", "cmd/e", ""
@@ -115,7 +115,7 @@ pub fn table(results: &[BenchResult]) -> String {
             None => format!("{}x{}", r.clients, r.outstanding),
         };
         s.push_str(&format!(
-            "{:<7} {:<5} {:<9} {:<8} {:>3} {:>7} {:>7} {:>6} {:>6.1} {:>11.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>9} {:>8} {:>7} {:>5}\n",
+            "{:<7} {:<6} {:<9} {:<8} {:>3} {:>7} {:>7} {:>6} {:>6.1} {:>11.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>9} {:>8} {:>7} {:>5}\n",
             r.kind,
             r.fabric,
             if r.kind == "raw" && r.topology == "threads" { "-" } else { r.topology },
