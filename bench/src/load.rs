@@ -136,14 +136,68 @@ impl LoadOpts {
     }
 }
 
-/// `ballot-bench-<pid>-<what>-XXXXXX` under `parent` (default: the system temp dir).
+/// `ballot-bench-<pid>-<what>-XXXXXX` under `parent` (default: the system temp dir). Also
+/// removes those of runs that are gone: a run killed by SIGTERM or a second Ctrl-C exits
+/// from its signal handler, where removing a directory tree is not safe.
 pub fn scratch_dir(
     parent: Option<&std::path::Path>,
     what: &str,
 ) -> Result<tempfile::TempDir, String> {
     let parent = parent.map_or_else(std::env::temp_dir, PathBuf::from);
+    remove_stale_dirs(&parent);
     tempfile::Builder::new()
         .prefix(&format!("ballot-bench-{}-{what}-", std::process::id()))
         .tempdir_in(&parent)
         .map_err(|e| format!("cannot create a directory in {}: {e}", parent.display()))
+}
+
+/// Removes `ballot-bench-<pid>-<what>-XXXXXX` directories in `parent` whose process is gone.
+fn remove_stale_dirs(parent: &std::path::Path) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ballot-bench-"))
+            .and_then(|p| p.split_once('-'))
+            .and_then(|(p, _)| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scratch_dirs_are_fresh_and_stale_ones_of_dead_runs_go() {
+        let parent = tempfile::tempdir().unwrap();
+        let dead = parent
+            .path()
+            .join(format!("ballot-bench-{}-durable-x", i32::MAX - 1));
+        let alive = parent
+            .path()
+            .join(format!("ballot-bench-{}-nodes-y", std::process::id()));
+        let other = parent.path().join("ballot-bench-results");
+        for d in [&dead, &alive, &other] {
+            std::fs::create_dir_all(d.join("0")).unwrap();
+        }
+        let a = super::scratch_dir(Some(parent.path()), "durable").unwrap();
+        let b = super::scratch_dir(Some(parent.path()), "durable").unwrap();
+        assert_ne!(a.path(), b.path());
+        assert!(a.path().starts_with(parent.path()));
+        assert!(!dead.exists(), "a dead run's directory is removed");
+        assert!(alive.exists() && other.exists(), "others are left alone");
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists());
+    }
 }

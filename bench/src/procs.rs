@@ -101,32 +101,6 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
 }
 
-/// Removes `ballot-bench-<pid>-nodes-*` dirs in `parent` of runs that are gone (a run
-/// killed by SIGTERM or a second Ctrl-C exits from its signal handler, where removing a
-/// directory tree is not safe).
-fn remove_stale_dirs(parent: &Path) {
-    let Ok(rd) = std::fs::read_dir(parent) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("ballot-bench-"))
-            .and_then(|p| p.split_once("-nodes-"))
-            .and_then(|(p, _)| p.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: kill with signal 0 only checks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone && e.path().join("node0.log").exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// Running `ballot-node` processes; dropping it stops them and removes the directory.
 pub struct NodeCluster {
     pub client_addrs: Vec<String>,
@@ -140,7 +114,6 @@ impl NodeCluster {
     pub fn start(bin: &Path, o: &LoadOpts) -> Result<NodeCluster, String> {
         let (n, cores, durable) = (o.replicas, core_ids(o), o.durable());
         install_cleanup_hooks();
-        remove_stale_dirs(&o.data_dir.clone().unwrap_or_else(std::env::temp_dir));
         let tmp = o.scratch_dir("nodes")?;
         let dir = tmp.path().to_path_buf();
         let fabric: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;

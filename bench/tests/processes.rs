@@ -67,9 +67,13 @@ fn processes_topology_reports_and_cleans_up() {
         nodes_of(pid).is_empty(),
         "ballot-node processes left behind"
     );
-    assert!(!std::env::temp_dir()
-        .join(format!("ballot-bench-{pid}"))
-        .exists());
+    let prefix = format!("ballot-bench-{pid}-");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "directories left behind: {left:?}");
 }
 
 #[test]
