@@ -6,6 +6,6 @@
 # e.g. `scripts/bench.sh --help`, `scripts/bench.sh compare --plot cmp.svg`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-build-deps.sh
+scripts/install-build-deps.sh >&2 # stdout is the benchmark's (e.g. --json)
 export PATH="$HOME/.cargo/bin:$PATH"
 exec cargo run --release -p ballot-bench -- "$@"

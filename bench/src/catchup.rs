@@ -35,9 +35,9 @@ use ballot::region::Region;
 use ballot::storage::FileCheckpoints;
 use ballot::{Index, NodeId};
 use crossbeam::channel::{self, Receiver, Sender};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -75,9 +75,11 @@ pub enum ServeFrom {
 }
 
 /// One phase's commit latency at the leader.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Phase {
+    #[serde(rename = "phase")]
     pub name: &'static str,
+    #[serde(rename = "duration_s")]
     pub secs: f64,
     pub commits: u64,
     pub errors: u64,
@@ -112,7 +114,7 @@ impl Phase {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct CatchupResult {
     pub payload: usize,
     pub clients: usize,
@@ -141,6 +143,7 @@ pub struct CatchupResult {
     pub checkpoint_failures: u64,
     /// Image bytes served during rejoin + B + tail, and by whom (node, bytes).
     pub bytes_served: u64,
+    #[serde(serialize_with = "served_by_json")]
     pub served_by: Vec<(usize, u64)>,
     /// Restart to first pull; first pull to last byte served; last byte served to installed;
     /// installed to caught up.
@@ -173,101 +176,49 @@ impl CatchupResult {
         }
     }
 
-    pub fn to_json(&self) -> String {
-        fn opt(v: Option<f64>) -> String {
-            v.map_or("null".into(), |x| format!("{x:.3}"))
-        }
-        let phases: Vec<String> = self
-            .phases
-            .iter()
-            .map(|p| {
-                format!(
-                    concat!(
-                        "{{\"phase\":\"{}\",\"duration_s\":{:.3},\"commits\":{},\"errors\":{},",
-                        "\"throughput_ops_s\":{:.1},\"p50_us\":{:.3},\"p90_us\":{:.3},",
-                        "\"p99_us\":{:.3},\"p999_us\":{:.3},\"max_us\":{:.3},",
-                        "\"commands_per_entry\":{},\"leader_changes\":{},\"leader\":{},",
-                        "\"checkpoints_taken\":{},\"bytes_served\":{},",
-                        "\"cpu_s\":{{{}}}}}"
-                    ),
-                    p.name,
-                    p.secs,
-                    p.commits,
-                    p.errors,
-                    p.throughput_ops_s,
-                    p.p50_us,
-                    p.p90_us,
-                    p.p99_us,
-                    p.p999_us,
-                    p.max_us,
-                    opt(p.commands_per_entry),
-                    p.leader_changes,
-                    p.leader.map_or("null".into(), |l| l.to_string()),
-                    p.checkpoints_taken,
-                    p.bytes_served,
-                    p.cpu_s
-                        .iter()
-                        .map(|(g, v)| format!("\"{g}\":{v:.3}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )
-            })
-            .collect();
-        let served: Vec<String> = self
-            .served_by
-            .iter()
-            .map(|(n, b)| format!("{{\"node\":{n},\"bytes\":{b}}}"))
-            .collect();
+    /// The JSON form (`--json`): the result's fields, the B/A and B/down ratios, and the
+    /// labels every bench result has.
+    pub fn json(&self) -> CatchupJson<'_> {
         let (r50, r99) = self.ratios();
         let (d50, d99) = self.ratios_to("down");
-        format!(
-            concat!(
-                "{{\"kind\":\"catchup\",\"fabric\":\"tcp\",\"topology\":\"threads\",\"replicas\":3,",
-                "\"payload\":{},\"clients\":{},\"outstanding\":{},\"durability\":\"volatile\",",
-                "\"state_mib\":{},\"every_bytes\":{},\"keep\":{},\"chunk_bytes\":{},",
-                "\"rate_mib_s\":{},\"serve_bytes_per_tick\":{},\"leader\":{},\"stopped\":{},",
-                "\"stop_applied\":{},\"leader_base_at_restart\":{},\"leader_log_at_restart\":{},",
-                "\"leader_changes\":{},\"installed_index\":{},",
-                "\"image_bytes\":{},\"installs\":{},\"checkpoint_failures\":{},",
-                "\"bytes_served\":{},\"served_by\":[{}],\"rejoin_s\":{:.3},\"transfer_s\":{:.3},",
-                "\"install_s\":{:.3},\"tail_s\":{:.3},\"transfer_mib_s\":{:.1},",
-                "\"p50_ratio_b_a\":{},\"p99_ratio_b_a\":{},\"p50_ratio_b_down\":{},",
-                "\"p99_ratio_b_down\":{},\"phases\":[{}]}}"
-            ),
-            self.payload,
-            self.clients,
-            self.outstanding,
-            self.state_mib,
-            self.every_bytes,
-            self.keep,
-            self.chunk_bytes,
-            self.rate_mib_s
-                .map_or("null".to_string(), |r| r.to_string()),
-            self.serve_bytes_per_tick,
-            self.leader,
-            self.stopped,
-            self.stop_applied,
-            self.leader_base_at_restart,
-            self.leader_log_at_restart,
-            self.leader_changes,
-            self.installed_index,
-            self.image_bytes,
-            self.installs,
-            self.checkpoint_failures,
-            self.bytes_served,
-            served.join(","),
-            self.rejoin_s,
-            self.transfer_s,
-            self.install_s,
-            self.tail_s,
-            self.transfer_mib_s,
-            opt(r50),
-            opt(r99),
-            opt(d50),
-            opt(d99),
-            phases.join(",")
-        )
+        CatchupJson {
+            kind: "catchup",
+            fabric: "tcp",
+            topology: "threads",
+            replicas: 3,
+            durability: "volatile",
+            result: self,
+            p50_ratio_b_a: r50,
+            p99_ratio_b_a: r99,
+            p50_ratio_b_down: d50,
+            p99_ratio_b_down: d99,
+        }
     }
+}
+
+/// [`CatchupResult::json`].
+#[derive(Serialize)]
+pub struct CatchupJson<'a> {
+    kind: &'static str,
+    fabric: &'static str,
+    topology: &'static str,
+    replicas: usize,
+    durability: &'static str,
+    #[serde(flatten)]
+    result: &'a CatchupResult,
+    p50_ratio_b_a: Option<f64>,
+    p99_ratio_b_a: Option<f64>,
+    p50_ratio_b_down: Option<f64>,
+    p99_ratio_b_down: Option<f64>,
+}
+
+fn served_by_json<S: serde::Serializer>(v: &[(usize, u64)], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Served {
+        node: usize,
+        bytes: u64,
+    }
+    s.collect_seq(v.iter().map(|&(node, bytes)| Served { node, bytes }))
 }
 
 fn rate_name(r: Option<u64>) -> String {
@@ -487,21 +438,25 @@ pub fn run(o: &CatchupOpts) -> Result<Vec<CatchupResult>, String> {
             o.load.payload,
             o.load.clients,
             o.load.outstanding,
-            o.load.warmup,
-            o.load.duration
+            o.load.measure.warmup,
+            o.load.measure.duration
         );
-        out.push(run_one(o, rate)?);
+        match run_one(o, rate) {
+            Ok(r) => out.push(r),
+            // Ctrl-C: the caps measured so far are printed.
+            Err(e) if crate::interrupt::requested() => {
+                eprintln!("{e}");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(out)
 }
 
-/// Temporary checkpoint directories, removed at the end (also on error).
-struct Dirs(PathBuf);
-impl Drop for Dirs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// Temporary checkpoint directories (one per replica inside), removed at the end (also on
+/// error).
+struct Dirs(tempfile::TempDir);
 
 /// A running cluster and its load.
 struct Run {
@@ -607,7 +562,7 @@ impl Run {
     /// (Err, with every replica's status).
     fn until(
         &mut self,
-        label: &str,
+        label: &'static str,
         timeout: Option<Duration>,
         limit: Option<Instant>,
         mut done: impl FnMut(&Run) -> bool,
@@ -617,6 +572,9 @@ impl Run {
             let now = Instant::now();
             if limit.is_some_and(|l| now >= l) || done(self) {
                 return Ok(());
+            }
+            if crate::interrupt::requested() {
+                return Err(format!("{label}: interrupted"));
             }
             if let Some(t) = timeout.filter(|t| now.duration_since(t0) > *t) {
                 return Err(format!(
@@ -797,18 +755,21 @@ struct Transferred {
 /// One cap: a fresh cluster through warm-up, A, down, rejoin, B, tail and C.
 fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> {
     let plan = Plan::new(o, rate);
-    let dirs = Dirs(std::env::temp_dir().join(format!(
-        "ballot-bench-catchup-{}-{}",
-        std::process::id(),
+    let dirs = Dirs(o.load.scratch_dir(&format!(
+        "catchup-{}",
         rate.map_or("unlimited".to_string(), |r| r.to_string())
-    )));
-    let _ = std::fs::remove_dir_all(&dirs.0);
+    ))?);
     // Declared after `dirs`: on an early return the cluster stops before its directories go.
     let (mut run, peers) = start(o, &plan, &dirs)?;
 
     // A: all three up.
     run.begin();
-    run.until("A", None, Some(Instant::now() + o.load.duration), |_| false)?;
+    run.until(
+        "A",
+        None,
+        Some(Instant::now() + o.load.measure.duration),
+        |_| false,
+    )?;
     run.end("A");
 
     let stopped = stop_follower(&mut run, o)?;
@@ -818,7 +779,12 @@ fn run_one(o: &CatchupOpts, rate: Option<u64>) -> Result<CatchupResult, String> 
 
     // C: caught up.
     run.begin();
-    run.until("C", None, Some(Instant::now() + o.load.duration), |_| false)?;
+    run.until(
+        "C",
+        None,
+        Some(Instant::now() + o.load.measure.duration),
+        |_| false,
+    )?;
     run.end("C");
 
     let r = result(
@@ -877,7 +843,7 @@ fn start(
         next_debug: Instant::now(),
     };
     for (i, (fabric, cfg)) in fabs.into_iter().zip(plan.cfgs.iter().cloned()).enumerate() {
-        let dir = dirs.0.join(i.to_string());
+        let dir = dirs.0.path().join(i.to_string());
         let (state_bytes, value, policy) = (plan.state_bytes, plan.value, plan.policy);
         let rep = replica(cfg, false, fabric, state_bytes, value, &dir, policy)?;
         run.spawn(i, Arc::new(NodeCtl::default()), move || Ok(rep))?;
@@ -886,7 +852,7 @@ fn start(
     cluster::wait_for_leader(&run.shared, Duration::from_secs(15))?;
     // The load generator's clock starts now (commands queued before a leader would fail).
     run.gen = plan.load(o, &run.shared);
-    let warm_end = run.gen.started() + o.load.warmup;
+    let warm_end = run.gen.started() + o.load.measure.warmup;
     run.until("warm-up", None, Some(warm_end), |_| false)?;
     Ok((run, peers))
 }
@@ -907,7 +873,7 @@ fn stop_follower(run: &mut Run, o: &CatchupOpts) -> Result<Stopped, String> {
         (0, ServeFrom::Follower) => vec![leader, other],
         _ => Vec::new(),
     };
-    let down_until = Instant::now() + o.load.duration;
+    let down_until = Instant::now() + o.load.measure.duration;
     let mut stop_applied: Option<Index> = None;
     // Per replica: its checkpoints taken when it was last asked for one.
     let mut asked: [Option<u64>; 3] = [None; 3];
@@ -991,7 +957,7 @@ fn restart_follower(
     let (cfg, ring, dir) = (
         plan.cfgs[f].clone(),
         plan.cfgs[f].ring,
-        dirs.0.join(format!("{f}-restarted")),
+        dirs.0.path().join(format!("{f}-restarted")),
     );
     let (state_bytes, value, policy) = (plan.state_bytes, plan.value, plan.policy);
     run.spawn(f, Arc::new(NodeCtl::default()), move || {
@@ -1054,6 +1020,7 @@ fn transfer(
     // The image as the store keeps it (`FileCheckpoints` names files `snap-<index:020>.ckpt`).
     let image_bytes = std::fs::metadata(
         dirs.0
+            .path()
             .join(format!("{f}-restarted"))
             .join(format!("snap-{installed_index:020}.ckpt")),
     )

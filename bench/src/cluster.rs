@@ -3,7 +3,7 @@
 //! commands to the leader's thread through crossbeam channels (a `Replica` is not `Sync`,
 //! so proposals are made on its own thread).
 
-use crate::fabrics::{self, FabricKind, Idle};
+use crate::fabrics::{self, FabricKind, Idle, RdmaOpts};
 use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
 use ballot::driver::{Replica, StateMachine};
@@ -156,7 +156,7 @@ fn failure_slot(e: &ballot::protocol::ProposeError) -> usize {
     }
 }
 
-pub fn run(kind: FabricKind, o: &LoadOpts) -> Result<BenchResult, String> {
+pub fn run(kind: FabricKind, o: &LoadOpts, rdma: &RdmaOpts) -> Result<BenchResult, String> {
     if o.replicas == 0 || o.replicas > ballot::MAX_NODES {
         return Err(format!("--replicas must be 1..={}", ballot::MAX_NODES));
     }
@@ -169,7 +169,7 @@ pub fn run(kind: FabricKind, o: &LoadOpts) -> Result<BenchResult, String> {
     let mut r = match kind {
         FabricKind::Mem => run_with(fabrics::mem(regions), cfgs, o)?,
         FabricKind::Tcp => run_with(fabrics::tcp(regions)?, cfgs, o)?,
-        FabricKind::Rdma => run_with(fabrics::rdma(regions)?, cfgs, o)?,
+        FabricKind::Rdma => run_with(fabrics::rdma(regions, rdma)?, cfgs, o)?,
     };
     r.fabric = kind.name().into();
     r.batch_bytes = batch;
@@ -218,12 +218,14 @@ fn run_with<F: Fabric + 'static>(
     let (resp_tx, resp_rx) = channel::unbounded::<Vec<Resp>>();
     let mut senders = Vec::new();
     let mut threads = Vec::new();
+    // Durable: the replicas' files, removed when the run ends (after the threads: `dir` is
+    // dropped at the end of this function, once they are joined).
+    let dir = o.durable().then(|| o.scratch_dir("durable")).transpose()?;
     for (i, (fabric, cfg)) in fabrics.into_iter().zip(cfgs).enumerate() {
         let core = Core::new(cfg, false).map_err(|e| format!("config: {e}"))?;
-        let storage = if o.durable() {
-            Some(durable_storage(i)?)
-        } else {
-            None
+        let storage = match &dir {
+            Some(d) => Some(durable_storage(&d.path().join(i.to_string()))?),
+            None => None,
         };
         let rep = Replica::new(core, fabric, Null, storage);
         let (tx, rx) = channel::unbounded::<Vec<Req>>();
@@ -244,6 +246,7 @@ fn run_with<F: Fabric + 'static>(
     for t in threads {
         let _ = t.join();
     }
+    drop(dir);
     result
 }
 
@@ -344,13 +347,18 @@ fn load(
     fabrics::tighten_timer_slack();
     wait_for_leader(shared, Duration::from_secs(15))?;
     let mut g = LoadGen::new(o, Commands::Fixed(vec![0xA5u8; o.payload]), shared);
-    let warm_end = g.started() + o.warmup;
-    let end = warm_end + o.duration;
-    let mut measuring = o.warmup.is_zero();
+    let warm_end = g.started() + o.measure.warmup;
+    let end = warm_end + o.measure.duration;
+    let mut measuring = o.measure.warmup.is_zero();
     let mut idle = Idle::new();
+    let mut partial = false;
     loop {
         let now = Instant::now();
         if now >= end {
+            break;
+        }
+        if crate::interrupt::requested() {
+            partial = true;
             break;
         }
         if !measuring && now >= warm_end {
@@ -361,7 +369,12 @@ fn load(
         let busy = g.turn(shared, senders, resp_rx);
         idle.tick(busy);
     }
-    let w = g.window(shared);
+    g.finish(Instant::now());
+    let mut w = g.window(shared);
+    if !measuring {
+        // Interrupted in the warm-up: nothing was measured.
+        w.secs = 0.0;
+    }
     let closed = o.open_loop.is_none();
     let mut r = BenchResult {
         kind: "cluster",
@@ -371,11 +384,16 @@ fn load(
         clients: if closed { o.clients } else { 0 },
         outstanding: if closed { o.outstanding } else { 0 },
         open_loop_rate: o.open_loop,
-        durability: if o.durable() { "durable" } else { "volatile" },
+        durability: o.durability_name(),
         duration_s: w.secs,
         commits: w.commits,
         errors: w.errors,
-        throughput_ops_s: w.commits as f64 / w.secs,
+        throughput_ops_s: if w.secs > 0.0 {
+            w.commits as f64 / w.secs
+        } else {
+            0.0
+        },
+        partial,
         commands_per_entry: w.commands_per_entry(),
         ..Default::default()
     };
@@ -454,9 +472,7 @@ pub(crate) struct LoadGen {
     from: Instant,
     commit_at_start: u64,
     t0: Instant,
-    last_report: Instant,
-    next_report: Instant,
-    report: bool,
+    ticker: stats::Ticker,
 }
 
 /// Closed loop: a refused command (e.g. `NotLeader` while leadership moves) is sent again
@@ -496,9 +512,7 @@ impl LoadGen {
             from: t0,
             commit_at_start: shared.commit.load(Ordering::Relaxed),
             t0,
-            last_report: t0,
-            next_report: t0 + Duration::from_secs(1),
-            report: o.progress(),
+            ticker: stats::Ticker::new(o.progress(), t0, "warm-up"),
         }
     }
 
@@ -530,24 +544,30 @@ impl LoadGen {
         }
     }
 
-    /// A progress line on stderr once a second (unless quiet).
-    pub(crate) fn progress(&mut self, now: Instant, label: &str) {
-        if !self.report || now < self.next_report {
-            return;
-        }
-        let secs = now.duration_since(self.last_report).as_secs_f64();
+    /// A progress line on stderr once a second and when the phase becomes `label` (unless
+    /// quiet); each line is labelled with the phase its interval was spent in.
+    pub(crate) fn progress(&mut self, now: Instant, label: &'static str) {
+        let t = self.ticker.due(now, label);
+        self.print(t);
+    }
+
+    /// The last progress line: the interval from the previous one to `now`.
+    pub(crate) fn finish(&mut self, now: Instant) {
+        let t = self.ticker.finish(now);
+        self.print(t);
+    }
+
+    fn print(&mut self, t: Option<stats::Tick>) {
+        let Some(t) = t else { return };
         eprintln!(
-            "  {:>5.1}s {:<8} {:>10.0} commits/s   p50 {:>8.1} us   p99 {:>8.1} us",
-            now.duration_since(self.t0).as_secs_f64(),
-            label,
-            self.interval_commits as f64 / secs,
+            "{} {:>10.0} commits/s   p50 {:>8.1} us   p99 {:>8.1} us",
+            t.head(),
+            self.interval_commits as f64 / t.secs,
             stats::us(&self.interval, 0.5),
             stats::us(&self.interval, 0.99),
         );
         self.interval.reset();
         self.interval_commits = 0;
-        self.last_report = now;
-        self.next_report += Duration::from_secs(1);
     }
 
     /// One turn: arrivals (open loop), completions, retries, and sending what is ready to
@@ -630,13 +650,11 @@ impl LoadGen {
     }
 }
 
-/// A fresh data directory and persister for replica `i` of this run.
-fn durable_storage(i: usize) -> Result<Box<dyn ballot::driver::Storage>, String> {
+/// A persister in the fresh directory `dir` (made here).
+fn durable_storage(dir: &std::path::Path) -> Result<Box<dyn ballot::driver::Storage>, String> {
     use ballot::storage::persister::{Persister, PersisterOptions};
-    let dir = std::env::temp_dir().join(format!("ballot-bench-{}-{i}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (p, _) = Persister::open(&dir, PersisterOptions::default())
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (p, _) = Persister::open(dir, PersisterOptions::default())
         .map_err(|e| format!("durable storage in {}: {e}", dir.display()))?;
     Ok(Box::new(p))
 }

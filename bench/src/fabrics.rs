@@ -13,7 +13,8 @@ use std::time::Duration;
 
 pub const CLUSTER: u64 = 0xBA11_07BE_4C40;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FabricKind {
     Mem,
     Tcp,
@@ -27,6 +28,46 @@ impl FabricKind {
             FabricKind::Tcp => "tcp",
             FabricKind::Rdma => "rdma",
         }
+    }
+}
+
+/// Which RDMA device, port and GID the rdma fabric uses (perftest's `-d`, `-i`, `-x`).
+#[derive(clap::Args, Debug, Clone, Default, serde::Serialize)]
+pub struct RdmaOpts {
+    /// RDMA device name (`ibv_devices`); default: the first device. Naming one selects the
+    /// rdma fabric when `--fabric` is not given; a missing device is an error.
+    #[arg(long, value_name = "NAME")]
+    pub rdma_device: Option<String>,
+    /// GID index (`show_gids`); default: the first IPv4-mapped (RoCE v2) GID of the port.
+    #[arg(long, value_name = "N")]
+    pub gid_index: Option<u32>,
+    /// Port of the device.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub ib_port: u8,
+}
+
+impl RdmaOpts {
+    /// Sets the device, GID index and port of `cfg`.
+    pub fn apply(&self, cfg: &mut RdmaConfig) {
+        cfg.device = self.rdma_device.clone();
+        cfg.gid_index = self.gid_index;
+        cfg.path.port = self.ib_port;
+    }
+
+    /// The fabric to use when `--fabric` is not given: rdma if a device was named (and it
+    /// must then exist), else the best available.
+    pub fn pick(&self, f: Option<FabricKind>) -> FabricKind {
+        if let Some(k) = f {
+            return k;
+        }
+        if self.rdma_device.is_some() {
+            return FabricKind::Rdma;
+        }
+        let (k, why) = best();
+        if let Some(why) = why {
+            eprintln!("rdma unavailable ({why}); using {}", k.name());
+        }
+        k
     }
 }
 
@@ -58,16 +99,17 @@ pub fn geometry(batch_bytes: usize) -> RingGeometry {
 }
 
 pub fn regions(n: usize, ring: RingGeometry) -> Vec<Arc<Region>> {
-    (0..n)
-        .map(|i| {
-            let info = RegionInfo {
-                cluster: CLUSTER,
-                node: i as NodeId,
-                ring,
-            };
-            Arc::new(Region::anonymous(info).expect("anonymous mapping"))
-        })
-        .collect()
+    (0..n).map(|i| region(i as NodeId, ring)).collect()
+}
+
+/// Node `node`'s region of a bench cluster.
+pub fn region(node: NodeId, ring: RingGeometry) -> Arc<Region> {
+    let info = RegionInfo {
+        cluster: CLUSTER,
+        node,
+        ring,
+    };
+    Arc::new(Region::anonymous(info).expect("anonymous mapping"))
 }
 
 pub fn mem(regions: Vec<Arc<Region>>) -> Vec<MemFabric> {
@@ -79,11 +121,17 @@ pub fn mem(regions: Vec<Arc<Region>>) -> Vec<MemFabric> {
         .collect()
 }
 
-/// The cluster key of the in-process TCP clusters.
-const TCP_KEY: &[u8] = b"ballot-bench in-process cluster";
+/// The cluster key of the bench's fabrics: `BALLOT_CLUSTER_KEY` if set (the two hosts of
+/// `raw --server`/`--connect` must agree), else a fixed one.
+pub fn key() -> Vec<u8> {
+    match std::env::var(ballot_node::config::KEY_ENV) {
+        Ok(k) if !k.is_empty() => k.into_bytes(),
+        _ => b"ballot-bench in-process cluster".to_vec(),
+    }
+}
 
 pub fn tcp(regions: Vec<Arc<Region>>) -> Result<Vec<TcpFabric>, String> {
-    let key = TCP_KEY.to_vec();
+    let key = key();
     let listeners: Vec<TcpListener> = (0..regions.len())
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()
@@ -128,7 +176,7 @@ pub fn tcp_restart(
     let addr = *peers
         .get(&node)
         .ok_or_else(|| format!("node {node} is not in the address map"))?;
-    let cfg = TcpConfig::new(node, CLUSTER, TCP_KEY.to_vec(), addr, peers, region);
+    let cfg = TcpConfig::new(node, CLUSTER, key(), addr, peers, region);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         match TcpFabric::start(cfg.clone()) {
@@ -144,7 +192,7 @@ pub fn tcp_restart(
 
 /// Connects `regions.len()` RDMA endpoints in this process (one bootstrap thread each,
 /// since `connect` blocks until every peer is connected).
-pub fn rdma(regions: Vec<Arc<Region>>) -> Result<Vec<RdmaFabric>, String> {
+pub fn rdma(regions: Vec<Arc<Region>>, opts: &RdmaOpts) -> Result<Vec<RdmaFabric>, String> {
     let n = regions.len();
     let ports: Vec<SocketAddr> = (0..n)
         .map(|_| {
@@ -161,10 +209,7 @@ pub fn rdma(regions: Vec<Arc<Region>>) -> Result<Vec<RdmaFabric>, String> {
                 .filter(|&j| j != i)
                 .map(|j| (j as NodeId, ports[j]))
                 .collect();
-            let mut cfg = RdmaConfig::new(i as NodeId, ports[i], peers);
-            cfg.cluster = CLUSTER;
-            cfg.key = b"ballot-bench in-process cluster".to_vec();
-            cfg.connect_timeout = Duration::from_secs(20);
+            let cfg = rdma_config(i as NodeId, ports[i], peers, opts);
             std::thread::spawn(move || RdmaFabric::connect(&cfg, region))
         })
         .collect();
@@ -182,6 +227,21 @@ pub fn rdma(regions: Vec<Arc<Region>>) -> Result<Vec<RdmaFabric>, String> {
         Some(e) => Err(e),
         None => Ok(out),
     }
+}
+
+/// The configuration of RDMA endpoint `node` of a bench cluster.
+pub fn rdma_config(
+    node: NodeId,
+    listen: SocketAddr,
+    peers: Vec<(NodeId, SocketAddr)>,
+    opts: &RdmaOpts,
+) -> RdmaConfig {
+    let mut cfg = RdmaConfig::new(node, listen, peers);
+    cfg.cluster = CLUSTER;
+    cfg.key = key();
+    cfg.connect_timeout = Duration::from_secs(20);
+    opts.apply(&mut cfg);
+    cfg
 }
 
 /// Spin, then yield, then sleep briefly: on a 2-core machine running three replicas and a

@@ -26,6 +26,39 @@ fn color(fabric: &str, topology: &str) -> &'static str {
     }
 }
 
+/// What one line of the plot is a series of.
+#[derive(Clone, PartialEq)]
+struct Key {
+    fabric: String,
+    topology: &'static str,
+    durability: &'static str,
+    payload: usize,
+}
+
+impl Key {
+    fn of(r: &BenchResult) -> Key {
+        Key {
+            fabric: r.fabric.clone(),
+            topology: r.topology,
+            durability: r.durability,
+            payload: r.payload,
+        }
+    }
+
+    /// `tcp threads durable` (and `, 256 B` when the plot has several sizes).
+    fn name(&self, sizes: bool) -> String {
+        let mut s = format!("{} {} {}", self.fabric, self.topology, self.durability);
+        if sizes {
+            s.push_str(&format!(", {} B", self.payload));
+        }
+        s
+    }
+
+    fn color(&self) -> &'static str {
+        color(&self.fabric, self.topology)
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -201,20 +234,26 @@ fn polyline(s: &mut String, pts: &[(f64, f64)], col: &str, dashed: bool) {
 
 /// The SVG for `results` (cluster and raw runs); `subtitle` names the machine and options.
 pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
-    // Cluster series by (fabric, topology), in the order first seen.
-    let mut keys: Vec<(String, &'static str)> = Vec::new();
+    // Cluster series by (fabric, topology, durability, payload), in the order first seen;
+    // named by what tells them apart.
+    let payloads = results
+        .iter()
+        .filter(|r| r.kind == "cluster")
+        .map(|r| r.payload);
+    let sizes = payloads.clone().min() != payloads.max();
+    let mut keys: Vec<Key> = Vec::new();
     for r in results.iter().filter(|r| r.kind == "cluster") {
-        let k = (r.fabric.clone(), r.topology);
+        let k = Key::of(r);
         if !keys.contains(&k) {
             keys.push(k);
         }
     }
-    let series: Vec<((String, &str), Vec<&BenchResult>)> = keys
+    let series: Vec<(Key, Vec<&BenchResult>)> = keys
         .into_iter()
         .map(|k| {
             let mut v: Vec<&BenchResult> = results
                 .iter()
-                .filter(|r| r.kind == "cluster" && r.fabric == k.0 && r.topology == k.1)
+                .filter(|r| r.kind == "cluster" && Key::of(r) == k)
                 .collect();
             v.sort_by(|a, b| load_of(a).total_cmp(&load_of(b)));
             (k, v)
@@ -277,8 +316,8 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
         }
     }
     let mut items = Vec::new();
-    for ((fabric, topo), runs) in &series {
-        let col = color(fabric, topo);
+    for (k, runs) in &series {
+        let col = k.color();
         for (q, dashed) in [(0.5, false), (0.99, true)] {
             let pts: Vec<(f64, f64)> = runs
                 .iter()
@@ -306,7 +345,7 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
             }
         }
         items.push((
-            format!("{fabric} {topo}: p50 (solid), p99 (dashed)"),
+            format!("{}: p50 (solid), p99 (dashed)", k.name(sizes)),
             col,
             false,
         ));
@@ -317,7 +356,7 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
     let right = Panel {
         x0: 90.0 + PW + 140.0,
     };
-    let reps: Vec<(&(String, &str), &BenchResult)> = series
+    let reps: Vec<(&Key, &BenchResult)> = series
         .iter()
         .filter_map(|(k, v)| {
             v.iter()
@@ -370,8 +409,8 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
         TOP + 14.0
     );
     let mut items = Vec::new();
-    for ((fabric, topo), r) in &reps {
-        let col = color(fabric, topo);
+    for (k, r) in &reps {
+        let col = k.color();
         let pts: Vec<(f64, f64)> = r
             .curve
             .iter()
@@ -380,7 +419,8 @@ pub fn svg(results: &[BenchResult], subtitle: &str) -> String {
         polyline(&mut s, &pts, col, false);
         items.push((
             format!(
-                "{fabric} {topo} at {}: {} commits/s, p50 {:.0} us, p99 {:.0} us",
+                "{} at {}: {} commits/s, p50 {:.0} us, p99 {:.0} us",
+                k.name(sizes),
                 load_label(r),
                 si(r.throughput_ops_s),
                 r.p50_us,
@@ -434,6 +474,7 @@ mod tests {
             topology,
             clients,
             outstanding: 4,
+            durability: "volatile",
             throughput_ops_s: 1000.0 * clients as f64,
             ..Default::default()
         };
@@ -452,9 +493,15 @@ mod tests {
         let s = svg(&rs, "test <machine>");
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
         assert!(!s.contains("NaN") && !s.contains("inf"));
-        assert!(s.contains("tcp threads: p50") && s.contains("tcp processes: p50"));
+        assert!(s.contains("tcp threads volatile: p50"));
+        assert!(s.contains("tcp processes volatile: p50"));
         assert!(s.contains("tcp raw fabric round trip"));
         assert!(s.contains("test &lt;machine&gt;"));
+        // A durable series is its own line, named so.
+        let mut d = run("cluster", "tcp", "threads", 1, 400_000);
+        d.durability = "durable";
+        let s = svg(&[rs[1].clone(), d], "");
+        assert!(s.contains("tcp threads durable: p50") && s.contains("tcp threads volatile: p50"));
         // Empty input still gives a valid document.
         let e = svg(&[], "");
         assert!(e.trim_end().ends_with("</svg>") && !e.contains("NaN"));

@@ -1,11 +1,13 @@
 //! Topology `processes`: real `ballot-node` processes on 127.0.0.1, driven by client threads
-//! through the client library (`ballot_node::client`), over the same TCP a deployment uses.
+//! through the client library (`ballot_node::client`), over the same TCP a deployment uses;
+//! and `--endpoints`: the same client threads against an existing cluster.
 //!
 //! The processes are owned by a [`NodeCluster`] guard: dropping it stops them (SIGTERM, then
-//! SIGKILL) and removes the temporary directory. Because the release profile aborts on
-//! panic (no unwinding, so no `Drop`), the children are also killed from a panic hook and
-//! from a SIGINT/SIGTERM handler, and each child gets `PR_SET_PDEATHSIG = SIGKILL`, so
-//! they die with the bench even on `kill -9`.
+//! SIGKILL) and removes its temporary directory. The first Ctrl-C ends the run in order
+//! (`interrupt`), so the guard does that too. Because the release profile aborts on panic
+//! (no unwinding, so no `Drop`), the children are also killed from a panic hook, a SIGTERM
+//! handler and a second Ctrl-C, and each child gets `PR_SET_PDEATHSIG = SIGKILL`, so they
+//! die with the bench even on `kill -9`.
 
 use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
@@ -28,7 +30,8 @@ pub fn core_ids(o: &LoadOpts) -> Vec<usize> {
 /// Pids of the running children, for the signal handler and the panic hook.
 static PIDS: [AtomicI32; ballot::MAX_NODES] = [const { AtomicI32::new(0) }; ballot::MAX_NODES];
 
-fn kill_all_children() {
+/// Kills every `ballot-node` child at once (signal handlers, panic hook).
+pub fn kill_all_children() {
     for p in &PIDS {
         let pid = p.swap(0, Ordering::SeqCst);
         if pid > 0 {
@@ -54,9 +57,10 @@ fn install_cleanup_hooks() {
             kill_all_children();
             prev(info);
         }));
+        // SIGINT is `interrupt`'s: the first stops the run in order (this guard then stops
+        // the nodes), the second kills them and exits.
         // SAFETY: the handler only calls async-signal-safe functions.
         unsafe {
-            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
             libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         }
     });
@@ -97,50 +101,21 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
 }
 
-/// Removes `ballot-bench-<pid>` temp dirs of runs that are gone (an interrupted run exits
-/// from its signal handler, where removing a directory tree is not safe).
-fn remove_stale_dirs() {
-    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("ballot-bench-"))
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: kill with signal 0 only checks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone && e.path().join("node0.log").exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// Running `ballot-node` processes; dropping it stops them and removes the directory.
 pub struct NodeCluster {
-    pub dir: PathBuf,
     pub client_addrs: Vec<String>,
     children: Vec<Child>,
+    /// Logs and data dirs; removed after the children are stopped (fields drop after
+    /// `Drop::drop`).
+    dir: tempfile::TempDir,
 }
 
 impl NodeCluster {
-    pub fn start(
-        bin: &Path,
-        n: usize,
-        cores: &[usize],
-        durable: bool,
-    ) -> Result<NodeCluster, String> {
+    pub fn start(bin: &Path, o: &LoadOpts) -> Result<NodeCluster, String> {
+        let (n, cores, durable) = (o.replicas, core_ids(o), o.durable());
         install_cleanup_hooks();
-        remove_stale_dirs();
-        let dir = std::env::temp_dir().join(format!("ballot-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let tmp = o.scratch_dir("nodes")?;
+        let dir = tmp.path().to_path_buf();
         let fabric: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let clients: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let list = |ports: &[u16]| {
@@ -158,9 +133,9 @@ impl NodeCluster {
             client::random_id()
         );
         let mut c = NodeCluster {
-            dir: dir.clone(),
             client_addrs: clients.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
             children: Vec::new(),
+            dir: tmp,
         };
         for i in 0..n {
             let log = std::fs::File::create(dir.join(format!("node{i}.log")))
@@ -200,7 +175,8 @@ impl NodeCluster {
 
     /// The last lines of node `i`'s log (for error messages).
     fn log_tail(&self, i: usize) -> String {
-        let s = std::fs::read_to_string(self.dir.join(format!("node{i}.log"))).unwrap_or_default();
+        let s = std::fs::read_to_string(self.dir.path().join(format!("node{i}.log")))
+            .unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(5)..].join("\n    ")
     }
@@ -232,25 +208,28 @@ impl NodeCluster {
                     return Ok(l);
                 }
             }
+            if crate::interrupt::requested() {
+                return Err("interrupted while the ballot-node cluster was starting".into());
+            }
             if Instant::now() >= deadline {
                 return Err(format!(
                     "the ballot-node cluster did not serve within {within:?}; logs in {}",
-                    self.dir.display()
+                    self.dir.path().display()
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
-    /// The leader's commit index, if a node says it leads.
-    pub fn leader_commit(&self) -> Option<u64> {
-        self.client_addrs
-            .iter()
-            .filter_map(|a| client::status(a, Duration::from_millis(500)).ok())
-            .filter(|s| s.role == "leader")
-            .max_by_key(|s| s.ballot)
-            .map(|s| s.commit)
-    }
+/// The leader's commit index, if a node at one of `addrs` says it leads.
+fn leader_commit(addrs: &[String]) -> Option<u64> {
+    addrs
+        .iter()
+        .filter_map(|a| client::status(a, Duration::from_millis(500)).ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.ballot)
+        .map(|s| s.commit)
 }
 
 impl Drop for NodeCluster {
@@ -278,7 +257,6 @@ impl Drop for NodeCluster {
         for p in &PIDS {
             p.store(0, Ordering::SeqCst);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -309,23 +287,58 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
         ));
     }
     let bin = find_node_binary()?;
-    let mut cluster = NodeCluster::start(&bin, o.replicas, &core_ids(o), o.durable())?;
+    let mut cluster = NodeCluster::start(&bin, o)?;
     cluster.wait_ready(Duration::from_secs(20))?;
+    let mut r = drive(o, &cluster.client_addrs)?;
+    drop(cluster);
+    r.replicas = o.replicas;
+    r.durability = o.durability_name();
+    Ok(r)
+}
+
+/// Drives an existing cluster (`--endpoints`): the nodes at `addrs` (their client
+/// addresses), which run elsewhere and are left running.
+pub fn run_endpoints(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
+    if o.payload > ballot_node::kv::MAX_VALUE {
+        return Err(format!(
+            "--payload must be at most {} with --endpoints (a put's value)",
+            ballot_node::kv::MAX_VALUE
+        ));
+    }
+    let mut errs = Vec::new();
+    for a in addrs {
+        match client::status(a, Duration::from_secs(2)) {
+            Ok(_) => {}
+            Err(e) => errs.push(format!("{a}: {e}")),
+        }
+    }
+    if errs.len() == addrs.len() {
+        return Err(format!("no endpoint answered: {}", errs.join("; ")));
+    }
+    for e in &errs {
+        eprintln!("warning: endpoint {e}");
+    }
+    let mut r = drive(o, addrs)?;
+    r.topology = "external";
+    r.replicas = addrs.len();
+    r.durability = o.durability.map_or("unknown", |_| o.durability_name());
+    Ok(r)
+}
+
+/// `--clients` client threads issuing puts through the client library to the nodes at
+/// `addrs`, for the warm-up and the measured window (shorter if interrupted).
+fn drive(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         done: AtomicU64::new(0),
     });
     let t0 = Instant::now() + Duration::from_millis(20);
-    let warm_end = t0 + o.warmup;
-    let end = warm_end + o.duration;
+    let warm_end = t0 + o.measure.warmup;
+    let end = warm_end + o.measure.duration;
     let tallies = Arc::new(Mutex::new(Vec::<Tally>::new()));
     let mut threads = Vec::new();
     for c in 0..o.clients {
-        let (addrs, sh, tallies) = (
-            cluster.client_addrs.clone(),
-            shared.clone(),
-            tallies.clone(),
-        );
+        let (addrs, sh, tallies) = (addrs.to_vec(), shared.clone(), tallies.clone());
         let value = vec![0xA5u8; o.payload];
         // Open loop: client c sends at t0 + (c + k * clients) / rate.
         let gap = o
@@ -393,37 +406,47 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
     }
     // Progress, and the leader's commit index at the window's edges (commands per entry).
     let mut commit_at_start = None;
-    let mut last = (Instant::now(), 0u64);
-    let mut next = t0 + Duration::from_secs(1);
-    while Instant::now() < end {
-        let now = Instant::now();
-        if commit_at_start.is_none() && now >= warm_end {
-            commit_at_start = cluster.leader_commit();
-        }
-        if o.progress() && now >= next {
+    let mut ticker = stats::Ticker::new(o.progress(), t0, "warm-up");
+    let mut last_done = 0u64;
+    let mut line = |t: Option<stats::Tick>| {
+        if let Some(t) = t {
             let d = shared.done.load(Ordering::Relaxed);
             eprintln!(
-                "  {:>5.1}s {:<8} {:>10.0} commits/s",
-                now.saturating_duration_since(t0).as_secs_f64(),
-                if now >= warm_end {
-                    "measure"
-                } else {
-                    "warm-up"
-                },
-                (d - last.1) as f64 / now.duration_since(last.0).as_secs_f64()
+                "{} {:>10.0} commits/s",
+                t.head(),
+                (d - last_done) as f64 / t.secs
             );
-            last = (now, d);
-            next += Duration::from_secs(1);
+            last_done = d;
         }
+    };
+    let mut stopped_at = end;
+    while Instant::now() < end {
+        let now = Instant::now();
+        if crate::interrupt::requested() {
+            stopped_at = now;
+            shared.stop.store(true, Ordering::SeqCst);
+            break;
+        }
+        if commit_at_start.is_none() && now >= warm_end {
+            commit_at_start = leader_commit(addrs);
+        }
+        line(ticker.due(
+            now,
+            if now >= warm_end {
+                "measure"
+            } else {
+                "warm-up"
+            },
+        ));
         std::thread::sleep(
             Duration::from_millis(5).min(end.saturating_duration_since(Instant::now())),
         );
     }
-    let commit_at_end = cluster.leader_commit();
+    let commit_at_end = leader_commit(addrs);
     for h in threads {
         let _ = h.join();
     }
-    drop(cluster);
+    line(ticker.finish(stopped_at.min(Instant::now())));
     let mut total = stats::histogram();
     let (mut commits, mut errors) = (0u64, 0u64);
     for t in tallies.lock().expect("tallies").iter() {
@@ -431,7 +454,7 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
         commits += t.commits;
         errors += t.errors;
     }
-    let secs = o.duration.as_secs_f64();
+    let secs = stopped_at.saturating_duration_since(warm_end).as_secs_f64();
     let entries = match (commit_at_start, commit_at_end) {
         (Some(a), Some(b)) if b > a => Some(b - a),
         _ => None,
@@ -448,11 +471,15 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
         pipeline: ballot::protocol::Config::new(0, vec![0], ballot_node::server::ring(), 0).window,
         batch_bytes: ballot_node::kv::MAX_COMMAND + 64,
         open_loop_rate: o.open_loop,
-        durability: if o.durable() { "durable" } else { "volatile" },
         duration_s: secs,
+        partial: stopped_at < end,
         commits,
         errors,
-        throughput_ops_s: commits as f64 / secs,
+        throughput_ops_s: if secs > 0.0 {
+            commits as f64 / secs
+        } else {
+            0.0
+        },
         // Commands per entry counts all the window's commits against all its entries
         // (entries also carry the commands that straddle the window's edges).
         commands_per_entry: entries.map(|e| commits as f64 / e as f64),

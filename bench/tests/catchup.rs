@@ -107,7 +107,6 @@ fn catchup_with_periodic_checkpoints_completes_and_reports() {
 fn bad_arguments_are_clear_errors() {
     for (args, want) in [
         (&["--catchup-rate", "fast"][..], "bad --catchup-rate"),
-        (&["--fabric", "mem"][..], "tcp only"),
         (
             &["--serve-from", "leader", "--ckpt-every-mib", "4"][..],
             "--ckpt-every-mib 0",

@@ -67,9 +67,13 @@ fn processes_topology_reports_and_cleans_up() {
         nodes_of(pid).is_empty(),
         "ballot-node processes left behind"
     );
-    assert!(!std::env::temp_dir()
-        .join(format!("ballot-bench-{pid}"))
-        .exists());
+    let prefix = format!("ballot-bench-{pid}-");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "directories left behind: {left:?}");
 }
 
 #[test]
@@ -110,5 +114,98 @@ fn interrupted_run_kills_its_nodes() {
             "ballot-node processes survived the interrupted bench"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills the nodes started by a test, however it ends.
+struct Nodes(Vec<std::process::Child>);
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn endpoints_drive_an_existing_cluster_and_leave_it_running() {
+    let Some(node) = node_binary() else {
+        eprintln!("skipped: ballot-node is not built next to {BENCH}");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (fabric, client): (Vec<u16>, Vec<u16>) = (0..3).map(|_| (port(), port())).unzip();
+    let list = |ports: &[u16]| {
+        ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..3 {
+        let child = Command::new(&node)
+            .args(["--node", &i.to_string(), "--cluster", "0xBE4D"])
+            .args(["--peers", &list(&fabric), "--client-peers", &list(&client)])
+            .args(["--client-addr", &format!("127.0.0.1:{}", client[i])])
+            .arg("--data-dir")
+            .arg(dir.path().join(i.to_string()))
+            .args(["--initial-cluster-state", "new"])
+            .env("BALLOT_CLUSTER_KEY", "endpoints-test-key")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        nodes.0.push(child);
+    }
+    let endpoints = list(&client);
+    // Until every node serves its client port (the bench refuses a cluster that does not
+    // answer at all).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for p in &client {
+        while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "ballot-node did not listen on {p}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let out = Command::new(BENCH)
+        .args([
+            "--endpoints",
+            &endpoints,
+            "--clients",
+            "2",
+            "--duration",
+            "1",
+        ])
+        .args(["--warmup", "300ms", "--json", "--quiet"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["topology"], "external", "{stdout}");
+    assert_eq!(r["durability"], "unknown", "{stdout}");
+    assert_eq!(r["replicas"], 3, "{stdout}");
+    assert!(r["commits"].as_u64().unwrap() > 0, "{stdout}");
+    for (i, c) in nodes.0.iter_mut().enumerate() {
+        assert!(c.try_wait().unwrap().is_none(), "node {i} stopped");
     }
 }

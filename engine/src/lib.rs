@@ -24,6 +24,7 @@ pub mod runtime;
 pub mod storage;
 pub mod tickets;
 pub mod types;
+pub mod version;
 
 pub use types::{Ballot, Index, NodeId, MAX_NODES};
 #[cfg(feature = "sim")]

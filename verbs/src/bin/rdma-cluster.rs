@@ -30,6 +30,7 @@ use ballot::sim::kv::{self, Machine, Op};
 use ballot::tickets::TicketMap;
 use ballot::NodeId;
 use ballot_verbs::{RdmaConfig, RdmaFabric};
+use clap::Parser;
 use hdrhistogram::Histogram;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -40,71 +41,57 @@ use std::time::{Duration, Instant};
 
 const CLUSTER: u64 = 0x00ba_1107;
 
+/// One Ballot replica as a process over `RdmaFabric`; the leader runs a closed-loop
+/// workload (see the module docs for the files written to `--state-dir`).
+#[derive(Parser, Debug)]
+#[command(name = "rdma-cluster", version = ballot::version::VERSION)]
 struct Args {
+    /// This replica's id (one of `--peers`).
+    #[arg(long)]
     id: NodeId,
+    /// Every replica and its bootstrap address, e.g. 0=IP:PORT,1=IP:PORT,2=IP:PORT.
+    #[arg(long, required = true, value_delimiter = ',', value_parser = parse_peer)]
     peers: Vec<(NodeId, SocketAddr)>,
+    /// RDMA device name (default: the first device).
+    #[arg(long)]
     dev: Option<String>,
+    /// GID index (default: the first IPv4-mapped GID of the port).
+    #[arg(long)]
     gid_index: Option<u32>,
+    /// Commands the leader proposes.
+    #[arg(long, default_value_t = 500)]
     commands: u64,
+    /// Commands the leader keeps in flight (at least 1).
+    #[arg(long, default_value_t = 1)]
     depth: usize,
+    #[arg(long, default_value = "/tmp/cluster")]
     state_dir: PathBuf,
+    #[arg(long, default_value_t = 300)]
     heartbeat_ms: u32,
+    #[arg(long, default_value_t = 300)]
     election_ms: u32,
+    /// A restarted replica: recover, and dial every peer (re-bootstrap).
+    #[arg(long)]
     recovering: bool,
 }
 
+fn parse_peer(p: &str) -> Result<(NodeId, SocketAddr), String> {
+    let (n, addr) = p
+        .split_once('=')
+        .ok_or(format!("bad entry {p} (ID=IP:PORT)"))?;
+    let n: NodeId = n.parse().map_err(|e| format!("{p}: {e}"))?;
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{p}: {e}"))?;
+    Ok((n, addr))
+}
+
 fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        id: u8::MAX,
-        peers: Vec::new(),
-        dev: None,
-        gid_index: None,
-        commands: 500,
-        depth: 1,
-        state_dir: PathBuf::from("/tmp/cluster"),
-        heartbeat_ms: 300,
-        election_ms: 300,
-        recovering: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().ok_or(format!("{k} needs a value"));
-        let num = |s: String| -> Result<u64, String> { s.parse().map_err(|e| format!("{k}: {e}")) };
-        match k.as_str() {
-            "--id" => a.id = num(v()?)? as NodeId,
-            "--peers" => {
-                for p in v()?.split(',') {
-                    let (n, addr) = p.split_once('=').ok_or(format!("--peers: bad entry {p}"))?;
-                    let n: NodeId = n.parse().map_err(|e| format!("--peers {p}: {e}"))?;
-                    let addr: SocketAddr = addr.parse().map_err(|e| format!("--peers {p}: {e}"))?;
-                    a.peers.push((n, addr));
-                }
-            }
-            "--dev" => a.dev = Some(v()?),
-            "--gid-index" => a.gid_index = Some(num(v()?)? as u32),
-            "--commands" => a.commands = num(v()?)?,
-            "--depth" => a.depth = num(v()?)?.max(1) as usize,
-            "--state-dir" => a.state_dir = PathBuf::from(v()?),
-            "--heartbeat-ms" => a.heartbeat_ms = num(v()?)? as u32,
-            "--election-ms" => a.election_ms = num(v()?)? as u32,
-            "--recovering" => a.recovering = true,
-            "-h" | "--help" => {
-                println!("{}", USAGE);
-                std::process::exit(0)
-            }
-            _ => return Err(format!("unknown argument {k}")),
-        }
-    }
+    let mut a = Args::parse();
+    a.depth = a.depth.max(1);
     if !a.peers.iter().any(|(n, _)| *n == a.id) {
         return Err(format!("--id {} must be one of --peers", a.id));
     }
     Ok(a)
 }
-
-const USAGE: &str =
-    "usage: rdma-cluster --id N --peers 0=IP:PORT,1=IP:PORT,2=IP:PORT [--dev NAME] \
-[--gid-index N] [--commands N] [--depth N] [--state-dir DIR] [--heartbeat-ms N] [--election-ms N] \
-[--recovering]";
 
 /// The leader's closed-loop workload.
 struct Workload {
@@ -165,7 +152,7 @@ fn main() {
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("rdma-cluster: {e}\n{USAGE}");
+            eprintln!("rdma-cluster: {e}");
             std::process::exit(2)
         }
     };

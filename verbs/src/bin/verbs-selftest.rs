@@ -10,43 +10,26 @@ use ballot_verbs::error::wc_status_name;
 use ballot_verbs::verbs::*;
 use ballot_verbs::wr::{RecvList, Remote, SendList};
 use ballot_verbs::VerbsError;
+use clap::Parser;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 type R<T> = Result<T, String>;
 
+/// Self-test of `ballot-verbs` against a real RDMA device.
+#[derive(Parser, Debug)]
+#[command(name = "verbs-selftest", version = ballot::version::VERSION)]
 struct Args {
+    /// RDMA device name (default: the first device).
+    #[arg(long)]
     dev: Option<String>,
+    /// GID index (default: the first IPv4-mapped GID of port 1).
+    #[arg(long)]
     gid_index: Option<u32>,
+    /// Run only the raw verbs checks or only the fabric checks.
+    #[arg(long, value_parser = ["verbs", "fabric"])]
     only: Option<String>,
-}
-
-fn parse() -> R<Args> {
-    let mut a = Args {
-        dev: None,
-        gid_index: None,
-        only: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().ok_or(format!("{k} needs a value"));
-        match k.as_str() {
-            "--dev" => a.dev = Some(v()?),
-            "--gid-index" => {
-                a.gid_index = Some(v()?.parse().map_err(|e| format!("--gid-index: {e}"))?)
-            }
-            "--only" => a.only = Some(v()?),
-            "-h" | "--help" => {
-                println!(
-                    "usage: verbs-selftest [--dev NAME] [--gid-index N] [--only verbs|fabric]"
-                );
-                std::process::exit(0)
-            }
-            _ => return Err(format!("unknown argument {k}")),
-        }
-    }
-    Ok(a)
 }
 
 fn region(node: u8) -> Arc<Region> {
@@ -336,13 +319,7 @@ fn verbs_checks(a: &Args) -> R<()> {
 
 fn main() {
     ballot_verbs::init_diagnostics();
-    let args = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("verbs-selftest: {e}");
-            std::process::exit(2)
-        }
-    };
+    let args = Args::parse();
     let t = Instant::now();
     let mut r = Ok(());
     if args.only.as_deref() != Some("fabric") {
