@@ -17,7 +17,7 @@ pub const KEY_ENV: &str = "BALLOT_CLUSTER_KEY";
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "ballot-node",
-    version,
+    version = ballot::version::VERSION,
     about = "One replica of a Ballot replicated key-value cluster"
 )]
 pub struct Flags {

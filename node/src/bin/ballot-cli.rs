@@ -32,7 +32,7 @@ const UNAVAILABLE: u8 = 3;
 #[derive(Parser)]
 #[command(
     name = "ballot-cli",
-    version,
+    version = ballot::version::VERSION,
     about = "Talk to a Ballot key-value cluster",
     after_help = EXIT_CODES
 )]
