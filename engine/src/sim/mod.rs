@@ -781,7 +781,7 @@ impl Sim {
             for k in (1..order.len()).rev() {
                 order.swap(k, self.more.below(k as u64 + 1) as usize);
             }
-            let reach = (f + 1) / 2;
+            let reach = f.div_ceil(2);
             let until = tick + 60 + self.more.below(240);
             for a in 0..n {
                 for b in a + 1..n {
