@@ -5,5 +5,5 @@
 # CI runs the bounded form (`--first-only`) from scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --profile sim -p ballot --bin ballot-sim
+cargo build --profile sim -p ballot --features sim --bin ballot-sim
 ./target/sim/ballot-sim --planted-report --seeds "${1:-100}"

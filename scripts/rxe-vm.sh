@@ -73,7 +73,7 @@ if [ -z "$RUN" ]; then
     if [ "$NO_BUILD" = 0 ]; then
         "$ROOT/scripts/install-build-deps.sh" >&2
         echo "rxe-vm: building $WANT" >&2
-        (cd "$ROOT" && cargo build --release -p ballot-verbs -p ballot-node -p ballot-bench \
+        (cd "$ROOT" && cargo build --release -p ballot-verbs -p ballot-node -p ballot-bench --features ballot-verbs/sim \
             $(for b in $WANT; do echo --bin "$b"; done)) >&2
     fi
     for b in $WANT; do

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=${1:-1000}
 long=$((seeds / 10 > 20 ? seeds / 10 : 20))
-cargo build --profile sim -p ballot --bin ballot-sim
+cargo build --profile sim -p ballot --features sim --bin ballot-sim
 sim=./target/sim/ballot-sim
 $sim --seeds "$seeds" --replicas 3
 $sim --seeds "$seeds" --replicas 5

@@ -19,7 +19,7 @@ phase() { echo "== $1 (at $((SECONDS - start)) s)"; }
 scripts/install-build-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 phase "cargo test (workspace)"
-cargo test --workspace --release 2>&1 | tee /tmp/ballot-cargo-test.log | grep -E "^(test result|running|FAIL|failures|error)" || true
+cargo test --workspace --release --features ballot-verbs/sim 2>&1 | tee /tmp/ballot-cargo-test.log | grep -E "^(test result|running|FAIL|failures|error)" || true
 if grep -qE "^test result: FAILED|^error" /tmp/ballot-cargo-test.log || ! grep -q "^test result" /tmp/ballot-cargo-test.log; then
     echo "cargo test failed; see /tmp/ballot-cargo-test.log" >&2
     grep -E "panicked|FAILED|failures:" -A3 /tmp/ballot-cargo-test.log | head -60 >&2

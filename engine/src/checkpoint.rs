@@ -17,6 +17,8 @@ use std::io::{self, Read, Write};
 
 /// A frozen copy of a state machine's state, written out on another thread.
 pub trait CheckpointSource: Send {
+    /// Writes the state; what [`StateMachine::restore`](crate::driver::StateMachine::restore)
+    /// reads back. Called once, on the store's thread.
     fn write_to(&mut self, w: &mut dyn Write) -> io::Result<()>;
 }
 
@@ -44,20 +46,28 @@ pub struct CheckpointInfo {
 /// - `open(index)` streams a listed checkpoint's state back, verified, for
 ///   [`StateMachine::restore`](crate::driver::StateMachine::restore).
 pub trait Checkpoints: Send {
+    /// Starts writing the checkpoint of the state after `index` (applied in `ballot`).
     fn save(
         &mut self,
         index: Index,
         ballot: Ballot,
         src: Box<dyn CheckpointSource>,
     ) -> io::Result<()>;
+    /// The outcome of the save in progress, once it has finished.
     fn poll_saved(&mut self) -> Option<io::Result<CheckpointInfo>>;
+    /// The newest listed checkpoint.
     fn latest(&self) -> Option<CheckpointInfo>;
     /// The listed checkpoint at `index`, if kept.
     fn get(&self, index: Index) -> Option<CheckpointInfo>;
+    /// Reads image bytes of a listed checkpoint at `offset`; returns 0 at its end.
     fn read_image(&mut self, index: Index, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// Stages image bytes received from a peer (offset 0 starts over).
     fn receive(&mut self, index: Index, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Verifies a staged image of `len` bytes and lists it, or discards it.
     fn receive_finish(&mut self, index: Index, len: u64) -> io::Result<CheckpointInfo>;
+    /// Keeps the newest `keep` checkpoints; returns the oldest kept index.
     fn retain(&mut self, keep: usize) -> io::Result<Option<Index>>;
+    /// Streams a listed checkpoint's state back, verified.
     fn open(&mut self, index: Index) -> io::Result<Box<dyn Read + '_>>;
 }
 

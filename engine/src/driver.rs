@@ -17,8 +17,61 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The replicated application. `apply` must be deterministic.
+/// The replicated application: every replica applies the same commands in the same order.
+///
+/// `apply` must be deterministic (same state and command, same new state and output on every
+/// replica: no clocks, randomness or local files), and it must not fail: a command the
+/// application rejects is applied as a no-op whose output says so. Checkpoints are optional;
+/// without them the log is never truncated and a replica too far behind cannot catch up.
+///
+/// ```
+/// use ballot::checkpoint::{CheckpointSource, MemCheckpoints, Checkpoints};
+/// use ballot::driver::StateMachine;
+/// use ballot::{Ballot, Index};
+/// use std::io::{self, Read, Write};
+///
+/// /// A counter: each command adds its length; the output is the new total.
+/// #[derive(Default)]
+/// struct Counter(u64);
+///
+/// struct Frozen(u64);
+/// impl CheckpointSource for Frozen {
+///     fn write_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
+///         w.write_all(&self.0.to_le_bytes())
+///     }
+/// }
+///
+/// impl StateMachine for Counter {
+///     fn apply(&mut self, _index: Index, command: &[u8]) -> Vec<u8> {
+///         self.0 += command.len() as u64;
+///         self.0.to_le_bytes().to_vec()
+///     }
+///     fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
+///         Some(Box::new(Frozen(self.0)))
+///     }
+///     fn restore(&mut self, checkpoint: &mut dyn Read) -> io::Result<()> {
+///         let mut b = [0u8; 8];
+///         checkpoint.read_exact(&mut b)?; // on error, `self` is untouched
+///         self.0 = u64::from_le_bytes(b);
+///         Ok(())
+///     }
+/// }
+///
+/// // A checkpoint round trip through a store, as a catching-up replica would do it.
+/// let mut a = Counter::default();
+/// a.apply(1, b"abc");
+/// let mut store = MemCheckpoints::default();
+/// store.save(1, Ballot::new(1, 0), a.checkpoint().unwrap())?;
+/// store.poll_saved().unwrap()?;
+/// let mut b = Counter::default();
+/// b.restore(&mut *store.open(1)?)?;
+/// assert_eq!(b.0, 3);
+/// # Ok::<(), io::Error>(())
+/// ```
 pub trait StateMachine: Send {
+    /// Applies a command of the entry committed at `index` and returns its output, handed
+    /// to the proposer's ticket on the replica that proposed it. Entries are applied in
+    /// index order; an entry carries a batch, so several commands may share an `index`.
     fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8>;
     /// A frozen copy of the state after the last applied command, written out in the
     /// background as a checkpoint. `None`: no checkpoints (the log is never truncated).
@@ -45,8 +98,15 @@ pub trait StateMachine: Send {
 /// - After a crash, an *append* (first index = durable end + 1) may survive as any prefix,
 ///   but a *rewrite* (first index at or below the durable end) survives whole or not at all:
 ///   entries persisted before must never be lost to a torn replacement.
+///
+/// [`crate::storage::Persister`] is the file implementation; the simulator has an in-memory
+/// one with a seeded disk model. A failure returned by any method stops the replica from
+/// acknowledging anything more ([`Replica::failure`]): it never guesses what is durable.
 pub trait Storage: Send {
+    /// Makes `ballot` the durable promise; returns only once it is durable.
     fn save_promise(&mut self, ballot: Ballot) -> Result<(), StorageError>;
+    /// Starts making `entries` durable (see the contract above); completion is reported
+    /// by [`Storage::poll_persisted`] with `seq`.
     fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> Result<(), StorageError>;
     /// Appends the sequence numbers of submissions that are now durable, in order.
     fn poll_persisted(&mut self, done: &mut Vec<u64>) -> Result<(), StorageError>;
@@ -69,6 +129,7 @@ pub trait Storage: Send {
 pub struct StorageFailure {
     /// What the replica was making durable ("persisting entries 5..=9", ...).
     pub during: String,
+    /// The storage error itself.
     pub source: StorageError,
 }
 
@@ -87,15 +148,24 @@ impl std::error::Error for StorageFailure {
 /// The outcome of one proposal.
 pub type Outcome = Result<Vec<u8>, ProposeError>;
 
+/// Counters of a replica's driver since it started, for status and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
+    /// Calls of [`Replica::step`].
     pub steps: u64,
+    /// Commands applied to the state machine (no-ops excluded).
     pub applied_commands: u64,
+    /// Control messages that did not decode (dropped).
     pub bad_messages: u64,
+    /// Storage failures (the first one stops acknowledgements, so at most 1).
     pub storage_errors: u64,
+    /// Checkpoints saved from the local state machine.
     pub checkpoints_taken: u64,
+    /// Checkpoints pulled from a peer and restored.
     pub checkpoints_installed: u64,
+    /// Checkpoint saves, transfers or restores that failed (retried later).
     pub checkpoint_failures: u64,
+    /// Image bytes served to catching-up peers.
     pub checkpoint_bytes_served: u64,
 }
 
@@ -127,6 +197,12 @@ const MAX_TICK_BURST: u64 = 4;
 /// Ticks after the last chunk served during which no checkpoint is deleted.
 const SERVE_PIN_TICKS: u64 = 200;
 
+/// One replica: the protocol [`Core`] driven over a [`Fabric`], applying committed commands
+/// to `S` and persisting through an optional [`Storage`] (`None`: volatile mode).
+///
+/// Single-threaded and non-blocking: the owner calls [`Replica::step`] in a loop (the
+/// [`crate::runtime`] thread, or the simulator), proposes with [`Replica::propose`] and
+/// collects outcomes with [`Replica::take_completed`].
 pub struct Replica<F: Fabric, S: StateMachine> {
     core: Core,
     fabric: F,
@@ -155,6 +231,10 @@ pub struct Replica<F: Fabric, S: StateMachine> {
 }
 
 impl<F: Fabric, S: StateMachine> Replica<F, S> {
+    /// A replica of `core` over `fabric`.
+    ///
+    /// # Panics
+    /// If the fabric's node id or ring geometry differ from the core's configuration.
     pub fn new(core: Core, fabric: F, sm: S, storage: Option<Box<dyn Storage>>) -> Self {
         assert_eq!(
             core.id(),
@@ -255,12 +335,15 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         Ok(Self::new(Core::new(cfg, recovering)?, fabric, sm, None))
     }
 
+    /// The protocol core (role, ballot, commit index).
     pub fn core(&self) -> &Core {
         &self.core
     }
+    /// The fabric.
     pub fn fabric(&self) -> &F {
         &self.fabric
     }
+    /// The fabric, mutably (tests and the simulator inject faults through it).
     pub fn fabric_mut(&mut self) -> &mut F {
         &mut self.fabric
     }
@@ -278,12 +361,15 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         out
     }
 
+    /// The application state (as applied so far).
     pub fn state_machine(&self) -> &S {
         &self.sm
     }
+    /// Counters since the start.
     pub fn stats(&self) -> Stats {
         self.stats
     }
+    /// The storage failure that stopped this replica from acknowledging, if any.
     pub fn failure(&self) -> Option<&StorageFailure> {
         self.failed.as_ref()
     }

@@ -12,10 +12,12 @@ use std::sync::Arc;
 /// Largest control message. Fabrics fragment internally where their transport needs it.
 pub const MAX_CONTROL: usize = crate::layout::MAX_PAYLOAD + (64 << 10);
 
+/// Why a fabric operation failed, either when it was posted or in its [`Completion`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FabricError {
     /// No RDMA device (or no RDMA support at all in this kernel).
     NoDevice(String),
+    /// The peer is not in this fabric's cluster.
     UnknownPeer(NodeId),
     /// The connection to the peer is down; outstanding operations fail with this.
     Disconnected(NodeId),
@@ -23,8 +25,11 @@ pub enum FabricError {
     PermissionDenied(NodeId),
     /// The peer refused an access outside its region.
     OutOfBounds(NodeId),
+    /// A control message longer than the fabric carries ([`MAX_CONTROL`]).
     TooLarge {
+        /// The message's length.
         len: usize,
+        /// The largest this fabric accepts.
         max: usize,
     },
     /// Too many operations outstanding; poll completions and retry.
@@ -53,9 +58,11 @@ impl From<std::io::Error> for FabricError {
 pub struct IoError(Arc<std::io::Error>);
 
 impl IoError {
+    /// The underlying error.
     pub fn get(&self) -> &std::io::Error {
         &self.0
     }
+    /// Its kind, for matching without the message.
     pub fn kind(&self) -> std::io::ErrorKind {
         self.0.kind()
     }
@@ -101,14 +108,22 @@ impl std::error::Error for FabricError {
 /// A finished one-sided operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Completion {
+    /// A [`Fabric::write`] finished: the bytes are in the peer's memory, or they never will be.
     Write {
+        /// The peer whose region was written.
         peer: NodeId,
+        /// The caller's token given to [`Fabric::write`].
         token: u64,
+        /// `Err` if the write did not land (`PermissionDenied`: the peer fenced us).
         result: Result<(), FabricError>,
     },
+    /// A [`Fabric::read`] finished, with the bytes read.
     Read {
+        /// The peer whose region was read.
         peer: NodeId,
+        /// The caller's token given to [`Fabric::read`].
         token: u64,
+        /// The bytes read, or why not.
         result: Result<Vec<u8>, FabricError>,
     },
 }
@@ -116,14 +131,23 @@ pub enum Completion {
 /// Something that happened on the fabric since the last poll.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FabricEvent {
+    /// A one-sided operation posted earlier finished.
     Completion(Completion),
     /// A control message from an authenticated peer.
     Message {
+        /// The sender.
         from: NodeId,
+        /// The message, as sent (at most [`MAX_CONTROL`] bytes).
         bytes: Vec<u8>,
     },
 }
 
+/// The network as the replica driver sees it: one-sided writes and reads into peers'
+/// regions, control messages, and write permission on the local ring (fencing).
+///
+/// An implementation is driven from one thread and never blocks: operations are posted and
+/// their outcome arrives later through [`Fabric::poll`]. Every fabric must land the same
+/// bytes at the same offsets ([`crate::layout`]), so the protocol cannot tell fabrics apart.
 pub trait Fabric: Send {
     /// This replica's id.
     fn node(&self) -> NodeId;

@@ -16,19 +16,33 @@
 
 use crate::types::{Ballot, Index, NodeId, MAX_NODES};
 
+/// First word of every region header ("BALLOT01"): a region that does not start with it is
+/// not one.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BALLOT01");
+/// Version of this byte layout, checked on decode; bump it with any change to the bytes.
 pub const LAYOUT_VERSION: u32 = 1;
 
+/// Size of the region header (one page): the ring starts after it.
 pub const HEADER_SIZE: usize = 4096;
+/// Offset of the [`CommitCell`] in the header.
 pub const COMMIT_CELL_OFFSET: usize = 64;
+/// Encoded size of the [`CommitCell`] (two words and a check word).
 pub const COMMIT_CELL_SIZE: usize = 24;
+/// Offset of the owner's heartbeat word: a counter a leader advances and its followers read
+/// (one-sided) to tell that it is alive.
 pub const HEARTBEAT_OFFSET: usize = 128;
+/// Offset of the first [`ProgressCell`]; node `p`'s cell is at [`progress_offset`]`(p)`.
 pub const PROGRESS_OFFSET: usize = 192;
+/// Room per progress cell (a cache line).
 pub const PROGRESS_CELL_SIZE: usize = 64;
+/// Encoded size of a [`ProgressCell`] (six words and a check word).
 pub const PROGRESS_ENCODED: usize = 56;
+/// Offset of slot 0 of the ring.
 pub const RING_OFFSET: usize = HEADER_SIZE;
 
+/// Encoded size of an [`EntryHeader`] (checksum included).
 pub const ENTRY_HEADER_SIZE: usize = 40;
+/// Size of the seal word that ends every entry (it repeats the index).
 pub const SEAL_SIZE: usize = 8;
 /// Largest payload one entry may carry. Entries up to this size span several slots.
 pub const MAX_PAYLOAD: usize = 4 << 20;
@@ -46,40 +60,59 @@ pub mod flags {
     pub const WRAP: u32 = 1;
     /// A no-op filler proposed by a new leader for an index nobody accepted a value for.
     pub const NOOP: u32 = 2;
+    /// Every flag this version understands; any other bit makes an entry invalid.
     pub const KNOWN: u32 = WRAP | NOOP;
 }
 
+/// Why bytes do not decode as a layout structure. Every decoder returns one of these rather
+/// than panic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LayoutError {
     /// Fewer bytes than the structure needs.
     Truncated {
+        /// Bytes needed.
         need: usize,
+        /// Bytes given.
         have: usize,
     },
     /// The length field exceeds [`MAX_PAYLOAD`] or the ring.
     BadLength(u64),
     /// The seal does not repeat the index: the entry is not (yet) completely written.
     BadSeal {
+        /// The index the entry header carries.
         index: Index,
+        /// The seal word found.
         seal: u64,
     },
     /// Bytes changed after the writer computed the checksum.
     BadChecksum {
+        /// The checksum in the header.
         stored: u32,
+        /// The checksum of the bytes.
         computed: u32,
     },
+    /// The entry carries flags outside [`flags::KNOWN`].
     UnknownFlags(u32),
+    /// The region header does not start with [`MAGIC`].
     BadMagic(u64),
+    /// The region header has another [`LAYOUT_VERSION`].
     BadVersion(u32),
+    /// The ring geometry is not one [`RingGeometry::new`] accepts.
     BadGeometry {
+        /// Slots asked for.
         slots: u32,
+        /// Slot size asked for.
         slot_size: u32,
     },
     /// A cell's check word does not match: torn or never written.
     TornCell,
+    /// An access outside the region.
     OutOfBounds {
+        /// Start of the access.
         offset: usize,
+        /// Its length.
         len: usize,
+        /// The region's size.
         size: usize,
     },
 }
@@ -123,11 +156,15 @@ fn rd_u64(b: &[u8], at: usize) -> u64 {
 /// The ring's shape: `slots` slots of `slot_size` bytes each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RingGeometry {
+    /// Number of slots (at least 4).
     pub slots: u32,
+    /// Bytes per slot (a power of two, at least [`MIN_SLOT_SIZE`]).
     pub slot_size: u32,
 }
 
 impl RingGeometry {
+    /// Checks the shape: `slot_size` a power of two of at least [`MIN_SLOT_SIZE`], at least
+    /// 4 slots, and a ring of at most 1 TiB.
     pub fn new(slots: u32, slot_size: u32) -> Result<Self, LayoutError> {
         let g = Self { slots, slot_size };
         let ok = slot_size as usize >= MIN_SLOT_SIZE
@@ -140,9 +177,11 @@ impl RingGeometry {
             Err(LayoutError::BadGeometry { slots, slot_size })
         }
     }
+    /// Bytes of the ring alone.
     pub fn ring_bytes(&self) -> usize {
         self.slots as usize * self.slot_size as usize
     }
+    /// Bytes of the whole region: header and ring.
     pub fn region_bytes(&self) -> usize {
         RING_OFFSET + self.ring_bytes()
     }
@@ -150,6 +189,7 @@ impl RingGeometry {
     pub fn span(&self, payload: usize) -> u32 {
         entry_size(payload).div_ceil(self.slot_size as usize) as u32
     }
+    /// Offset of `slot` in the region (`slot < slots`).
     pub fn slot_offset(&self, slot: u32) -> usize {
         debug_assert!(slot < self.slots);
         RING_OFFSET + slot as usize * self.slot_size as usize
@@ -170,11 +210,15 @@ pub fn entry_size(payload: usize) -> usize {
 /// The decoded fixed part of an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EntryHeader {
+    /// The log index; also repeated in the seal.
     pub index: Index,
+    /// The ballot this entry was accepted in (the leader's).
     pub ballot: Ballot,
     /// The leader's commit index when it wrote this entry (piggybacked).
     pub commit: Index,
+    /// Payload bytes (at most [`MAX_PAYLOAD`]).
     pub len: u32,
+    /// [`flags`] bits.
     pub flags: u32,
 }
 
@@ -303,11 +347,15 @@ pub fn seal_offset(payload: usize) -> usize {
 /// Static description of a region, stored in its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionInfo {
+    /// The cluster id: fabrics refuse peers of another cluster.
     pub cluster: u64,
+    /// The replica owning this region.
     pub node: NodeId,
+    /// The ring's shape, equal on every replica of a cluster.
     pub ring: RingGeometry,
 }
 
+/// The first 32 bytes of a region header.
 pub fn encode_region_info(info: &RegionInfo) -> [u8; 32] {
     let mut b = [0u8; 32];
     b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
@@ -319,6 +367,7 @@ pub fn encode_region_info(info: &RegionInfo) -> [u8; 32] {
     b
 }
 
+/// Decodes and validates a region header (magic, version, node id, geometry).
 pub fn decode_region_info(b: &[u8]) -> Result<RegionInfo, LayoutError> {
     if b.len() < 32 {
         return Err(LayoutError::Truncated {
@@ -348,11 +397,14 @@ pub fn decode_region_info(b: &[u8]) -> Result<RegionInfo, LayoutError> {
 /// The leader's commit index, written into followers' headers when no entry carries it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CommitCell {
+    /// Highest committed index the leader knows.
     pub commit: Index,
+    /// The leader's ballot: a follower ignores a cell of a ballot other than its promise.
     pub ballot: Ballot,
 }
 
 impl CommitCell {
+    /// The bytes written into a follower's header, check word included.
     pub fn encode(&self) -> [u8; COMMIT_CELL_SIZE] {
         let mut b = [0u8; COMMIT_CELL_SIZE];
         b[0..8].copy_from_slice(&self.commit.to_le_bytes());
@@ -393,6 +445,7 @@ pub struct ProgressCell {
     pub received: Index,
     /// Highest index durable (durable mode; equals `received` in volatile mode).
     pub persisted: Index,
+    /// Highest index applied to the follower's state machine.
     pub applied: Index,
     /// Ring slots consumed in this stream: the flow-control credit.
     pub consumed_slots: u64,
@@ -402,6 +455,7 @@ pub struct ProgressCell {
 }
 
 impl ProgressCell {
+    /// The bytes written into the leader's header, check word included.
     pub fn encode(&self) -> [u8; PROGRESS_ENCODED] {
         let mut b = [0u8; PROGRESS_ENCODED];
         let words = [
@@ -420,6 +474,8 @@ impl ProgressCell {
         b[48..56].copy_from_slice(&check.to_le_bytes());
         b
     }
+    /// `Ok(None)` for a never-written (all zero) cell; [`LayoutError::TornCell`] when the
+    /// check word does not match (a write still landing).
     pub fn decode(b: &[u8]) -> Result<Option<Self>, LayoutError> {
         if b.len() < PROGRESS_ENCODED {
             return Err(LayoutError::Truncated {
@@ -449,6 +505,7 @@ impl ProgressCell {
     }
 }
 
+/// Offset of `node`'s progress cell in a header. Panics if `node >= MAX_NODES`.
 pub fn progress_offset(node: NodeId) -> usize {
     assert!((node as usize) < MAX_NODES);
     PROGRESS_OFFSET + node as usize * PROGRESS_CELL_SIZE

@@ -17,19 +17,26 @@ use std::sync::{Arc, Mutex};
 /// Fault probabilities (per mille) and latencies (simulated time units).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Faults {
+    /// Shortest latency of any operation.
     pub latency_min: u64,
+    /// Longest latency of an operation (before the extra delays below).
     pub latency_max: u64,
+    /// A control message is dropped.
     pub msg_loss: u32,
+    /// A control message is delivered twice (the copy with a latency of its own).
     pub msg_dup: u32,
+    /// A control message is held back by four times `latency_max`, so later ones overtake it.
     pub msg_reorder: u32,
     /// A write fails (connection error) without landing.
     pub write_fail: u32,
     /// A write is delayed by up to `slow_extra`.
     pub write_slow: u32,
+    /// Largest extra delay of a slow write.
     pub slow_extra: u64,
     /// A control message is replayed once more, up to `late_extra` later (past a rebuild
     /// or a whole leadership).
     pub msg_late: u32,
+    /// Largest extra delay of a late replay.
     pub late_extra: u64,
     /// A write lands but its completion reports a failure.
     pub completion_lost: u32,
@@ -40,6 +47,7 @@ pub struct Faults {
 }
 
 impl Faults {
+    /// No faults, and a short latency (1 to 3 units).
     pub fn none() -> Faults {
         Faults {
             latency_min: 1,
@@ -126,10 +134,15 @@ struct Sim {
 /// the acceptor `to` does with it: never below its promise, and reported by its next one).
 #[derive(Debug, Clone)]
 pub struct Landed {
+    /// The replica whose ring the entry landed in.
     pub to: NodeId,
+    /// The writer (a leader).
     pub from: NodeId,
+    /// The entry's index.
     pub index: crate::types::Index,
+    /// The ballot the entry was written in.
     pub ballot: crate::types::Ballot,
+    /// The entry's payload.
     pub payload: Vec<u8>,
 }
 
@@ -144,6 +157,7 @@ struct Net {
 pub struct MemNet(Arc<Mutex<Net>>);
 
 impl MemNet {
+    /// A network where every operation happens when posted (threads, benchmarks, examples).
     pub fn instant() -> MemNet {
         MemNet(Arc::new(Mutex::new(Net {
             nodes: BTreeMap::new(),
@@ -152,6 +166,8 @@ impl MemNet {
         })))
     }
 
+    /// A network driven by [`MemNet::deliver_until`]: latencies and `faults` drawn from
+    /// `seed`, so a run replays exactly.
     pub fn simulated(seed: u64, faults: Faults) -> MemNet {
         let sim = Sim {
             now: 0,
@@ -188,7 +204,6 @@ impl MemNet {
         }
     }
 
-    /// The node stops: it receives nothing more; operations towards it fail.
     /// The entries that landed in rings since the last call (simulated mode).
     pub fn take_landed(&self) -> Vec<Landed> {
         self.0
@@ -200,6 +215,8 @@ impl MemNet {
             .unwrap_or_default()
     }
 
+    /// The node stops: it receives nothing more; operations towards it fail. Attach it
+    /// again to restart it.
     pub fn crash(&self, node: NodeId) {
         if let Some(n) = self.0.lock().unwrap().nodes.get_mut(&node) {
             n.up = false;
@@ -207,7 +224,6 @@ impl MemNet {
         }
     }
 
-    /// Cuts (or restores) both directions between `a` and `b`.
     /// Cuts or restores the link from `from` to `to` only (messages, writes and reads that
     /// `from` sends; `to` still reaches `from`).
     pub fn set_link_one_way(&self, from: NodeId, to: NodeId, up: bool) {
@@ -219,6 +235,7 @@ impl MemNet {
         }
     }
 
+    /// Cuts (or restores) both directions between `a` and `b`.
     pub fn set_link(&self, a: NodeId, b: NodeId, up: bool) {
         let mut n = self.0.lock().unwrap();
         for k in [(a, b), (b, a)] {
@@ -243,16 +260,20 @@ impl MemNet {
         }
     }
 
+    /// Restores every link cut by [`MemNet::set_link`] or [`MemNet::set_link_one_way`].
     pub fn heal_all(&self) {
         self.0.lock().unwrap().cut.clear();
     }
 
+    /// Simulated mode: replaces the fault probabilities (for example [`Faults::none`] once the
+    /// faulty phase of a run is over).
     pub fn set_faults(&self, f: Faults) {
         if let Some(s) = self.0.lock().unwrap().sim.as_mut() {
             s.faults = f;
         }
     }
 
+    /// Simulated mode: the current time (0 in instant mode).
     pub fn now(&self) -> u64 {
         self.0.lock().unwrap().sim.as_ref().map_or(0, |s| s.now)
     }

@@ -99,7 +99,9 @@ impl Boot {
 /// What the fabric closure of [`NodeBuilder::start`] gets.
 #[derive(Debug, Clone)]
 pub struct FabricSetup {
+    /// This replica.
     pub node: NodeId,
+    /// The cluster id (fabrics refuse peers of another cluster).
     pub cluster: u64,
     /// The region the fabric exposes (peers write into it).
     pub region: Arc<Region>,
@@ -143,18 +145,32 @@ pub enum StartError {
     Refused(String),
     /// A file, socket or thread operation failed: what was being done, and why.
     Io {
+        /// What was being done (a path, an address).
         what: String,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// Durable state could not be used: what was being done, and why.
-    Storage { what: String, source: StorageError },
+    Storage {
+        /// What was being done (which file, which step of the recovery).
+        what: String,
+        /// The storage error.
+        source: StorageError,
+    },
     /// Durable state could not be recovered, so the replica does not start.
-    Unrecoverable { what: String, source: StorageError },
+    Unrecoverable {
+        /// What was being done (which file, which step of the recovery).
+        what: String,
+        /// The storage error.
+        source: StorageError,
+    },
     /// The protocol core refused the configuration.
     Protocol(ConfigError),
     /// The fabric could not be started.
     Fabric {
+        /// Which step of the fabric's start failed.
         what: &'static str,
+        /// The fabric's error.
         source: FabricError,
     },
 }
@@ -208,10 +224,15 @@ type Tune = Box<dyn FnOnce(&mut Config) + Send>;
 /// Builds and starts a [`Node`]: a replica of `S` with its data dir, storage, checkpoints
 /// and runtime. See the [module docs](self) for the order of a start.
 ///
-/// ```no_run
+/// A one-replica cluster over the in-process fabric, started, restarted from its data dir,
+/// and refused once its data is gone (a wiped replica never comes back as a fresh voter):
+///
+/// ```
 /// use ballot::driver::StateMachine;
 /// use ballot::mem_fabric::MemNet;
-/// use ballot::node::{InitialClusterState, NodeBuilder};
+/// use ballot::node::{Boot, InitialClusterState, NodeBuilder, StartError};
+/// use ballot::protocol::ProposeError;
+/// use std::time::{Duration, Instant};
 ///
 /// #[derive(Default)]
 /// struct Counter(u64);
@@ -222,13 +243,43 @@ type Tune = Box<dyn FnOnce(&mut Config) + Send>;
 ///     }
 /// }
 ///
+/// let dir = std::env::temp_dir().join(format!("ballot-doc-node-{}", std::process::id()));
 /// let net = MemNet::instant();
-/// let node = NodeBuilder::new(0, 0xBA11, vec![0], "/var/lib/counter", Counter::default)
-///     .durable(true)
+/// let builder = || {
+///     NodeBuilder::new(0, 0xBA11, vec![0], &dir, Counter::default)
+///         .durable(true)
+///         .ring(ballot::layout::RingGeometry::new(1 << 10, 64).unwrap())
+///         .batch_bytes(4096)
+/// };
+/// // The cluster's first start must say so.
+/// let node = builder()
 ///     .initial_cluster_state(Some(InitialClusterState::New))
 ///     .start(|setup| Ok(net.attach(setup.node, setup.region)))?;
-/// let out = node.handle().propose(b"hello".to_vec(), std::time::Duration::from_secs(1));
-/// # Ok::<(), ballot::node::StartError>(())
+/// assert_eq!(node.boot(), Boot::Fresh);
+/// // Until the replica has elected itself, proposals fail with `NotLeader`.
+/// let deadline = Instant::now() + Duration::from_secs(20);
+/// let out = loop {
+///     match node.handle().propose(b"hello".to_vec(), Duration::from_secs(1)) {
+///         Err(ProposeError::NotLeader { .. }) if Instant::now() < deadline => {
+///             std::thread::sleep(Duration::from_millis(10))
+///         }
+///         out => break out,
+///     }
+/// };
+/// assert_eq!(out.unwrap(), 5u64.to_le_bytes());
+/// node.shutdown();
+///
+/// // A restart needs no initial cluster state: the data dir says what it is.
+/// let node = builder().start(|setup| Ok(net.attach(setup.node, setup.region)))?;
+/// assert_eq!(node.boot(), Boot::Restart);
+/// node.shutdown();
+///
+/// // The data dir lost: refused, naming the setting to use, before anything is written.
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// let refused = builder().start(|setup| Ok(net.attach(setup.node, setup.region)));
+/// assert!(matches!(refused, Err(StartError::Refused(_))));
+/// # let _ = std::fs::remove_dir_all(&dir);
+/// # Ok::<(), StartError>(())
 /// ```
 pub struct NodeBuilder<S: StateMachine> {
     node: NodeId,

@@ -10,6 +10,9 @@ use crate::layout::{self, LayoutError, RegionInfo};
 use memmap2::{MmapOptions, MmapRaw};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
+/// A replica's registered memory: a header ([`RegionInfo`]), the commit and progress
+/// cells, and the ring peers write entries into. Shared (`Arc<Region>`) between the owner
+/// and the fabric that lands remote writes in it.
 pub struct Region {
     map: MmapRaw,
     info: RegionInfo,
@@ -54,12 +57,15 @@ impl Region {
         r
     }
 
+    /// The geometry this region was created with.
     pub fn info(&self) -> &RegionInfo {
         &self.info
     }
+    /// Length in bytes (`info().ring.region_bytes()`).
     pub fn len(&self) -> usize {
         self.info.ring.region_bytes()
     }
+    /// Never true for a region built by this module (the header alone is not empty).
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -111,9 +117,11 @@ impl Region {
         unsafe { AtomicU64::from_ptr(self.as_ptr().add(offset) as *mut u64) }
     }
 
+    /// Loads a header word (acquire). Panics if `offset` is not an aligned header word.
     pub fn load_word(&self, offset: usize) -> u64 {
         self.cell(offset).load(Ordering::Acquire)
     }
+    /// Stores a header word (release). Panics if `offset` is not an aligned header word.
     pub fn store_word(&self, offset: usize, v: u64) {
         self.cell(offset).store(v, Ordering::Release)
     }

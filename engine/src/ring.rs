@@ -18,6 +18,7 @@ use crate::types::{Ballot, Index};
 pub struct Placement {
     /// Slot of a wrap marker to write first, if the entry wraps.
     pub wrap_at: Option<u32>,
+    /// Slot of the entry itself (0 after a wrap).
     pub slot: u32,
 }
 
@@ -31,6 +32,7 @@ pub struct RingCursor {
 }
 
 impl RingCursor {
+    /// A cursor at the start of a new stream (nothing written, nothing consumed).
     pub fn new(geo: RingGeometry) -> Self {
         Self {
             geo,
@@ -47,6 +49,8 @@ impl RingCursor {
             written: consumed,
         }
     }
+    /// Slots used in this stream so far, wrap skips included: the bound a follower's
+    /// reported `consumed` can never exceed.
     pub fn written(&self) -> u64 {
         self.written
     }
@@ -92,6 +96,7 @@ pub struct RingReader {
 }
 
 impl RingReader {
+    /// A reader before its first stream (ballot zero, expecting index 1).
     pub fn new(geo: RingGeometry) -> Self {
         Self {
             geo,
@@ -111,12 +116,16 @@ impl RingReader {
         self.expect = expect;
     }
 
+    /// Slots consumed in this stream: what the owner reports in its progress cell, so that the
+    /// leader may reuse them.
     pub fn consumed(&self) -> u64 {
         self.consumed
     }
+    /// The ballot of the current stream: entries of any other ballot are ignored.
     pub fn ballot(&self) -> Ballot {
         self.ballot
     }
+    /// The index the next entry of this stream must carry.
     pub fn expect(&self) -> Index {
         self.expect
     }

@@ -73,14 +73,21 @@ impl Default for RuntimeConfig {
 /// The replica's role, as published to other threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
+    /// Accepts the leader's entries (or waits for one).
     Follower,
+    /// Asking for promises to become leader.
     Candidate,
+    /// Proposes and replicates.
     Leader,
+    /// Lost its memory (volatile restart, wiped data dir) and rebuilding from a majority:
+    /// takes no part in votes until it has.
     Recovering,
+    /// The replica thread has stopped.
     Stopped,
 }
 
 impl Role {
+    /// The lower-case name used in logs and status output.
     pub fn name(self) -> &'static str {
         match self {
             Role::Follower => "follower",
@@ -115,12 +122,17 @@ impl Role {
 /// A point-in-time view of the replica, readable from any thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
+    /// This replica.
     pub node: NodeId,
+    /// Its role.
     pub role: Role,
     /// The highest ballot promised (raw `Ballot` word: round << 8 | node).
     pub ballot: u64,
+    /// Highest index known committed.
     pub commit: Index,
+    /// Highest index applied to the state machine.
     pub applied: Index,
+    /// The replica this one believes leads (itself when leader), if any.
     pub leader_hint: Option<NodeId>,
     /// Commands applied by the state machine since start.
     pub applied_commands: u64,
@@ -279,6 +291,7 @@ impl Handle {
         self.submit(cmd)?.wait(timeout)
     }
 
+    /// The latest published status (updated by the replica thread as it runs).
     pub fn status(&self) -> Status {
         self.status.snapshot()
     }
@@ -301,12 +314,63 @@ impl Handle {
             .store(true, Ordering::Release);
     }
 
+    /// The replica thread was asked to stop (proposals fail with `ShuttingDown`).
     pub fn is_stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
 }
 
 /// A replica running on its own thread. Dropping it stops the thread.
+///
+/// The low-level way to run replicas: [`crate::node::NodeBuilder`] adds the data dir,
+/// durable storage and safe restarts around it. Three volatile replicas in one process:
+///
+/// ```
+/// use ballot::driver::{Replica, StateMachine};
+/// use ballot::layout::{RegionInfo, RingGeometry};
+/// use ballot::mem_fabric::MemNet;
+/// use ballot::protocol::{Config, Core};
+/// use ballot::region::Region;
+/// use ballot::runtime::{clock_seed, Role, Runtime, RuntimeConfig};
+/// use std::sync::Arc;
+/// use std::time::{Duration, Instant};
+///
+/// struct Counter(u64);
+/// impl StateMachine for Counter {
+///     fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+///         self.0 += command.len() as u64;
+///         self.0.to_le_bytes().to_vec()
+///     }
+/// }
+///
+/// let net = MemNet::instant();
+/// let ring = RingGeometry::new(1 << 10, 64).unwrap();
+/// let members = vec![0, 1, 2];
+/// let replicas: Vec<_> = members
+///     .iter()
+///     .map(|&id| {
+///         let info = RegionInfo { cluster: 7, node: id, ring };
+///         let fabric = net.attach(id, Arc::new(Region::anonymous(info).unwrap()));
+///         let mut cfg = Config::new(id, members.clone(), ring, clock_seed(id));
+///         cfg.batch_bytes = 4096; // must fit the small ring
+///         let core = Core::new(cfg, false).unwrap(); // false: a first start, not recovering
+///         let replica = Replica::new(core, fabric, Counter(0), None); // None: volatile
+///         Runtime::start(replica, RuntimeConfig::default()).unwrap()
+///     })
+///     .collect();
+///
+/// // Propose at the leader once one is elected (elsewhere: `NotLeader` with a hint).
+/// let deadline = Instant::now() + Duration::from_secs(20);
+/// let leader = loop {
+///     if let Some(r) = replicas.iter().find(|r| r.handle().status().role == Role::Leader) {
+///         break r.handle();
+///     }
+///     assert!(Instant::now() < deadline, "no leader");
+///     std::thread::sleep(Duration::from_millis(10));
+/// };
+/// let out = leader.propose(b"abc".to_vec(), Duration::from_secs(5)).unwrap();
+/// assert_eq!(out, 3u64.to_le_bytes());
+/// ```
 pub struct Runtime<F: Fabric + 'static, S: StateMachine + 'static> {
     handle: Handle,
     thread: Option<JoinHandle<Replica<F, S>>>,
@@ -336,6 +400,7 @@ impl<F: Fabric + 'static, S: StateMachine + 'static> Runtime<F, S> {
         })
     }
 
+    /// A handle to propose and observe.
     pub fn handle(&self) -> Handle {
         self.handle.clone()
     }

@@ -8,6 +8,9 @@
 
 use std::collections::VecDeque;
 
+/// Open client tickets, keyed by their consecutive numbers: a deque indexed by offset from
+/// the oldest open ticket, so insert and remove take amortized O(1) time and, once the deque
+/// has grown to the number in flight, allocate nothing.
 #[derive(Debug)]
 pub struct TicketMap<V> {
     /// The ticket of `open[0]`.
@@ -26,6 +29,7 @@ impl<V> Default for TicketMap<V> {
 }
 
 impl<V> TicketMap<V> {
+    /// An empty map.
     pub fn new() -> Self {
         Self::default()
     }
@@ -72,6 +76,7 @@ impl<V> TicketMap<V> {
         self.open.iter().filter(|v| v.is_some()).count()
     }
 
+    /// No ticket is open.
     pub fn is_empty(&self) -> bool {
         self.open.iter().all(Option::is_none)
     }

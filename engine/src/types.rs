@@ -14,15 +14,30 @@ pub const MAX_NODES: usize = 16;
 pub struct Ballot(pub u64);
 
 impl Ballot {
+    /// Below every ballot a replica can hold: "never promised, never accepted".
     pub const ZERO: Ballot = Ballot(0);
 
+    /// The ballot of `node` in `round`.
+    ///
+    /// # Panics
+    /// If `round` does not fit in 56 bits (the low byte holds the node).
+    ///
+    /// ```
+    /// use ballot::Ballot;
+    /// let b = Ballot::new(7, 2);
+    /// assert_eq!((b.round(), b.node()), (7, 2));
+    /// assert!(Ballot::new(7, 3) > b && Ballot::new(8, 0) > Ballot::new(7, 3));
+    /// assert_eq!(b.next_for(1), Ballot::new(8, 1));
+    /// ```
     pub fn new(round: u64, node: NodeId) -> Self {
         assert!(round < 1 << 56, "ballot round overflow");
         Ballot(round << 8 | u64::from(node))
     }
+    /// The round: compared first.
     pub fn round(self) -> u64 {
         self.0 >> 8
     }
+    /// The replica that owns this ballot (breaks ties between equal rounds).
     pub fn node(self) -> NodeId {
         (self.0 & 0xff) as NodeId
     }

@@ -10,14 +10,19 @@ use std::sync::Arc;
 pub enum ProposeError {
     /// This replica does not lead; `leader` is the one it believes leads, if any.
     NotLeader {
+        /// The leader this replica believes in, if any: retry there.
         leader: Option<NodeId>,
     },
+    /// The command does not fit in one log entry.
     TooLarge {
+        /// The command's length.
         len: usize,
+        /// The largest command this cluster accepts.
         max: usize,
     },
     /// The queue is full; retry later.
     Busy,
+    /// The replica is stopping (or stopped): the command was not proposed.
     ShuttingDown,
     /// Leadership was lost while the command was in the log: it may or may not be applied.
     Indeterminate,
@@ -41,8 +46,15 @@ impl std::error::Error for ProposeError {}
 /// Bytes of a one-sided write: a shared entry or a small inline cell.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Data {
+    /// An encoded log entry, shared with the log (no copy per follower).
     Shared(Arc<[u8]>),
-    Inline { buf: [u8; 64], len: u8 },
+    /// A small write (a cell), copied: no allocation per heartbeat or progress report.
+    Inline {
+        /// The bytes, `len` of them used.
+        buf: [u8; 64],
+        /// Bytes used.
+        len: u8,
+    },
 }
 
 impl Data {
@@ -54,6 +66,7 @@ impl Data {
             len: b.len() as u8,
         }
     }
+    /// The bytes to write.
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Data::Shared(a) => a,
@@ -78,20 +91,34 @@ impl Data {
 ///   after the checkpoint).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Action {
+    /// Post a one-sided write of `data` at `offset` in `peer`'s region; its completion comes
+    /// back to `Core::handle_completion` with `token`.
     Write {
+        /// The peer whose region is written.
         peer: NodeId,
+        /// Offset in that region.
         offset: usize,
+        /// The bytes.
         data: Data,
+        /// Returned with the completion.
         token: Token,
     },
+    /// Post a one-sided read of `len` bytes at `offset` in `peer`'s region.
     Read {
+        /// The peer whose region is read.
         peer: NodeId,
+        /// Offset in that region.
         offset: usize,
+        /// Bytes to read.
         len: usize,
+        /// Returned with the completion.
         token: Token,
     },
+    /// Send a control message.
     Send {
+        /// The addressee.
         to: NodeId,
+        /// The message.
         msg: Msg,
     },
     /// Grant ring write permission to this node alone.
@@ -101,7 +128,9 @@ pub enum Action {
     FenceAndDrain,
     /// Restart reading the local ring at slot 0: entries of `ballot` from index `expect`.
     ResetRing {
+        /// The stream's ballot.
         ballot: Ballot,
+        /// The first index the stream carries.
         expect: Index,
     },
     /// Make the promise durable before executing the next action.
@@ -109,45 +138,63 @@ pub enum Action {
     /// Durably write entries `from..=to` (replacing anything at or after `from`), then call
     /// `handle_persisted(seq)`.
     Persist {
+        /// First index to persist.
         from: Index,
+        /// Last index to persist.
         to: Index,
+        /// Reported back to `Core::handle_persisted`.
         seq: u64,
     },
     /// Apply the committed entry at `index` (in order, exactly once per incarnation).
     Apply {
+        /// The entry's index.
         index: Index,
+        /// The encoded entry (a batch of commands, or a no-op).
         entry: Arc<[u8]>,
     },
     /// Publish the heartbeat counter in the local header.
     Heartbeat(u64),
+    /// Complete the local proposal `ticket` with `error`.
     Reject {
+        /// The ticket `Core::propose` returned.
         ticket: u64,
+        /// Why it failed.
         error: ProposeError,
     },
     /// Outstanding proposals of this replica may or may not be applied.
     LeadershipLost,
+    /// This replica now leads in this ballot (the driver logs it).
     BecameLeader(Ballot),
     /// Send `to` a chunk of the image of checkpoint `index` (0: the newest) from `offset`,
     /// as [`Msg::CkptChunk`] (the driver holds the checkpoints and paces this).
     ServeCheckpoint {
+        /// The replica pulling the checkpoint.
         to: NodeId,
+        /// The checkpoint (0: the newest kept).
         index: Index,
+        /// Where in the image the chunk starts.
         offset: u64,
     },
     /// Stage a chunk of an incoming checkpoint image (offset 0 starts over).
     StageCheckpoint {
+        /// The checkpoint being received.
         index: Index,
+        /// Where in the image the chunk goes.
         offset: u64,
+        /// The chunk.
         data: Vec<u8>,
     },
     /// The staged image of checkpoint `index` is complete: verify it, keep it, restore the
     /// state machine from it, then call `handle_checkpoint_installed`.
     InstallCheckpoint {
+        /// The checkpoint.
         index: Index,
+        /// Its image's length.
         len: u64,
     },
     /// Persisted entries up to `upto` are covered by a checkpoint (`Storage::compact`).
     CompactLog {
+        /// Last index the checkpoint covers.
         upto: Index,
     },
     /// A durable replica that rebuilt its state from the others (its data dir was lost)

@@ -14,21 +14,27 @@ pub fn origin(node: crate::NodeId, ticket: u64) -> u64 {
     debug_assert!(ticket < 1 << 56);
     u64::from(node) << 56 | (ticket & ((1 << 56) - 1))
 }
+/// The proposing replica of an `origin`.
 pub fn origin_node(origin: u64) -> crate::NodeId {
     (origin >> 56) as crate::NodeId
 }
+/// The proposer's ticket of an `origin`.
 pub fn origin_ticket(origin: u64) -> u64 {
     origin & ((1 << 56) - 1)
 }
 
+/// Appends one command to a payload (the caller keeps the payload within the batch limit).
 pub fn push(payload: &mut Vec<u8>, origin: u64, cmd: &[u8]) {
     payload.extend_from_slice(&origin.to_le_bytes());
     payload.extend_from_slice(&(cmd.len() as u32).to_le_bytes());
     payload.extend_from_slice(cmd);
 }
 
+/// A payload that does not parse as a batch: only a corrupt entry, since chosen entries are
+/// checksummed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchError {
+    /// Where in the payload the bad command starts.
     pub offset: usize,
 }
 

@@ -5,6 +5,7 @@ use super::planted::PlantedBugs;
 use crate::layout::RingGeometry;
 use crate::types::NodeId;
 
+/// When an entry counts as chosen: the cluster-wide failure model, the same on every replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Durability {
     /// Chosen once a majority (leader counted) holds the entry in memory, as in Mu.
@@ -13,12 +14,17 @@ pub enum Durability {
     Durable,
 }
 
+/// A replica's protocol configuration: [`Config::new`] gives defaults for 1 tick = 1 ms;
+/// [`Config::validate`] (called by `Core::new`) checks it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Config {
+    /// This replica.
     pub id: NodeId,
     /// All replicas, sorted, `id` included.
     pub members: Vec<NodeId>,
+    /// The ring geometry, the same on every replica.
     pub ring: RingGeometry,
+    /// When entries count as chosen.
     pub durability: Durability,
     /// Entries in flight beyond the commit index.
     pub window: u64,
@@ -34,15 +40,28 @@ pub struct Config {
     pub max_outstanding: u32,
     /// Entry bytes per promise or recovery message (larger answers are chunked).
     pub message_bytes: usize,
+    /// Seeds ticket numbers, stream ids and incarnation numbers (see [`Config::new`]).
     pub seed: u64,
+    /// Bugs planted on purpose, to measure the simulator's checks (none by default).
     pub bugs: PlantedBugs,
 }
 
+/// Why [`Config::validate`] refused a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
+    /// `id` is not in `members`.
     NotAMember(NodeId),
+    /// The member list is empty, too long, unsorted, repeats an id or uses an id of
+    /// [`crate::MAX_NODES`] or more.
     BadMembers(String),
-    BatchTooLarge { batch: usize, max: usize },
+    /// `batch_bytes` exceeds what one entry of the ring can carry.
+    BatchTooLarge {
+        /// The configured batch size.
+        batch: usize,
+        /// The ring's largest payload ([`RingGeometry::max_payload`]).
+        max: usize,
+    },
+    /// A setting that must be positive is 0.
     Zero(&'static str),
 }
 
@@ -88,6 +107,7 @@ impl Config {
         }
     }
 
+    /// Checks the configuration; a core is only built from one that passes.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.members;
         if m.is_empty() || m.len() > crate::MAX_NODES {
@@ -128,6 +148,7 @@ impl Config {
         Ok(())
     }
 
+    /// Replicas in a majority (a quorum for both phases).
     pub fn majority(&self) -> usize {
         self.members.len() / 2 + 1
     }

@@ -211,10 +211,12 @@ impl Core {
         Ok(c)
     }
 
+    /// This replica.
     pub fn id(&self) -> NodeId {
         self.cfg.id
     }
 
+    /// The configuration it was built with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -225,30 +227,37 @@ impl Core {
         (self.incarnation & 0xff_ffff) << 32 | 1
     }
 
+    /// The highest ballot promised (its own while it leads).
     pub fn promised(&self) -> Ballot {
         self.promised
     }
 
+    /// Highest index known chosen.
     pub fn commit(&self) -> Index {
         self.commit
     }
 
+    /// Highest index handed to the driver to apply (`Action::Apply`).
     pub fn applied(&self) -> Index {
         self.applied
     }
 
+    /// Entries `1..=received` match the current leader's log (what a follower reports).
     pub fn received(&self) -> Index {
         self.received
     }
 
+    /// Highest index durable (durable mode; follows `received` in volatile mode).
     pub fn persisted(&self) -> Index {
         self.persisted
     }
 
+    /// The accepted log.
     pub fn log(&self) -> &Log {
         &self.log
     }
 
+    /// Whether this replica leads now.
     pub fn is_leader(&self) -> bool {
         matches!(self.role, Role::Leader(_))
     }
@@ -259,10 +268,12 @@ impl Core {
         self.blank != 0
     }
 
+    /// Rebuilding its state from a majority after losing its memory: it does not vote.
     pub fn is_recovering(&self) -> bool {
         matches!(self.role, Role::Recovering(_))
     }
 
+    /// "follower", "candidate", "leader" or "recovering", for logs and status.
     pub fn role_name(&self) -> &'static str {
         match self.role {
             Role::Follower => "follower",
@@ -317,6 +328,7 @@ impl Core {
         }
     }
 
+    /// Client commands queued at the leader, not yet in an entry.
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
@@ -326,6 +338,7 @@ impl Core {
         self.cfg.batch_bytes - batch::COMMAND_OVERHEAD
     }
 
+    /// The next action to execute; the driver drains this after every event, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
@@ -363,6 +376,7 @@ impl Core {
         }
     }
 
+    /// A control message from `from` (messages from itself or a non-member are ignored).
     pub fn handle_message(&mut self, from: NodeId, msg: Msg) {
         if from == self.cfg.id || !self.cfg.members.contains(&from) {
             return;
@@ -488,6 +502,8 @@ impl Core {
         }
     }
 
+    /// A one-sided write or read the driver posted for an [`Action::Write`] or
+    /// [`Action::Read`] finished.
     pub fn handle_completion(&mut self, c: Completion) {
         self.assert_invariants();
         let (peer, token, result) = match c {

@@ -8,8 +8,11 @@ use std::sync::Arc;
 /// An accepted entry: its ballot and its encoded bytes (layout entry format).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Slot {
+    /// The ballot it was accepted in.
     pub ballot: Ballot,
+    /// Its [`layout::flags`].
     pub flags: u32,
+    /// The whole encoded entry, shared with writes and persistence.
     pub bytes: Arc<[u8]>,
 }
 
@@ -27,6 +30,7 @@ impl Slot {
         ))
     }
 
+    /// Encodes `payload` under `h` (whose `len` must be the payload's length).
     pub fn encode(h: &EntryHeader, payload: &[u8]) -> Slot {
         let mut buf = Vec::new();
         layout::encode_entry(&mut buf, h, payload);
@@ -37,6 +41,7 @@ impl Slot {
         }
     }
 
+    /// The entry's payload.
     pub fn payload(&self) -> &[u8] {
         let len = u32::from_le_bytes(self.bytes[24..28].try_into().unwrap()) as usize;
         &self.bytes[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + len]
@@ -72,12 +77,15 @@ impl Log {
             slots: VecDeque::new(),
         }
     }
+    /// Highest index compacted away (0: none).
     pub fn base(&self) -> Index {
         self.base
     }
+    /// Highest index held (`base` when empty).
     pub fn last(&self) -> Index {
         self.base + self.slots.len() as Index
     }
+    /// The slot at `i`, `None` at or below `base` and past `last`.
     pub fn get(&self, i: Index) -> Option<&Slot> {
         if i <= self.base {
             return None;

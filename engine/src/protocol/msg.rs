@@ -11,6 +11,8 @@ use std::sync::Arc;
 /// is sent in several chunks (one entry always fits: `MAX_CONTROL` > the largest entry).
 pub const CHUNK_BYTES: usize = 1 << 20;
 
+/// A control message between replicas. Everything bulky (entries) travels through one-sided
+/// writes into rings; these carry phase 1, stream restarts, recovery and checkpoint pulls.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Msg {
     /// Phase 1a: promise `ballot` and report what you accepted from `from` on. `blank`: the
@@ -18,9 +20,13 @@ pub enum Msg {
     /// `gen`: 0 from a candidate; from a leader asking again a peer it lost track of, a
     /// generation ordered as in `Resync` (the answer starts a new stream and echoes it).
     Prepare {
+        /// The candidate's ballot.
         ballot: Ballot,
+        /// The first index whose accepted entries the answer must report.
         from: Index,
+        /// The candidate's blank incarnation, 0 when it has a memory.
         blank: u64,
+        /// 0, or the leader's new write generation for this peer.
         gen: u64,
     },
     /// Phase 1b, also sent to start a new stream under an already promised ballot.
@@ -29,8 +35,11 @@ pub enum Msg {
     /// `recover` when the receiver's vote was refused because it has no memory (`blank`)
     /// while the cluster has a history: it must rebuild its state before it votes.
     Nack {
+        /// The ballot the sender has promised.
         promised: Ballot,
+        /// The sender sees a live leader.
         leader_alive: bool,
+        /// The receiver must rebuild its state before it votes.
         recover: bool,
     },
     /// Leader to follower: restart your ring stream (after failed writes), answering with a
@@ -39,32 +48,45 @@ pub enum Msg {
     /// restarts only for a `gen` above the last it answered, so a late duplicate never
     /// restarts a stream the leader is writing.
     Resync {
+        /// The leader's ballot.
         ballot: Ballot,
+        /// The new write generation.
         gen: u64,
     },
     /// A replica rebuilding after amnesia asks for the responder's state and its log
     /// from index `from` on (one chunk per request: the requester paces the transfer).
     RecoverReq {
+        /// Matches answers to this request.
         nonce: u64,
+        /// First index asked for.
         from: Index,
     },
+    /// The answer to a [`Msg::RecoverReq`].
     RecoverResp(RecoverResp),
     /// Leader to follower: the entries you need next are compacted into a checkpoint; pull
     /// one from me, then promise a new stream echoing `gen` (ordered as in `Resync`).
     NeedCheckpoint {
+        /// The leader's ballot.
         ballot: Ballot,
+        /// The write generation the follower's next promise must echo.
         gen: u64,
     },
     /// Pull a chunk of the image of checkpoint `index` (0: your newest) from `offset`.
     CkptReq {
+        /// The checkpoint (0: the newest kept).
         index: Index,
+        /// Where in the image to start.
         offset: u64,
     },
     /// A chunk of checkpoint `index`'s image of `total` bytes (`total` 0: none to give).
     CkptChunk {
+        /// The checkpoint.
         index: Index,
+        /// Where in the image this chunk starts.
         offset: u64,
+        /// The image's length (0: none to give).
         total: u64,
+        /// The chunk.
         data: Vec<u8>,
     },
 }
@@ -72,8 +94,11 @@ pub enum Msg {
 /// `Promise::from` of a promise that only (re)starts a ring stream and reports no entries.
 pub const STREAM_ONLY: Index = Index::MAX;
 
+/// Phase 1b: an acceptor's promise of a ballot, its state, and its accepted entries from
+/// `from` on, possibly in several chunks; also (stream-only) the start of a new ring stream.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Promise {
+    /// The ballot promised.
     pub ballot: Ballot,
     /// The `from` of the Prepare this answers (entries from there on are included), or
     /// [`STREAM_ONLY`].
@@ -85,11 +110,15 @@ pub struct Promise {
     /// ...at the slot after the `consumed` slots its reader has consumed (0 for a fresh
     /// stream; more when the reader read before this promise, e.g. a repeated answer).
     pub consumed: u64,
+    /// The acceptor's durable end (durable mode).
     pub persisted: Index,
+    /// The acceptor's commit index.
     pub commit: Index,
     /// The acceptor's compacted prefix: entries up to here are in its checkpoint only.
     pub base: Index,
+    /// This chunk's number, from 0.
     pub chunk: u32,
+    /// Chunks in the whole answer.
     pub chunks: u32,
     /// Not 0: the acceptor booted with no memory (a first start, or a lost data dir
     /// started without `--rejoin`) and no leader has established it yet; the value names
@@ -103,10 +132,14 @@ pub struct Promise {
     pub entries: Vec<Arc<[u8]>>,
 }
 
+/// A peer's answer to a recovering replica: its promise, commit and a chunk of its log.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RecoverResp {
+    /// The request's nonce.
     pub nonce: u64,
+    /// The responder's promise.
     pub promised: Ballot,
+    /// The responder's commit index.
     pub commit: Index,
     /// The responder's compacted prefix (its entries start after it).
     pub base: Index,
@@ -118,14 +151,27 @@ pub struct RecoverResp {
     pub entries: Vec<Arc<[u8]>>,
 }
 
+/// Why bytes are not a control message: the message is dropped (and counted).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MsgError {
+    /// Fewer bytes than the message needs.
     Truncated,
+    /// No message has this tag.
     UnknownTag(u8),
-    BadChunk { chunk: u32, chunks: u32 },
+    /// A chunk number at or past the chunk count (or no chunks).
+    BadChunk {
+        /// The chunk number.
+        chunk: u32,
+        /// The chunk count.
+        chunks: u32,
+    },
+    /// An entry in the message does not decode.
     BadEntry(LayoutError),
+    /// Bytes left after a complete message.
     TrailingBytes(usize),
+    /// A checkpoint chunk over [`MAX_CKPT_CHUNK`].
     ChunkTooLarge(u64),
+    /// A flags byte with bits this version does not know.
     BadFlag(u8),
 }
 
@@ -224,6 +270,7 @@ impl<'a> R<'a> {
 }
 
 impl Msg {
+    /// The message's bytes, as [`Msg::decode`] reads them.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = W(Vec::with_capacity(64));
         match self {
@@ -293,6 +340,7 @@ impl Msg {
         w.0
     }
 
+    /// Decodes one whole message; total: never panics on any input.
     pub fn decode(bytes: &[u8]) -> Result<Msg, MsgError> {
         let mut r = R(bytes);
         let msg = match r.u8()? {

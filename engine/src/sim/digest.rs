@@ -10,12 +10,15 @@ use super::{Report, Sim};
 pub struct Digest(u32);
 
 impl Digest {
+    /// Adds bytes.
     pub fn bytes(&mut self, b: &[u8]) {
         self.0 = crc32c::crc32c_append(self.0, b);
     }
+    /// Adds a word (little-endian).
     pub fn word(&mut self, w: u64) {
         self.bytes(&w.to_le_bytes());
     }
+    /// The digest so far.
     pub fn value(&self) -> u32 {
         self.0
     }

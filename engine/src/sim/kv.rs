@@ -5,21 +5,30 @@ use crate::driver::StateMachine;
 use crate::types::Index;
 use std::collections::BTreeMap;
 
+/// A client operation on one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
+    /// Writes a value.
     Put(u8, u64),
+    /// Reads the value.
     Get(u8),
+    /// Compare and swap: sets the new value (third) if the value is the expected one (second).
     Cas(u8, u64, u64),
 }
 
+/// An operation's result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Ret {
+    /// A `Put` was applied.
     Ok,
+    /// The value a `Get` read.
     Value(u64),
+    /// Whether a `Cas` swapped.
     Cas(bool),
 }
 
 impl Op {
+    /// The key the operation touches.
     pub fn key(&self) -> u8 {
         match *self {
             Op::Put(k, _) | Op::Get(k) | Op::Cas(k, _, _) => k,
@@ -43,6 +52,7 @@ pub fn encode(id: u64, op: Op) -> Vec<u8> {
     b
 }
 
+/// The id and operation of an encoded command; `None` for bytes [`encode`] never makes.
 pub fn decode(b: &[u8]) -> Option<(u64, Op)> {
     if b.len() != 26 {
         return None;
@@ -60,6 +70,7 @@ pub fn decode(b: &[u8]) -> Option<(u64, Op)> {
     Some((id, op))
 }
 
+/// The bytes of a result, as the state machine outputs it.
 pub fn encode_ret(r: Ret) -> Vec<u8> {
     match r {
         Ret::Ok => vec![0],
@@ -72,6 +83,7 @@ pub fn encode_ret(r: Ret) -> Vec<u8> {
     }
 }
 
+/// A result from a state machine output; `None` for bytes [`encode_ret`] never makes.
 pub fn decode_ret(b: &[u8]) -> Option<Ret> {
     match b.first()? {
         0 => Some(Ret::Ok),
@@ -88,6 +100,7 @@ pub fn decode_ret(b: &[u8]) -> Option<Ret> {
 pub struct Spec(pub BTreeMap<u8, u64>);
 
 impl Spec {
+    /// Applies `op` and returns its result.
     pub fn apply(&mut self, op: &Op) -> Ret {
         match *op {
             Op::Put(k, v) => {
@@ -117,7 +130,9 @@ impl super::linearizability::SequentialSpec for Spec {
 /// The replicated state machine: the store, plus a record of what it applied, in order.
 #[derive(Debug, Default)]
 pub struct Machine {
+    /// The store.
     pub store: Spec,
+    /// Every applied command: its index and id, in order.
     pub applied: Vec<(Index, u64)>,
     /// What was applied before each checkpoint install replaced the state: the checks
     /// see it as an incarnation of its own (an install must agree with it).

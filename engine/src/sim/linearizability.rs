@@ -15,9 +15,13 @@ pub use stateright::semantics::SequentialSpec;
 /// effect. `T` is any totally ordered clock (simulator ticks, `Instant`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call<Op, Ret, T> {
+    /// The calling client: at most one call of a thread is in flight.
     pub thread: u64,
+    /// What it asked.
     pub op: Op,
+    /// When it was invoked.
     pub invoked: T,
+    /// When it returned, and with what; `None`: it never did.
     pub returned: Option<(T, Ret)>,
 }
 
@@ -28,7 +32,10 @@ pub enum Violation {
     /// an invoke, ...): the tester's message.
     Malformed(String),
     /// No order of the calls consistent with real time and the spec gives their results.
-    NotLinearizable { ops: usize },
+    NotLinearizable {
+        /// Calls in the history.
+        ops: usize,
+    },
 }
 
 impl std::fmt::Display for Violation {

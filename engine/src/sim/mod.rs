@@ -35,15 +35,23 @@ const STEP_UNITS: u64 = 10;
 /// Keys that the first `Options::clients` clients share.
 const SHARED_KEYS: u64 = 3;
 
+/// One simulated run: everything that decides it (`ballot-sim` flags map one to one, see
+/// [`Options::replay_command`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
+    /// The seed every random choice derives from.
     pub seed: u64,
+    /// Replicas in the cluster (1 to [`crate::MAX_NODES`]).
     pub replicas: usize,
+    /// Volatile or durable mode (durable: simulated disks that crash and tear).
     pub durability: Durability,
     /// Ticks of the faulty phase; then faults heal and liveness and convergence are checked.
     pub ticks: u64,
+    /// Inject faults (crashes, partitions, message and write faults, lost disks).
     pub faults: bool,
+    /// Concurrent clients of the workload.
     pub clients: usize,
+    /// Bugs planted in the core (to measure the checks).
     pub bugs: PlantedBugs,
     /// The core's contract assertions (off in planted-bug runs, so that the simulator's
     /// own checks are what is measured).
@@ -51,6 +59,8 @@ pub struct Options {
 }
 
 impl Options {
+    /// The defaults `ballot-sim` runs: volatile, 1500 faulty ticks, faults on, 3 clients,
+    /// contracts on, no planted bug.
     pub fn new(seed: u64, replicas: usize) -> Options {
         Options {
             seed,
@@ -88,20 +98,27 @@ impl Options {
     }
 }
 
+/// What a run did and what its checks found.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
+    /// The highest commit index any replica reached.
     pub commits: Index,
     /// Checkpoints taken, and installed from another replica (catch-up), over all
     /// incarnations.
     pub checkpoints: u64,
+    /// Checkpoints installed from another replica.
     pub installs: u64,
     /// Durable mode: crashes that also lost the replica's data dir.
     pub disk_losses: u64,
     /// Of those, restarts without `--rejoin` (the replica boots blank).
     pub blank_boots: u64,
+    /// Client operations acknowledged.
     pub acked: usize,
+    /// Replica crashes injected.
     pub crashes: usize,
+    /// Leaderships won.
     pub elections: usize,
+    /// Every check that failed, in words; empty when the run is correct.
     pub violations: Vec<String>,
     /// Digest of the run's histories (`digest::history`).
     pub history: u32,

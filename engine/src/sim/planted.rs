@@ -9,9 +9,13 @@ use crate::protocol::{Durability, PlantedBugs};
 /// One planted bug in one configuration.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// The bug's name ([`PlantedBugs::ALL`]).
     pub bug: &'static str,
+    /// Replicas in the cluster.
     pub replicas: usize,
+    /// Volatile or durable.
     pub durability: Durability,
+    /// Seeds run.
     pub seeds: u64,
     /// The first seed whose run the simulator's checks failed, if any.
     pub first: Option<u64>,

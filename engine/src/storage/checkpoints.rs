@@ -109,6 +109,7 @@ impl FileCheckpoints {
         self
     }
 
+    /// The snapshot directory.
     pub fn dir(&self) -> &Path {
         self.store.dir()
     }

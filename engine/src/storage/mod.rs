@@ -43,40 +43,74 @@ use std::path::{Path, PathBuf};
 pub enum StorageError {
     /// A system call failed. `op` names what was being done ("fdatasync", "write", ...).
     Io {
+        /// The operation.
         op: &'static str,
+        /// The file or directory it was done on.
         path: PathBuf,
+        /// The system's error.
         source: io::Error,
     },
     /// Bytes on disk are not what was written, somewhere other than a torn tail.
     Corrupt {
+        /// The file.
         file: PathBuf,
+        /// Where in it the bad bytes start.
         offset: u64,
+        /// What is wrong with them.
         reason: String,
     },
     /// An earlier write or sync failed: the on-disk state is unknown, so this handle refuses
     /// to report anything more as persisted. Reopen (which runs recovery) to go on.
-    Poisoned { cause: String },
+    Poisoned {
+        /// The first failure.
+        cause: String,
+    },
     /// Another handle (this process or another) holds the directory's lock.
-    Locked { path: PathBuf },
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// `append` of an index that does not follow the last one.
-    NotContiguous { expected: Index, got: Index },
+    NotContiguous {
+        /// The index that would follow.
+        expected: Index,
+        /// The index given.
+        got: Index,
+    },
     /// An entry that may not go into the log (bad length, ring-only flags, ...).
     InvalidEntry(String),
     /// `PromiseStore::store` of a ballot below the one already promised.
-    BallotRegression { promised: Ballot, requested: Ballot },
+    BallotRegression {
+        /// The durable promise.
+        promised: Ballot,
+        /// The lower ballot asked for.
+        requested: Ballot,
+    },
     /// A read asked for an index the log does not hold.
     NoSuchIndex {
+        /// The index asked for.
         index: Index,
+        /// The first index held.
         first: Index,
+        /// The last index held.
         last: Index,
     },
     /// A snapshot that does not exist or is not complete.
-    NoSuchSnapshot { index: Index },
+    NoSuchSnapshot {
+        /// The snapshot's index.
+        index: Index,
+    },
     /// The persister could not make a promise durable; its thread stopped.
-    PromiseFailed { ballot: Ballot },
+    PromiseFailed {
+        /// The promise that is not durable.
+        ballot: Ballot,
+    },
     /// The persister's thread stopped, after the failure `cause` (or on its own), so
     /// nothing more is made durable. Reopen (which runs recovery) to go on.
-    Stopped { cause: String },
+    Stopped {
+        /// The failure that stopped it.
+        cause: String,
+    },
 }
 
 impl StorageError {
@@ -179,6 +213,7 @@ impl From<StorageError> for io::Error {
     }
 }
 
+/// The result of every storage call.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
 pub(crate) fn layout_reason(e: LayoutError) -> String {

@@ -62,6 +62,7 @@ pub(crate) enum CrashPoint {
 /// Tuning of a [`Persister`].
 #[derive(Debug, Clone, Default)]
 pub struct PersisterOptions {
+    /// Tuning of the segment log.
     pub log: LogOptions,
     /// Where the thread records its log `fdatasync` latency (`fsync_latency`).
     pub metrics: Option<Arc<Metrics>>,
@@ -75,6 +76,7 @@ pub struct PersisterOptions {
 /// What [`Persister::open`] found on disk.
 #[derive(Debug, Clone, Default)]
 pub struct Recovered {
+    /// The durable promise (zero: never promised).
     pub promised: Ballot,
     /// Every entry of the log, encoded, contiguous from `first_index`. The log may start
     /// after index 1 (segments covered by a checkpoint were dropped) and may hold entries a

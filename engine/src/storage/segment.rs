@@ -47,11 +47,14 @@ impl Default for LogOptions {
 /// An owned log entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEntry {
+    /// Index, ballot, piggybacked commit, length and flags.
     pub header: EntryHeader,
+    /// The entry's payload (a batch of commands, or empty for a no-op).
     pub payload: Vec<u8>,
 }
 
 impl LogEntry {
+    /// An entry whose header's `len` is the payload's length.
     pub fn new(index: Index, ballot: Ballot, commit: Index, flags: u32, payload: Vec<u8>) -> Self {
         LogEntry {
             header: EntryHeader {
@@ -64,6 +67,7 @@ impl LogEntry {
             payload,
         }
     }
+    /// The entry's log index.
     pub fn index(&self) -> Index {
         self.header.index
     }
@@ -72,10 +76,13 @@ impl LogEntry {
 /// A torn or corrupt tail that recovery cut off the last segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TornTail {
+    /// The segment file that was cut.
     pub file: PathBuf,
     /// Where the first bad record started; the file now ends here.
     pub offset: u64,
+    /// Bytes cut off the end of the file.
     pub discarded_bytes: u64,
+    /// Why the first cut record was rejected (torn, checksum, ...).
     pub reason: String,
 }
 
@@ -83,11 +90,15 @@ pub struct TornTail {
 /// [`SegmentLog::entries`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Recovery {
+    /// The first index in the log; `None` when it is empty.
     pub first_index: Option<Index>,
     /// 0 when the log is empty.
     pub last_index: Index,
+    /// Entries recovered.
     pub entries: u64,
+    /// Segment files kept.
     pub segments: usize,
+    /// The tail cut off the last segment, if any (a crash mid-append; logged by the caller).
     pub torn_tail: Option<TornTail>,
     /// A last segment left without any complete record (crash right after it was created,
     /// or everything in it was torn), removed.
@@ -375,6 +386,7 @@ impl SegmentLog {
         Ok((log, rec))
     }
 
+    /// The log's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -390,9 +402,11 @@ impl SegmentLog {
     pub fn durable_index(&self) -> Index {
         self.durable
     }
+    /// Segment files in use.
     pub fn segment_count(&self) -> usize {
         self.segments.len()
     }
+    /// A write or sync failed: nothing more is reported durable until the log is reopened.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.is_some()
     }

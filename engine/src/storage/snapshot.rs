@@ -63,6 +63,7 @@ pub struct SnapshotMeta {
     pub ballot: Ballot,
     /// Bytes of state-machine data.
     pub len: u64,
+    /// The snapshot file.
     pub path: PathBuf,
 }
 
@@ -84,6 +85,7 @@ impl SnapshotStore {
         Ok(SnapshotStore { dir, _lock: lock })
     }
 
+    /// The directory this store owns (locked while the store lives).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -349,6 +351,7 @@ impl Drop for SnapshotWriter {
 /// carrying the [`StorageError::Corrupt`].
 #[derive(Debug)]
 pub struct SnapshotReader {
+    /// What is being read.
     pub meta: SnapshotMeta,
     path: PathBuf,
     file: BufReader<File>,
