@@ -37,7 +37,9 @@ pub struct HistogramSnapshot {
     /// (upper bound in seconds, observations in this bucket, not cumulative); the last
     /// bound is `f64::INFINITY`.
     pub buckets: Vec<(f64, u64)>,
+    /// The sum of every observation, in seconds.
     pub sum_seconds: f64,
+    /// How many observations were made.
     pub count: u64,
 }
 
@@ -53,6 +55,7 @@ impl Histogram {
         k.min(BUCKETS - 1)
     }
 
+    /// Records one observation (three relaxed adds).
     pub fn observe(&self, d: Duration) {
         self.buckets[Self::bucket(d)].fetch_add(1, Ordering::Relaxed);
         let ns = d.as_nanos().min(u128::from(u64::MAX)) as u64;
@@ -69,6 +72,7 @@ impl Histogram {
         }
     }
 
+    /// A copy of the buckets, sum and count (each read on its own: not one instant).
     pub fn snapshot(&self) -> HistogramSnapshot {
         let buckets = (0..BUCKETS)
             .map(|k| (Self::bound(k), self.buckets[k].load(Ordering::Relaxed)))
@@ -86,12 +90,15 @@ impl Histogram {
 pub struct Cell(AtomicU64);
 
 impl Cell {
+    /// Adds `n` (a counter).
     pub fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
+    /// Sets the value (a gauge, or a counter kept elsewhere).
     pub fn set(&self, v: u64) {
         self.0.store(v, Ordering::Relaxed);
     }
+    /// The value now.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -112,7 +119,9 @@ pub struct Metrics {
     pub commits: Cell,
     /// Times this replica saw a different leader (or became one) than the last one seen.
     pub leader_changes: Cell,
+    /// Checkpoints this replica wrote and kept.
     pub checkpoints_taken: Cell,
+    /// Checkpoints that failed to be written (the log is not compacted past them).
     pub checkpoint_failures: Cell,
     /// Checkpoint bytes sent to replicas catching up.
     pub checkpoint_bytes_served: Cell,
@@ -125,6 +134,7 @@ pub struct Metrics {
     /// A checkpoint being pulled from another replica (catch-up): its index (0: none yet
     /// named, or no pull) and the bytes received so far.
     pub pull_index: Cell,
+    /// Bytes of that checkpoint received so far.
     pub pull_bytes: Cell,
     /// 1 while a checkpoint pull is in progress.
     pub pulling: Cell,
