@@ -30,9 +30,11 @@ pub struct ClientConfig {
     /// How long one command may take in all before [`ClientError::Unavailable`].
     pub deadline: Duration,
     pub connect_timeout: Duration,
-    /// A session id registered earlier (to go on with it, with sequence numbers from 1);
-    /// `None`: register one before the first write.
-    pub client_id: Option<u64>,
+    /// A session registered earlier, to go on with: `(session id, last sequence number
+    /// used in it)` (the next write uses the one after: starting over at 1 would be
+    /// answered from the session's stored results). `None`: register one before the
+    /// first write.
+    pub session: Option<(u64, u64)>,
     /// Give up with [`ClientError::Unreachable`] as soon as every address in `addrs` failed
     /// to connect (refused, unresolvable, connect time-out) in a row, instead of retrying
     /// until the deadline. Off by default: a library user riding out a full-cluster
@@ -47,7 +49,7 @@ impl ClientConfig {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(15),
             connect_timeout: Duration::from_millis(500),
-            client_id: None,
+            session: None,
             fail_fast: false,
         }
     }
@@ -178,9 +180,9 @@ impl Client {
 
     pub fn with_config(cfg: ClientConfig) -> Self {
         Client {
-            session: cfg.client_id,
+            session: cfg.session.map(|(id, _)| id),
+            seq: cfg.session.map_or(0, |(_, seq)| seq),
             cfg,
-            seq: 0,
             next: 0,
             target: None,
             conn: None,

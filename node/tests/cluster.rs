@@ -1872,6 +1872,13 @@ fn sessions_keep_the_checkpoint_small_and_retries_apply_once() {
     }
     assert_eq!(send(0xdead_beef, 1, cas()), KvResult::SessionExpired);
     assert_eq!(c.get(b"n").unwrap(), Some(b"1".to_vec()));
+    // Another client going on with the session from the next sequence number.
+    let mut cfg = ClientConfig::new(cl.addrs());
+    cfg.session = Some((session, seq + 1));
+    let mut again = Client::with_config(cfg);
+    again.put(b"n", b"2").unwrap();
+    assert_eq!((again.id(), again.seq()), (session, seq + 2));
+    assert_eq!(c.get(b"n").unwrap(), Some(b"2".to_vec()));
 
     let applied = cl.converged(&[0, 1, 2], SERVE_BOUND).applied;
     let (code, out, err, _) = run_cli(&["checkpoint"], &env, b"");
