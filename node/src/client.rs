@@ -1,11 +1,15 @@
 //! A client for the replicated key-value service.
 //!
-//! A [`Client`] has one client id (random unless given) and numbers its commands 1, 2, ...
-//! It sends each command to the node it believes leads, follows `NotLeader` redirects, and on
+//! A [`Client`] registers a session with the cluster before its first write (one `REGISTER`
+//! command through the log) and numbers its writes 1, 2, ... Reads need no session. It
+//! sends each command to the node it believes leads, follows `NotLeader` redirects, and on
 //! a time-out, a lost connection or an `Unavailable` answer sends the *same* command (same
-//! client id and sequence number) again, to the same or another node, until its deadline:
-//! the state machine applies a command at most once, so retries are safe. One command is
-//! outstanding per client; use several clients for concurrency. With
+//! session and sequence number) again, to the same or another node, until its deadline:
+//! the state machine applies a write at most once, so retries are safe. If the session has
+//! expired (the cluster answers "session expired"), the client registers a new one and
+//! resends only when no earlier attempt of that write can have taken effect; otherwise it
+//! returns [`ClientError::SessionExpired`]. One command is outstanding per client; use
+//! several clients for concurrency. With
 //! [`ClientConfig::fail_fast`] it stops early, with [`ClientError::Unreachable`], once every
 //! address has refused the connection in a row.
 
@@ -26,8 +30,11 @@ pub struct ClientConfig {
     /// How long one command may take in all before [`ClientError::Unavailable`].
     pub deadline: Duration,
     pub connect_timeout: Duration,
-    /// `None`: a random id.
-    pub client_id: Option<u64>,
+    /// A session registered earlier, to go on with: `(session id, last sequence number
+    /// used in it)` (the next write uses the one after: starting over at 1 would be
+    /// answered from the session's stored results). `None`: register one before the
+    /// first write.
+    pub session: Option<(u64, u64)>,
     /// Give up with [`ClientError::Unreachable`] as soon as every address in `addrs` failed
     /// to connect (refused, unresolvable, connect time-out) in a row, instead of retrying
     /// until the deadline. Off by default: a library user riding out a full-cluster
@@ -42,7 +49,7 @@ impl ClientConfig {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(15),
             connect_timeout: Duration::from_millis(500),
-            client_id: None,
+            session: None,
             fail_fast: false,
         }
     }
@@ -93,6 +100,10 @@ pub enum ClientError {
     /// [`ClientConfig::addrs`]); only with [`ClientConfig::fail_fast`]. The command did not
     /// reach any node, so it did not take effect.
     Unreachable(Vec<(String, String)>),
+    /// The client's session expired while a write was in doubt (an earlier attempt may
+    /// have taken effect): the write may or may not have been applied. The next write
+    /// registers a new session.
+    SessionExpired(String),
 }
 
 impl std::fmt::Display for ClientError {
@@ -100,6 +111,7 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::Unavailable(s) => write!(f, "cluster unavailable: {s}"),
             ClientError::Rejected(s) => write!(f, "rejected: {s}"),
+            ClientError::SessionExpired(s) => write!(f, "session expired: {s}"),
             ClientError::Unreachable(all) => {
                 write!(f, "no endpoint reachable")?;
                 for (a, e) in all {
@@ -127,7 +139,9 @@ pub fn random_id() -> u64 {
 
 pub struct Client {
     cfg: ClientConfig,
-    id: u64,
+    /// The session (`None`: none registered yet, or the last one expired).
+    session: Option<u64>,
+    /// The sequence number of the last write sent in `session`.
     seq: u64,
     /// Index in `cfg.addrs` tried next when there is no redirect.
     next: usize,
@@ -140,7 +154,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("id", &self.id)
+            .field("session", &self.session)
             .field("seq", &self.seq)
             .field("target", &self.target)
             .finish()
@@ -165,11 +179,10 @@ impl Client {
     }
 
     pub fn with_config(cfg: ClientConfig) -> Self {
-        let id = cfg.client_id.unwrap_or_else(random_id);
         Client {
+            session: cfg.session.map(|(id, _)| id),
+            seq: cfg.session.map_or(0, |(_, seq)| seq),
             cfg,
-            id,
-            seq: 0,
             next: 0,
             target: None,
             conn: None,
@@ -177,10 +190,11 @@ impl Client {
         }
     }
 
+    /// The session id (0: none registered yet).
     pub fn id(&self) -> u64 {
-        self.id
+        self.session.unwrap_or(0)
     }
-    /// The sequence number of the last command sent.
+    /// The sequence number of the last write sent.
     pub fn seq(&self) -> u64 {
         self.seq
     }
@@ -216,16 +230,50 @@ impl Client {
 
     /// Runs one command to completion (see the module docs for the retry rules).
     pub fn execute(&mut self, op: Op) -> Result<KvResult, ClientError> {
-        self.seq += 1;
-        let req = Request::Command(
-            Command {
-                client: self.id,
-                seq: self.seq,
-                op,
+        if matches!(op, Op::Get { .. } | Op::Register) {
+            return self.send(&command(0, 0, op)).map(|(r, _)| r);
+        }
+        let mut renewed = false;
+        loop {
+            let session = self.session()?;
+            self.seq += 1;
+            let (r, in_doubt) = self.send(&command(session, self.seq, op.clone()))?;
+            if r != KvResult::SessionExpired {
+                return Ok(r);
             }
-            .encode(),
-        )
-        .encode();
+            self.session = None;
+            if in_doubt || renewed {
+                return Err(ClientError::SessionExpired(format!(
+                    "session {session} expired while write {} was in doubt",
+                    self.seq
+                )));
+            }
+            // No attempt of this write can have been applied: safe to resend it in a new
+            // session.
+            renewed = true;
+        }
+    }
+
+    /// The session, registered first if there is none.
+    fn session(&mut self) -> Result<u64, ClientError> {
+        if let Some(s) = self.session {
+            return Ok(s);
+        }
+        match self.send(&command(0, 0, Op::Register))?.0 {
+            KvResult::Session(id) => {
+                self.session = Some(id);
+                self.seq = 0;
+                Ok(id)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends one encoded request until it is answered or the deadline passes. Also says
+    /// whether an attempt before the answering one may have taken effect (an answer lost,
+    /// `Unavailable`, a node stopping).
+    fn send(&mut self, req: &[u8]) -> Result<(KvResult, bool), ClientError> {
+        let mut in_doubt = false;
         let deadline = Instant::now() + self.cfg.deadline;
         let mut backoff = Duration::from_millis(5);
         let mut last_err = String::from("no attempt");
@@ -238,7 +286,7 @@ impl Client {
             }
             self.last_attempts += 1;
             let resp = match self.connect() {
-                Ok(s) => exchange(s, &req),
+                Ok(s) => exchange(s, req),
                 Err(e) => {
                     let t = self.target.clone().unwrap_or_default();
                     last_err = format!("{t}: {e}");
@@ -256,6 +304,7 @@ impl Client {
             match resp {
                 Ok(Response::Ok(payload)) => {
                     return KvResult::decode(&payload)
+                        .map(|r| (r, in_doubt))
                         .map_err(|e| ClientError::Rejected(format!("bad result: {e}")))
                 }
                 Ok(Response::Error(e)) => return Err(ClientError::Rejected(e)),
@@ -265,6 +314,8 @@ impl Client {
                         Some(l) => format!("{at} is not the leader (node {l} is)"),
                         None => format!("{at} is not the leader and knows none"),
                     };
+                    // A node stopping answers so even for a command it had proposed.
+                    in_doubt |= leader.is_none();
                     self.conn = None;
                     match addr {
                         Some(a) if Some(&a) != self.target.as_ref() => {
@@ -274,8 +325,12 @@ impl Client {
                         _ => self.rotate(),
                     }
                 }
-                Ok(Response::Unavailable(e)) => last_err = e,
+                Ok(Response::Unavailable(e)) => {
+                    in_doubt = true;
+                    last_err = e
+                }
                 Err(e) => {
+                    in_doubt = true;
                     last_err = format!("{}: {e}", self.target.as_deref().unwrap_or("?"));
                     self.rotate();
                 }
@@ -382,6 +437,11 @@ impl Client {
             })
             .collect()
     }
+}
+
+/// An encoded COMMAND request.
+fn command(client: u64, seq: u64, op: Op) -> Vec<u8> {
+    Request::Command(Command { client, seq, op }.encode()).encode()
 }
 
 fn unexpected(r: KvResult) -> ClientError {

@@ -1,15 +1,19 @@
 //! The replicated key-value state machine: commands, results, and the machine itself.
 //!
 //! A command is `client_id u64 | seq u64 | op u8 | body` (little-endian; see
-//! `docs/client-protocol.md`). The machine keeps, per client id, the last sequence number
-//! applied and its result: a command whose `(client, seq)` was applied already returns the
-//! stored result without applying again, so a client may retry a command (same client id,
-//! same seq) after a time-out or a lost connection and it takes effect once. Client id 0
-//! opts out of deduplication.
+//! `docs/client-protocol.md`). A client first registers a session (a `REGISTER` command,
+//! answered with the session id); its writes carry that id as `client_id` and number
+//! themselves 1, 2, ...: a write whose `(session, seq)` was applied already returns the
+//! stored result without applying again, so a client may retry a write (same session, same
+//! seq) after a time-out or a lost connection and it takes effect once. Sessions live in a
+//! bounded table ([`crate::session`]) and expire through the log; a write from an expired
+//! session is answered [`KvResult::SessionExpired`], never applied. Reads need no session
+//! and leave no dedup state. Client id 0 opts out of deduplication.
 //!
 //! Decoding is total: a malformed command is applied as a no-op that returns an `Error`
 //! result, never a panic.
 
+use crate::session::{Check, Session, SessionLimits, Sessions};
 use ballot::checkpoint::CheckpointSource;
 use ballot::driver::StateMachine;
 use ballot::Index;
@@ -29,6 +33,8 @@ pub mod op {
     pub const GET: u8 = 2;
     pub const DELETE: u8 = 3;
     pub const CAS: u8 = 4;
+    /// Open a session: `client_id` and `seq` 0, no key, nothing after the op.
+    pub const REGISTER: u8 = 5;
 }
 
 pub mod res {
@@ -37,6 +43,10 @@ pub mod res {
     pub const NOT_FOUND: u8 = 2;
     pub const CAS_FAILED: u8 = 3;
     pub const ERROR: u8 = 4;
+    /// REGISTER's answer: the session id (u64 LE).
+    pub const SESSION: u8 = 5;
+    /// A write from a session that is unknown or expired: not applied.
+    pub const SESSION_EXPIRED: u8 = 6;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -57,12 +67,16 @@ pub enum Op {
         expected: Option<Vec<u8>>,
         new: Vec<u8>,
     },
+    /// Opens a session (answered [`KvResult::Session`]).
+    Register,
 }
 
 impl Op {
+    /// The key (empty for [`Op::Register`]).
     pub fn key(&self) -> &[u8] {
         match self {
             Op::Put { key, .. } | Op::Get { key } | Op::Delete { key } | Op::Cas { key, .. } => key,
+            Op::Register => &[],
         }
     }
     pub fn is_read_only(&self) -> bool {
@@ -90,6 +104,10 @@ pub enum KvResult {
     CasFailed(Option<Vec<u8>>),
     /// The command was refused (malformed, stale sequence number).
     Error(String),
+    /// Register's answer: the new session's id.
+    Session(u64),
+    /// A write from an unknown or expired session: not applied.
+    SessionExpired,
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -128,6 +146,7 @@ impl Command {
                 }
                 put_bytes(&mut b, new);
             }
+            Op::Register => b.push(op::REGISTER),
         }
         b
     }
@@ -144,6 +163,16 @@ impl Command {
         let client = r.u64().ok_or("truncated header")?;
         let seq = r.u64().ok_or("truncated header")?;
         let tag = r.u8().ok_or("missing op")?;
+        if tag == op::REGISTER {
+            if !r.0.is_empty() {
+                return Err(format!("register: {} trailing bytes", r.0.len()));
+            }
+            return Ok(Command {
+                client,
+                seq,
+                op: Op::Register,
+            });
+        }
         let key = r.bytes(MAX_KEY).map_err(|e| format!("key: {e}"))?;
         if key.is_empty() {
             return Err("empty key".into());
@@ -202,6 +231,12 @@ impl KvResult {
                 b.extend_from_slice(e.as_bytes());
                 b
             }
+            KvResult::Session(id) => {
+                let mut b = vec![res::SESSION];
+                b.extend_from_slice(&id.to_le_bytes());
+                b
+            }
+            KvResult::SessionExpired => vec![res::SESSION_EXPIRED],
         }
     }
 
@@ -217,6 +252,10 @@ impl KvResult {
                 _ => return Err("bad cas-failed result".into()),
             },
             res::ERROR => KvResult::Error(String::from_utf8_lossy(rest).into_owned()),
+            res::SESSION => KvResult::Session(u64::from_le_bytes(
+                rest.try_into().map_err(|_| "bad session result")?,
+            )),
+            res::SESSION_EXPIRED if rest.is_empty() => KvResult::SessionExpired,
             t => return Err(format!("bad result tag {t}")),
         })
     }
@@ -257,8 +296,10 @@ impl Reader<'_> {
 
 /// Largest result kept in the dedup table (a value plus its result header).
 const MAX_RESULT: usize = MAX_VALUE + 64;
-/// Checkpoint framing (see [`KvMachine`]'s `checkpoint`).
-const CKPT_MAGIC: &[u8; 8] = b"BALKVCK1";
+/// Checkpoint framing (see [`KvMachine`]'s `checkpoint`): the current format, and the one
+/// before sessions (still read).
+const CKPT_MAGIC: &[u8; 8] = b"BALKVCK2";
+const CKPT_MAGIC_V1: &[u8; 8] = b"BALKVCK1";
 const CKPT_END: &[u8; 8] = b"BALKVEND";
 
 /// What a node's status shows of its state, published after every command.
@@ -284,7 +325,7 @@ impl DigestCell {
     }
 }
 
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -292,7 +333,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// Hash of one item of the state (a key and its value, or a dedup session).
-fn item_hash(tag: u8, head: &[u8], body: &[u8]) -> u64 {
+pub(crate) fn item_hash(tag: u8, head: &[u8], body: &[u8]) -> u64 {
     let mut c = crc32c::crc32c(&[tag]);
     c = crc32c::crc32c_append(c, &(head.len() as u32).to_le_bytes());
     c = crc32c::crc32c_append(c, head);
@@ -304,36 +345,34 @@ fn key_hash(key: &[u8], value: &[u8]) -> u64 {
     item_hash(b'K', key, value)
 }
 
-fn session_hash(client: u64, seq: u64, out: &[u8]) -> u64 {
-    let mut head = [0u8; 16];
-    head[..8].copy_from_slice(&client.to_le_bytes());
-    head[8..].copy_from_slice(&seq.to_le_bytes());
-    item_hash(b'S', &head, out)
-}
-
-/// The replicated store with per-client deduplication.
+/// The replicated store with per-client sessions ([`crate::session`]).
 ///
 /// Checkpoints (`StateMachine::checkpoint`, a frozen copy serialized on another thread) are
 /// deterministic: the same state gives the same bytes on every replica, little-endian:
 ///
 /// ```text
-/// "BALKVCK1" | applied u64 | last index u64
-/// keys u64     then per key, ascending:    key len u32 | key | value len u32 | value
-/// sessions u64 then per client, ascending: client u64 | seq u64 | result len u32 | result
+/// "BALKVCK2" | applied u64 | last index u64 | next session id u64
+/// keys u64     then per key, ascending:     key len u32 | key | value len u32 | value
+/// sessions u64 then per session, ascending: id u64 | last active u64 | floor u64 |
+///              results u32, then per result, ascending: seq u64 | len u32 | result
 /// "BALKVEND"
 /// ```
+///
+/// The format before sessions (`"BALKVCK1"`: per client `client u64 | seq u64 | result`,
+/// no next id) still loads: each client becomes a session active at the checkpoint's index
+/// with its one result (a read's stored value is dropped: reads are no longer recorded).
+/// Any other magic is refused with `InvalidData`.
 ///
 /// `restore` decodes totally (bad bytes: `InvalidData`, never a panic) into a new state and
 /// only then replaces the current one.
 #[derive(Debug, Default)]
 pub struct KvMachine {
     data: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// client id -> (last seq applied, its encoded result).
-    sessions: BTreeMap<u64, (u64, Vec<u8>)>,
+    sessions: Sessions,
     applied: u64,
     /// Index of the last command applied.
     last_index: Index,
-    /// Wrapping sum of the item hashes (order-independent, kept up to date by `apply`).
+    /// Wrapping sum of the key hashes (order-independent, kept up to date by `apply`).
     sum: u64,
     cell: Arc<DigestCell>,
 }
@@ -348,7 +387,7 @@ impl KvMachine {
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
-    /// Commands that took effect (duplicates and malformed commands excluded).
+    /// Commands that took effect (duplicates, refused and malformed commands excluded).
     pub fn applied(&self) -> u64 {
         self.applied
     }
@@ -356,14 +395,19 @@ impl KvMachine {
     pub fn last_index(&self) -> Index {
         self.last_index
     }
+    /// The session table.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
 
-    /// A 64-bit digest of the whole state (keys and values, the dedup table, the applied
+    /// A 64-bit digest of the whole state (keys and values, the session table, the applied
     /// count): equal states give equal digests whatever the history; different states
     /// differ except with negligible probability (it is a checksum, not a cryptographic
     /// hash). O(1): maintained incrementally by `apply`.
     pub fn digest(&self) -> u64 {
         mix(self
             .sum
+            .wrapping_add(self.sessions.hash())
             .wrapping_add(mix(self.applied ^ 0xD1B5_4A32_D192_ED03)))
     }
 
@@ -372,6 +416,14 @@ impl KvMachine {
     pub fn with_digest_cell(cell: Arc<DigestCell>) -> KvMachine {
         KvMachine {
             cell,
+            ..KvMachine::default()
+        }
+    }
+
+    /// An empty store with other session limits (every replica must use the same).
+    pub fn with_limits(limits: SessionLimits) -> KvMachine {
+        KvMachine {
+            sessions: Sessions::new(limits),
             ..KvMachine::default()
         }
     }
@@ -410,7 +462,7 @@ impl KvMachine {
         self.data.insert(key, value);
     }
 
-    fn execute(&mut self, op: Op) -> KvResult {
+    fn execute(&mut self, op: Op, index: Index) -> KvResult {
         self.applied += 1;
         match op {
             Op::Put { key, value } => {
@@ -437,38 +489,43 @@ impl KvMachine {
                     KvResult::CasFailed(cur.cloned())
                 }
             }
+            Op::Register => KvResult::Session(self.sessions.register(index)),
         }
     }
 
-    fn apply_command(&mut self, command: &[u8]) -> Vec<u8> {
+    fn apply_command(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
+        // Expiry first, at every index: a function of the log alone.
+        self.sessions.expire_idle(index);
         let cmd = match Command::decode(command) {
             Ok(c) => c,
             Err(e) => return KvResult::Error(format!("bad command: {e}")).encode(),
         };
-        if cmd.client == 0 {
-            return self.execute(cmd.op).encode();
+        // Reads and registrations need no dedup: a retried read reads again, a retried
+        // registration leaves an unused session that expires.
+        if cmd.client == 0 || matches!(cmd.op, Op::Get { .. } | Op::Register) {
+            return self.execute(cmd.op, index).encode();
         }
-        if let Some((last, out)) = self.sessions.get(&cmd.client) {
-            if cmd.seq == *last {
-                return out.clone();
-            }
-            if cmd.seq < *last {
+        match self.sessions.check(cmd.client, cmd.seq) {
+            Check::Duplicate(out) => return out.to_vec(),
+            Check::Expired => return KvResult::SessionExpired.encode(),
+            Check::Stale => {
                 return KvResult::Error(format!(
-                    "stale sequence number {} (last applied {last})",
-                    cmd.seq
+                    "stale sequence number {} (session {})",
+                    cmd.seq, cmd.client
                 ))
-                .encode();
+                .encode()
             }
+            Check::New => {}
         }
-        let out = self.execute(cmd.op).encode();
-        let new = session_hash(cmd.client, cmd.seq, &out);
-        if let Some((seq, old)) = self.sessions.insert(cmd.client, (cmd.seq, out.clone())) {
-            self.sum = self.sum.wrapping_sub(session_hash(cmd.client, seq, &old));
-        }
-        self.sum = self.sum.wrapping_add(new);
+        let out = self.execute(cmd.op, index).encode();
+        self.sessions
+            .record(cmd.client, cmd.seq, out.clone(), index);
         out
     }
 }
+
+/// The store's contents: key -> value.
+type Keys = BTreeMap<Vec<u8>, Vec<u8>>;
 
 /// Serializes a state in the checkpoint format (see [`KvMachine`]).
 fn write_state(
@@ -476,7 +533,7 @@ fn write_state(
     applied: u64,
     last_index: Index,
     data: &BTreeMap<Vec<u8>, Vec<u8>>,
-    sessions: &BTreeMap<u64, (u64, Vec<u8>)>,
+    sessions: &Sessions,
 ) -> io::Result<()> {
     const FLUSH: usize = 64 << 10;
     let mut buf = Vec::with_capacity(FLUSH * 2);
@@ -488,19 +545,25 @@ fn write_state(
         Ok(())
     };
     buf.extend_from_slice(CKPT_MAGIC);
-    buf.extend_from_slice(&applied.to_le_bytes());
-    buf.extend_from_slice(&last_index.to_le_bytes());
-    buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    for v in [applied, last_index, sessions.next_id(), data.len() as u64] {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
     for (k, v) in data {
         put_bytes(&mut buf, k);
         put_bytes(&mut buf, v);
         flush(&mut buf, false)?;
     }
     buf.extend_from_slice(&(sessions.len() as u64).to_le_bytes());
-    for (client, (seq, out)) in sessions {
-        buf.extend_from_slice(&client.to_le_bytes());
-        buf.extend_from_slice(&seq.to_le_bytes());
-        put_bytes(&mut buf, out);
+    for (id, s) in sessions.iter() {
+        for v in [*id, s.last_active, s.floor] {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        buf.extend_from_slice(&(s.results.len() as u32).to_le_bytes());
+        for (seq, out) in &s.results {
+            buf.extend_from_slice(&seq.to_le_bytes());
+            put_bytes(&mut buf, out);
+            flush(&mut buf, false)?;
+        }
         flush(&mut buf, false)?;
     }
     buf.extend_from_slice(CKPT_END);
@@ -512,7 +575,7 @@ struct KvImage {
     applied: u64,
     last_index: Index,
     data: BTreeMap<Vec<u8>, Vec<u8>>,
-    sessions: BTreeMap<u64, (u64, Vec<u8>)>,
+    sessions: Sessions,
 }
 
 impl CheckpointSource for KvImage {
@@ -558,11 +621,115 @@ impl StateReader<'_> {
         self.exact(&mut v, what)?;
         Ok(v)
     }
+
+    /// The keys and values, and the sum of their hashes.
+    fn keys(&mut self) -> io::Result<(Keys, u64)> {
+        let mut sum = 0u64;
+        let mut data = BTreeMap::new();
+        let keys = self.u64("key count")?;
+        let mut prev: Option<Vec<u8>> = None;
+        for k in 0..keys {
+            let key = self.bytes(MAX_KEY, "key")?;
+            let value = self.bytes(MAX_VALUE, "value")?;
+            if key.is_empty() {
+                return Err(bad(format!("key {k} is empty")));
+            }
+            if prev.as_ref().is_some_and(|p| *p >= key) {
+                return Err(bad(format!("key {k} out of order")));
+            }
+            sum = sum.wrapping_add(key_hash(&key, &value));
+            prev = Some(key.clone());
+            data.insert(key, value);
+        }
+        Ok((data, sum))
+    }
+
+    /// The session table of a current checkpoint.
+    fn sessions(&mut self, into: &mut Sessions) -> io::Result<()> {
+        let count = self.u64("session count")?;
+        let mut prev = 0u64;
+        for k in 0..count {
+            let id = self.u64("session")?;
+            if id <= prev {
+                return Err(bad(format!("session {k}: id {id} out of order")));
+            }
+            prev = id;
+            let mut s = Session {
+                last_active: self.u64("session")?,
+                floor: self.u64("session")?,
+                ..Session::default()
+            };
+            let n = self.u32("session results")?;
+            let mut last = s.floor;
+            for _ in 0..n {
+                let seq = self.u64("session result")?;
+                if seq <= last {
+                    return Err(bad(format!("session {id}: result {seq} out of order")));
+                }
+                last = seq;
+                s.results
+                    .insert(seq, self.bytes(MAX_RESULT, "session result")?);
+            }
+            // A narrower window than the writer's: keep the newest results.
+            while s.results.len() > into.limits().window {
+                let (old, _) = s.results.pop_first().expect("non-empty");
+                s.floor = old;
+            }
+            into.restore(id, s);
+        }
+        Ok(())
+    }
+
+    /// The dedup table of a checkpoint from before sessions: `client | seq | result`.
+    fn sessions_v1(&mut self, into: &mut Sessions, at: Index) -> io::Result<()> {
+        let count = self.u64("session count")?;
+        let mut prev = 0u64;
+        for k in 0..count {
+            let client = self.u64("session")?;
+            let seq = self.u64("session")?;
+            let out = self.bytes(MAX_RESULT, "session result")?;
+            if client <= prev {
+                return Err(bad(format!("session {k}: client {client} out of order")));
+            }
+            prev = client;
+            let mut s = Session {
+                last_active: at,
+                floor: seq.saturating_sub(1),
+                ..Session::default()
+            };
+            if out.first() == Some(&res::VALUE) {
+                s.floor = seq;
+            } else {
+                s.results.insert(seq, out);
+            }
+            into.restore(client, s);
+        }
+        Ok(())
+    }
+
+    /// Checks the end marker and that the stream ends there (reading to its end also makes
+    /// a snapshot reader check its trailer).
+    fn end(&mut self) -> io::Result<()> {
+        let mut magic = [0u8; 8];
+        self.exact(&mut magic, "end marker")?;
+        if &magic != CKPT_END {
+            return Err(bad("bad end marker"));
+        }
+        let mut extra = [0u8; 1];
+        loop {
+            match self.0.read(&mut extra) {
+                Ok(0) => return Ok(()),
+                Ok(_) => return Err(bad("trailing bytes")),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 impl StateMachine for KvMachine {
     fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
-        let out = self.apply_command(command);
+        let out = self.apply_command(index, command);
         self.last_index = index;
         self.publish();
         out
@@ -581,57 +748,32 @@ impl StateMachine for KvMachine {
         let mut r = StateReader(checkpoint);
         let mut magic = [0u8; 8];
         r.exact(&mut magic, "header")?;
-        if &magic != CKPT_MAGIC {
-            return Err(bad("bad magic"));
-        }
+        let v1 = match &magic {
+            m if m == CKPT_MAGIC => false,
+            m if m == CKPT_MAGIC_V1 => true,
+            m if m.starts_with(b"BALKVCK") => {
+                return Err(bad(format!(
+                    "format {:?} is newer than this ballot-node reads ({:?})",
+                    String::from_utf8_lossy(m),
+                    String::from_utf8_lossy(CKPT_MAGIC)
+                )))
+            }
+            _ => return Err(bad("bad magic")),
+        };
         let applied = r.u64("header")?;
         let last_index = r.u64("header")?;
-        let mut sum = 0u64;
-        let mut data = BTreeMap::new();
-        let keys = r.u64("key count")?;
-        let mut prev: Option<Vec<u8>> = None;
-        for k in 0..keys {
-            let key = r.bytes(MAX_KEY, "key")?;
-            let value = r.bytes(MAX_VALUE, "value")?;
-            if key.is_empty() {
-                return Err(bad(format!("key {k} is empty")));
-            }
-            if prev.as_ref().is_some_and(|p| *p >= key) {
-                return Err(bad(format!("key {k} out of order")));
-            }
-            sum = sum.wrapping_add(key_hash(&key, &value));
-            prev = Some(key.clone());
-            data.insert(key, value);
+        let mut sessions = Sessions::new(self.sessions.limits());
+        if !v1 {
+            sessions.set_next_id(r.u64("header")?);
         }
-        let mut sessions = BTreeMap::new();
-        let count = r.u64("session count")?;
-        let mut prev = 0u64;
-        for k in 0..count {
-            let client = r.u64("session")?;
-            let seq = r.u64("session")?;
-            let out = r.bytes(MAX_RESULT, "session result")?;
-            if client <= prev {
-                return Err(bad(format!("session {k}: client {client} out of order")));
-            }
-            prev = client;
-            sum = sum.wrapping_add(session_hash(client, seq, &out));
-            sessions.insert(client, (seq, out));
+        let (data, sum) = r.keys()?;
+        if v1 {
+            r.sessions_v1(&mut sessions, last_index)?;
+        } else {
+            r.sessions(&mut sessions)?;
         }
-        r.exact(&mut magic, "end marker")?;
-        if &magic != CKPT_END {
-            return Err(bad("bad end marker"));
-        }
-        // The stream must end here (reading to its end also makes a snapshot reader check
-        // its trailer).
-        let mut extra = [0u8; 1];
-        loop {
-            match r.0.read(&mut extra) {
-                Ok(0) => break,
-                Ok(_) => return Err(bad("trailing bytes")),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        r.end()?;
+        sessions.enforce_limits();
         self.data = data;
         self.sessions = sessions;
         self.applied = applied;
@@ -653,10 +795,20 @@ mod tests {
         s.as_bytes().to_vec()
     }
 
+    /// Registers sessions 1..=n.
+    fn registered(n: u64) -> KvMachine {
+        let mut m = KvMachine::default();
+        for i in 1..=n {
+            let out = KvResult::decode(&m.apply(i, &cmd(0, 0, Op::Register))).unwrap();
+            assert_eq!(out, KvResult::Session(i));
+        }
+        m
+    }
+
     #[test]
     fn ops_and_dedup() {
-        let mut m = KvMachine::default();
-        let r = |m: &mut KvMachine, c: Vec<u8>| KvResult::decode(&m.apply(1, &c)).unwrap();
+        let mut m = registered(3);
+        let r = |m: &mut KvMachine, c: Vec<u8>| KvResult::decode(&m.apply(10, &c)).unwrap();
         assert_eq!(
             r(&mut m, cmd(1, 1, Op::Get { key: k("a") })),
             KvResult::NotFound
@@ -708,10 +860,24 @@ mod tests {
             r(&mut m, cmd(1, 3, Op::Get { key: k("a") })),
             KvResult::Value(k("y"))
         );
-        assert!(matches!(
-            r(&mut m, cmd(1, 1, Op::Get { key: k("a") })),
-            KvResult::Error(_)
-        ));
+        // A write from a session never registered: refused, not applied.
+        let before = m.digest();
+        assert_eq!(
+            r(
+                &mut m,
+                cmd(
+                    77,
+                    1,
+                    Op::Put {
+                        key: k("a"),
+                        value: k("w")
+                    }
+                )
+            ),
+            KvResult::SessionExpired
+        );
+        assert_eq!(m.digest(), before);
+        assert_eq!(m.get(b"a"), Some(&b"y"[..]));
         let cas = |e: Option<&str>, n: &str| Op::Cas {
             key: k("a"),
             expected: e.map(k),
@@ -813,8 +979,8 @@ mod tests {
     /// A state with keys, deletes, a cas, dedup sessions (one holding a Get's value) and a
     /// malformed command.
     fn busy_machine() -> KvMachine {
-        let mut m = KvMachine::default();
-        let mut i = 0;
+        let mut m = registered(9);
+        let mut i = 9;
         let mut go = |m: &mut KvMachine, c: Vec<u8>| {
             i += 1;
             m.apply(i, &c);
@@ -960,10 +1126,13 @@ mod tests {
             }
         }
         let mut huge = img.clone();
-        huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        huge[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         check(&mut target, &huge, true);
         check(&mut target, b"", true);
+        check(&mut target, b"BALKVCK2", true);
         check(&mut target, b"BALKVCK1", true);
+        let e = restored(b"BALKVCK3").unwrap_err();
+        assert!(e.to_string().contains("newer"), "{e}");
         // Out of order keys.
         let mut a = KvMachine::default();
         a.apply(1, &put(0, 0, "a", b"1"));
@@ -976,5 +1145,93 @@ mod tests {
         swapped[at + 4] = b'c';
         let e = restored(&swapped).unwrap_err();
         assert!(e.to_string().contains("out of order"), "{e}");
+    }
+    #[test]
+    fn reads_leave_no_dedup_state() {
+        let mut m = registered(1);
+        m.apply(2, &put(1, 1, "big", &vec![5; 100_000]));
+        let one = m.checkpoint_bytes().len();
+        for i in 0..20u64 {
+            // From the session, from no session and from unknown ones: all answered.
+            let out = m.apply(3 + i, &cmd(i % 3 * 50, i + 2, Op::Get { key: k("big") }));
+            assert_eq!(out.len(), 100_001);
+        }
+        assert_eq!(m.checkpoint_bytes().len(), one);
+        assert_eq!(m.sessions().len(), 1);
+    }
+
+    #[test]
+    fn old_checkpoints_load_and_keep_their_write_results() {
+        // "BALKVCK1": applied, last index, one key, two clients (a put's result and a
+        // get's value).
+        let mut v1 = b"BALKVCK1".to_vec();
+        for v in [2u64, 7, 1] {
+            v1.extend_from_slice(&v.to_le_bytes());
+        }
+        put_bytes(&mut v1, b"a");
+        put_bytes(&mut v1, b"1");
+        v1.extend_from_slice(&2u64.to_le_bytes());
+        for (client, seq, out) in [
+            (0x1234u64, 4u64, vec![res::OK]),
+            (0x9999, 2, vec![res::VALUE, 1]),
+        ] {
+            v1.extend_from_slice(&client.to_le_bytes());
+            v1.extend_from_slice(&seq.to_le_bytes());
+            put_bytes(&mut v1, &out);
+        }
+        v1.extend_from_slice(CKPT_END);
+        let mut m = restored(&v1).unwrap();
+        assert_eq!(
+            (m.applied(), m.last_index(), m.get(b"a")),
+            (2, 7, Some(&b"1"[..]))
+        );
+        // The retried write gets its stored result; the next one applies.
+        let again = put(0x1234, 4, "a", b"2");
+        assert_eq!(KvResult::decode(&m.apply(8, &again)).unwrap(), KvResult::Ok);
+        assert_eq!(m.get(b"a"), Some(&b"1"[..]));
+        m.apply(9, &put(0x1234, 5, "a", b"3"));
+        assert_eq!(m.get(b"a"), Some(&b"3"[..]));
+        // The read's value was not kept.
+        assert!(m.sessions().get(0x9999).unwrap().results.is_empty());
+        // Written back in the current format, and that loads to the same state.
+        let v2 = m.checkpoint_bytes();
+        assert_eq!(&v2[..8], CKPT_MAGIC);
+        assert_eq!(restored(&v2).unwrap().digest(), m.digest());
+    }
+
+    #[test]
+    fn expiry_goes_by_log_index_and_answers_session_expired() {
+        let limits = SessionLimits {
+            max_sessions: 2,
+            window: 4,
+            idle_entries: 10,
+            max_bytes: 1 << 20,
+        };
+        let mut m = KvMachine::with_limits(limits);
+        let reg = |m: &mut KvMachine, at| match KvResult::decode(
+            &m.apply(at, &cmd(0, 0, Op::Register)),
+        ) {
+            Ok(KvResult::Session(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        let a = reg(&mut m, 1);
+        m.apply(2, &put(a, 1, "k", b"1"));
+        // Idle for 10 indexes: still there; 11: gone.
+        m.apply(12, &cmd(0, 0, Op::Get { key: k("k") }));
+        assert!(m.sessions().get(a).is_some());
+        m.apply(13, &cmd(0, 0, Op::Get { key: k("k") }));
+        assert!(m.sessions().get(a).is_none());
+        let retry = put(a, 1, "k", b"1");
+        assert_eq!(
+            KvResult::decode(&m.apply(14, &retry)).unwrap(),
+            KvResult::SessionExpired
+        );
+        // The cap: a third registration expires the oldest-idle.
+        let (b, c) = (reg(&mut m, 15), reg(&mut m, 16));
+        m.apply(17, &put(b, 1, "k", b"2"));
+        let d = reg(&mut m, 18);
+        assert!(m.sessions().get(c).is_none());
+        assert!(m.sessions().get(b).is_some() && m.sessions().get(d).is_some());
+        assert_eq!(m.sessions().len(), 2);
     }
 }

@@ -1,6 +1,8 @@
 //! `ballot-node`: a replicated key-value service on Ballot.
 //!
-//! - [`kv`]: the state machine (put, get, delete, compare-and-set, per-client dedup).
+//! - [`kv`]: the state machine (put, get, delete, compare-and-set).
+//! - [`session`]: its client sessions (dedup of retried writes, bounded, expired through
+//!   the log).
 //! - [`wire`]: the client protocol's frames (`docs/client-protocol.md`).
 //! - [`client`]: the client library (redirects, retries with the same sequence number).
 //! - [`config`]: the replica's configuration (TOML and flags).
@@ -14,6 +16,7 @@ pub mod error;
 pub mod kv;
 pub mod metrics;
 pub mod server;
+pub mod session;
 pub mod wire;
 
 pub use error::NodeError;

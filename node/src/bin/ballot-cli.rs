@@ -345,6 +345,10 @@ fn failed(c: &Client, e: ClientError) -> u8 {
             eprintln!("ballot-cli: rejected by the cluster: {s}");
             REFUSED
         }
+        ClientError::SessionExpired(s) => {
+            eprintln!("ballot-cli: outcome unknown: {s}");
+            UNAVAILABLE
+        }
         ClientError::Unreachable(all) => {
             eprintln!(
                 "ballot-cli: unavailable: no endpoint accepts connections ({} tried)",
