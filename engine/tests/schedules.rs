@@ -641,6 +641,18 @@ fn elect_first(c: &mut Cluster) {
     );
 }
 
+/// Three replicas, node 0 elected and three commands chosen by all.
+fn three_warm() -> (Cluster, Vec<NodeId>) {
+    let mut c = Cluster::new(3);
+    let all: Vec<NodeId> = (0..3).collect();
+    elect_first(&mut c);
+    for k in 0..3 {
+        c.propose(0, &cmd(k));
+        c.settle(&all);
+    }
+    (c, all)
+}
+
 /// Five replicas, volatile. The rebuild of an amnesiac replica X waits for the leader that
 /// the highest answered promise names; here that is a candidate Z that never won, so X does
 /// not wait for the real leader L, which still counts X's acknowledgement from before the
@@ -759,15 +771,9 @@ fn five_replicas_rebuild_misses_a_leader_that_counts_the_old_acknowledgement() {
 /// follower never reads it.
 #[test]
 fn install_while_streaming_counts_a_write_the_follower_never_reads() {
-    let mut c = Cluster::new(3);
-    let all: Vec<NodeId> = (0..3).collect();
+    let (mut c, all) = three_warm();
     let (l, f, b) = (0usize, 1usize, 2usize);
     let (ln, fnn, bn) = (l as NodeId, f as NodeId, b as NodeId);
-    elect_first(&mut c);
-    for k in 0..3 {
-        c.propose(l, &cmd(k));
-        c.settle(&all);
-    }
     // F is cut off for a while; L and B go on; L checkpoints and compacts.
     c.cut.insert((ln, fnn));
     c.cut.insert((fnn, ln));
@@ -999,15 +1005,9 @@ fn rebuild_on_an_older_checkpoint_adopts_unchosen_entries() {
 /// completes; the leader counts it; the follower never reads it.
 #[test]
 fn duplicated_resync_counts_a_write_the_follower_never_reads() {
-    let mut c = Cluster::new(3);
-    let all: Vec<NodeId> = (0..3).collect();
+    let (mut c, all) = three_warm();
     let (l, f, b) = (0usize, 1usize, 2usize);
     let (ln, fnn, bn) = (l as NodeId, f as NodeId, b as NodeId);
-    elect_first(&mut c);
-    for k in 0..3 {
-        c.propose(l, &cmd(k));
-        c.settle(&all);
-    }
     // A failed write to F (a short cut) puts F in resync at L.
     c.cut.insert((ln, fnn));
     c.cut.insert((fnn, ln));
@@ -1100,15 +1100,9 @@ fn duplicated_resync_counts_a_write_the_follower_never_reads() {
 /// of, and B rebuilds first.
 #[test]
 fn blank_vote_of_a_peer_never_heard_from_counts_after_a_leader() {
-    let mut c = Cluster::new(3);
-    let all: Vec<NodeId> = (0..3).collect();
+    let (mut c, all) = three_warm();
     let (l, f, b) = (0usize, 1usize, 2usize);
     let (ln, fnn, bn) = (l as NodeId, f as NodeId, b as NodeId);
-    elect_first(&mut c);
-    for k in 0..3 {
-        c.propose(l, &cmd(k));
-        c.settle(&all);
-    }
     assert!(
         c.nodes[f].core.commit() >= 3,
         "F is established in L's stream"
