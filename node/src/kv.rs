@@ -310,6 +310,8 @@ pub struct StateDigest {
     pub index: Index,
     /// [`KvMachine::digest`] after it.
     pub digest: u64,
+    /// Client sessions in the table after it.
+    pub sessions: u64,
 }
 
 /// Where the replica thread publishes its [`StateDigest`] for the client threads.
@@ -437,6 +439,7 @@ impl KvMachine {
         self.cell.set(StateDigest {
             index: self.last_index,
             digest: self.digest(),
+            sessions: self.sessions.len() as u64,
         });
     }
 
@@ -1047,7 +1050,8 @@ mod tests {
             m.digest_cell().get(),
             StateDigest {
                 index: 100,
-                digest: m.digest()
+                digest: m.digest(),
+                sessions: m.sessions.len() as u64,
             }
         );
     }

@@ -39,6 +39,8 @@ pub struct Sources {
     pub durable: bool,
     /// Client connections open now.
     pub clients: Arc<AtomicU64>,
+    /// What the state machine last published (its session count).
+    pub state: Arc<crate::kv::DigestCell>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -88,6 +90,7 @@ struct View<'a> {
     m: &'a Metrics,
     healthy: bool,
     clients: u64,
+    sessions: u64,
 }
 
 /// A metric of a table: name (counters get `_total` from the encoder), help, kind, and how
@@ -147,6 +150,8 @@ const SCALARS: &[ScalarRow] = &[
         Kind::Counter, |v| v.m.bad_messages.get() as i64),
     ("ballot_client_connections", "Client connections open", Kind::Gauge,
         |v| v.clients as i64),
+    ("ballot_client_sessions", "Client sessions in the replicated table (registered through the log, expired by log index)",
+        Kind::Gauge, |v| v.sessions as i64),
 ];
 
 /// The latency histograms.
@@ -253,6 +258,7 @@ impl Collector for Exporter {
             m,
             healthy: health(&st, s.handle.storage_failed()).is_ok(),
             clients: s.clients.load(Ordering::Relaxed),
+            sessions: s.state.get().sessions,
         };
         for (name, help, kind, read) in SCALARS {
             sample(

@@ -133,6 +133,7 @@ impl Node {
         let log_format = cfg.log.format;
         let digest = Arc::new(DigestCell::default());
         let cell = digest.clone();
+        let state = digest.clone();
         let members: Vec<u8> = cfg.peers.keys().copied().collect();
         let builder = NodeBuilder::new(cfg.node, cfg.cluster, members, &cfg.data_dir, move || {
             KvMachine::with_digest_cell(cell.clone())
@@ -213,6 +214,7 @@ impl Node {
                     .collect(),
                 durable: cfg.durable,
                 clients,
+                state,
             };
             ep.serve(sources, stop.clone())?;
         }

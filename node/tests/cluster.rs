@@ -1739,6 +1739,10 @@ fn metrics_move_with_the_workload_and_health_follows_the_leader() {
     assert!(sample(&m, "ballot_commit_latency_seconds_count") >= 20.0);
     assert!(sample(&m, "ballot_commit_index") >= sample(&m, "ballot_applied_index"));
     assert!(sample(&m, "ballot_leader_changes_total") >= 1.0);
+    // The client registered a session through the log: every replica's table holds it.
+    for &p in &ports {
+        assert!(sample(&scrape(p), "ballot_client_sessions") >= 1.0);
+    }
     let f = (l + 1) % 3;
     let peer = format!("ballot_fabric_sent_bytes_total{{peer=\"{f}\"}}");
     assert!(sample(&m, &peer) > 0.0, "{m}");
