@@ -12,7 +12,7 @@ use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeErro
 use crate::ring::RingReader;
 use crate::storage::StorageError;
 use crate::tickets::TicketMap;
-use crate::types::{Ballot, Index};
+use crate::types::{Index, PromiseRecord};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -103,8 +103,8 @@ pub trait StateMachine: Send {
 /// one with a seeded disk model. A failure returned by any method stops the replica from
 /// acknowledging anything more ([`Replica::failure`]): it never guesses what is durable.
 pub trait Storage: Send {
-    /// Makes `ballot` the durable promise; returns only once it is durable.
-    fn save_promise(&mut self, ballot: Ballot) -> Result<(), StorageError>;
+    /// Makes `record` the durable promise record; returns only once it is durable.
+    fn save_promise(&mut self, record: PromiseRecord) -> Result<(), StorageError>;
     /// Starts making `entries` durable (see the contract above); completion is reported
     /// by [`Storage::poll_persisted`] with `seq`.
     fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> Result<(), StorageError>;
@@ -603,10 +603,10 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 self.core.handle_fenced();
             }
             Action::ResetRing { ballot, expect } => self.reader.reset(ballot, expect),
-            Action::PersistPromise(b) => {
+            Action::PersistPromise(r) => {
                 if let Some(s) = self.storage.as_mut() {
-                    if let Err(e) = s.save_promise(b) {
-                        self.fail(format!("saving promise {b}"), e);
+                    if let Err(e) = s.save_promise(r) {
+                        self.fail(format!("saving promise {}", r.ballot), e);
                     }
                 }
             }

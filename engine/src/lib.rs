@@ -85,6 +85,6 @@ pub mod tickets;
 pub mod types;
 pub mod version;
 
-pub use types::{Ballot, Index, NodeId, MAX_NODES};
+pub use types::{Ballot, Index, NodeId, PromiseRecord, MAX_NODES};
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -41,7 +41,7 @@ use crate::region::Region;
 use crate::runtime::{Handle, Role, Runtime, RuntimeConfig};
 use crate::storage::persister::{REWRITE_LOG, REWRITE_TMP};
 use crate::storage::{FileCheckpoints, Persister, PersisterOptions, StorageError};
-use crate::types::{Index, NodeId};
+use crate::types::{Index, NodeId, PromiseRecord};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -704,14 +704,23 @@ impl<S: StateMachine + 'static> NodeBuilder<S> {
                 })?;
         }
         tracing::info!(
-            promised = %rec.promised,
+            promised = %rec.promise.ballot,
+            blank = rec.promise.blank != 0,
             checkpoint = base,
             entries = entries.len(),
             rewrite_replayed = ?rec.rewrite_replayed,
             rewrite_discarded = rec.rewrite_discarded,
             "recovered durable state"
         );
-        let core = Core::restore(pc, rec.promised, base, entries)?;
+        let nothing = rec.promise == PromiseRecord::default() && base == 0 && entries.is_empty();
+        let core = if boot == Boot::Fresh && nothing {
+            // A first start boots blank (as the simulator's replicas do): its votes carry a
+            // blank id, which it keeps durably until a leader establishes it, so that a
+            // data dir wiped and started as new can never pass for one that remembers.
+            Core::new(pc, false)?
+        } else {
+            Core::restore(pc, rec.promise, base, entries)?
+        };
         Ok(Durable {
             core,
             persister,

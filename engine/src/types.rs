@@ -47,6 +47,34 @@ impl Ballot {
     }
 }
 
+/// What an acceptor keeps durably before it answers (durable mode): its promise, whether it
+/// is still the blank incarnation that booted with no memory (and which), and whether it
+/// has learned that a value was chosen. A restart restores the same incarnation: blank
+/// stays blank (a crash does not turn "remembers nothing of before" into "remembers"), and
+/// a replica that knew a value was chosen keeps refusing the blank votes of peers it has no
+/// record of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct PromiseRecord {
+    /// The promised ballot (`Ballot::ZERO`: never promised).
+    pub ballot: Ballot,
+    /// The blank incarnation's id, 0 once the acceptor remembers (see `Promise::blank`).
+    pub blank: u64,
+    /// The acceptor learned that a value was chosen (a majority accepted it).
+    pub saw_chosen: bool,
+}
+
+impl From<Ballot> for PromiseRecord {
+    /// The record of an acceptor that remembers, promised `ballot` and knows of no value
+    /// chosen.
+    fn from(ballot: Ballot) -> Self {
+        PromiseRecord {
+            ballot,
+            blank: 0,
+            saw_chosen: false,
+        }
+    }
+}
+
 impl std::fmt::Display for Ballot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.round(), self.node())

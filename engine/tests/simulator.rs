@@ -58,6 +58,36 @@ fn three_replicas_durable_60_seeds() {
     sweep(1..61, 3, Durability::Durable);
 }
 
+/// Seeds of longer sweeps that once lost a chosen value or wedged, replayed on every run:
+/// 258 (a lagging follower counted the blank vote of a peer that lost its disk), 527, 577
+/// and 5009 (a blank replica's blankness was not durable: restored after a crash as one
+/// that remembers), 3 with 5 replicas and 88 with 3 durable (first starts wedged by
+/// refusing blank votes: too early, and after a restart that forgot nothing was chosen).
+#[test]
+fn seeds_that_once_failed() {
+    let cases = [
+        (258, 3, Durability::Durable),
+        (527, 3, Durability::Durable),
+        (577, 3, Durability::Durable),
+        (5009, 5, Durability::Durable),
+        (3, 5, Durability::Volatile),
+        (88, 3, Durability::Durable),
+    ];
+    for (seed, replicas, durability) in cases {
+        let o = Options {
+            durability,
+            ..Options::new(seed, replicas)
+        };
+        let r = sim::run(o);
+        assert!(
+            r.violations.is_empty(),
+            "{}: {}",
+            o.replay_command(),
+            r.violations.join("; ")
+        );
+    }
+}
+
 #[test]
 fn same_seed_replays_exactly() {
     let a = sim::run(Options::new(42, 3));

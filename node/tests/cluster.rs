@@ -1617,6 +1617,65 @@ fn wiped_data_dir_needs_an_explicit_initial_state() {
     cl.converged(&[0, 1, 2], Duration::from_secs(30));
 }
 
+/// The promise record in node `i`'s data dir (the node must be stopped: it holds the lock).
+fn promise_record(cl: &Cluster, i: usize) -> ballot::PromiseRecord {
+    ballot::storage::PromiseStore::open(cl.data_dir(i))
+        .expect("promise store opens")
+        .record()
+}
+
+/// Waits until node `i` reports a promise above `above`.
+fn wait_promise_above(cl: &Cluster, i: usize, above: u64) -> u64 {
+    let deadline = Instant::now() + SERVE_BOUND;
+    loop {
+        if let Some(s) = cl.status(i).filter(|s| s.ballot > above) {
+            return s.ballot;
+        }
+        assert!(Instant::now() < deadline, "node {i} promised nothing new");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A first start boots blank, and its blankness is durable until a leader establishes it:
+/// a replica that crashes before that comes back as the same blank incarnation, never as
+/// one that remembers (the simulator's seeds 527, 577 and 5009 lost chosen values that way).
+#[test]
+fn a_blank_first_start_stays_blank_across_a_crash_until_established() {
+    let mut cl = Cluster::unstarted(3, "blank", true);
+    // Alone, node 0 can only stand for election: it promises its own ballots, durably.
+    cl.start(0);
+    let b1 = wait_promise_above(&cl, 0, 0);
+    cl.kill9(0);
+    let r1 = promise_record(&cl, 0);
+    assert!(r1.blank != 0, "first start not blank: {r1:?}");
+    assert!(r1.ballot.0 >= b1, "{r1:?} below the reported {b1}");
+    // Restarted from its data dir: the same blank incarnation, promising on.
+    cl.start(0);
+    wait_promise_above(&cl, 0, r1.ballot.0);
+    cl.kill9(0);
+    let r2 = promise_record(&cl, 0);
+    assert_eq!(r2.blank, r1.blank, "{r1:?} then {r2:?}");
+    assert!(r2.ballot > r1.ballot);
+    // With the others, a leader establishes everyone: no replica stays blank.
+    for i in 0..3 {
+        cl.start(i);
+    }
+    cl.wait_serving("after the first start");
+    load(&cl, "a", 20);
+    cl.converged(&[0, 1, 2], Duration::from_secs(30));
+    for i in 0..3 {
+        cl.kill9(i);
+        let r = promise_record(&cl, i);
+        assert!(r.blank == 0 && r.ballot.0 > 0, "node {i}: {r:?}");
+    }
+    for i in 0..3 {
+        cl.start(i);
+    }
+    cl.wait_serving("after a restart of all three");
+    load(&cl, "b", 20);
+    cl.converged(&[0, 1, 2], Duration::from_secs(30));
+}
+
 /// A data dir written in durable mode is refused by a volatile start (which would forget
 /// what it promised and accepted), as a durable start refuses a volatile one.
 #[test]

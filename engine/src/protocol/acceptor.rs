@@ -88,7 +88,7 @@ impl Core {
         self.promised = ballot;
         self.max_seen = self.max_seen.max(ballot);
         if self.cfg.durability == Durability::Durable {
-            self.push(Action::PersistPromise(ballot));
+            self.push(Action::PersistPromise(self.promise_record()));
         }
         self.quiet = 0;
         self.hb_seen = 0;

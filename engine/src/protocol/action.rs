@@ -2,7 +2,7 @@
 //! and why a proposal was refused.
 
 use super::msg::Msg;
-use crate::types::{Ballot, Index, NodeId};
+use crate::types::{Ballot, Index, NodeId, PromiseRecord};
 use std::sync::Arc;
 
 /// Why a proposal was refused.
@@ -133,8 +133,9 @@ pub enum Action {
         /// The first index the stream carries.
         expect: Index,
     },
-    /// Make the promise durable before executing the next action.
-    PersistPromise(Ballot),
+    /// Make the promise (and whether this incarnation is still blank) durable before
+    /// executing the next action.
+    PersistPromise(PromiseRecord),
     /// Durably write entries `from..=to` (replacing anything at or after `from`), then call
     /// `handle_persisted(seq)`.
     Persist {

@@ -20,7 +20,7 @@ use super::recovery::Recovery;
 use super::tracker::Leadership;
 use crate::fabric::Completion;
 use crate::layout::{self, CommitCell, EntryHeader, ProgressCell};
-use crate::types::{Ballot, Index, NodeId};
+use crate::types::{Ballot, Index, NodeId, PromiseRecord};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -165,23 +165,36 @@ impl Core {
         Ok(c)
     }
 
-    /// A replica restarted in durable mode from its disk: the promise, the index of the
-    /// checkpoint its state machine was restored from (0: none) and the persisted entries
-    /// after it (encoded, contiguous from `base + 1`).
+    /// A replica restarted in durable mode from its disk: the promise record, the index of
+    /// the checkpoint its state machine was restored from (0: none) and the persisted
+    /// entries after it (encoded, contiguous from `base + 1`).
+    ///
+    /// A record with a blank id restores that blank incarnation: the replica booted with
+    /// no memory and crashed before a leader established it, so it still remembers nothing
+    /// of before its boot, and its votes stay blank (refused by peers that knew it with a
+    /// memory). Restoring it as one that remembers lost chosen values (simulator seeds
+    /// 527 and 577 with 3 durable replicas, 5009 with 5).
     pub fn restore(
         cfg: Config,
-        promised: Ballot,
+        promise: PromiseRecord,
         base: Index,
         entries: Vec<Arc<[u8]>>,
     ) -> Result<Core, ConfigError> {
         let mut c = Core::new(cfg, false)?;
-        // It remembers, even if that is nothing (a data dir that lost its contents is not
-        // restored: the node starts it blank with `Core::new`, or rebuilding with --rejoin).
-        c.blank = 0;
-        // A disk with nothing on it (a crash before this replica ever promised or accepted
-        // anything) leaves it as a fresh replica is: it knew no peer's memory, and refusing
-        // its peers' blank votes would wedge a first start that saw a crash.
-        c.known_incomplete = promised != Ballot::ZERO || base > 0 || !entries.is_empty();
+        let promised = promise.ballot;
+        // It remembers, even if that is nothing, unless the record says it is blank (a data
+        // dir that lost its contents is not restored: the node starts it blank with
+        // `Core::new`, or rebuilding with --rejoin).
+        c.blank = match c.cfg.bugs.restore_forgets_blank {
+            false => promise.blank,
+            true => 0,
+        };
+        // Whether it knew that a value was chosen is in the record (and a checkpoint or a
+        // commit in its log says so too). Until it knew, it refused no blank vote of a peer
+        // it had no record of, and must not after a restart either: refusing would wedge a
+        // first start that saw crashes (found by the simulator with blank replicas that
+        // crash and restart: `--seed 88 --durability durable`).
+        c.known_incomplete = promise.saw_chosen || base > 0;
         c.promised = promised;
         c.max_seen = promised;
         c.log = Log::with_base(base);
@@ -199,6 +212,7 @@ impl Core {
             // An entry's piggybacked commit vouches for the prefix it was written after.
             c.commit = c.commit.max(h.commit.min(i));
         }
+        c.known_incomplete |= c.commit > 0;
         c.received = c.commit;
         c.persisted = c.log.last();
         if base > 0 {
@@ -455,16 +469,32 @@ impl Core {
                 bytes: Arc::from(bytes),
             },
         );
+        self.establish();
         self.accept(i, slot);
         self.received = i;
-        self.establish();
         self.learn_commit(h.commit.min(i));
     }
 
     /// Our promised leader wrote to us: it won its phase 1, and we are in its stream.
     pub(super) fn establish(&mut self) {
         self.established = self.promised;
-        self.blank = 0;
+        if self.blank != 0 {
+            self.blank = 0;
+            if self.cfg.durability == Durability::Durable {
+                // Ahead of anything accepted in this stream (persists run in order): a
+                // crash before this is durable restarts blank, which only costs a rebuild.
+                self.push(Action::PersistPromise(self.promise_record()));
+            }
+        }
+    }
+
+    /// What `PersistPromise` stores: the promise and the blank incarnation, if any.
+    pub(super) fn promise_record(&self) -> PromiseRecord {
+        PromiseRecord {
+            ballot: self.promised,
+            blank: self.blank,
+            saw_chosen: self.known_incomplete,
+        }
     }
 
     /// We learned that a value was chosen: a majority accepted it, and a peer we have no
@@ -473,7 +503,14 @@ impl Core {
     /// wedges: at most the others are blank). Before anything is chosen, blank votes keep
     /// a first start live.
     pub(super) fn saw_chosen(&mut self) {
-        self.known_incomplete = true;
+        if !self.known_incomplete {
+            self.known_incomplete = true;
+            if self.cfg.durability == Durability::Durable {
+                // Kept across a crash: a restart must go on refusing (losing it in a crash
+                // before this is durable is as if it had not been learned).
+                self.push(Action::PersistPromise(self.promise_record()));
+            }
+        }
     }
 
     /// The fence requested by `FenceAndDrain` is in force and the ring is drained.

@@ -122,7 +122,7 @@ impl Core {
         self.promised = ballot;
         self.max_seen = ballot;
         if self.cfg.durability == Durability::Durable {
-            self.push(Action::PersistPromise(ballot));
+            self.push(Action::PersistPromise(self.promise_record()));
         }
         self.received = self.commit;
         self.stream = self.stream.wrapping_add(1);

@@ -41,6 +41,8 @@ pub struct PlantedBugs {
     pub recovery_answers_unestablished: bool,
     /// Blank votes (no memory) count even from a replica known to have had a memory.
     pub accept_blank_votes: bool,
+    /// A durable replica restored from its disk remembers, even one that was blank.
+    pub restore_forgets_blank: bool,
 }
 
 /// Turns one planted bug on.
@@ -73,6 +75,7 @@ impl PlantedBugs {
             b.recovery_answers_unestablished = true
         }),
         ("accept-blank-votes", |b| b.accept_blank_votes = true),
+        ("restore-forgets-blank", |b| b.restore_forgets_blank = true),
     ];
 
     /// The bug named `name` (as in [`PlantedBugs::ALL`]).

@@ -383,7 +383,7 @@ impl Core {
         if self.cfg.durability == Durability::Durable {
             // A replica that lost its disk: the rebuilt promise and log become durable
             // before it acknowledges anything (persisted starts at the checkpoint).
-            self.push(Action::PersistPromise(self.promised));
+            self.push(Action::PersistPromise(self.promise_record()));
             self.persisted = base;
             if self.log.last() > base {
                 self.persist_from = Some(base + 1);

@@ -24,7 +24,7 @@ use crate::mem_fabric::{Faults, MemFabric, MemNet};
 use crate::protocol::{Config, Core, Durability, PlantedBugs, ProposeError};
 use crate::region::Region;
 use crate::storage::StorageError;
-use crate::types::{Ballot, Index, NodeId};
+use crate::types::{Ballot, Index, NodeId, PromiseRecord};
 use kv::{Machine, Op, Ret, Spec};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -140,7 +140,7 @@ enum DiskOp {
 
 #[derive(Debug, Default)]
 struct Disk {
-    promised: Ballot,
+    promise: PromiseRecord,
     /// Entries `base + 1 ..`.
     base: Index,
     entries: Vec<Arc<[u8]>>,
@@ -168,7 +168,7 @@ impl Disk {
 
     /// Nothing on it (a wiped data dir that nothing was written to since).
     fn is_empty(&self) -> bool {
-        self.promised == Ballot::ZERO && self.base == 0 && self.entries.is_empty()
+        self.promise.ballot == Ballot::ZERO && self.base == 0 && self.entries.is_empty()
     }
 
     fn write(&mut self, entries: &[Arc<[u8]>]) {
@@ -283,8 +283,8 @@ impl Checkpoints for SharedCkpts {
 }
 
 impl Storage for SimDisk {
-    fn save_promise(&mut self, ballot: Ballot) -> Result<(), StorageError> {
-        self.disk.lock().unwrap().promised = ballot;
+    fn save_promise(&mut self, record: PromiseRecord) -> Result<(), StorageError> {
+        self.disk.lock().unwrap().promise = record;
         Ok(())
     }
     fn submit(&mut self, seq: u64, entries: Vec<Arc<[u8]>>) -> Result<(), StorageError> {
@@ -399,6 +399,9 @@ struct Sim {
     swarm: Swarm,
     /// The random stream of the faults added after the first swarm (see `pick_more`).
     more: Rng,
+    /// The random stream of the blank-crash fault (`Swarm::blank_crash`), apart so that
+    /// seeds with it off replay as before it existed.
+    blank_rng: Rng,
 }
 
 /// Per-seed weights of the fault families (0: off; 1: the base rate; more: that many times
@@ -438,6 +441,10 @@ struct Swarm {
     /// Replicas checkpoint at different paces (some four times as rarely), so that the
     /// answers a rebuild gets are compacted to different points.
     ckpt_skew: bool,
+    /// Durable mode: per tick, the chance (per million) that a replica still blank (booted
+    /// with no memory, not yet established by a leader) that has promised something
+    /// crashes, and restarts from its disk: the window in which blankness must be durable.
+    blank_crash: u64,
 }
 
 impl Swarm {
@@ -459,6 +466,7 @@ impl Swarm {
             ring: 0,
             pull_cut: 0,
             ckpt_skew: false,
+            blank_crash: 0,
         }
     }
 
@@ -605,11 +613,17 @@ impl Sim {
                     "durable log starts at {} after checkpoint {base}: a gap",
                     d.base + 1
                 );
-                Core::restore(cfg, d.promised, base, entries)
+                Core::restore(cfg, d.promise, base, entries)
             }
         }
         .expect("valid config");
-        if core.is_recovering() || core.is_blank() {
+        // A blank incarnation restored from its disk is the same incarnation: its
+        // promises since its blank boot are checked on.
+        let restored_blank = restart
+            && self.o.durability == Durability::Durable
+            && core.is_blank()
+            && disk.lock().unwrap().promise.blank != 0;
+        if core.is_recovering() || (core.is_blank() && !restored_blank) {
             // Amnesia (volatile, or a lost data dir): the promise check starts over; the
             // rebuild must adopt a promise that covers the lost ones.
             self.nodes[id as usize].seen_promise = Ballot::ZERO;
@@ -724,6 +738,18 @@ impl Sim {
             drop(d);
             *self.nodes[id as usize].ckpts.0.lock().unwrap() = MemCheckpoints::default();
             self.report.disk_losses += 1;
+        }
+        if self.o.durability == Durability::Durable && self.swarm.blank_crash > 0 {
+            for id in 0..n as NodeId {
+                let blank_promised = self.nodes[id as usize]
+                    .replica
+                    .as_ref()
+                    .is_some_and(|r| r.core().is_blank() && r.core().promised() != Ballot::ZERO);
+                if blank_promised && self.blank_rng.chance(self.swarm.blank_crash) {
+                    let until = tick + 1 + self.blank_rng.below(30);
+                    self.crash(id, until);
+                }
+            }
         }
         if self.o.durability == Durability::Durable && self.rng.chance(600) {
             let until = tick + 10 + self.rng.below(40);
@@ -1220,7 +1246,7 @@ impl Sim {
     fn promise_of(&self, p: usize) -> Ballot {
         match (&self.nodes[p].replica, self.o.durability) {
             (Some(r), _) => r.core().promised(),
-            (None, Durability::Durable) => self.nodes[p].disk.lock().unwrap().promised,
+            (None, Durability::Durable) => self.nodes[p].disk.lock().unwrap().promise.ballot,
             (None, Durability::Volatile) => Ballot::ZERO,
         }
     }
@@ -1616,12 +1642,15 @@ pub fn run(o: Options) -> Report {
             ring: 0,
             pull_cut: 0,
             ckpt_skew: false,
+            blank_crash: 0,
         },
         more: Rng(o.seed ^ 0x9e37_79b9_7f4a_7c15),
+        blank_rng: Rng(o.seed ^ 0x5851_f42d_4c95_7f2d),
     };
     if o.faults {
         sim.swarm = Swarm::pick(&mut sim.rng);
         sim.swarm.pick_more(&mut sim.more);
+        sim.swarm.blank_crash = [0, 0, 100_000, 300_000][sim.blank_rng.below(4) as usize];
         if sim.swarm.ckpt_skew {
             for n in &mut sim.nodes {
                 n.ckpt_mul = [1, 1, 4][sim.more.below(3) as usize];

@@ -59,6 +59,9 @@ pub fn not_applicable(bug: &str, replicas: usize, durability: Durability) -> Opt
         ("recovery-no-leader-wait" | "recovery-answers-unestablished", _) if replicas < 5 => {
             Some("with 3 replicas every rebuild waits for both others, the leader included")
         }
+        ("restore-forgets-blank", Durability::Volatile) => {
+            Some("only a durable replica is restored from its disk")
+        }
         _ => None,
     }
 }

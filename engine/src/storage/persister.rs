@@ -27,7 +27,7 @@ use super::{LogEntry, StorageError};
 use crate::driver::Storage;
 use crate::layout::{decode_entry, encode_entry, entry_size};
 use crate::metrics::Metrics;
-use crate::types::{Ballot, Index};
+use crate::types::{Index, PromiseRecord};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
@@ -76,8 +76,8 @@ pub struct PersisterOptions {
 /// What [`Persister::open`] found on disk.
 #[derive(Debug, Clone, Default)]
 pub struct Recovered {
-    /// The durable promise (zero: never promised).
-    pub promised: Ballot,
+    /// The durable promise record (ballot zero: never promised).
+    pub promise: PromiseRecord,
     /// Every entry of the log, encoded, contiguous from `first_index`. The log may start
     /// after index 1 (segments covered by a checkpoint were dropped) and may hold entries a
     /// checkpoint covers (compaction keeps partly covered segments and need not be
@@ -98,7 +98,7 @@ pub struct Recovered {
 }
 
 enum Req {
-    Promise(Ballot, SyncSender<Result<()>>),
+    Promise(PromiseRecord, SyncSender<Result<()>>),
     Entries(u64, Vec<Arc<[u8]>>),
     Compact(Index),
 }
@@ -208,7 +208,7 @@ impl Persister {
         let (mut log, log_rec) = SegmentLog::open(&dir, opts.log)?;
         let mut rec = Recovered {
             rejoining: dir.join(REJOIN_MARKER).exists(),
-            promised: promise.promised(),
+            promise: promise.record(),
             log: log_rec,
             ..Recovered::default()
         };
@@ -303,10 +303,10 @@ impl Persister {
 }
 
 impl Storage for Persister {
-    fn save_promise(&mut self, ballot: Ballot) -> Result<()> {
+    fn save_promise(&mut self, record: PromiseRecord) -> Result<()> {
         let (reply, wait) = mpsc::sync_channel(1);
         let tx = self.tx.as_ref().expect("open");
-        if tx.send(Req::Promise(ballot, reply)).is_err() {
+        if tx.send(Req::Promise(record, reply)).is_err() {
             return Err(self.gone());
         }
         match wait.recv() {
@@ -406,7 +406,7 @@ impl Writer {
                         let failed = r.is_err();
                         let _ = reply.send(r);
                         if failed {
-                            failure = Some(StorageError::PromiseFailed { ballot: b });
+                            failure = Some(StorageError::PromiseFailed { ballot: b.ballot });
                         }
                     }
                     Req::Entries(seq, entries) => match self.write(&entries) {
@@ -522,6 +522,7 @@ mod tests {
     use super::*;
     use crate::layout::EntryHeader;
     use crate::storage::testutil::{TempDir, TinyFs};
+    use crate::types::Ballot;
     use std::time::{Duration, Instant};
 
     fn enc(index: Index, round: u64, len: usize) -> Arc<[u8]> {
@@ -591,8 +592,8 @@ mod tests {
         let all = range(1, 60, 1);
         {
             let (mut p, rec) = Persister::open(tmp.path(), opts()).unwrap();
-            assert!(rec.entries.is_empty() && rec.promised == Ballot::ZERO);
-            p.save_promise(Ballot::new(3, 1)).unwrap();
+            assert!(rec.entries.is_empty() && rec.promise.ballot == Ballot::ZERO);
+            p.save_promise(Ballot::new(3, 1).into()).unwrap();
             for (k, chunk) in all.chunks(7).enumerate() {
                 p.submit(k as u64 + 1, chunk.to_vec()).unwrap();
             }
@@ -601,11 +602,11 @@ mod tests {
             seqs.push(100);
             wait(&mut p, &seqs).unwrap();
             // A regression is refused, and the persister stops acknowledging.
-            assert!(p.save_promise(Ballot::new(2, 1)).is_err());
+            assert!(p.save_promise(Ballot::new(2, 1).into()).is_err());
             assert!(p.submit(101, range(61, 61, 1)).is_err() || wait(&mut p, &[101]).is_err());
         }
         let (_p, rec) = Persister::open(tmp.path(), opts()).unwrap();
-        assert_eq!(rec.promised, Ballot::new(3, 1));
+        assert_eq!(rec.promise, Ballot::new(3, 1).into());
         assert!(same(&rec.entries, &all));
     }
 
@@ -777,7 +778,7 @@ mod tests {
         // Sticky: every later call fails.
         assert!(p.submit(2, range(6, 6, 1)).is_err());
         assert!(p.poll_persisted(&mut Vec::new()).is_err());
-        assert!(p.save_promise(Ballot::new(1, 1)).is_err());
+        assert!(p.save_promise(Ballot::new(1, 1).into()).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use super::testutil::{TempDir, TinyFs};
 use super::*;
 use crate::layout::{encode_entry, entry_size, flags, EntryHeader};
-use crate::types::Ballot;
+use crate::types::{Ballot, PromiseRecord};
 use proptest::prelude::*;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -520,7 +520,7 @@ fn storage_promise_store_survives_reopen() {
     {
         let mut p = PromiseStore::open(tmp.path()).unwrap();
         assert_eq!(p.promised(), Ballot::ZERO);
-        assert_eq!(p.load().unwrap(), Ballot::ZERO);
+        assert_eq!(p.load().unwrap(), Ballot::ZERO.into());
         p.store(Ballot::new(1, 2)).unwrap();
         p.store(Ballot::new(3, 0)).unwrap();
         p.store(Ballot::new(3, 0)).unwrap(); // same again: no-op
@@ -529,7 +529,7 @@ fn storage_promise_store_survives_reopen() {
             Err(StorageError::BallotRegression { .. })
         ));
         p.store(Ballot::new(7, 1)).unwrap();
-        assert_eq!(p.load().unwrap(), Ballot::new(7, 1));
+        assert_eq!(p.load().unwrap(), Ballot::new(7, 1).into());
         assert!(matches!(
             PromiseStore::open(tmp.path()),
             Err(StorageError::Locked { .. })
@@ -562,6 +562,64 @@ fn storage_promise_store_survives_reopen() {
     let err = PromiseStore::open(tmp.path()).unwrap_err();
     assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains(path.to_str().unwrap()));
+}
+
+#[test]
+fn storage_promise_store_keeps_the_blank_incarnation() {
+    let tmp = TempDir::new("promise-blank");
+    let blank = PromiseRecord {
+        ballot: Ballot::new(2, 1),
+        blank: 0xabcd_0001,
+        saw_chosen: false,
+    };
+    {
+        let mut p = PromiseStore::open(tmp.path()).unwrap();
+        p.store(blank).unwrap();
+    }
+    let mut p = PromiseStore::open(tmp.path()).unwrap();
+    assert_eq!(p.record(), blank);
+    assert_eq!(p.load().unwrap(), blank);
+    // Established: the same ballot, no longer blank, is a new record; so is learning that
+    // a value was chosen.
+    p.store(Ballot::new(2, 1)).unwrap();
+    let chosen = PromiseRecord {
+        saw_chosen: true,
+        ..Ballot::new(2, 1).into()
+    };
+    p.store(chosen).unwrap();
+    drop(p);
+    let p = PromiseStore::open(tmp.path()).unwrap();
+    assert_eq!(p.record(), chosen);
+}
+
+#[test]
+fn storage_promise_store_loads_version_1_slots() {
+    let tmp = TempDir::new("promise-v1");
+    drop(PromiseStore::open(tmp.path()).unwrap());
+    // A slot as version 1 wrote it: magic | seq | ballot | crc32c of the 24 bytes | 0.
+    let mut slot = [0u8; 32];
+    slot[0..8].copy_from_slice(b"BALPROM1");
+    slot[8..16].copy_from_slice(&1u64.to_le_bytes());
+    slot[16..24].copy_from_slice(&Ballot::new(4, 2).0.to_le_bytes());
+    let crc = crc32c::crc32c(&slot[..24]);
+    slot[24..28].copy_from_slice(&crc.to_le_bytes());
+    let path = tmp.path().join("promise");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[512..544].copy_from_slice(&slot);
+    std::fs::write(&path, &bytes).unwrap();
+    let mut p = PromiseStore::open(tmp.path()).unwrap();
+    // Version 1 restored every replica that had promised as one that knew of a choice.
+    let v1 = PromiseRecord {
+        saw_chosen: true,
+        ..Ballot::new(4, 2).into()
+    };
+    assert_eq!(p.record(), v1);
+    p.store(Ballot::new(5, 2)).unwrap();
+    drop(p);
+    assert_eq!(
+        PromiseStore::open(tmp.path()).unwrap().promised(),
+        Ballot::new(5, 2)
+    );
 }
 
 #[test]
