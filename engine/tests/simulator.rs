@@ -62,7 +62,9 @@ fn three_replicas_durable_60_seeds() {
 /// 258 (a lagging follower counted the blank vote of a peer that lost its disk), 527, 577
 /// and 5009 (a blank replica's blankness was not durable: restored after a crash as one
 /// that remembers), 3 with 5 replicas and 88 with 3 durable (first starts wedged by
-/// refusing blank votes: too early, and after a restart that forgot nothing was chosen).
+/// refusing blank votes: too early, and after a restart that forgot nothing was chosen),
+/// 731 with 5 durable (the linearizability search ran for many minutes on calls that never
+/// returned).
 #[test]
 fn seeds_that_once_failed() {
     let cases = [
@@ -72,6 +74,7 @@ fn seeds_that_once_failed() {
         (5009, 5, Durability::Durable),
         (3, 5, Durability::Volatile),
         (88, 3, Durability::Durable),
+        (731, 5, Durability::Durable),
     ];
     for (seed, replicas, durability) in cases {
         let o = Options {
