@@ -534,6 +534,19 @@ impl Core {
             return;
         }
         let decided: Vec<_> = self.actions.drain(queued..).collect();
+        // A stream reset or writer grant queued earlier (while the fence was pending, say
+        // for a Resync of the old ballot) is superseded by the one decided now: run after
+        // it, it would leave the reader on the old stream while the new leader's writes
+        // complete, counted and never read (`ballot-sim --seed 917 --replicas 5`).
+        let resets = decided
+            .iter()
+            .any(|a| matches!(a, Action::ResetRing { .. }));
+        let grants = decided.iter().any(|a| matches!(a, Action::SetWriter(_)));
+        self.actions.retain(|a| match a {
+            Action::ResetRing { .. } => !resets,
+            Action::SetWriter(_) => !grants,
+            _ => true,
+        });
         for a in decided.into_iter().rev() {
             self.actions.push_front(a);
         }
