@@ -7,93 +7,19 @@
 //!
 //! It starts a new cluster, moves money around, restarts the whole cluster from its data
 //! dirs, shows the refusal of a wiped replica started without an initial cluster state, and
-//! rebuilds that replica with `Existing`.
+//! rebuilds that replica with `Existing`. `ledger_cluster` runs the same ledger as three
+//! processes over the TCP fabric.
 
-use ballot::checkpoint::{CheckpointPolicy, CheckpointSource};
-use ballot::driver::StateMachine;
+use ballot::checkpoint::CheckpointPolicy;
 use ballot::mem_fabric::MemNet;
 use ballot::node::{InitialClusterState, Node, NodeBuilder, StartError};
 use ballot::protocol::ProposeError;
-use ballot::Index;
-use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Accounts and balances. Commands: `open NAME AMOUNT`, `move FROM TO AMOUNT`, `read NAME`;
-/// the output is the balance after the command (or `refused`).
-#[derive(Default, Clone)]
-struct Ledger {
-    accounts: BTreeMap<String, u64>,
-}
-
-impl Ledger {
-    fn run(&mut self, cmd: &str) -> Option<u64> {
-        let w: Vec<&str> = cmd.split_whitespace().collect();
-        match w.as_slice() {
-            ["open", name, amount] => {
-                let a = amount.parse().ok()?;
-                self.accounts.insert(name.to_string(), a);
-                Some(a)
-            }
-            ["move", from, to, amount] => {
-                let a: u64 = amount.parse().ok()?;
-                let have = *self.accounts.get(*from)?;
-                self.accounts.get(*to)?;
-                let left = have.checked_sub(a)?;
-                self.accounts.insert(from.to_string(), left);
-                *self.accounts.get_mut(*to)? += a;
-                Some(left)
-            }
-            ["read", name] => self.accounts.get(*name).copied(),
-            _ => None,
-        }
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut out = String::new();
-        for (k, v) in &self.accounts {
-            out.push_str(&format!("{k} {v}\n"));
-        }
-        out.into_bytes()
-    }
-}
-
-impl StateMachine for Ledger {
-    fn apply(&mut self, _index: Index, command: &[u8]) -> Vec<u8> {
-        match std::str::from_utf8(command).ok().and_then(|c| self.run(c)) {
-            Some(v) => v.to_string().into_bytes(),
-            None => b"refused".to_vec(),
-        }
-    }
-
-    fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
-        Some(Box::new(Frozen(self.encode())))
-    }
-
-    fn restore(&mut self, checkpoint: &mut dyn Read) -> io::Result<()> {
-        let mut text = String::new();
-        checkpoint.read_to_string(&mut text)?;
-        let mut accounts = BTreeMap::new();
-        for line in text.lines() {
-            let (k, v) = line
-                .split_once(' ')
-                .and_then(|(k, v)| Some((k, v.parse::<u64>().ok()?)))
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad ledger line"))?;
-            accounts.insert(k.to_string(), v);
-        }
-        self.accounts = accounts;
-        Ok(())
-    }
-}
-
-struct Frozen(Vec<u8>);
-
-impl CheckpointSource for Frozen {
-    fn write_to(&mut self, w: &mut dyn Write) -> io::Result<()> {
-        w.write_all(&self.0)
-    }
-}
+#[path = "common/ledger.rs"]
+mod ledger;
+use ledger::Ledger;
 
 const MEMBERS: [u8; 3] = [0, 1, 2];
 

@@ -5,10 +5,11 @@
 //! directly, and [`crate::runtime`] calls it from a pinned thread.
 
 use crate::checkpoint::{CheckpointPolicy, CheckpointSource, Checkpoints};
+use crate::credit::CreditWatch;
 use crate::fabric::{Completion, Fabric, FabricEvent};
 use crate::layout::{self, CommitCell, ProgressCell};
 use crate::metrics::Metrics;
-use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError};
+use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError, Token};
 use crate::ring::RingReader;
 use crate::storage::StorageError;
 use crate::tickets::TicketMap;
@@ -228,6 +229,8 @@ pub struct Replica<F: Fabric, S: StateMachine> {
     stats: Stats,
     /// Shared with the runtime and an exporter: apply latency measured here.
     metrics: Arc<Metrics>,
+    /// Ring credit stalls, re-derived from the leader's writes and progress cells.
+    credit: CreditWatch,
 }
 
 impl<F: Fabric, S: StateMachine> Replica<F, S> {
@@ -267,12 +270,17 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             ckpt: None,
             stats: Stats::default(),
             metrics: Arc::default(),
+            credit: CreditWatch::new(ring),
         }
+        .with_metrics(Arc::default())
     }
 
     /// Records measurements into `metrics` (shared with whoever exports them) instead of a
-    /// private set.
+    /// private set; the fabric's counters, if it keeps any, are published there.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        if let Some(c) = self.fabric.counters() {
+            let _ = metrics.fabric.set(c);
+        }
         self.metrics = metrics;
         self
     }
@@ -439,6 +447,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         busy |= self.execute();
         busy |= self.checkpoint_turn();
         busy |= self.execute();
+        self.watch_credit();
         if let Err(e) = self.fabric.flush() {
             tracing::warn!(node = self.core.id(), "fabric flush: {e}");
         }
@@ -528,6 +537,32 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         any
     }
 
+    /// Counts the ring credit stalls that begin in this step (`crate::credit`).
+    fn watch_credit(&mut self) {
+        if !self.core.is_leader() {
+            self.credit.clear();
+            return;
+        }
+        let me = self.core.id();
+        let last = self.core.log().last();
+        for &n in &self.core.config().members {
+            let Some(next) = self.credit.next_index(n).filter(|_| n != me) else {
+                continue;
+            };
+            let len = if next <= last {
+                self.core
+                    .log()
+                    .get(next)
+                    .and_then(|s| layout::peek_len(&s.bytes))
+            } else {
+                None
+            };
+            if self.credit.check(n, last, len, self.progress[n as usize]) {
+                self.metrics.ring_credit_stalls[n as usize].add(1);
+            }
+        }
+    }
+
     fn execute(&mut self) -> bool {
         let mut any = false;
         while let Some(a) = self.core.poll_action() {
@@ -556,7 +591,12 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 data,
                 token,
             } => {
-                let token = token.get();
+                if self.core.is_leader() {
+                    let cell = self.progress.get(peer as usize).copied().flatten();
+                    self.credit
+                        .on_write(peer, token, offset, data.as_slice(), cell);
+                }
+                let token: u64 = Token::get(token);
                 if let Err(e) = self.fabric.write(peer, offset, data.as_slice(), token) {
                     self.core.handle_completion(Completion::Write {
                         peer,

@@ -5,6 +5,7 @@
 //! `ballot_tcp::TcpFabric` and `ballot_verbs::RdmaFabric` implement it; the driver cannot
 //! tell them apart, because all of them land the same bytes at the same offsets.
 
+use crate::metrics::FabricCounters;
 use crate::region::Region;
 use crate::types::NodeId;
 use std::sync::Arc;
@@ -190,4 +191,11 @@ pub trait Fabric: Send {
     /// Grants write permission on the local ring to `writer` alone and revokes it from every
     /// other peer. When this returns, no write from a revoked peer can land any more.
     fn set_writer(&mut self, writer: Option<NodeId>) -> Result<(), FabricError>;
+
+    /// The fabric's per-peer counters, readable from other threads, if it keeps them in
+    /// this form (the RDMA fabric does; the TCP fabric exports richer ones of its own).
+    /// The replica publishes them in its [`crate::metrics::Metrics`].
+    fn counters(&self) -> Option<Arc<dyn FabricCounters>> {
+        None
+    }
 }

@@ -70,6 +70,7 @@
 )]
 
 pub mod checkpoint;
+mod credit;
 pub mod driver;
 pub mod fabric;
 pub mod layout;

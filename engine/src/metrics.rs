@@ -5,7 +5,9 @@
 //! lock and no allocation on the hot path. The engine does not format anything; the
 //! `ballot-node` binary turns a [`Metrics`] into Prometheus text.
 
+use crate::types::{NodeId, MAX_NODES};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Buckets of a [`Histogram`]: upper bounds of 1 µs · 2^k for k in `0..BUCKETS - 1` (1 µs
@@ -138,6 +140,48 @@ pub struct Metrics {
     pub pull_bytes: Cell,
     /// 1 while a checkpoint pull is in progress.
     pub pulling: Cell,
+    /// Leader: times replication to a follower stalled for lack of ring credit (an entry
+    /// was ready and the follower's ring had no room for it until it consumed more),
+    /// indexed by the follower's id. Counted by the driver, once per stall
+    /// (`crate::credit`, private: its docs say how).
+    pub ring_credit_stalls: [Cell; MAX_NODES],
+    /// The fabric's own per-peer counters, when it keeps them in [`FabricCounters`] form
+    /// ([`crate::fabric::Fabric::counters`]); set when the replica is built.
+    pub fabric: OnceLock<Arc<dyn FabricCounters>>,
+}
+
+/// One peer's counters of a fabric, in the terms every fabric that keeps them shares (the
+/// exporter names them like the TCP fabric's: `ballot_fabric_*{peer}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FabricPeerCounters {
+    /// Whether the connection to the peer is up now.
+    pub connected: bool,
+    /// Bytes posted to the peer: one-sided writes and reads, control messages.
+    pub sent_bytes: u64,
+    /// Bytes of control messages received from the peer (one-sided writes into this
+    /// replica's region are not seen by its CPU, so not counted).
+    pub received_bytes: u64,
+    /// Times the connection to the peer broke.
+    pub disconnects: u64,
+    /// Operations to the peer that completed with an error (refused, broken connection).
+    pub failed_operations: u64,
+    /// Times the connection to the peer was re-established (reconnected, or the peer
+    /// restarted and bootstrapped again).
+    pub reconnects: u64,
+    /// Posts refused because the queue or the staging buffer to the peer was full (the
+    /// caller retries: back-pressure, not an error).
+    pub busy: u64,
+}
+
+/// A fabric's counters, read by an exporter on any thread while the fabric runs in the
+/// replica.
+pub trait FabricCounters: Send + Sync + std::fmt::Debug {
+    /// The fabric's name (`rdma`, ...).
+    fn name(&self) -> &'static str;
+    /// The counters of the connection with `peer` (zero for an unknown peer).
+    fn peer(&self, peer: NodeId) -> FabricPeerCounters;
+    /// Connection set-ups refused (wrong key, cluster or node id), either side.
+    fn refused_handshakes(&self) -> u64;
 }
 
 #[cfg(test)]

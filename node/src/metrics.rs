@@ -2,11 +2,12 @@
 //! Prometheus (OpenMetrics) text format and `GET /health`, 200 only with a known leader
 //! and nothing stuck. The metrics are read at scrape time from what the replica already
 //! publishes (its [`Handle`]'s status and [`ballot::metrics::Metrics`] atomics, the TCP
-//! fabric's counters): the replica thread pays nothing for a scrape. The list, with each
+//! fabric's counters, the RDMA fabric's through [`ballot::metrics::FabricCounters`]): the
+//! replica thread pays nothing for a scrape. The list, with each
 //! metric's meaning, is in docs/operations.md.
 
 use crate::error::NodeError;
-use ballot::metrics::{Histogram, HistogramSnapshot, Metrics};
+use ballot::metrics::{FabricCounters, FabricPeerCounters, Histogram, HistogramSnapshot, Metrics};
 use ballot::runtime::{Handle, Role, Status};
 use ballot_tcp::{PeerStats, Stats as TcpStats, StatsReader};
 use prometheus_client::collector::Collector;
@@ -32,7 +33,8 @@ const ROLES: [Role; 5] = [
 #[derive(Clone)]
 pub struct Sources {
     pub handle: Handle,
-    /// The TCP fabric's counters (`None` with the RDMA fabric, which keeps none).
+    /// The TCP fabric's counters (`None` with the RDMA fabric, whose counters the replica
+    /// publishes in its `Metrics::fabric`).
     pub fabric: Option<StatsReader>,
     /// The other replicas' ids.
     pub peers: Vec<u8>,
@@ -196,6 +198,29 @@ const FABRIC: &[Row<TcpStats, u64>] = &[
         Kind::Counter, |t| t.denied_writes),
 ];
 
+/// The per-peer counters of a fabric that publishes them through the engine
+/// ([`FabricCounters`]: the RDMA fabric), named like the TCP fabric's where they mean the
+/// same (label `peer`).
+#[rustfmt::skip]
+const ENGINE_PER_PEER: &[Row<FabricPeerCounters, u64>] = &[
+    ("ballot_fabric_peer_connected", "1 while the connection (RDMA: data and control QPs) to the peer is up",
+        Kind::Gauge, |p| u64::from(p.connected)),
+    ("ballot_fabric_sent_bytes", "Bytes posted to the peer (RDMA: one-sided WRITEs and control messages)",
+        Kind::Counter, |p| p.sent_bytes),
+    ("ballot_fabric_received_bytes",
+        "Bytes received from the peer (RDMA: control messages and READ responses; its one-sided writes are not seen)",
+        Kind::Counter, |p| p.received_bytes),
+    ("ballot_fabric_disconnects", "Times the connection (RDMA: the data QP) to the peer broke",
+        Kind::Counter, |p| p.disconnects),
+    ("ballot_fabric_failed_operations", "Operations to the peer completed with an error",
+        Kind::Counter, |p| p.failed_operations),
+    ("ballot_fabric_reconnects",
+        "Times the connection to the peer was re-established (RDMA: data QP reconnect, or the peer re-bootstrapped)",
+        Kind::Counter, |p| p.reconnects),
+    ("ballot_fabric_busy_posts", "Posts to the peer refused because its queue or staging buffer was full",
+        Kind::Counter, |p| p.busy),
+];
+
 /// Writes one sample of a counter or gauge (after its descriptor, or a label set).
 fn sample(m: &mut MetricEncoder, kind: Kind, v: i64) -> std::fmt::Result {
     match kind {
@@ -272,11 +297,55 @@ impl Collector for Exporter {
                 histogram(&mut e, name, help, &which(m).snapshot())?;
             }
         }
+        encode_credit_stalls(&mut e, m, &s.peers)?;
         if let Some(f) = &s.fabric {
             encode_fabric(&mut e, f, &s.peers)?;
+        } else if let Some(f) = m.fabric.get() {
+            encode_fabric_counters(&mut e, f.as_ref(), &s.peers)?;
         }
         Ok(())
     }
+}
+
+fn encode_credit_stalls(e: &mut DescriptorEncoder, m: &Metrics, peers: &[u8]) -> std::fmt::Result {
+    let mut d = descriptor(
+        e,
+        "ballot_ring_credit_stalls",
+        "Leader: times replication to the peer stalled because its ring had no room for the next entry (flow-control credit), counted once per stall",
+        Kind::Counter,
+    )?;
+    for &p in peers {
+        let v = m.ring_credit_stalls.get(p as usize).map_or(0, |c| c.get());
+        let labels = [("peer", p.to_string())];
+        sample(&mut d.encode_family(&labels)?, Kind::Counter, v as i64)?;
+    }
+    Ok(())
+}
+
+/// The counters of a fabric that publishes them through the engine (the RDMA fabric).
+fn encode_fabric_counters(
+    e: &mut DescriptorEncoder,
+    f: &dyn FabricCounters,
+    peers: &[u8],
+) -> std::fmt::Result {
+    let stats: Vec<(u8, FabricPeerCounters)> = peers.iter().map(|&p| (p, f.peer(p))).collect();
+    for (name, help, kind, read) in ENGINE_PER_PEER {
+        let mut d = descriptor(e, name, help, *kind)?;
+        for (p, ps) in &stats {
+            let labels = [("peer", p.to_string())];
+            sample(&mut d.encode_family(&labels)?, *kind, read(ps) as i64)?;
+        }
+    }
+    sample(
+        &mut descriptor(
+            e,
+            "ballot_fabric_refused_handshakes",
+            "Handshakes refused, either side (wrong key, cluster or id; too many connections)",
+            Kind::Counter,
+        )?,
+        Kind::Counter,
+        f.refused_handshakes() as i64,
+    )
 }
 
 fn encode_fabric(e: &mut DescriptorEncoder, f: &StatsReader, peers: &[u8]) -> std::fmt::Result {
@@ -409,6 +478,95 @@ mod tests {
             checkpoint: 0,
             checkpoints_installed: 0,
         }
+    }
+
+    /// A fabric publishing its counters through the engine, as the RDMA fabric does.
+    #[derive(Debug)]
+    struct Fake;
+    impl FabricCounters for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn peer(&self, peer: u8) -> FabricPeerCounters {
+            FabricPeerCounters {
+                connected: peer == 1,
+                sent_bytes: 1000 + u64::from(peer),
+                received_bytes: 7,
+                disconnects: 2,
+                failed_operations: 3,
+                reconnects: 4,
+                busy: 5,
+            }
+        }
+        fn refused_handshakes(&self) -> u64 {
+            9
+        }
+    }
+
+    struct Collect(Box<dyn Fn(&mut DescriptorEncoder) -> std::fmt::Result + Send + Sync>);
+    impl std::fmt::Debug for Collect {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Collect")
+        }
+    }
+    impl Collector for Collect {
+        fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+            (self.0)(&mut e)
+        }
+    }
+    fn text(c: Collect) -> String {
+        let mut reg = Registry::default();
+        reg.register_collector(Box::new(c));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        out
+    }
+
+    #[test]
+    fn engine_fabric_counters_are_exported_per_peer() {
+        let t = text(Collect(Box::new(|e| {
+            encode_fabric_counters(e, &Fake, &[1, 2])
+        })));
+        for line in [
+            r#"ballot_fabric_peer_connected{peer="1"} 1"#,
+            r#"ballot_fabric_peer_connected{peer="2"} 0"#,
+            r#"ballot_fabric_sent_bytes_total{peer="2"} 1002"#,
+            r#"ballot_fabric_received_bytes_total{peer="1"} 7"#,
+            r#"ballot_fabric_disconnects_total{peer="1"} 2"#,
+            r#"ballot_fabric_failed_operations_total{peer="1"} 3"#,
+            r#"ballot_fabric_reconnects_total{peer="2"} 4"#,
+            r#"ballot_fabric_busy_posts_total{peer="2"} 5"#,
+            "ballot_fabric_refused_handshakes_total 9",
+        ] {
+            assert!(t.contains(line), "{line} missing from:\n{t}");
+        }
+        // The RDMA fabric's own counters, as a fresh fabric has them.
+        let rdma = ballot_verbs::RdmaCounters::default();
+        let t = text(Collect(Box::new(move |e| {
+            encode_fabric_counters(e, &rdma, &[0])
+        })));
+        assert!(
+            t.contains(r#"ballot_fabric_sent_bytes_total{peer="0"} 0"#),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn credit_stalls_are_exported_per_peer() {
+        let m = Metrics::default();
+        m.ring_credit_stalls[2].add(3);
+        let m = Arc::new(m);
+        let t = text(Collect(Box::new(move |e| {
+            encode_credit_stalls(e, &m, &[0, 2])
+        })));
+        assert!(
+            t.contains(r#"ballot_ring_credit_stalls_total{peer="0"} 0"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"ballot_ring_credit_stalls_total{peer="2"} 3"#),
+            "{t}"
+        );
     }
 
     #[test]

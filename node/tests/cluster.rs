@@ -1805,6 +1805,14 @@ fn metrics_move_with_the_workload_and_health_follows_the_leader() {
     let f = (l + 1) % 3;
     let peer = format!("ballot_fabric_sent_bytes_total{{peer=\"{f}\"}}");
     assert!(sample(&m, &peer) > 0.0, "{m}");
+    // Ring credit stalls are exported per follower. (The in-process test in
+    // engine/tests/metrics.rs makes one happen. Provoking one here, by SIGSTOPping a
+    // follower under ten concurrent 1 MiB puts, counted a stall within 10 s in 2 runs of
+    // 5: the other follower stopped following and nothing committed; see docs/status.md.)
+    for to in [f, (l + 2) % 3] {
+        let series = format!("ballot_ring_credit_stalls_total{{peer=\"{to}\"}}");
+        assert!(sample(&m, &series) >= 0.0, "{m}");
+    }
     assert_eq!(http_get(ports[l], "/nothing").map(|(c, _)| c), Some(404));
     // The leader and one more die: the survivor knows no leader and says so.
     cl.kill9(l);

@@ -21,6 +21,7 @@ use crate::verbs::*;
 use crate::wr::{RecvList, Remote, SendList};
 use ballot::fabric::{Completion, Fabric, FabricError, FabricEvent, MAX_CONTROL};
 use ballot::layout::{self, WriteTarget};
+use ballot::metrics::{FabricCounters, FabricPeerCounters};
 use ballot::region::Region;
 use ballot::NodeId;
 use std::collections::VecDeque;
@@ -65,6 +66,87 @@ fn split_wr_id(id: u64) -> (u64, NodeId, u8, u64) {
 }
 fn same_seq(full: u64, low: u64) -> bool {
     full & ((1 << 54) - 1) == low
+}
+
+/// The RDMA fabric's counters, per peer, readable from any thread while the fabric runs in
+/// the replica ([`RdmaFabric::counters`]; the replica publishes them through
+/// [`Fabric::counters`] as [`FabricCounters`], which `ballot-node` exports). Every update is
+/// a relaxed atomic add on a path that already does more (a post, a completion, a
+/// reconnect); `connected` is refreshed once per `poll`.
+#[derive(Debug, Default)]
+pub struct RdmaCounters {
+    peer: [RdmaPeerCells; ballot::MAX_NODES],
+    /// Bootstrap connections refused (bad key, cluster or node id), shared with the
+    /// bootstrap listener thread.
+    refused: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Default)]
+struct RdmaPeerCells {
+    connected: AtomicBool,
+    sent_bytes: AtomicU64,
+    received_bytes: AtomicU64,
+    disconnects: AtomicU64,
+    failed_operations: AtomicU64,
+    reconnects: AtomicU64,
+    busy: AtomicU64,
+}
+
+impl RdmaCounters {
+    fn new(refused: Arc<AtomicU64>) -> Self {
+        RdmaCounters {
+            refused,
+            ..RdmaCounters::default()
+        }
+    }
+    fn add(&self, peer: NodeId, which: fn(&RdmaPeerCells) -> &AtomicU64, n: u64) {
+        if let Some(c) = self.peer.get(peer as usize) {
+            which(c).fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    fn set_connected(&self, peer: NodeId, up: bool) {
+        if let Some(c) = self.peer.get(peer as usize) {
+            c.connected.store(up, Ordering::Relaxed);
+        }
+    }
+    /// Counts a post refused for lack of room (`Busy`).
+    fn note(&self, peer: NodeId, r: &Result<(), FabricError>) {
+        if matches!(r, Err(FabricError::Busy)) {
+            self.add(peer, |c| &c.busy, 1);
+        }
+    }
+}
+
+impl FabricCounters for RdmaCounters {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+    /// `sent_bytes`: bytes of one-sided WRITEs and control messages posted to the peer
+    /// (data and control QPs); `received_bytes`: bytes of control messages received from
+    /// it and of READ responses (its one-sided writes into this region are invisible to
+    /// this CPU); `disconnects`: times the data QP to it broke (an error completion, a
+    /// failed post, a reset by a fence, a reconnect or its restart); `failed_operations`:
+    /// WRITEs, READs and progress-cell writes completed with an error; `reconnects`: data
+    /// QP reconnects and re-bootstraps of a restarted peer; `busy`: posts refused because
+    /// its send queue or staging ring was full.
+    fn peer(&self, peer: NodeId) -> FabricPeerCounters {
+        let Some(c) = self.peer.get(peer as usize) else {
+            return FabricPeerCounters::default();
+        };
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FabricPeerCounters {
+            connected: c.connected.load(Ordering::Relaxed),
+            sent_bytes: g(&c.sent_bytes),
+            received_bytes: g(&c.received_bytes),
+            disconnects: g(&c.disconnects),
+            failed_operations: g(&c.failed_operations),
+            reconnects: g(&c.reconnects),
+            busy: g(&c.busy),
+        }
+    }
+    fn refused_handshakes(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +252,7 @@ struct Peer {
     reasm_kind: u8,
     reasm_total: usize,
     ctrl_broken: Option<FabricError>,
+    counters: Arc<RdmaCounters>,
 }
 
 /// What building a peer's QPs and MRs needs.
@@ -186,6 +269,7 @@ struct Shared {
     cluster: u64,
     max_outstanding: usize,
     staging_bytes: usize,
+    counters: Arc<RdmaCounters>,
 }
 
 pub struct RdmaFabric {
@@ -308,7 +392,10 @@ impl RdmaFabric {
             Access::REMOTE_RW,
         )
         .map_err(fe)?;
+        // Shared by every peer; the bootstrap listener counts its refusals into `refused`.
+        let refused = Arc::new(AtomicU64::new(0));
         let shared = Shared {
+            counters: Arc::new(RdmaCounters::new(refused.clone())),
             ctx,
             pd,
             cq,
@@ -358,7 +445,6 @@ impl RdmaFabric {
         }
         let (tx, rx) = mpsc::channel();
         let stop_listener = Arc::new(AtomicBool::new(false));
-        let refused = Arc::new(AtomicU64::new(0));
         bootstrap::spawn_listener(
             listener,
             auth,
@@ -490,6 +576,7 @@ impl RdmaFabric {
             reasm_kind: 0,
             reasm_total: 0,
             ctrl_broken: None,
+            counters: sh.counters.clone(),
         })
     }
 
@@ -565,6 +652,7 @@ impl RdmaFabric {
         let mut old = old;
         Self::fail_data(&mut old, &mut self.events, FabricError::Disconnected(p));
         while let Some((_, token)) = old.ctrl_writes.pop_front() {
+            old.counters.add(p, |c| &c.failed_operations, 1);
             self.events
                 .push_back(FabricEvent::Completion(Completion::Write {
                     peer: p,
@@ -574,6 +662,7 @@ impl RdmaFabric {
         }
         self.retry[p as usize] = None;
         self.rebootstraps += 1;
+        self.shared.counters.add(p, |c| &c.reconnects, 1);
         Ok(())
     }
 
@@ -710,6 +799,9 @@ impl RdmaFabric {
             len,
             stage_end: end,
         });
+        if matches!(op, Op::Write) {
+            peer.counters.add(peer.id, |c| &c.sent_bytes, len as u64);
+        }
         Ok(())
     }
 
@@ -738,11 +830,19 @@ impl RdmaFabric {
         }
         peer.stage_tail = peer.stage_head;
         if peer.broken.is_none() {
+            peer.counters.add(peer.id, |c| &c.disconnects, 1);
             peer.broken = Some(err);
         }
     }
 
     fn completion(peer: &Peer, p: Pending, result: Result<(), FabricError>) -> FabricEvent {
+        match (&result, p.op) {
+            (Err(_), _) => peer.counters.add(peer.id, |c| &c.failed_operations, 1),
+            (Ok(()), Op::Read) => peer
+                .counters
+                .add(peer.id, |c| &c.received_bytes, p.len as u64),
+            (Ok(()), Op::Write) => {}
+        }
         FabricEvent::Completion(match p.op {
             Op::Write => Completion::Write {
                 peer: peer.id,
@@ -813,6 +913,10 @@ impl RdmaFabric {
         }
         // Control messages go out at once: they are rare and latency matters more.
         let r = peer.ctrl.post_send(&mut peer.ctrl_list);
+        if r.is_ok() {
+            peer.counters
+                .add(peer.id, |c| &c.sent_bytes, msg.len() as u64);
+        }
         r.map_err(|e| {
             let err = FabricError::from(e);
             peer.ctrl_broken = Some(err.clone());
@@ -855,6 +959,8 @@ impl RdmaFabric {
             )
             .map_err(fe)?;
         peer.ctrl_writes.push_back((peer.ctrl_seq, token));
+        peer.counters
+            .add(peer.id, |c| &c.sent_bytes, data.len() as u64);
         Ok(())
     }
 
@@ -922,6 +1028,7 @@ impl RdmaFabric {
             }
             peer.ctrl_writes.pop_front();
             let result = if s == seq && !wc.ok() {
+                peer.counters.add(peer.id, |c| &c.failed_operations, 1);
                 Err(wc_to_fabric(wc.status, true, peer.id))
             } else {
                 Ok(())
@@ -950,6 +1057,8 @@ impl RdmaFabric {
         {
             let peer = &mut self.peers[i];
             let len = (wc.byte_len as usize).min(FRAG);
+            peer.counters
+                .add(peer.id, |c| &c.received_bytes, len as u64);
             let mut hdr = [0u8; FRAG_HDR];
             if len >= FRAG_HDR && peer.recv_buf.copy_out(slot * FRAG, &mut hdr).is_ok() {
                 let total = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
@@ -1042,6 +1151,7 @@ impl RdmaFabric {
             .map_err(fe)?;
         peer.reconnect_epoch = epoch;
         peer.broken = None;
+        peer.counters.add(peer.id, |c| &c.reconnects, 1);
         Ok(())
     }
 
@@ -1073,15 +1183,14 @@ impl Drop for RdmaFabric {
     }
 }
 
-impl Fabric for RdmaFabric {
-    fn node(&self) -> NodeId {
-        self.node
-    }
-    fn region(&self) -> &Arc<Region> {
-        &self.region
+impl RdmaFabric {
+    /// The fabric's per-peer counters (also published through [`Fabric::counters`]).
+    pub fn rdma_counters(&self) -> Arc<RdmaCounters> {
+        self.shared.counters.clone()
     }
 
-    fn write(
+    /// `Fabric::write` before its counting.
+    fn write_to(
         &mut self,
         peer: NodeId,
         offset: usize,
@@ -1111,7 +1220,8 @@ impl Fabric for RdmaFabric {
         }
     }
 
-    fn read(
+    /// `Fabric::read` before its counting.
+    fn read_from(
         &mut self,
         peer: NodeId,
         offset: usize,
@@ -1130,6 +1240,39 @@ impl Fabric for RdmaFabric {
         };
         self.push_data(i, Op::Read, token, remote, None, len)
     }
+}
+
+impl Fabric for RdmaFabric {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+    fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+
+    fn write(
+        &mut self,
+        peer: NodeId,
+        offset: usize,
+        data: &[u8],
+        token: u64,
+    ) -> Result<(), FabricError> {
+        let r = self.write_to(peer, offset, data, token);
+        self.shared.counters.note(peer, &r);
+        r
+    }
+
+    fn read(
+        &mut self,
+        peer: NodeId,
+        offset: usize,
+        len: usize,
+        token: u64,
+    ) -> Result<(), FabricError> {
+        let r = self.read_from(peer, offset, len, token);
+        self.shared.counters.note(peer, &r);
+        r
+    }
 
     fn send(&mut self, peer: NodeId, msg: &[u8]) -> Result<(), FabricError> {
         if msg.len() > MAX_CONTROL {
@@ -1139,7 +1282,13 @@ impl Fabric for RdmaFabric {
             });
         }
         let i = self.peer_index(peer)?;
-        self.send_ctrl(i, MSG_USER, msg)
+        let r = self.send_ctrl(i, MSG_USER, msg);
+        self.shared.counters.note(peer, &r);
+        r
+    }
+
+    fn counters(&self) -> Option<Arc<dyn FabricCounters>> {
+        Some(self.shared.counters.clone())
     }
 
     fn flush(&mut self) -> Result<(), FabricError> {
@@ -1152,11 +1301,14 @@ impl Fabric for RdmaFabric {
     fn poll(&mut self, out: &mut Vec<FabricEvent>) -> usize {
         self.maintain();
         self.progress();
+        for p in &self.peers {
+            let up = p.broken.is_none() && p.ctrl_broken.is_none();
+            p.counters.set_connected(p.id, up);
+        }
         let n = self.events.len();
         out.extend(self.events.drain(..));
         n
     }
-
     fn set_writer(&mut self, writer: Option<NodeId>) -> Result<(), FabricError> {
         // `Some(self)`: this node leads, so no peer may write its ring.
         match writer {
@@ -1187,5 +1339,56 @@ impl Fabric for RdmaFabric {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The counters as an exporter reads them (no device needed: the fabric's paths that
+    /// update them run only on RDMA, in the Soft-RoCE guest).
+    #[test]
+    fn counters_read_back_per_peer_through_fabric_counters() {
+        let refused = Arc::new(AtomicU64::new(0));
+        let c = RdmaCounters::new(refused.clone());
+        c.add(1, |c| &c.sent_bytes, 100);
+        c.add(1, |c| &c.sent_bytes, 28);
+        c.add(1, |c| &c.received_bytes, 64);
+        c.add(2, |c| &c.disconnects, 1);
+        c.add(2, |c| &c.failed_operations, 3);
+        c.add(2, |c| &c.reconnects, 1);
+        c.set_connected(1, true);
+        c.note(2, &Err(FabricError::Busy));
+        c.note(2, &Err(FabricError::Disconnected(2)));
+        c.note(2, &Ok(()));
+        // An id past the table is ignored, and reads as zero.
+        c.add(200, |c| &c.sent_bytes, 1);
+        refused.fetch_add(2, Ordering::Relaxed);
+
+        let f: Arc<dyn FabricCounters> = Arc::new(c);
+        assert_eq!(f.name(), "rdma");
+        assert_eq!(
+            f.peer(1),
+            FabricPeerCounters {
+                connected: true,
+                sent_bytes: 128,
+                received_bytes: 64,
+                ..FabricPeerCounters::default()
+            }
+        );
+        assert_eq!(
+            f.peer(2),
+            FabricPeerCounters {
+                connected: false,
+                disconnects: 1,
+                failed_operations: 3,
+                reconnects: 1,
+                busy: 1,
+                ..FabricPeerCounters::default()
+            }
+        );
+        assert_eq!(f.peer(200), FabricPeerCounters::default());
+        assert_eq!(f.refused_handshakes(), 2);
     }
 }

@@ -17,7 +17,7 @@ pub mod verbs;
 pub mod wr;
 
 pub use error::VerbsError;
-pub use fabric::{RdmaConfig, RdmaFabric};
+pub use fabric::{RdmaConfig, RdmaCounters, RdmaFabric};
 
 /// For binaries that have no `tracing` subscriber of their own: prints this crate's
 /// diagnostics (refused bootstrap connections, re-bootstraps, data-QP reconnects) on
