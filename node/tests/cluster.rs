@@ -1989,9 +1989,9 @@ fn a_follower_keeps_following_while_the_other_is_stopped_under_large_writes() {
         cl.children[l].as_ref().unwrap().id()
     );
     cl.signal(stopped, libc::SIGSTOP);
-    let bound = Duration::from_secs(
-        std::env::var("STOP_BOUND_SECS").map_or(4, |s| s.parse().unwrap()),
-    );
+    // Per put; STOP_BOUND_SECS raises it to watch a stall play out (with NODE_LOG=debug).
+    let bound =
+        Duration::from_secs(std::env::var("STOP_BOUND_SECS").map_or(4, |s| s.parse().unwrap()));
     let mut cfg = ClientConfig::new(cl.addrs());
     cfg.deadline = bound;
     cfg.attempt_timeout = Duration::from_secs(2);
@@ -2025,7 +2025,11 @@ fn a_follower_keeps_following_while_the_other_is_stopped_under_large_writes() {
     );
     // Nothing deposed the leader: the other follower still follows it.
     let s = cl.status(other).expect("the other follower answers");
-    assert_eq!((s.role.as_str(), s.leader), ("follower", Some(l as u8)), "{s:?}");
+    assert_eq!(
+        (s.role.as_str(), s.leader),
+        ("follower", Some(l as u8)),
+        "{s:?}"
+    );
     assert_eq!(cl.leader(), l);
     cl.signal(stopped, libc::SIGCONT);
     cl.wait_serving("after SIGCONT");

@@ -909,7 +909,8 @@ impl Fabric for TcpFabric {
         if st.conn.is_none() {
             return Err(FabricError::Disconnected(peer));
         }
-        if st.unsent() > 0 && st.unsent() + HEADER_LEN + msg.len() > self.shared.tuning.max_unflushed
+        if st.unsent() > 0
+            && st.unsent() + HEADER_LEN + msg.len() > self.shared.tuning.max_unflushed
         {
             return Err(FabricError::Busy);
         }

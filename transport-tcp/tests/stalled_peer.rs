@@ -45,8 +45,7 @@ fn flush_never_blocks_on_a_peer_that_stopped_reading() {
     let mut c0 = config(0, CLUSTER, KEY, &peers);
     c0.tuning.write_timeout = Duration::from_secs(2);
     let mut f0 = TcpFabric::start_with_listener(c0, l0).unwrap();
-    let mut f2 =
-        TcpFabric::start_with_listener(config(2, CLUSTER, KEY, &peers), l2).unwrap();
+    let mut f2 = TcpFabric::start_with_listener(config(2, CLUSTER, KEY, &peers), l2).unwrap();
     wait_until("node 0 connected to both", || {
         f0.is_connected(1) && f0.is_connected(2)
     });
@@ -57,7 +56,8 @@ fn flush_never_blocks_on_a_peer_that_stopped_reading() {
     let mut slowest = Duration::ZERO;
     for k in 0..24u64 {
         f0.write(1, RING_OFFSET, &big, 100 + k).unwrap();
-        f0.write(2, RING_OFFSET, &k.to_le_bytes(), 1000 + k).unwrap();
+        f0.write(2, RING_OFFSET, &k.to_le_bytes(), 1000 + k)
+            .unwrap();
         let t = Instant::now();
         f0.flush().unwrap();
         slowest = slowest.max(t.elapsed());
