@@ -182,6 +182,8 @@ pub trait Fabric: Send {
     fn send(&mut self, peer: NodeId, msg: &[u8]) -> Result<(), FabricError>;
 
     /// Makes everything posted so far go out (one doorbell / one system call per peer).
+    /// Never blocks, whatever a peer does: a peer that stops taking bytes (a stopped
+    /// process) must not stall the caller, whose heartbeat and answers would stop too.
     fn flush(&mut self) -> Result<(), FabricError>;
 
     /// Appends what happened since the last call to `out`, without blocking. Returns the

@@ -74,7 +74,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use throttle::{Throttle, Throttles};
@@ -86,8 +86,9 @@ pub struct Tuning {
     /// WRITE + READ operations per peer posted and not yet completed; beyond it, posting
     /// returns [`FabricError::Busy`].
     pub max_outstanding: usize,
-    /// Bytes per peer posted and not yet flushed; beyond it, posting returns `Busy` (a
-    /// single frame larger than this is accepted into an empty buffer).
+    /// Bytes per peer posted and not yet sent (unflushed, or flushed and waiting for the
+    /// peer to take them); beyond it, posting returns `Busy` (a single frame larger than
+    /// this is accepted when nothing waits).
     pub max_unflushed: usize,
     /// Largest READ one may post (also bounds the READ_RESP frames this side accepts).
     pub max_read: usize,
@@ -99,7 +100,8 @@ pub struct Tuning {
     pub connect_timeout: Duration,
     /// Time a peer has to complete the handshake.
     pub handshake_timeout: Duration,
-    /// A flush (or a receiver's response) blocked this long treats the peer as dead.
+    /// A peer that takes no bytes of ours for this long (a flush's backlog stuck, or a
+    /// receiver's response blocked) is treated as dead: the connection is dropped.
     pub write_timeout: Duration,
     /// Warnings that repeat while a fault lasts (a peer unreachable, a handshake refused)
     /// are logged at most once per this period per peer (or remote address), with the
@@ -373,6 +375,20 @@ struct LinkState {
     pending: VecDeque<Pending>,
     /// Frames posted and not yet flushed.
     buf: Vec<u8>,
+    /// Frames flushed that the socket did not take at once (the peer reads slowly, or not
+    /// at all: stopped), in order; the link's sender thread pushes them. While it is not
+    /// empty, or the sender is pushing, flushes append here rather than write, to keep
+    /// the order. They belong to the current connection (cleared with it).
+    backlog: Vec<u8>,
+    /// Bytes the sender thread took from `backlog` and is pushing now.
+    sending: usize,
+}
+
+impl LinkState {
+    /// Bytes posted and not yet handed to the kernel.
+    fn unsent(&self) -> usize {
+        self.buf.len() + self.backlog.len() + self.sending
+    }
 }
 
 /// The outbound side towards one peer: our WRITE/READ/CONTROL frames go out on this
@@ -381,6 +397,8 @@ struct Link {
     peer: NodeId,
     addr: SocketAddr,
     state: Mutex<LinkState>,
+    /// Wakes the sender thread: a backlog to push, or the fabric stopping.
+    wake: Condvar,
 }
 
 fn status_result(peer: NodeId, s: Status) -> Result<(), FabricError> {
@@ -408,6 +426,81 @@ fn push_all(s: &TcpStream, buf: &[u8], stats: &StatCells, peer: NodeId) -> io::R
         }
     }
     Ok(())
+}
+
+/// Pushes as much of `buf` as the socket takes now, without blocking: the number of bytes
+/// written (all of them, normally; fewer when the peer's side is full).
+fn push_some(s: &TcpStream, buf: &[u8], stats: &StatCells, peer: NodeId) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    #[cfg(target_os = "linux")]
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    #[cfg(not(target_os = "linux"))]
+    let flags = libc::MSG_DONTWAIT;
+    let mut at = 0;
+    while at < buf.len() {
+        let rest = &buf[at..];
+        // SAFETY: send(2) on a socket we own, reading `rest.len()` bytes of a live slice.
+        let n = unsafe { libc::send(s.as_raw_fd(), rest.as_ptr().cast(), rest.len(), flags) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => break,
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bump(&stats.send_syscalls, 1);
+        bump(&stats.of(peer).bytes_sent, n as u64);
+        at += n as usize;
+    }
+    Ok(at)
+}
+
+/// The link's sender: pushes the backlog that flushes left (the socket was full), blocking
+/// up to `write_timeout` per push, so that the caller of [`Fabric::flush`] never blocks on a
+/// peer that stopped reading. A push that fails or times out drops the connection (the
+/// link thread then fails what is outstanding and redials).
+fn sender_thread(sh: Arc<Shared>, link: Arc<Link>) {
+    loop {
+        let (conn, chunk) = {
+            let mut st = lock(&link.state);
+            loop {
+                if sh.stopped() {
+                    return;
+                }
+                if !st.backlog.is_empty() && st.conn.is_some() {
+                    break;
+                }
+                st = link
+                    .wake
+                    .wait_timeout(st, Duration::from_millis(200))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            let chunk = std::mem::take(&mut st.backlog);
+            st.sending = chunk.len();
+            (st.conn.clone().expect("checked above"), chunk)
+        };
+        let r = push_all(&conn, &chunk, &sh.stats, link.peer);
+        let mut st = lock(&link.state);
+        st.sending = 0;
+        if st.backlog.is_empty() && st.backlog.capacity() < chunk.capacity() {
+            st.backlog = chunk; // keep the allocation
+            st.backlog.clear();
+        }
+        drop(st);
+        if let Err(e) = r {
+            if !sh.stopped() {
+                warn!(node = sh.node, peer = link.peer, addr = %link.addr, error = %e,
+                      "peer takes nothing (send timed out or failed); dropping connection");
+            }
+            // The link thread sees the shutdown and fails what is outstanding.
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 /// An input buffer: bytes `[start, end)` are received and not yet decoded.
@@ -470,11 +563,16 @@ impl InBuf {
 /// thread per inbound connection (the "NIC": blocks in `read` on its socket, applies each
 /// batch of frames to the region, answers the whole batch with one `write`), and one
 /// thread per peer for the outbound connection (dials with back-off, authenticates, then
-/// blocks in `read` for completions). All of them sleep in the kernel when idle; none
+/// blocks in `read` for completions), and one sender thread per peer (pushes what a flush
+/// could not: see below). All of them sleep in the kernel when idle; none
 /// spins. The handle itself is driven by the caller's thread: [`Fabric::write`],
 /// [`Fabric::read`] and [`Fabric::send`] only encode frames into a per-peer buffer,
-/// [`Fabric::flush`] pushes each peer's buffer with one system call, and [`Fabric::poll`]
-/// never blocks (it drains a channel that the reader threads feed in batches). A caller
+/// [`Fabric::flush`] pushes each peer's buffer with one non-blocking system call (what
+/// the socket does not take, a peer that reads slowly or is stopped, is left to that
+/// peer's sender thread, and later flushes to it queue behind), and [`Fabric::poll`]
+/// never blocks (it drains a channel that the reader threads feed in batches). So no
+/// peer can block the caller: a replica whose flush blocked on a stopped follower stopped
+/// its heartbeat and its answers too. A caller
 /// that wants to sleep rather than spin when nothing happens uses
 /// [`TcpFabric::wait_for_events`] (spin-then-park). A completion arrives ~one loopback
 /// round trip after the flush; when the receiving thread sleeps that round trip includes
@@ -566,8 +664,13 @@ impl TcpFabric {
                 peer,
                 addr,
                 state: Mutex::new(LinkState::default()),
+                wake: Condvar::new(),
             });
             links.insert(peer, link.clone());
+            let (sh, l) = (shared.clone(), link.clone());
+            std::thread::Builder::new()
+                .name(format!("tcp-send-{}-{}", shared.node, peer))
+                .spawn(move || sender_thread(sh, l))?;
             let (sh, stop) = (shared.clone(), stop_rx.clone());
             std::thread::Builder::new()
                 .name(format!("tcp-link-{}-{}", shared.node, peer))
@@ -732,7 +835,7 @@ impl TcpFabric {
                 _ => 0,
             };
         if st.pending.len() >= t.max_outstanding
-            || (!st.buf.is_empty() && st.buf.len() + size > t.max_unflushed)
+            || (st.unsent() > 0 && st.unsent() + size > t.max_unflushed)
         {
             return Err(FabricError::Busy);
         }
@@ -806,8 +909,8 @@ impl Fabric for TcpFabric {
         if st.conn.is_none() {
             return Err(FabricError::Disconnected(peer));
         }
-        if !st.buf.is_empty()
-            && st.buf.len() + HEADER_LEN + msg.len() > self.shared.tuning.max_unflushed
+        if st.unsent() > 0
+            && st.unsent() + HEADER_LEN + msg.len() > self.shared.tuning.max_unflushed
         {
             return Err(FabricError::Busy);
         }
@@ -815,20 +918,47 @@ impl Fabric for TcpFabric {
         Ok(())
     }
 
+    /// Never blocks: what the socket does not take at once (a peer that reads slowly, or
+    /// is stopped) goes to the link's sender thread, and later flushes to that peer queue
+    /// behind it. A caller blocked here for a stopped peer stopped its whole replica: a
+    /// leader's heartbeat stood still, the other follower stood for election, and the
+    /// leader answered nothing for `write_timeout` (docs/status.md).
     fn flush(&mut self) -> Result<(), FabricError> {
         for link in self.links.values() {
             let (conn, mut buf) = {
                 let mut st = lock(&link.state);
-                match (&st.conn, st.buf.is_empty()) {
-                    (Some(c), false) => (c.clone(), std::mem::take(&mut st.buf)),
+                let conn = match (&st.conn, st.buf.is_empty()) {
+                    (Some(c), false) => c.clone(),
                     _ => continue,
+                };
+                if st.sending > 0 || !st.backlog.is_empty() {
+                    // Behind what the sender still has to push.
+                    let buf = std::mem::take(&mut st.buf);
+                    st.backlog.extend_from_slice(&buf);
+                    link.wake.notify_one();
+                    continue;
                 }
+                (conn, std::mem::take(&mut st.buf))
             };
-            if let Err(e) = push_all(&conn, &buf, &self.shared.stats, link.peer) {
-                // The link thread sees the shutdown and fails what is outstanding.
-                warn!(node = self.shared.node, peer = link.peer, addr = %link.addr,
-                      error = %e, "flush failed; dropping connection");
-                let _ = conn.shutdown(Shutdown::Both);
+            match push_some(&conn, &buf, &self.shared.stats, link.peer) {
+                Ok(n) if n == buf.len() => {}
+                Ok(n) => {
+                    let mut st = lock(&link.state);
+                    // Only for the connection it was written on (a new one starts clean).
+                    if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                        let rest = &buf[n..];
+                        // Only this thread appends, and only while the backlog is empty.
+                        debug_assert!(st.backlog.is_empty() && st.sending == 0);
+                        st.backlog.extend_from_slice(rest);
+                        link.wake.notify_one();
+                    }
+                }
+                Err(e) => {
+                    // The link thread sees the shutdown and fails what is outstanding.
+                    warn!(node = self.shared.node, peer = link.peer, addr = %link.addr,
+                          error = %e, "flush failed; dropping connection");
+                    let _ = conn.shutdown(Shutdown::Both);
+                }
             }
             buf.clear();
             let mut st = lock(&link.state);
@@ -868,6 +998,7 @@ impl Drop for TcpFabric {
             if let Some(c) = lock(&link.state).conn.take() {
                 let _ = c.shutdown(Shutdown::Both);
             }
+            link.wake.notify_all();
         }
         for (_, (_, s)) in lock(&self.shared.inbound).drain() {
             let _ = s.shutdown(Shutdown::Both);
@@ -987,7 +1118,7 @@ fn dial(sh: &Shared, link: &Link) -> Result<TcpStream, DialError> {
         let _ = s.shutdown(Shutdown::Both);
         return Err(DialError::Stopped);
     }
-    debug_assert!(st.pending.is_empty() && st.buf.is_empty());
+    debug_assert!(st.pending.is_empty() && st.buf.is_empty() && st.backlog.is_empty());
     st.conn = Some(Arc::new(s));
     sh.stats
         .of(link.peer)
@@ -1005,6 +1136,7 @@ fn fail_link(st: &mut LinkState, peer: NodeId) -> Vec<FabricEvent> {
         let _ = c.shutdown(Shutdown::Both);
     }
     st.buf.clear();
+    st.backlog.clear();
     st.pending
         .drain(..)
         .map(|p| p.fail(peer, FabricError::Disconnected(peer)))
