@@ -131,6 +131,7 @@ pub(crate) fn start(
         sleeping,
         dirty: Vec::new(),
         accept_pending: false,
+        accept_retry: false,
         serving,
         refused_warned: None,
     };
@@ -245,6 +246,8 @@ struct Loop {
     /// Connections whose state changed this turn (answers queued, room in flight).
     dirty: Vec<usize>,
     accept_pending: bool,
+    /// Accepting failed (out of file descriptors?): try again at the next tick.
+    accept_retry: bool,
     serving: Serving,
     /// When a refusal for want of file descriptors was last logged.
     refused_warned: Option<Instant>,
@@ -296,6 +299,9 @@ impl Loop {
             let now = Instant::now();
             if now >= next_tick {
                 next_tick = now + TICK;
+                if std::mem::take(&mut self.accept_retry) {
+                    self.accept();
+                }
                 self.expire(now);
                 self.sweep(now);
                 self.service_dirty();
@@ -378,6 +384,7 @@ impl Loop {
                         self.refused_warned = Some(now);
                     }
                     self.accept_pending = false;
+                    self.accept_retry = true;
                     return;
                 }
             }
