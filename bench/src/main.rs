@@ -108,7 +108,7 @@ struct ClusterArgs {
         value_name = "HOST:PORT,...",
         value_delimiter = ',',
         value_parser = ballot_node::client::parse_endpoint,
-        conflicts_with_all = ["fabric", "topology", "replicas", "pipeline", "batch_bytes", "cores", "data_dir", "rdma_device", "gid_index", "ib_port"]
+        conflicts_with_all = ["fabric", "topology", "replicas", "pipeline", "batch_bytes", "cores_arg", "data_dir", "rdma_device", "gid_index", "ib_port"]
     )]
     endpoints: Vec<String>,
 }
