@@ -184,14 +184,24 @@ impl Pipeline {
         }
     }
 
-    /// Runs `ops` to completion; their results in order.
+    /// Runs `ops` to completion; their results in order. Completions of commands
+    /// submitted before stay for [`Pipeline::poll`].
     pub fn execute_all(&mut self, ops: Vec<Op>) -> Vec<Result<KvResult, ClientError>> {
         let tags: Vec<u64> = ops.into_iter().map(|op| self.submit(op)).collect();
+        let first = tags.first().copied().unwrap_or(0);
         let mut got: HashMap<u64, Result<KvResult, ClientError>> = HashMap::new();
+        let mut others = Vec::new();
         while got.len() < tags.len() {
-            if let Some((t, r)) = self.poll(Duration::from_secs(1)) {
-                got.insert(t, r);
+            match self.poll(Duration::from_secs(1)) {
+                Some((t, r)) if t >= first => {
+                    got.insert(t, r);
+                }
+                Some(other) => others.push(other),
+                None => {}
             }
+        }
+        for o in others.into_iter().rev() {
+            self.done.push_front(o);
         }
         tags.iter()
             .map(|t| got.remove(t).expect("every tag completes"))

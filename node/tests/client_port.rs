@@ -559,3 +559,88 @@ fn old_protocol_client_gets_a_clear_error() {
     assert_eq!(id, 0);
     assert!(matches!(r, Response::GoAway(w) if w.contains("version 2")));
 }
+
+/// Threads of process `pid`.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+/// A thousand open connections hold no thread each: the node's thread count does not move,
+/// and a client on one more connection still commits.
+#[test]
+fn many_connections_hold_no_thread_each() {
+    let cl = Cluster::start(1, "conns", &[]);
+    let a = cl.addrs()[0].clone();
+    let pid = cl.children[0].id();
+    let before = threads(pid);
+    let conns: Vec<Conn> = (0..1000).map(|_| open(&a)).collect();
+    let during = threads(pid);
+    assert!(
+        during <= before + 2,
+        "threads grew from {before} to {during} with 1000 connections"
+    );
+    let mut p = Pipeline::new(cl.cfg(), 32);
+    let ops = (0..200u64)
+        .map(|i| Op::Put {
+            key: format!("c{i}").into_bytes(),
+            value: vec![1],
+        })
+        .collect();
+    assert!(p.execute_all(ops).iter().all(|r| *r == Ok(KvResult::Ok)));
+    drop(conns);
+    eprintln!("{before} threads before, {during} with 1000 connections open");
+}
+
+/// The pipelining client rides out a kill -9 of the leader: 32 writes in flight, each
+/// resent (same session and sequence number) to the new leader; every write it
+/// acknowledged is there afterwards.
+#[test]
+fn pipelined_writes_survive_a_leader_kill() {
+    let mut cl = Cluster::start(3, "failover", &[]);
+    let leader = cl.leader();
+    let li = cl.addrs().iter().position(|a| *a == leader).unwrap();
+    let mut p = Pipeline::new(cl.cfg(), 32);
+    let mut acked = Vec::new();
+    let mut tags = std::collections::HashMap::new();
+    let mut next = 0u64;
+    let t = Instant::now();
+    let mut killed = false;
+    while acked.len() < 3000 {
+        while p.outstanding() < 32 {
+            let k = format!("f{next}");
+            tags.insert(
+                p.submit(Op::Put {
+                    key: k.clone().into_bytes(),
+                    value: next.to_le_bytes().to_vec(),
+                }),
+                next,
+            );
+            next += 1;
+        }
+        if let Some((tag, r)) = p.poll(Duration::from_millis(100)) {
+            assert_eq!(r, Ok(KvResult::Ok), "write {}", tags[&tag]);
+            acked.push(tags[&tag]);
+        }
+        if !killed && acked.len() >= 1000 {
+            let _ = cl.children[li].kill();
+            let _ = cl.children[li].wait();
+            killed = true;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "stuck at {}",
+            acked.len()
+        );
+    }
+    let gets = acked
+        .iter()
+        .map(|n| Op::Get {
+            key: format!("f{n}").into_bytes(),
+        })
+        .collect();
+    for (n, r) in acked.iter().zip(p.execute_all(gets)) {
+        assert_eq!(r, Ok(KvResult::Value(n.to_le_bytes().to_vec())), "f{n}");
+    }
+}
