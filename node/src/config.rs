@@ -741,6 +741,43 @@ mod tests {
         let mut a = base.to_vec();
         a.extend(["--durability", "sometimes"]);
         assert!(err(&a).contains("unknown durability"));
+        // The client port's limits: defaults, flags, and out-of-range values refused.
+        assert_eq!(ok.client_limits, ClientLimits::default());
+        let mut a = base.to_vec();
+        a.extend([
+            "--client-max-connections",
+            "7",
+            "--client-max-in-flight",
+            "9",
+            "--client-max-frame",
+            "64K",
+            "--client-idle-timeout-ms",
+            "0",
+            "--client-max-output",
+            "4M",
+        ]);
+        let l = NodeConfig::load(flags(&a)).unwrap().client_limits;
+        assert_eq!(
+            l,
+            ClientLimits {
+                max_connections: 7,
+                max_in_flight: 9,
+                max_frame: 64 << 10,
+                idle_timeout: None,
+                max_output: 4 << 20,
+            }
+        );
+        for (flag, v, want) in [
+            ("--client-max-connections", "0", "at least 1"),
+            ("--client-max-in-flight", "0", "out of range"),
+            ("--client-max-frame", "10", "out of range"),
+            ("--client-max-frame", "lots", "not a byte count"),
+            ("--client-max-output", "1M", "out of range"),
+        ] {
+            let mut a = base.to_vec();
+            a.extend([flag, v]);
+            assert!(err(&a).contains(want), "{flag} {v}: {}", err(&a));
+        }
         let mut a = base.to_vec();
         a.extend(["--fabric", "rdma", "--rdma-gid-index", "1"]);
         assert_eq!(
