@@ -56,11 +56,11 @@ pub struct LoadOpts {
     /// This run's command size (one of `--payload`).
     #[arg(skip)]
     pub payload: usize,
-    /// Closed-loop clients (processes, endpoints: client threads, one command outstanding
-    /// each).
+    /// Closed-loop clients (processes, endpoints: client threads, one connection each).
     #[arg(long, default_value_t = 32)]
     pub clients: usize,
-    /// Commands each closed-loop client keeps outstanding (threads only).
+    /// Commands each closed-loop client keeps outstanding (processes, endpoints: in flight
+    /// on its connection, pipelined).
     #[arg(long, default_value_t = 4)]
     pub outstanding: usize,
     /// Core window: entries in flight beyond the commit index (default: the core's, 256).

@@ -101,14 +101,14 @@ struct ClusterArgs {
     run: RunArgs,
     /// Drive an existing cluster instead of starting one: the nodes' client addresses
     /// (`ballot-node --client-addr`), e.g. `--endpoints 10.0.0.1:7001,10.0.0.2:7001`
-    /// (`id=host:port` accepted). `--clients` threads issue puts through the client
-    /// library, one outstanding each. The cluster is left running.
+    /// (`id=host:port` accepted). `--clients` threads issue puts through the pipelining
+    /// client library, `--outstanding` in flight each. The cluster is left running.
     #[arg(
         long,
         value_name = "HOST:PORT,...",
         value_delimiter = ',',
         value_parser = ballot_node::client::parse_endpoint,
-        conflicts_with_all = ["fabric", "topology", "replicas", "outstanding", "pipeline", "batch_bytes", "cores", "data_dir", "rdma_device", "gid_index", "ib_port"]
+        conflicts_with_all = ["fabric", "topology", "replicas", "pipeline", "batch_bytes", "cores_arg", "data_dir", "rdma_device", "gid_index", "ib_port"]
     )]
     endpoints: Vec<String>,
 }
@@ -347,10 +347,11 @@ fn run_endpoints(
     let mut sweep = Sweep::new(points.len(), per_point(&a.load));
     for p in points {
         let what = format!(
-            "cluster at {}: puts of {}-byte values, {} client threads x 1 outstanding, {:?} warm-up, {:?} measured",
+            "cluster at {}: puts of {}-byte values, {} client threads x {} outstanding, {:?} warm-up, {:?} measured",
             addrs.join(","),
             p.payload,
             p.clients,
+            p.outstanding,
             p.measure.warmup,
             p.measure.duration
         );
@@ -646,7 +647,10 @@ fn describe_processes(p: &LoadOpts) -> String {
             stats::si(r),
             p.clients
         ),
-        None => format!("{} closed-loop client threads x 1 outstanding", p.clients),
+        None => format!(
+            "{} closed-loop client threads x {} outstanding (one connection each)",
+            p.clients, p.outstanding
+        ),
     };
     format!(
         "cluster: {} ballot-node processes on tcp 127.0.0.1, puts of {}-byte values, {}, {:?} warm-up, {:?} measured, {}",

@@ -1,5 +1,6 @@
 //! Topology `processes`: real `ballot-node` processes on 127.0.0.1, driven by client threads
-//! through the client library (`ballot_node::client`), over the same TCP a deployment uses;
+//! through the pipelining client library (`ballot_node::pipeline`, `--outstanding` puts in
+//! flight per connection), over the same TCP a deployment uses;
 //! and `--endpoints`: the same client threads against an existing cluster.
 //!
 //! The processes are owned by a [`NodeCluster`] guard: dropping it stops them (SIGTERM, then
@@ -12,7 +13,10 @@
 use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
 use ballot_node::client::{self, Client, ClientConfig};
+use ballot_node::kv::Op;
+use ballot_node::pipeline::Pipeline;
 use hdrhistogram::Histogram;
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -325,7 +329,8 @@ pub fn run_endpoints(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, Stri
     Ok(r)
 }
 
-/// `--clients` client threads issuing puts through the client library to the nodes at
+/// `--clients` client threads, each keeping `--outstanding` puts in flight on one
+/// connection through the pipelining client library ([`Pipeline`]), to the nodes at
 /// `addrs`, for the warm-up and the measured window (shorter if interrupted).
 fn drive(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
     let shared = Arc::new(Shared {
@@ -340,6 +345,7 @@ fn drive(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
     for c in 0..o.clients {
         let (addrs, sh, tallies) = (addrs.to_vec(), shared.clone(), tallies.clone());
         let value = vec![0xA5u8; o.payload];
+        let depth = o.outstanding.max(1);
         // Open loop: client c sends at t0 + (c + k * clients) / rate.
         let gap = o
             .open_loop
@@ -351,8 +357,14 @@ fn drive(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
         let spawn = std::thread::Builder::new()
             .name(format!("client-{c}"))
             .spawn(move || {
-                let mut cl = Client::new(addrs);
+                // One connection per client thread, `depth` puts in flight on it.
+                let mut cl = Pipeline::new(ClientConfig::new(addrs), depth);
                 let key = (c as u64).to_le_bytes();
+                let put = || Op::Put {
+                    key: key.to_vec(),
+                    value: value.clone(),
+                };
+                let mut started: HashMap<u64, Instant> = HashMap::new();
                 let mut t = Tally {
                     hist: stats::histogram(),
                     commits: 0,
@@ -364,30 +376,39 @@ fn drive(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
                     if now >= end || sh.stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let from = match gap {
+                    // Keep `depth` in flight; open loop: each at its intended time (the
+                    // latency counts from then, waiting for room included).
+                    let wait = match gap {
                         Some(g) => {
-                            if intended > now {
-                                std::thread::sleep(intended - now);
+                            while intended <= now && intended < end && cl.outstanding() < depth {
+                                started.insert(cl.submit(put()), intended);
+                                intended += g;
                             }
-                            let i = intended;
-                            intended += g;
-                            i
+                            intended
+                                .saturating_duration_since(now)
+                                .min(Duration::from_millis(10))
                         }
-                        None => now,
+                        None => {
+                            while cl.outstanding() < depth {
+                                started.insert(cl.submit(put()), now);
+                            }
+                            Duration::from_millis(10)
+                        }
                     };
-                    if from >= end {
-                        break;
-                    }
-                    let ok = cl.put(&key, &value).is_ok();
-                    let done = Instant::now();
-                    sh.done.fetch_add(1, Ordering::Relaxed);
-                    // Count commands sent in the measured window and completed in it.
-                    if from >= warm_end && done <= end {
-                        if ok {
-                            let _ = t.hist.record((done - from).as_nanos().max(1) as u64);
-                            t.commits += 1;
-                        } else {
-                            t.errors += 1;
+                    let mut wait = wait;
+                    while let Some((tag, r)) = cl.poll(wait) {
+                        wait = Duration::ZERO;
+                        let done = Instant::now();
+                        let from = started.remove(&tag).unwrap_or(done);
+                        sh.done.fetch_add(1, Ordering::Relaxed);
+                        // Count commands sent in the measured window and completed in it.
+                        if from >= warm_end && done <= end {
+                            if r.is_ok() {
+                                let _ = t.hist.record((done - from).as_nanos().max(1) as u64);
+                                t.commits += 1;
+                            } else {
+                                t.errors += 1;
+                            }
                         }
                     }
                 }
@@ -467,7 +488,7 @@ fn drive(o: &LoadOpts, addrs: &[String]) -> Result<BenchResult, String> {
         payload: o.payload,
         // Open loop too: the client threads that carried the arrivals.
         clients: o.clients,
-        outstanding: 1,
+        outstanding: o.outstanding.max(1),
         pipeline: ballot::protocol::Config::new(0, vec![0], ballot_node::server::ring(), 0).window,
         batch_bytes: ballot_node::kv::MAX_COMMAND + 64,
         open_loop_rate: o.open_loop,

@@ -4,7 +4,9 @@
 //! one-shot reply channel that the thread completes once the command is applied here (or
 //! refused). A [`Handle`] (cheap to clone, usable from any thread) proposes, either
 //! blocking with a timeout ([`Handle::propose`]) or returning a waitable [`Ticket`]
-//! ([`Handle::submit`]) for callers with many commands outstanding.
+//! ([`Handle::submit`]) for callers with many commands outstanding, or handing a batch of
+//! tagged commands whose outcomes arrive on a shared [`CompletionSink`]
+//! ([`Handle::submit_batch`]) for event loops that must never block.
 //!
 //! The thread's clock is an [`Instant`]: 1 tick = 1 ms, the unit of [`Config::new`]'s
 //! timeouts.
@@ -219,9 +221,76 @@ impl StatusCell {
     }
 }
 
+/// Where a proposal's outcome goes.
+enum Reply {
+    /// Its own [`Ticket`].
+    Ticket(Sender<Outcome>),
+    /// A [`CompletionSink`] shared with other proposals, under the caller's tag.
+    Tagged(u64, CompletionSink),
+}
+
+impl Reply {
+    /// Delivers the outcome; a tagged one also asks for its sink to be woken (`wake`: the
+    /// sinks that got something in this step, each once).
+    fn send(self, out: Outcome, wake: &mut Vec<CompletionSink>) {
+        match self {
+            Reply::Ticket(tx) => {
+                let _ = tx.send(out);
+            }
+            Reply::Tagged(tag, sink) => {
+                let _ = sink.tx.send((tag, out));
+                if !wake.iter().any(|w| Arc::ptr_eq(&w.wake, &sink.wake)) {
+                    wake.push(sink);
+                }
+            }
+        }
+    }
+}
+
 struct Request {
     cmd: Vec<u8>,
-    reply: Sender<Outcome>,
+    reply: Reply,
+}
+
+/// What travels on the proposal channel: one proposal, or a batch of tagged ones.
+enum Msg {
+    One(Request),
+    Batch(Vec<(u64, Vec<u8>)>, CompletionSink),
+}
+
+/// Where the outcomes of tagged proposals ([`Handle::submit_batch`]) go, for callers with
+/// many proposals in flight that cannot block on a [`Ticket`] each (an event loop): one
+/// channel of `(tag, outcome)` shared by all of them, and a wake-up function that the
+/// replica thread calls once per step in which it delivered any outcome to this sink (not
+/// once per outcome), for example to wake a `mio::Waker`. The wake-up runs on the replica
+/// thread: it must be quick and must not block.
+#[derive(Clone)]
+pub struct CompletionSink {
+    tx: Sender<(u64, Outcome)>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl CompletionSink {
+    /// A sink and the receiver of its outcomes. The channel is unbounded: its length is
+    /// bounded by the proposals the caller has in flight.
+    pub fn new(
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> (CompletionSink, Receiver<(u64, Outcome)>) {
+        let (tx, rx) = channel::unbounded();
+        (
+            CompletionSink {
+                tx,
+                wake: Arc::new(wake),
+            },
+            rx,
+        )
+    }
+}
+
+impl std::fmt::Debug for CompletionSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompletionSink").finish_non_exhaustive()
+    }
 }
 
 /// A proposal in flight: wait for its outcome.
@@ -256,7 +325,7 @@ impl Ticket {
 /// Proposes to, and observes, a running replica. Clone freely.
 #[derive(Clone)]
 pub struct Handle {
-    tx: Sender<Request>,
+    tx: Sender<Msg>,
     status: Arc<StatusCell>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
@@ -278,8 +347,33 @@ impl Handle {
             return Err(ProposeError::ShuttingDown);
         }
         let (reply, rx) = channel::bounded(1);
-        match self.tx.try_send(Request { cmd, reply }) {
+        let req = Request {
+            cmd,
+            reply: Reply::Ticket(reply),
+        };
+        match self.tx.try_send(Msg::One(req)) {
             Ok(()) => Ok(Ticket { rx }),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::ShuttingDown),
+        }
+    }
+
+    /// Hands a batch of commands to the replica thread as one message, without waiting:
+    /// each `(tag, command)`'s outcome arrives on `sink` as `(tag, outcome)`, in any order
+    /// (an immediate refusal, `NotLeader` say, included). The whole batch fails at once with
+    /// `Busy` when the channel is full and `ShuttingDown` once stopped; then no outcome is
+    /// delivered for it. A batch takes one slot of [`RuntimeConfig::queue`], whatever its
+    /// length.
+    pub fn submit_batch(
+        &self,
+        cmds: Vec<(u64, Vec<u8>)>,
+        sink: &CompletionSink,
+    ) -> Result<(), ProposeError> {
+        if self.stop.load(Ordering::Acquire) {
+            return Err(ProposeError::ShuttingDown);
+        }
+        match self.tx.try_send(Msg::Batch(cmds, sink.clone())) {
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(ProposeError::Busy),
             Err(TrySendError::Disconnected(_)) => Err(ProposeError::ShuttingDown),
         }
@@ -426,7 +520,7 @@ impl<F: Fabric + 'static, S: StateMachine + 'static> Drop for Runtime<F, S> {
 fn run<F: Fabric, S: StateMachine>(
     mut replica: Replica<F, S>,
     cfg: RuntimeConfig,
-    rx: Receiver<Request>,
+    rx: Receiver<Msg>,
     status: Arc<StatusCell>,
     stop: Arc<AtomicBool>,
 ) -> Replica<F, S> {
@@ -445,18 +539,32 @@ fn run<F: Fabric, S: StateMachine>(
     };
     let start = Instant::now();
     // Each waiting proposal keeps the time of the step that accepted it (commit latency).
-    let mut waiting: TicketMap<(Sender<Outcome>, Instant)> = TicketMap::new();
+    let mut waiting: TicketMap<(Reply, Instant)> = TicketMap::new();
     let mut idle: u32 = 0;
-    let mut parked: Option<Request> = None;
+    let mut parked: Option<Msg> = None;
+    // The completion sinks to wake at the end of this step.
+    let mut wake: Vec<CompletionSink> = Vec::new();
     let accept = |replica: &mut Replica<F, S>,
-                  waiting: &mut TicketMap<(Sender<Outcome>, Instant)>,
+                  waiting: &mut TicketMap<(Reply, Instant)>,
+                  wake: &mut Vec<CompletionSink>,
                   req: Request,
                   at: Instant| match replica.propose(req.cmd) {
         Ok(t) => {
             waiting.insert(t, (req.reply, at));
         }
-        Err(e) => {
-            let _ = req.reply.send(Err(e));
+        Err(e) => req.reply.send(Err(e), wake),
+    };
+    let accept_msg = |replica: &mut Replica<F, S>,
+                      waiting: &mut TicketMap<(Reply, Instant)>,
+                      wake: &mut Vec<CompletionSink>,
+                      msg: Msg,
+                      at: Instant| match msg {
+        Msg::One(req) => accept(replica, waiting, wake, req, at),
+        Msg::Batch(cmds, sink) => {
+            for (tag, cmd) in cmds {
+                let reply = Reply::Tagged(tag, sink.clone());
+                accept(replica, waiting, wake, Request { cmd, reply }, at);
+            }
         }
     };
     let metrics = replica.metrics().clone();
@@ -464,14 +572,14 @@ fn run<F: Fabric, S: StateMachine>(
         let mut busy = false;
         // One clock read per step serves every proposal accepted in it.
         let step_start = Instant::now();
-        if let Some(req) = parked.take() {
-            accept(&mut replica, &mut waiting, req, step_start);
+        if let Some(msg) = parked.take() {
+            accept_msg(&mut replica, &mut waiting, &mut wake, msg, step_start);
             busy = true;
         }
         for _ in 0..cfg.queue.max(1) {
             match rx.try_recv() {
-                Ok(req) => {
-                    accept(&mut replica, &mut waiting, req, step_start);
+                Ok(msg) => {
+                    accept_msg(&mut replica, &mut waiting, &mut wake, msg, step_start);
                     busy = true;
                 }
                 Err(_) => break,
@@ -484,7 +592,7 @@ fn run<F: Fabric, S: StateMachine>(
         busy |= replica.step(now);
         let mut done_at = None;
         for (t, out) in replica.take_completed() {
-            if let Some((tx, at)) = waiting.remove(t) {
+            if let Some((reply, at)) = waiting.remove(t) {
                 if out.is_ok() {
                     let d = *done_at.get_or_insert_with(Instant::now);
                     metrics
@@ -492,8 +600,11 @@ fn run<F: Fabric, S: StateMachine>(
                         .observe(d.saturating_duration_since(at));
                     metrics.commits.add(1);
                 }
-                let _ = tx.send(out);
+                reply.send(out, &mut wake);
             }
+        }
+        for sink in wake.drain(..) {
+            (sink.wake)();
         }
         status.publish(&replica);
         if busy {
@@ -505,21 +616,32 @@ fn run<F: Fabric, S: StateMachine>(
             std::hint::spin_loop();
         } else if idle <= cfg.spin_steps.saturating_add(cfg.yield_steps) {
             std::thread::yield_now();
-        } else if let Ok(req) = rx.recv_timeout(cfg.park) {
-            parked = Some(req);
+        } else if let Ok(msg) = rx.recv_timeout(cfg.park) {
+            parked = Some(msg);
         }
     }
     replica.shutdown();
     for (t, out) in replica.take_completed() {
-        if let Some((tx, _)) = waiting.remove(t) {
-            let _ = tx.send(out);
+        if let Some((reply, _)) = waiting.remove(t) {
+            reply.send(out, &mut wake);
         }
     }
-    for (_, (tx, _)) in waiting.drain() {
-        let _ = tx.send(Err(ProposeError::ShuttingDown));
+    for (_, (reply, _)) in waiting.drain() {
+        reply.send(Err(ProposeError::ShuttingDown), &mut wake);
     }
-    while let Ok(req) = rx.try_recv() {
-        let _ = req.reply.send(Err(ProposeError::ShuttingDown));
+    while let Ok(msg) = rx.try_recv() {
+        match msg {
+            Msg::One(req) => req.reply.send(Err(ProposeError::ShuttingDown), &mut wake),
+            Msg::Batch(cmds, sink) => {
+                for (tag, _) in cmds {
+                    Reply::Tagged(tag, sink.clone())
+                        .send(Err(ProposeError::ShuttingDown), &mut wake);
+                }
+            }
+        }
+    }
+    for sink in wake.drain(..) {
+        (sink.wake)();
     }
     status.publish(&replica);
     status.role.store(Role::Stopped.to_u8(), Ordering::Relaxed);
@@ -606,6 +728,24 @@ mod tests {
             last = v;
         }
         assert_eq!(last, 3 + 400);
+        // A tagged batch: the outcomes arrive on a shared sink, which is woken.
+        let woke = Arc::new(AtomicU64::new(0));
+        let w = woke.clone();
+        let (sink, done) = CompletionSink::new(move || {
+            w.fetch_add(1, Ordering::Relaxed);
+        });
+        h.submit_batch((0..50).map(|i| (i, vec![0])).collect(), &sink)
+            .unwrap();
+        let mut tags: Vec<u64> = (0..50)
+            .map(|_| {
+                let (t, out) = done.recv_timeout(Duration::from_secs(5)).unwrap();
+                out.unwrap();
+                t
+            })
+            .collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..50).collect::<Vec<u64>>());
+        assert!(woke.load(Ordering::Relaxed) >= 1);
         // A follower refuses with a hint.
         let f = (l + 1) % 3;
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -625,7 +765,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         while rs
             .iter()
-            .any(|r| r.handle().status().applied_commands < 201)
+            .any(|r| r.handle().status().applied_commands < 251)
         {
             assert!(Instant::now() < deadline, "followers did not apply");
             std::thread::sleep(Duration::from_millis(5));
@@ -635,8 +775,8 @@ mod tests {
         assert!(st.commit >= st.applied && st.applied > 0);
         // The leader measured what it committed; every replica saw a leader.
         let m = h.metrics();
-        assert_eq!(m.commits.get(), 201);
-        assert_eq!(m.commit_latency.snapshot().count, 201);
+        assert_eq!(m.commits.get(), 251);
+        assert_eq!(m.commit_latency.snapshot().count, 251);
         assert!(m.apply_latency.snapshot().count > 0);
         assert!(rs
             .iter()
@@ -645,7 +785,7 @@ mod tests {
         let h2 = rs[l].handle();
         for r in rs {
             let replica = r.shutdown().expect("thread ended cleanly");
-            assert_eq!(replica.state_machine().0, 403);
+            assert_eq!(replica.state_machine().0, 453);
         }
         assert_eq!(
             h2.propose(vec![1], Duration::from_secs(1)),

@@ -15,9 +15,9 @@
 
 use crate::error::NodeError;
 use crate::kv::{Command, KvResult, Op};
-use crate::wire::{self, NodeStatus, Request, Response};
+use crate::wire::{self, ClientHello, NodeStatus, Request, Response, ServerHello};
 use std::hash::{BuildHasher, Hasher};
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -146,7 +146,7 @@ pub struct Client {
     /// Index in `cfg.addrs` tried next when there is no redirect.
     next: usize,
     target: Option<String>,
-    conn: Option<TcpStream>,
+    conn: Option<Conn>,
     /// Attempts made by the last command (1 = no retry).
     pub last_attempts: u32,
 }
@@ -167,10 +167,243 @@ fn resolve(addr: &str) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address")))
 }
 
-fn exchange(stream: &mut TcpStream, req: &[u8]) -> io::Result<Response> {
-    wire::write_frame(stream, req)?;
-    let body = wire::read_frame(stream)?.ok_or(io::ErrorKind::UnexpectedEof)?;
-    Response::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+fn invalid(e: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.into())
+}
+
+/// A connection to a node, past the hello (client protocol version 2).
+pub struct Conn {
+    stream: TcpStream,
+    /// The node's hello: its limits.
+    pub hello: ServerHello,
+    next_id: u64,
+    rbuf: Vec<u8>,
+    rpos: usize,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("hello", &self.hello).finish()
+    }
+}
+
+impl Conn {
+    /// Connects to `addr` and exchanges the hellos; `io_timeout` bounds each read and write.
+    /// A node that refuses the connection (too many connections, no version in common)
+    /// gives an error with its reason.
+    pub fn open(addr: &str, connect_timeout: Duration, io_timeout: Duration) -> io::Result<Conn> {
+        let mut s = TcpStream::connect_timeout(&resolve(addr)?, connect_timeout)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(io_timeout))?;
+        s.set_write_timeout(Some(io_timeout))?;
+        s.write_all(
+            &ClientHello {
+                version: wire::VERSION,
+            }
+            .encode(),
+        )?;
+        let mut h = [0u8; ServerHello::LEN];
+        if let Err(e) = s.read_exact(&mut h) {
+            return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(
+                    e.kind(),
+                    "the node closed the connection during the hello: not a ballot-node \
+                     speaking client protocol version 2 (an older node?)",
+                )
+            } else {
+                e
+            });
+        }
+        let hello = ServerHello::decode(&h).ok_or_else(|| {
+            invalid("the node answered the hello with garbage: not a ballot-node of client protocol version 2")
+        })?;
+        let mut c = Conn {
+            stream: s,
+            hello,
+            next_id: 1,
+            rbuf: Vec::new(),
+            rpos: 0,
+        };
+        if hello.version != wire::VERSION {
+            return Err(match c.recv() {
+                Ok((_, Response::GoAway(why))) => io::Error::new(io::ErrorKind::Unsupported, why),
+                _ => io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("the node speaks client protocol version {}", hello.version),
+                ),
+            });
+        }
+        // A node over its connection limit accepts, answers the hello, then says why it
+        // closes: catch that here, as a failure to connect.
+        if let Some(r) = c.try_recv_now()? {
+            return Err(match r {
+                (_, Response::GoAway(why)) => io::Error::new(io::ErrorKind::ConnectionRefused, why),
+                _ => invalid("an answer before any request"),
+            });
+        }
+        Ok(c)
+    }
+
+    /// A fresh request id on this connection.
+    pub fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Appends the frame of request `body` (an encoded [`Request`]) under a fresh id to
+    /// `out`; the id.
+    pub fn frame(&mut self, out: &mut Vec<u8>, body: &[u8]) -> u64 {
+        let id = self.next_id();
+        wire::put_frame(out, id, body);
+        id
+    }
+
+    /// Writes already framed requests.
+    pub fn write(&mut self, frames: &[u8]) -> io::Result<()> {
+        self.stream.write_all(frames)
+    }
+
+    /// Sends one request; its id.
+    pub fn send(&mut self, body: &[u8]) -> io::Result<u64> {
+        let mut f = Vec::with_capacity(12 + body.len());
+        let id = self.frame(&mut f, body);
+        self.write(&f)?;
+        Ok(id)
+    }
+
+    /// An answer already read from the socket, if any (never waits).
+    pub fn buffered(&mut self) -> io::Result<Option<(u64, Response)>> {
+        self.parse()
+    }
+
+    /// A complete frame already read, if any.
+    fn parse(&mut self) -> io::Result<Option<(u64, Response)>> {
+        let avail = &self.rbuf[self.rpos..];
+        if avail.len() < 4 {
+            return Ok(None);
+        }
+        let n = u32::from_le_bytes(avail[..4].try_into().expect("4")) as usize;
+        if n > wire::MAX_FRAME.max(crate::kv::MAX_VALUE + 64) {
+            return Err(invalid(format!("answer frame of {n} bytes is too large")));
+        }
+        if avail.len() < 4 + n {
+            return Ok(None);
+        }
+        let (id, body) = wire::split_id(&avail[4..4 + n])?;
+        let r = Response::decode(body).map_err(invalid)?;
+        self.rpos += 4 + n;
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        }
+        Ok(Some((id, r)))
+    }
+
+    /// Reads once more from the socket (blocking up to the read time-out); `false` on a
+    /// time-out.
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.rpos > 0 {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+        let len = self.rbuf.len();
+        self.rbuf.resize(len + (64 << 10), 0);
+        let r = self.stream.read(&mut self.rbuf[len..]);
+        match r {
+            Ok(0) => {
+                self.rbuf.truncate(len);
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the node closed the connection",
+                ))
+            }
+            Ok(n) => {
+                self.rbuf.truncate(len + n);
+                Ok(true)
+            }
+            Err(e) => {
+                self.rbuf.truncate(len);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Ok(false),
+                    io::ErrorKind::Interrupted => Ok(true),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    /// The next answer, waiting up to the read time-out (an error on time-out).
+    pub fn recv(&mut self) -> io::Result<(u64, Response)> {
+        loop {
+            if let Some(r) = self.parse()? {
+                return Ok(r);
+            }
+            if !self.fill()? {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"));
+            }
+        }
+    }
+
+    /// The next answer if one comes within `wait` (at least 1 ms).
+    pub fn recv_within(&mut self, wait: Duration) -> io::Result<Option<(u64, Response)>> {
+        if let Some(r) = self.parse()? {
+            return Ok(Some(r));
+        }
+        self.stream
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            if !self.fill()? {
+                return Ok(None);
+            }
+            if let Some(r) = self.parse()? {
+                return Ok(Some(r));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        }
+    }
+
+    /// An answer already buffered, or readable without waiting.
+    fn try_recv_now(&mut self) -> io::Result<Option<(u64, Response)>> {
+        if let Some(r) = self.parse()? {
+            return Ok(Some(r));
+        }
+        self.stream.set_nonblocking(true)?;
+        let r = self.fill();
+        self.stream.set_nonblocking(false)?;
+        r?;
+        self.parse()
+    }
+
+    /// Sends `body` and waits (up to the read time-out) for its answer, skipping answers
+    /// to other (earlier, abandoned) requests. A `GOAWAY` is an error with its reason.
+    pub fn call(&mut self, body: &[u8]) -> io::Result<Response> {
+        let id = self.send(body)?;
+        loop {
+            match self.recv()? {
+                (_, Response::GoAway(why)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!("the node closed the connection: {why}"),
+                    ))
+                }
+                (got, r) if got == id => return Ok(r),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sets the time-out of each read.
+    pub fn set_read_timeout(&mut self, t: Duration) -> io::Result<()> {
+        self.stream
+            .set_read_timeout(Some(t.max(Duration::from_millis(1))))
+    }
 }
 
 impl Client {
@@ -199,7 +432,7 @@ impl Client {
         self.seq
     }
 
-    fn connect(&mut self) -> io::Result<&mut TcpStream> {
+    fn connect(&mut self) -> io::Result<&mut Conn> {
         if self.conn.is_none() {
             let target = match &self.target {
                 Some(t) => t.clone(),
@@ -212,11 +445,8 @@ impl Client {
                     t
                 }
             };
-            let s = TcpStream::connect_timeout(&resolve(&target)?, self.cfg.connect_timeout)?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(self.cfg.attempt_timeout))?;
-            s.set_write_timeout(Some(self.cfg.attempt_timeout))?;
-            self.conn = Some(s);
+            let c = Conn::open(&target, self.cfg.connect_timeout, self.cfg.attempt_timeout)?;
+            self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("connected"))
     }
@@ -286,7 +516,7 @@ impl Client {
             }
             self.last_attempts += 1;
             let resp = match self.connect() {
-                Ok(s) => exchange(s, req),
+                Ok(c) => c.call(req),
                 Err(e) => {
                     let t = self.target.clone().unwrap_or_default();
                     last_err = format!("{t}: {e}");
@@ -328,6 +558,12 @@ impl Client {
                 Ok(Response::Unavailable(e)) => {
                     in_doubt = true;
                     last_err = e
+                }
+                // `Conn::call` makes a GOAWAY an error; here for completeness.
+                Ok(Response::GoAway(e)) => {
+                    in_doubt = true;
+                    last_err = format!("{}: {e}", self.target.as_deref().unwrap_or("?"));
+                    self.rotate();
                 }
                 Err(e) => {
                     in_doubt = true;
@@ -440,7 +676,7 @@ impl Client {
 }
 
 /// An encoded COMMAND request.
-fn command(client: u64, seq: u64, op: Op) -> Vec<u8> {
+pub(crate) fn command(client: u64, seq: u64, op: Op) -> Vec<u8> {
     Request::Command(Command { client, seq, op }.encode()).encode()
 }
 
@@ -452,12 +688,7 @@ fn unexpected(r: KvResult) -> ClientError {
 }
 
 fn one_shot(addr: &str, timeout: Duration, req: Request) -> Result<Response, NodeError> {
-    let go = || -> io::Result<Response> {
-        let mut s = TcpStream::connect_timeout(&resolve(addr)?, timeout)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(timeout))?;
-        exchange(&mut s, &req.encode())
-    };
+    let go = || -> io::Result<Response> { Conn::open(addr, timeout, timeout)?.call(&req.encode()) };
     go().map_err(NodeError::Unreachable)
 }
 

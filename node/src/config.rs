@@ -2,6 +2,7 @@
 //! [`NodeConfig`]. Every mistake is a clear error, never a panic.
 
 use crate::error::NodeError;
+use crate::frontend::ClientLimits;
 use ballot::checkpoint::CheckpointPolicy;
 use ballot::node::InitialClusterState;
 use clap::Parser;
@@ -107,6 +108,26 @@ pub struct Flags {
     /// per line).
     #[arg(long, value_name = "text|json")]
     pub log_format: Option<String>,
+    /// Client connections served at once (default 10000); one more is answered "too many
+    /// connections" and closed.
+    #[arg(long, value_name = "N")]
+    pub client_max_connections: Option<usize>,
+    /// Requests in flight per client connection (default 256): at the limit the node
+    /// reads no more from it until some are answered.
+    #[arg(long, value_name = "N")]
+    pub client_max_in_flight: Option<usize>,
+    /// Largest client request frame (default 4M; K, M suffixes); a larger one closes the
+    /// connection with an error. Commands larger than it cannot be sent.
+    #[arg(long, value_name = "BYTES")]
+    pub client_max_frame: Option<String>,
+    /// Close a client connection idle this long: nothing in flight and nothing received,
+    /// or none of its answers taken (default 300000; 0: never).
+    #[arg(long, value_name = "MS")]
+    pub client_idle_timeout_ms: Option<u64>,
+    /// Bytes of answers kept for a client that does not read them (default 16M, at least
+    /// 2M); past it the connection is cut.
+    #[arg(long, value_name = "BYTES")]
+    pub client_max_output: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -133,6 +154,11 @@ pub struct FileConfig {
     pub metrics_addr: Option<String>,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
+    pub client_max_connections: Option<usize>,
+    pub client_max_in_flight: Option<usize>,
+    pub client_max_frame: Option<toml::Value>,
+    pub client_idle_timeout_ms: Option<u64>,
+    pub client_max_output: Option<toml::Value>,
 }
 
 /// Defaults of the checkpoint settings.
@@ -245,6 +271,8 @@ pub struct NodeConfig {
     /// Where `/metrics` and `/health` are served (`None`: not served).
     pub metrics_addr: Option<SocketAddr>,
     pub log: LogConfig,
+    /// The client port's limits (`--client-*`).
+    pub client_limits: ClientLimits,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -262,6 +290,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("initial_cluster_state", &self.initial_cluster_state)
             .field("metrics_addr", &self.metrics_addr)
             .field("log", &self.log)
+            .field("client_limits", &self.client_limits)
             .field("key", &"<redacted>")
             .finish()
     }
@@ -382,6 +411,67 @@ fn load_key(key_file: Option<&PathBuf>) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
+/// Validates the client port's limits (flags win over the file).
+fn client_limits(flags: &Flags, file: &FileConfig) -> Result<ClientLimits, String> {
+    let d = ClientLimits::default();
+    let max_connections = flags
+        .client_max_connections
+        .or(file.client_max_connections)
+        .unwrap_or(d.max_connections);
+    if max_connections == 0 {
+        return Err("client-max-connections must be at least 1".into());
+    }
+    let max_in_flight = flags
+        .client_max_in_flight
+        .or(file.client_max_in_flight)
+        .unwrap_or(d.max_in_flight);
+    if !(1..=65_536).contains(&max_in_flight) {
+        return Err(format!(
+            "client-max-in-flight of {max_in_flight} is out of range: 1 to 65536"
+        ));
+    }
+    let max_frame = size_setting(
+        "client-max-frame",
+        flags.client_max_frame.clone(),
+        file.client_max_frame.clone(),
+        d.max_frame as u64,
+    )?;
+    if !(64..=(64 << 20)).contains(&max_frame) {
+        return Err(format!(
+            "client-max-frame of {max_frame} bytes is out of range: 64 to 64M"
+        ));
+    }
+    let max_output = size_setting(
+        "client-max-output",
+        flags.client_max_output.clone(),
+        file.client_max_output.clone(),
+        d.max_output as u64,
+    )?;
+    if !((2 << 20)..=(1 << 31)).contains(&max_output) {
+        return Err(format!(
+            "client-max-output of {max_output} bytes is out of range: 2M (an answer holds up \
+             to a 1 MiB value) to 2G"
+        ));
+    }
+    let idle = flags
+        .client_idle_timeout_ms
+        .or(file.client_idle_timeout_ms)
+        .unwrap_or(d.idle_timeout.map_or(0, |t| t.as_millis() as u64));
+    if idle > u64::from(u32::MAX) {
+        return Err(format!(
+            "client-idle-timeout-ms of {idle} is too large (at most {})",
+            u32::MAX
+        ));
+    }
+    Ok(ClientLimits {
+        max_connections,
+        max_in_flight,
+        max_frame: max_frame as usize,
+        idle_timeout: (idle > 0).then(|| Duration::from_millis(idle)),
+        max_output: max_output as usize,
+    })
+}
+
 impl NodeConfig {
     /// Merges the file named by `--config` (if any) with the flags and validates.
     pub fn load(flags: Flags) -> Result<NodeConfig, NodeError> {
@@ -399,6 +489,7 @@ impl NodeConfig {
             None => FileConfig::default(),
         };
         let (log, metrics_addr) = observability(&flags, &file)?;
+        let client_limits = client_limits(&flags, &file)?;
         let node = flags
             .node
             .or(file.node)
@@ -558,6 +649,7 @@ impl NodeConfig {
                 }
             };
         Ok(NodeConfig {
+            client_limits,
             metrics_addr,
             log,
             initial_cluster_state,
@@ -649,6 +741,43 @@ mod tests {
         let mut a = base.to_vec();
         a.extend(["--durability", "sometimes"]);
         assert!(err(&a).contains("unknown durability"));
+        // The client port's limits: defaults, flags, and out-of-range values refused.
+        assert_eq!(ok.client_limits, ClientLimits::default());
+        let mut a = base.to_vec();
+        a.extend([
+            "--client-max-connections",
+            "7",
+            "--client-max-in-flight",
+            "9",
+            "--client-max-frame",
+            "64K",
+            "--client-idle-timeout-ms",
+            "0",
+            "--client-max-output",
+            "4M",
+        ]);
+        let l = NodeConfig::load(flags(&a)).unwrap().client_limits;
+        assert_eq!(
+            l,
+            ClientLimits {
+                max_connections: 7,
+                max_in_flight: 9,
+                max_frame: 64 << 10,
+                idle_timeout: None,
+                max_output: 4 << 20,
+            }
+        );
+        for (flag, v, want) in [
+            ("--client-max-connections", "0", "at least 1"),
+            ("--client-max-in-flight", "0", "out of range"),
+            ("--client-max-frame", "10", "out of range"),
+            ("--client-max-frame", "lots", "not a byte count"),
+            ("--client-max-output", "1M", "out of range"),
+        ] {
+            let mut a = base.to_vec();
+            a.extend([flag, v]);
+            assert!(err(&a).contains(want), "{flag} {v}: {}", err(&a));
+        }
         let mut a = base.to_vec();
         a.extend(["--fabric", "rdma", "--rdma-gid-index", "1"]);
         assert_eq!(

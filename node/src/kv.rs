@@ -157,6 +157,48 @@ impl Command {
         Some((r.u64()?, r.u64()?))
     }
 
+    /// Checks that `b` is a well-formed command, as [`Command::decode`] would, without
+    /// decoding it into owned values (the node checks every command so on its way in).
+    pub fn validate(b: &[u8]) -> Result<(), String> {
+        let mut r = Reader(b);
+        r.u64().ok_or("truncated header")?;
+        r.u64().ok_or("truncated header")?;
+        let tag = r.u8().ok_or("missing op")?;
+        if tag == op::REGISTER {
+            if !r.0.is_empty() {
+                return Err(format!("register: {} trailing bytes", r.0.len()));
+            }
+            return Ok(());
+        }
+        let key = r.skip_bytes(MAX_KEY).map_err(|e| format!("key: {e}"))?;
+        if key == 0 {
+            return Err("empty key".into());
+        }
+        match tag {
+            op::PUT => {
+                r.skip_bytes(MAX_VALUE).map_err(|e| format!("value: {e}"))?;
+            }
+            op::GET | op::DELETE => {}
+            op::CAS => {
+                match r.u8().ok_or("cas: missing expected flag")? {
+                    0 => {}
+                    1 => {
+                        r.skip_bytes(MAX_VALUE)
+                            .map_err(|e| format!("cas expected: {e}"))?;
+                    }
+                    f => return Err(format!("cas: bad expected flag {f}")),
+                }
+                r.skip_bytes(MAX_VALUE)
+                    .map_err(|e| format!("cas new: {e}"))?;
+            }
+            t => return Err(format!("unknown op {t}")),
+        }
+        if !r.0.is_empty() {
+            return Err(format!("{} trailing bytes", r.0.len()));
+        }
+        Ok(())
+    }
+
     /// Total decoder: `Err` says what is wrong.
     pub fn decode(b: &[u8]) -> Result<Command, String> {
         let mut r = Reader(b);
@@ -282,6 +324,16 @@ impl Reader<'_> {
     fn u64(&mut self) -> Option<u64> {
         self.take(8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+    /// Skips a `bytes` field; its length.
+    fn skip_bytes(&mut self, max: usize) -> Result<usize, String> {
+        let n = self.u32().ok_or("truncated length")? as usize;
+        if n > max {
+            return Err(format!("{n} bytes exceeds the limit {max}"));
+        }
+        self.take(n)
+            .map(<[u8]>::len)
+            .ok_or_else(|| format!("truncated: {n} bytes announced"))
     }
     fn bytes(&mut self, max: usize) -> Result<Vec<u8>, String> {
         let n = self.u32().ok_or("truncated length")? as usize;
@@ -966,6 +1018,55 @@ mod tests {
         ));
         assert!(KvResult::decode(&[]).is_err());
         assert!(KvResult::decode(&[9]).is_err());
+    }
+
+    /// `validate` accepts exactly what `decode` accepts, with the same message.
+    #[test]
+    fn validate_agrees_with_decode() {
+        let mut cases = vec![
+            cmd(0, 0, Op::Register),
+            cmd(1, 2, Op::Get { key: k("g") }),
+            cmd(1, 2, Op::Delete { key: k("d") }),
+            put(1, 2, "p", b"v"),
+            cmd(
+                1,
+                2,
+                Op::Cas {
+                    key: k("c"),
+                    expected: None,
+                    new: k("n"),
+                },
+            ),
+        ];
+        let good = cmd(
+            5,
+            1,
+            Op::Cas {
+                key: k("key"),
+                expected: Some(k("old")),
+                new: k("new"),
+            },
+        );
+        for n in 0..=good.len() {
+            cases.push(good[..n].to_vec());
+        }
+        for i in 0..good.len() {
+            for v in [0u8, 1, 5, 0x7f, 0xff] {
+                let mut b = good.clone();
+                b[i] = v;
+                cases.push(b);
+            }
+        }
+        let mut junk = good.clone();
+        junk.push(0);
+        cases.push(junk);
+        for c in cases {
+            assert_eq!(
+                Command::validate(&c),
+                Command::decode(&c).map(|_| ()),
+                "{c:?}"
+            );
+        }
     }
 
     fn put(client: u64, seq: u64, key: &str, value: &[u8]) -> Vec<u8> {

@@ -4,17 +4,16 @@
 
 use crate::config::{FabricChoice, LogFormat, NodeConfig};
 use crate::error::NodeError;
-use crate::kv::{Command, DigestCell, KvMachine};
+use crate::frontend::{self, Serving};
+use crate::kv::{DigestCell, KvMachine};
 use crate::metrics::{Endpoint, Sources};
-use crate::wire::{self, NodeStatus, Request, Response};
 use ballot::layout::RingGeometry;
 use ballot::node::{Boot, FabricSetup, NodeBuilder, StartError, Wording};
-use ballot::protocol::ProposeError;
 use ballot::region::Region;
 use ballot::runtime::{Handle, RuntimeConfig};
 use ballot_tcp::{TcpConfig, TcpFabric};
 use ballot_verbs::{RdmaConfig, RdmaFabric};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,12 +194,11 @@ impl Node {
             peers: Arc::new(cfg.client_peers.clone()),
             digest,
             clients: clients.clone(),
+            limits: cfg.client_limits,
         };
-        let st = stop.clone();
-        std::thread::Builder::new()
-            .name("client-accept".into())
-            .spawn(move || accept_loop(client_listener, serving, st))
-            .map_err(|e| NodeError::io("cannot start the client listener", e))?;
+        raise_fd_limit(cfg.client_limits.max_connections);
+        frontend::start(client_listener, serving, stop.clone())
+            .map_err(|e| NodeError::io("cannot start the client port", e))?;
         let metrics_addr = endpoint.as_ref().map(Endpoint::addr);
         if let Some(ep) = endpoint {
             let sources = Sources {
@@ -245,113 +243,32 @@ impl Node {
     }
 }
 
-/// What a client connection's thread needs.
-#[derive(Clone)]
-struct Serving {
-    handle: Handle,
-    peers: Arc<std::collections::BTreeMap<u8, String>>,
-    digest: Arc<DigestCell>,
-    /// Client connections open (for the metrics).
-    clients: Arc<AtomicU64>,
-}
-
-fn accept_loop(l: TcpListener, serving: Serving, stop: Arc<AtomicBool>) {
-    l.set_nonblocking(true).ok();
-    while !stop.load(Ordering::Acquire) {
-        match l.accept() {
-            Ok((s, _)) => {
-                let sv = serving.clone();
-                sv.clients.fetch_add(1, Ordering::Relaxed);
-                let spawned = std::thread::Builder::new()
-                    .name("client-conn".into())
-                    .spawn(move || {
-                        serve(s, &sv.handle, &sv.peers, &sv.digest);
-                        sv.clients.fetch_sub(1, Ordering::Relaxed);
-                    });
-                if spawned.is_err() {
-                    serving.clients.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-fn serve(
-    mut s: TcpStream,
-    h: &Handle,
-    peers: &std::collections::BTreeMap<u8, String>,
-    digest: &DigestCell,
-) {
-    s.set_nonblocking(false).ok();
-    s.set_nodelay(true).ok();
-    loop {
-        let body = match wire::read_frame(&mut s) {
-            Ok(Some(b)) => b,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!("client connection: {e}");
-                return;
-            }
-        };
-        let resp = match Request::decode(body) {
-            Err(e) => Response::Error(format!("bad request: {e}")),
-            Ok(Request::Checkpoint) => {
-                h.checkpoint();
-                Response::Ok(Vec::new())
-            }
-            Ok(Request::Status) => {
-                let st = h.status();
-                let d = digest.get();
-                Response::Ok(
-                    NodeStatus {
-                        node: st.node,
-                        role: st.role.name().to_string(),
-                        ballot: st.ballot,
-                        ballot_round: st.ballot >> 8,
-                        commit: st.commit,
-                        applied: st.applied,
-                        leader: st.leader_hint,
-                        log_base: st.log_base,
-                        checkpoint: st.checkpoint,
-                        digest: d.digest,
-                        digest_index: d.index,
-                    }
-                    .encode(),
-                )
-            }
-            Ok(Request::Command(cmd)) => match Command::decode(&cmd) {
-                Err(e) => Response::Error(format!("bad command: {e}")),
-                Ok(_) => match h.propose(cmd, PROPOSE_TIMEOUT) {
-                    Ok(out) => Response::Ok(out),
-                    Err(ProposeError::NotLeader { leader }) => Response::NotLeader {
-                        leader,
-                        addr: leader.and_then(|l| peers.get(&l).cloned()),
-                    },
-                    Err(e @ ProposeError::TooLarge { .. }) => Response::Error(e.to_string()),
-                    // Stopping, or its disk failed: send the client elsewhere (it retries
-                    // with the same sequence number, so this is safe even if the command
-                    // was proposed here).
-                    Err(ProposeError::ShuttingDown) => Response::NotLeader {
-                        leader: None,
-                        addr: None,
-                    },
-                    Err(ProposeError::Indeterminate) => Response::Unavailable(
-                        "outcome unknown; retry with the same sequence number".into(),
-                    ),
-                    Err(e) => Response::Unavailable(e.to_string()),
-                },
-            },
-        };
-        if let Err(e) = wire::write_frame(&mut s, &resp.encode()) {
-            tracing::debug!("client connection: {e}");
+/// Raises the soft limit of open files to the hard one if the connection limit needs more
+/// than it allows (with room for the data dir, the fabric and the metrics); warns if even
+/// the hard limit is too low.
+fn raise_fd_limit(max_connections: usize) {
+    let want = (max_connections + 256) as libc::rlim_t;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= want {
             return;
         }
+        let old = lim.rlim_cur;
+        lim.rlim_cur = want.min(lim.rlim_max);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            lim.rlim_cur = old;
+        }
+    }
+    if lim.rlim_cur < want {
+        tracing::warn!(
+            open_files = lim.rlim_cur,
+            max_connections,
+            "the open-file limit is below --client-max-connections (+256): connections past \
+             it are refused by the kernel, not answered; raise `ulimit -n`"
+        );
     }
 }

@@ -1,11 +1,106 @@
 //! The client protocol's frames (see `docs/client-protocol.md`).
 //!
-//! Every frame is `len u32 LE | body` with `len = body.len() <= MAX_FRAME`.
+//! Version 2 (pipelined): the client opens with a [`ClientHello`] (magic `BALP`, the
+//! version it speaks), the node answers a [`ServerHello`] (the version it will speak and
+//! its limits); then every frame is `len u32 LE | id u64 LE | body`, `len` counting the id
+//! and the body, with a request id chosen by the client in each request and echoed in its
+//! response. Responses come as requests complete, in any order. A response with id 0 and
+//! status [`status::GOAWAY`] is about the connection: the node closes it after.
+//!
+//! Version 1 (one request at a time, `len u32 LE | body`, no hello) is refused: a node
+//! answers the first frame of such a client with a version 1 `ERROR` frame saying so.
 
 use ballot::runtime::Role;
 use std::io::{self, Read, Write};
 
+/// The default limit of a frame's `len` (the node's `--client-max-frame`).
 pub const MAX_FRAME: usize = 4 << 20;
+/// The frame limit of protocol version 1 (a v1 client's first frame is at most this long).
+pub const V1_MAX_FRAME: usize = 4 << 20;
+/// The hellos' magic: `BALP` (as a v1 frame length it would exceed [`V1_MAX_FRAME`]).
+pub const MAGIC: [u8; 4] = *b"BALP";
+/// The protocol version this code speaks.
+pub const VERSION: u16 = 2;
+/// Bytes of a frame's `id u64 | kind-or-status u8` header (after `len`).
+pub const HEADER: usize = 9;
+/// The request id reserved for connection-level answers ([`status::GOAWAY`]).
+pub const CONNECTION_ID: u64 = 0;
+
+/// The client's first 8 bytes: `"BALP" | version u16 LE | reserved u16 (0)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The highest version the client speaks.
+    pub version: u16,
+}
+
+impl ClientHello {
+    pub const LEN: usize = 8;
+    pub fn encode(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        b
+    }
+    /// `None`: not a hello (no magic).
+    pub fn decode(b: &[u8; 8]) -> Option<ClientHello> {
+        (b[..4] == MAGIC).then(|| ClientHello {
+            version: u16::from_le_bytes([b[4], b[5]]),
+        })
+    }
+}
+
+/// The node's answer to a [`ClientHello`], 24 bytes: `"BALP" | version u16 | reserved u16 |
+/// max_frame u32 | max_in_flight u32 | idle_timeout_ms u32 | max_output u32` (LE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerHello {
+    /// The version the node will speak on this connection (0: none in common; a `GOAWAY`
+    /// follows and the node closes).
+    pub version: u16,
+    /// Largest `len` of a request frame.
+    pub max_frame: u32,
+    /// Requests in flight per connection, at most (the node reads no more until some
+    /// are answered).
+    pub max_in_flight: u32,
+    /// A connection idle this long is closed (0: never).
+    pub idle_timeout_ms: u32,
+    /// Bytes of answers the node keeps for a client that does not read them; past this
+    /// the connection is cut.
+    pub max_output: u32,
+}
+
+impl ServerHello {
+    pub const LEN: usize = 24;
+    pub fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        for (i, v) in [
+            self.max_frame,
+            self.max_in_flight,
+            self.idle_timeout_ms,
+            self.max_output,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            b[8 + 4 * i..12 + 4 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+    pub fn decode(b: &[u8; 24]) -> Option<ServerHello> {
+        if b[..4] != MAGIC {
+            return None;
+        }
+        let w = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        Some(ServerHello {
+            version: u16::from_le_bytes([b[4], b[5]]),
+            max_frame: w(8),
+            max_in_flight: w(12),
+            idle_timeout_ms: w(16),
+            max_output: w(20),
+        })
+    }
+}
 
 pub mod kind {
     pub const COMMAND: u8 = 1;
@@ -18,6 +113,8 @@ pub mod status {
     pub const NOT_LEADER: u8 = 1;
     pub const ERROR: u8 = 2;
     pub const UNAVAILABLE: u8 = 3;
+    /// About the connection, not a request (id 0): the node closes it after this.
+    pub const GOAWAY: u8 = 4;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +138,9 @@ pub enum Response {
     Error(String),
     /// Transient: retry (with the same client id and sequence number).
     Unavailable(String),
+    /// The node closes the connection (id 0): why. Requests without an answer yet have
+    /// an unknown outcome.
+    GoAway(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -179,6 +279,7 @@ impl Response {
             }
             Response::Error(e) => text(status::ERROR, e),
             Response::Unavailable(e) => text(status::UNAVAILABLE, e),
+            Response::GoAway(e) => text(status::GOAWAY, e),
         }
     }
     pub fn decode(b: &[u8]) -> Result<Response, String> {
@@ -204,6 +305,7 @@ impl Response {
             }
             status::ERROR => Response::Error(text()),
             status::UNAVAILABLE => Response::Unavailable(text()),
+            status::GOAWAY => Response::GoAway(text()),
             t => return Err(format!("unknown response status {t}")),
         })
     }
@@ -221,6 +323,25 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
     b.extend_from_slice(body);
     w.write_all(&b)?;
     w.flush()
+}
+
+/// Appends a version 2 frame, `len | id | body`, to `out`.
+pub fn put_frame(out: &mut Vec<u8>, id: u64, body: &[u8]) {
+    out.extend_from_slice(&((8 + body.len()) as u32).to_le_bytes());
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Splits a version 2 frame's contents (after `len`) into its id and body.
+pub fn split_id(frame: &[u8]) -> io::Result<(u64, &[u8])> {
+    if frame.len() < HEADER {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {} bytes is shorter than its header", frame.len()),
+        ));
+    }
+    let (id, body) = frame.split_at(8);
+    Ok((u64::from_le_bytes(id.try_into().expect("8 bytes")), body))
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream before a frame starts.
@@ -266,6 +387,7 @@ mod tests {
             },
             Response::Error("nope".into()),
             Response::Unavailable("later".into()),
+            Response::GoAway("bye".into()),
         ] {
             assert_eq!(Response::decode(&r.encode()).unwrap(), r);
         }
@@ -298,5 +420,20 @@ mod tests {
         let mut c = std::io::Cursor::new(buf);
         assert_eq!(read_frame(&mut c).unwrap().unwrap(), b"hello");
         assert!(read_frame(&mut c).unwrap().is_none());
+        let h = ServerHello {
+            version: 2,
+            max_frame: 1,
+            max_in_flight: 2,
+            idle_timeout_ms: 3,
+            max_output: 4,
+        };
+        assert_eq!(ServerHello::decode(&h.encode()), Some(h));
+        let c = ClientHello { version: 7 };
+        assert_eq!(ClientHello::decode(&c.encode()), Some(c));
+        // As a v1 frame length, the magic is over the v1 limit: never a v1 frame.
+        assert!(u32::from_le_bytes(MAGIC) as usize > V1_MAX_FRAME);
+        let mut f = Vec::new();
+        put_frame(&mut f, 9, &[kind::STATUS]);
+        assert_eq!(split_id(&f[4..]).unwrap(), (9, &[kind::STATUS][..]));
     }
 }

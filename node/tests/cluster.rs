@@ -1241,6 +1241,9 @@ fn check_filled(cl: &Cluster, tag: &str, n: usize, size: usize, step: usize) {
 /// past `index`. Returns the number of fill rounds.
 fn write_until_compacted(cl: &Cluster, others: &[usize], index: u64, tag: &str) -> usize {
     let mut round = 0;
+    // Checkpoints are written in the background: fast clients (pipelined server) can run
+    // 60 rounds before one is kept, so the bound is in time as well as in rounds.
+    let started = Instant::now();
     loop {
         let done = others.iter().all(|&i| {
             let s = cl.status_wait(i);
@@ -1251,7 +1254,7 @@ fn write_until_compacted(cl: &Cluster, others: &[usize], index: u64, tag: &str) 
         }
         round += 1;
         assert!(
-            round <= 60,
+            round <= 60 || started.elapsed() < Duration::from_secs(30),
             "logs not compacted past {index}: {:?}",
             others
                 .iter()
@@ -1907,7 +1910,7 @@ fn a_checkpoint_backup_restores_a_new_durable_cluster() {
 /// session never registered is answered "session expired" and not applied.
 #[test]
 fn sessions_keep_the_checkpoint_small_and_retries_apply_once() {
-    use ballot_node::wire::{self, Request, Response};
+    use ballot_node::wire::{Request, Response};
     let cl = Cluster::with_mode(3, "sessions", true);
     cl.wait_serving("after boot");
     let eps = cl.addrs().join(",");
@@ -1926,10 +1929,13 @@ fn sessions_keep_the_checkpoint_small_and_retries_apply_once() {
     assert_ne!(session, 0);
     let send = |client: u64, seq: u64, op: Op| -> KvResult {
         let cmd = ballot_node::kv::Command { client, seq, op }.encode();
-        let mut s = std::net::TcpStream::connect(&cl.addrs()[cl.leader()]).unwrap();
-        wire::write_frame(&mut s, &Request::Command(cmd).encode()).unwrap();
-        let body = wire::read_frame(&mut s).unwrap().unwrap();
-        match Response::decode(&body).unwrap() {
+        let mut s = client::Conn::open(
+            &cl.addrs()[cl.leader()],
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        match s.call(&Request::Command(cmd).encode()).unwrap() {
             Response::Ok(r) => KvResult::decode(&r).unwrap(),
             other => panic!("{other:?}"),
         }
