@@ -8,7 +8,9 @@
 #      nodes take a checkpoint every 512 bytes of commands and keep one, so the logs are
 #      compacted and the restarted node must pull a checkpoint over the RDMA fabric (its
 #      log says "checkpoint installed");
-#   4. every acknowledged put is readable, with its last acknowledged value;
+#   4. the leader's /metrics shows the RDMA fabric's per-peer counters (bytes sent above 0)
+#      and the ring credit stall series;
+#   5. every acknowledged put is readable, with its last acknowledged value;
 # then `ballot-bench compare --fabric rdma` and ib_write_lat in the same guest, and prints
 # commit p50 / raw RDMA WRITE p50. Exit status 0 only if every check held (busybox sh).
 set -u
@@ -35,7 +37,7 @@ start() { # start ID
         --client-addr "127.0.0.1:$((PORT + 10 + $1))" --data-dir "$D/data$1" --key-file "$D/key" \
         --fabric rdma --rdma-device "$RXE_DEV" --rdma-gid-index "$RXE_GID_INDEX" \
         --heartbeat-timeout-ms 300 --election-timeout-ms 300 \
-        --checkpoint-every 512 --checkpoints-keep 1 \
+        --checkpoint-every 512 --checkpoints-keep 1 --metrics-addr "127.0.0.1:$((PORT + 20 + $1))" \
         $([ -e "$D/data$1/ballot-node.boot" ] || echo --initial-cluster-state new) >>"$D/node$1.log" 2>&1 &
     case $1 in 0) P0=$! ;; 1) P1=$! ;; 2) P2=$! ;; esac
 }
@@ -140,6 +142,13 @@ n=50; while [ $n -gt 0 ] && ! grep -q "bootstrap connection from .* refused" "$D
 grep -q "bootstrap connection from .* refused" "$D/node0.log" || fail "node 0 did not log the refused bootstrap connection"
 converged || fail "the cluster is not converged after the wrong-key attempt"
 echo "node-suite: wrong key: exit $rrc, \"$(grep -o 'refused.*' "$D/rogue.log" | head -1 | cut -c1-120)\"; node 0: \"$(grep -o 'bootstrap connection from .* refused.*' "$D/node0.log" | head -1 | cut -c1-120)\""
+
+echo "== nodes: the RDMA fabric's per-peer counters on /metrics (leader $L2)"
+busybox wget -q -O "$D/metrics" "http://127.0.0.1:$((PORT + 20 + L2))/metrics" || fail "cannot scrape node $L2's /metrics"
+sent="$(grep -E '^ballot_fabric_sent_bytes[a-z_]*[{].*peer="[0-9]+".*[}] [1-9]' "$D/metrics" | head -1)"
+[ -n "$sent" ] || fail "no RDMA per-peer sent bytes above 0 on /metrics: $(grep ballot_fabric "$D/metrics" | head -5)"
+grep -qE '^ballot_ring_credit_stalls[a-z_]*[{]' "$D/metrics" || fail "no ring credit stall series on /metrics"
+echo "node-suite: /metrics: $sent; $(grep -cE '^ballot_fabric_' "$D/metrics") fabric samples, ring credit stalls exported"
 
 echo "== nodes: every acknowledged put is readable"
 # The last acknowledged value of each key.
