@@ -184,4 +184,16 @@ echo "FIGURES rdma raw WRITE+completion p50 (ballot-bench raw): ${RAW} us"
 echo "FIGURES rdma commit p50 (ballot-bench cluster, 3 replicas, 1 command in flight): ${COMMIT} us at ${OPS} cmd/s"
 echo "FIGURES ib_write_lat 64B typical: ${IBL} us"
 echo "FIGURES ratio commit p50 / raw RDMA WRITE p50: $(echo "$COMMIT $RAW" | awk '{printf "%.2f", $1 / $2}') (bench's own: ${RATIO}); commit p50 / ib_write_lat: $(echo "$COMMIT $IBL" | awk '{printf "%.2f", $1 / $2}')"
+echo "== ballot-bench raw as a server/client pair (two processes over $RXE_DEV, perftest's manner)"
+RAWARGS="--fabric rdma --rdma-device $RXE_DEV --gid-index $RXE_GID_INDEX --quiet"
+ballot-bench raw $RAWARGS --server --listen "127.0.0.1:$((PORT + 30))" >"$D/raw-server.log" 2>&1 &
+rs=$!
+sleep 1
+ballot-bench raw $RAWARGS --connect "127.0.0.1:$((PORT + 30))" --iterations 2000 --payload 64,4096 --json \
+    >"$D/raw-pair.json" 2>"$D/raw-pair.err" || { cat "$D/raw-pair.err" "$D/raw-server.log"; kill -9 $rs 2>/dev/null; fail "ballot-bench raw --connect"; }
+n=50; while [ $n -gt 0 ] && kill -0 $rs 2>/dev/null; do sleep 0.1; n=$((n - 1)); done
+kill -0 $rs 2>/dev/null && { kill -9 $rs; fail "ballot-bench raw --server did not exit after its client's run"; }
+wait $rs || { cat "$D/raw-server.log"; fail "ballot-bench raw --server failed"; }
+[ "$(grep -c '"p50_us"' "$D/raw-pair.json")" = 2 ] || { cat "$D/raw-pair.json" "$D/raw-pair.err"; fail "raw pair: want two results (64 and 4096 B)"; }
+echo "FIGURES rdma raw pair (two processes) p50: $(sed -n 's/.*"payload":\([0-9]*\).*"p50_us":\([0-9.]*\).*/\1 B \2 us/p' "$D/raw-pair.json" | tr '\n' ';')"
 echo "node-suite: PASS"
