@@ -418,29 +418,21 @@ impl Pipeline {
     /// Reads answers until one completes a command or `until`.
     fn receive(&mut self, until: Instant) {
         let now = Instant::now();
-        let Some(conn) = self.conn.as_mut() else {
-            // Nothing to read: wait for the next back-off to end.
-            let next = self
-                .ready
-                .iter()
-                .filter_map(|t| self.ops.get(t).map(|p| p.not_before))
-                .min()
-                .unwrap_or(until)
-                .max(self.connect_after)
-                .min(until);
-            std::thread::sleep(
-                next.saturating_duration_since(now)
-                    .min(Duration::from_millis(50)),
-            );
-            return;
+        // Nothing to read (no connection, or nothing sent): sleep until the next back-off
+        // ends (and, without a connection, until a reconnect is allowed).
+        let idle = match &self.conn {
+            None => Some(self.connect_after),
+            Some(_) if self.sent.is_empty() => Some(now),
+            Some(_) => None,
         };
-        if self.sent.is_empty() {
+        if let Some(not_before) = idle {
             let next = self
                 .ready
                 .iter()
                 .filter_map(|t| self.ops.get(t).map(|p| p.not_before))
                 .min()
                 .unwrap_or(until)
+                .max(not_before)
                 .min(until);
             std::thread::sleep(
                 next.saturating_duration_since(now)
@@ -448,6 +440,7 @@ impl Pipeline {
             );
             return;
         }
+        let conn = self.conn.as_mut().expect("connected: checked above");
         // Wake for resends waiting on a back-off too.
         let mut wait = until.saturating_duration_since(now);
         if !self.ready.is_empty() {
