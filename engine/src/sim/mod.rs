@@ -15,6 +15,7 @@
 pub mod digest;
 pub mod kv;
 pub mod linearizability;
+mod nemesis;
 pub mod planted;
 
 use crate::checkpoint::{CheckpointInfo, CheckpointPolicy, Checkpoints, MemCheckpoints};
@@ -402,6 +403,8 @@ struct Sim {
     /// The random stream of the blank-crash fault (`Swarm::blank_crash`), apart so that
     /// seeds with it off replay as before it existed.
     blank_rng: Rng,
+    /// Composed faults (`nemesis`), on their own random stream.
+    nemesis: nemesis::Nemesis,
 }
 
 /// Per-seed weights of the fault families (0: off; 1: the base rate; more: that many times
@@ -727,17 +730,7 @@ impl Sim {
             // Half the time the operator forgets `--rejoin`: the replica boots blank, and
             // its peers must make it rebuild before its votes count.
             let forgot = self.rng.chance(500_000);
-            self.report.blank_boots += u64::from(forgot);
-            let mut d = self.nodes[id as usize].disk.lock().unwrap();
-            *d = Disk {
-                rng: d.rng,
-                rejoining: !forgot,
-                lost: true,
-                ..Disk::default()
-            };
-            drop(d);
-            *self.nodes[id as usize].ckpts.0.lock().unwrap() = MemCheckpoints::default();
-            self.report.disk_losses += 1;
+            self.lose_disk(id, forgot);
         }
         if self.o.durability == Durability::Durable && self.swarm.blank_crash > 0 {
             for id in 0..n as NodeId {
@@ -1048,6 +1041,16 @@ impl Sim {
                         r.core().log().last()
                     );
                 }
+                if rebuilt && std::env::var_os("SIM_TRACE").is_some() {
+                    // Where everyone stands when a rebuild finishes.
+                    for r in self.nodes.iter().filter_map(|n| n.replica.as_ref()) {
+                        let c = r.core();
+                        eprintln!("   {} {}", crate::driver::describe(c), c.peer_summary());
+                    }
+                }
+                let Some(r) = self.nodes[id].replica.as_mut() else {
+                    continue;
+                };
                 if !was && r.core().is_leader() {
                     if std::env::var_os("SIM_TRACE").is_some() {
                         eprintln!("t={tick} elected {}", crate::driver::describe(r.core()));
@@ -1337,6 +1340,7 @@ impl Sim {
             if t % UNITS_PER_TICK == 0 {
                 if self.o.faults && tick < fault_end {
                     self.inject_faults(tick);
+                    self.nemesis_tick(tick);
                 }
                 if tick == fault_end {
                     self.net.set_faults(Faults::none());
@@ -1654,6 +1658,11 @@ pub fn run(o: Options) -> Report {
         },
         more: Rng(o.seed ^ 0x9e37_79b9_7f4a_7c15),
         blank_rng: Rng(o.seed ^ 0x5851_f42d_4c95_7f2d),
+        nemesis: if o.faults {
+            nemesis::Nemesis::new(o.seed)
+        } else {
+            nemesis::Nemesis::off(o.seed)
+        },
     };
     if o.faults {
         sim.swarm = Swarm::pick(&mut sim.rng);

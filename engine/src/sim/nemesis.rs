@@ -1,0 +1,205 @@
+//! Composed faults ("nemesis episodes"): several faults in a fixed order, at moments the
+//! simulator picks by looking at the cluster, with every choice drawn from the seed.
+//!
+//! The rebuild rules guard windows that open only when faults line up: a replica must lose
+//! its memory right after the leader counted its acknowledgement, while the leader's other
+//! data paths lag and the leader cannot hear its rebuild request (the first schedule of
+//! `engine/tests/schedules.rs`). Independent random faults line these up in few seeds; an
+//! episode lines them up and leaves the rest to chance (which follower, which timings, a
+//! stuck candidate or not). Nothing in an episode names a rule of the protocol: it is a
+//! fault schedule, and the checks that judge the run are the simulator's usual ones.
+
+use super::{Disk, MemCheckpoints, Rng, Sim, UNITS_PER_TICK};
+use crate::protocol::Durability;
+use crate::types::NodeId;
+
+/// The episodes of one run: their rate, drawn from the seed on a random stream of their
+/// own (a seed with episodes off replays as it did before they existed).
+pub(super) struct Nemesis {
+    pub(super) rng: Rng,
+    /// Chance per tick (per million) that an episode starts when none runs.
+    rate: u64,
+    state: Episode,
+    /// No episode starts before this tick (the cluster settles after one).
+    calm_until: u64,
+    /// Episodes run to their fault (for `SIM_TRACE` and the digest of a run's shape).
+    pub(super) fired: u64,
+}
+
+enum Episode {
+    Idle,
+    /// The amnesiac acker: the leader's data paths to every follower but `victim` are
+    /// stalled; once the leader counts an acknowledgement of `victim` past its commit
+    /// (before `deadline`, or the episode ends), `victim` loses its memory, restarts at once and rebuilds cut off
+    /// from the leader, which may go on counting that acknowledgement.
+    Acker {
+        leader: NodeId,
+        victim: NodeId,
+        deadline: u64,
+    },
+}
+
+impl Nemesis {
+    pub(super) fn new(seed: u64) -> Nemesis {
+        let mut rng = Rng(seed ^ 0x2545_f491_4f6c_dd1d);
+        let rate = [0, 1_000, 3_000, 6_000][rng.below(4) as usize];
+        Nemesis {
+            rng,
+            rate,
+            state: Episode::Idle,
+            calm_until: 0,
+            fired: 0,
+        }
+    }
+
+    /// Off: no episode ever starts (runs without faults).
+    pub(super) fn off(seed: u64) -> Nemesis {
+        Nemesis {
+            rate: 0,
+            ..Nemesis::new(seed)
+        }
+    }
+}
+
+impl Sim {
+    /// Starts or advances this run's episode (once per tick of the faulty phase).
+    pub(super) fn nemesis_tick(&mut self, tick: u64) {
+        match self.nemesis.state {
+            Episode::Idle => {
+                if tick >= self.nemesis.calm_until && self.nemesis.rng.chance(self.nemesis.rate) {
+                    self.start_acker(tick);
+                }
+            }
+            Episode::Acker {
+                leader,
+                victim,
+                deadline,
+            } => self.advance_acker(tick, leader, victim, deadline),
+        }
+    }
+
+    fn start_acker(&mut self, tick: u64) {
+        let n = self.o.replicas as u64;
+        let Some(leader) = self.leader() else {
+            return;
+        };
+        if n < 3 || self.down() > 0 {
+            return;
+        }
+        let followers: Vec<NodeId> = (0..n as NodeId).filter(|&p| p != leader).collect();
+        let rng = &mut self.nemesis.rng;
+        let victim = followers[rng.below(followers.len() as u64) as usize];
+        // Sometimes (5 replicas or more) one other follower is cut from the leader for
+        // long: a stuck candidate, whose promise is the highest the rebuild hears.
+        let stuck = (n >= 5 && rng.chance(500_000)).then(|| {
+            let others: Vec<NodeId> = followers.iter().copied().filter(|&p| p != victim).collect();
+            others[rng.below(others.len() as u64) as usize]
+        });
+        if let Some(z) = stuck {
+            self.net.set_link(z, leader, false);
+            let until = tick + 150 + self.nemesis.rng.below(250);
+            let c = &mut self.nodes[z as usize].cut_until;
+            *c = (*c).max(until);
+        }
+        // The leader's writes to everyone but the victim lag, so that the victim's
+        // acknowledgement is the one that counts. One follower's lag ends soon (its
+        // acknowledgement then completes a majority with the victim's old one), while the
+        // victim rebuilds from answers given before; the others' lags outlast the rebuild.
+        // (Longer lags on all would not do: the leader would step down, having heard from
+        // no majority for a heartbeat timeout.)
+        let rest: Vec<NodeId> = followers
+            .iter()
+            .copied()
+            .filter(|&f| f != victim && Some(f) != stuck)
+            .collect();
+        let completer = rest[self.nemesis.rng.below(rest.len() as u64) as usize];
+        for &f in &rest {
+            let ticks = if f == completer {
+                6 + self.nemesis.rng.below(4)
+            } else {
+                15 + self.nemesis.rng.below(30)
+            };
+            self.net.stall(leader, f, ticks * UNITS_PER_TICK);
+        }
+        trace(format_args!(
+            "t={tick} nemesis: acker {victim} of leader {leader}, stuck candidate {stuck:?}"
+        ));
+        self.nemesis.state = Episode::Acker {
+            leader,
+            victim,
+            deadline: tick + 4,
+        };
+    }
+
+    fn advance_acker(&mut self, tick: u64, leader: NodeId, victim: NodeId, deadline: u64) {
+        let core = self.nodes[leader as usize]
+            .replica
+            .as_ref()
+            .map(|r| r.core())
+            .filter(|c| c.is_leader());
+        let Some(core) = core else {
+            self.end_episode(tick); // the leader fell meanwhile
+            return;
+        };
+        let counted = core
+            .peer_acks()
+            .iter()
+            .any(|&(p, a)| p == victim && a > core.commit());
+        if !counted {
+            if tick >= deadline {
+                self.end_episode(tick); // nothing in flight to count: no window
+            }
+            return;
+        }
+        let volatile = self.o.durability == Durability::Volatile;
+        let f = (self.o.replicas - 1) / 2;
+        if self.nodes[victim as usize].replica.is_none() || volatile && self.down() >= f {
+            self.end_episode(tick);
+            return;
+        }
+        // Restart at once: the rebuild runs while the leader still counts the old
+        // incarnation's acknowledgement and the other data paths still lag.
+        let until = tick + 1;
+        self.crash(victim, until);
+        if !volatile {
+            let forgot = self.nemesis.rng.chance(250_000);
+            self.lose_disk(victim, forgot);
+        }
+        self.net.set_link(victim, leader, false);
+        let cut = tick + 100 + self.nemesis.rng.below(200);
+        let c = &mut self.nodes[victim as usize].cut_until;
+        *c = (*c).max(cut);
+        self.nemesis.fired += 1;
+        trace(format_args!(
+            "t={tick} nemesis: acker {victim} lost its memory, cut from {leader}"
+        ));
+        self.end_episode(tick);
+    }
+
+    fn end_episode(&mut self, tick: u64) {
+        self.nemesis.state = Episode::Idle;
+        self.nemesis.calm_until = tick + 200;
+    }
+
+    /// Durable mode: `id` (down) lost its data dir; it restarts with `--rejoin`, or, if the
+    /// operator `forgot` it, blank.
+    pub(super) fn lose_disk(&mut self, id: NodeId, forgot: bool) {
+        self.report.blank_boots += u64::from(forgot);
+        let mut d = self.nodes[id as usize].disk.lock().unwrap();
+        *d = Disk {
+            rng: d.rng,
+            rejoining: !forgot,
+            lost: true,
+            ..Disk::default()
+        };
+        drop(d);
+        *self.nodes[id as usize].ckpts.0.lock().unwrap() = MemCheckpoints::default();
+        self.report.disk_losses += 1;
+    }
+}
+
+fn trace(what: std::fmt::Arguments) {
+    if std::env::var_os("SIM_TRACE").is_some() {
+        eprintln!("{what}");
+    }
+}
