@@ -37,6 +37,14 @@ enum Episode {
         victim: NodeId,
         deadline: u64,
     },
+    /// The deposed view: the leader and some followers (a minority, `old` as a bit set)
+    /// are cut from the rest, which elects a new leader; once it chose something, a
+    /// replica of the new view that holds it loses its memory and rebuilds reaching only
+    /// the deposed view.
+    Deposed {
+        old: u64,
+        deadline: u64,
+    },
 }
 
 impl Nemesis {
@@ -67,7 +75,11 @@ impl Sim {
         match self.nemesis.state {
             Episode::Idle => {
                 if tick >= self.nemesis.calm_until && self.nemesis.rng.chance(self.nemesis.rate) {
-                    self.start_acker(tick);
+                    if self.nemesis.rng.chance(500_000) {
+                        self.start_acker(tick);
+                    } else {
+                        self.start_deposed(tick);
+                    }
                 }
             }
             Episode::Acker {
@@ -75,7 +87,103 @@ impl Sim {
                 victim,
                 deadline,
             } => self.advance_acker(tick, leader, victim, deadline),
+            Episode::Deposed { old, deadline } => self.advance_deposed(tick, old, deadline),
         }
+    }
+
+    /// The nodes of the minority `old` (a bit set) and of the rest.
+    fn sides(&self, old: u64) -> (Vec<NodeId>, Vec<NodeId>) {
+        (0..self.o.replicas as NodeId).partition(|&p| old & (1 << p) != 0)
+    }
+
+    fn start_deposed(&mut self, tick: u64) {
+        let n = self.o.replicas as u64;
+        let Some(leader) = self.leader() else {
+            return;
+        };
+        if n < 3 || self.down() > 0 {
+            return;
+        }
+        // The leader and f - 1 of its followers: a minority.
+        let mut old = 1u64 << leader;
+        while (old.count_ones() as u64) < (n - 1) / 2 {
+            old |= 1 << self.nemesis.rng.below(n);
+        }
+        let (minority, majority) = self.sides(old);
+        let until = tick + 150 + self.nemesis.rng.below(150);
+        for &a in &minority {
+            for &b in &majority {
+                self.net.set_link(a, b, false);
+            }
+            let c = &mut self.nodes[a as usize].cut_until;
+            *c = (*c).max(until);
+        }
+        trace(format_args!(
+            "t={tick} nemesis: deposed {minority:?} (leader {leader}) cut from {majority:?}"
+        ));
+        self.nemesis.state = Episode::Deposed {
+            old,
+            deadline: tick + 60,
+        };
+    }
+
+    fn advance_deposed(&mut self, tick: u64, old: u64, deadline: u64) {
+        if tick >= deadline {
+            self.end_episode(tick);
+            return;
+        }
+        let (minority, majority) = self.sides(old);
+        let core = |p: NodeId| self.nodes[p as usize].replica.as_ref().map(|r| r.core());
+        let old_last = minority
+            .iter()
+            .filter_map(|&p| core(p).map(|c| c.log().last()))
+            .max()
+            .unwrap_or(0);
+        let Some((leader, commit)) = majority
+            .iter()
+            .filter_map(|&p| core(p).filter(|c| c.is_leader()).map(|c| (p, c.commit())))
+            .next()
+        else {
+            return;
+        };
+        if commit <= old_last {
+            return; // nothing chosen by the new view that the deposed one lacks
+        }
+        // A replica of the new view that holds what it chose loses its memory and
+        // restarts at once, reaching only the deposed view (still in normal status for a
+        // while: its members have not stood yet).
+        let holders: Vec<NodeId> = majority
+            .iter()
+            .copied()
+            .filter(|&p| p != leader && core(p).is_some_and(|c| c.log().last() >= commit))
+            .collect();
+        let volatile = self.o.durability == Durability::Volatile;
+        let f = (self.o.replicas - 1) / 2;
+        if holders.is_empty() || volatile && self.down() >= f {
+            return;
+        }
+        let victim = holders[self.nemesis.rng.below(holders.len() as u64) as usize];
+        self.crash(victim, tick + 1);
+        if !volatile {
+            let forgot = self.nemesis.rng.chance(250_000);
+            self.lose_disk(victim, forgot);
+        }
+        for &p in &majority {
+            if p != victim {
+                self.net.set_link(victim, p, false);
+            }
+        }
+        for &p in &minority {
+            self.net.set_link(victim, p, true);
+        }
+        let until = tick + 100 + self.nemesis.rng.below(200);
+        let c = &mut self.nodes[victim as usize].cut_until;
+        *c = (*c).max(until);
+        self.nemesis.fired += 1;
+        trace(format_args!(
+            "t={tick} nemesis: {victim} of the new view (leader {leader}, commit {commit}) lost its memory, reaching only {minority:?}"
+        ));
+        self.end_episode(tick);
     }
 
     fn start_acker(&mut self, tick: u64) {
