@@ -332,6 +332,8 @@ struct Node {
     phase: u64,
     down_until: u64,
     slow_until: u64,
+    /// Not stepped at all (a paused process) while set (`nemesis`).
+    paused: bool,
     cut_until: u64,
     /// The commit index and promise seen after this incarnation's last step (the
     /// promise survives a durable restart; amnesia starts it over).
@@ -876,6 +878,7 @@ impl Sim {
             }
             if all {
                 self.nodes[id].slow_until = 0;
+                self.nodes[id].paused = false;
             }
         }
         if all {
@@ -892,6 +895,12 @@ impl Sim {
                     self.clients[ci].outstanding = None;
                     self.clients[ci].thread = self.next_thread;
                     self.next_thread += 1;
+                    if self.nodes[node as usize].paused {
+                        // A stopped server: the client tries another (on the nemesis'
+                        // random stream, so that runs without episodes replay as before).
+                        let n = self.o.replicas as u64;
+                        self.clients[ci].target = self.nemesis.rng.below(n) as NodeId;
+                    }
                 }
                 continue;
             }
@@ -999,7 +1008,7 @@ impl Sim {
             if t % STEP_UNITS != n.phase % STEP_UNITS {
                 continue;
             }
-            if n.slow_until > tick && !(t / STEP_UNITS).is_multiple_of(5) {
+            if n.paused || n.slow_until > tick && !(t / STEP_UNITS).is_multiple_of(5) {
                 continue;
             }
             let now_ticks = t * (1000 + n.skew) / 1000 / UNITS_PER_TICK;
@@ -1600,6 +1609,7 @@ pub fn run(o: Options) -> Report {
             phase: rng.below(STEP_UNITS),
             down_until: 0,
             slow_until: 0,
+            paused: false,
             cut_until: 0,
             seen_commit: 0,
             seen_promise: Ballot::ZERO,

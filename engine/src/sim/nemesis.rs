@@ -45,6 +45,24 @@ enum Episode {
         old: u64,
         deadline: u64,
     },
+    /// The stale tail: the leader and some followers (`old`) are cut from the rest; the
+    /// leader appends what its clients send (a tail nobody else gets), then its view
+    /// pauses (a stopped process) while the rest elects, chooses and compacts past that
+    /// tail. A replica of the new view then loses its memory and rebuilds from one that
+    /// compacted and from the deposed view, which resumes; the compacted one stops
+    /// answering once the rebuild pulls its checkpoint.
+    Stale {
+        old: u64,
+        stage: Stale,
+        until: u64,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Stale {
+    Appending,
+    Paused,
+    Rebuilding { victim: NodeId, source: NodeId },
 }
 
 impl Nemesis {
@@ -75,10 +93,10 @@ impl Sim {
         match self.nemesis.state {
             Episode::Idle => {
                 if tick >= self.nemesis.calm_until && self.nemesis.rng.chance(self.nemesis.rate) {
-                    if self.nemesis.rng.chance(500_000) {
-                        self.start_acker(tick);
-                    } else {
-                        self.start_deposed(tick);
+                    match self.nemesis.rng.below(3) {
+                        0 => self.start_acker(tick),
+                        1 => self.start_deposed(tick),
+                        _ => self.start_stale(tick),
                     }
                 }
             }
@@ -88,7 +106,159 @@ impl Sim {
                 deadline,
             } => self.advance_acker(tick, leader, victim, deadline),
             Episode::Deposed { old, deadline } => self.advance_deposed(tick, old, deadline),
+            Episode::Stale { old, stage, until } => self.advance_stale(tick, old, stage, until),
         }
+    }
+
+    fn start_stale(&mut self, tick: u64) {
+        if self.leader().is_none() || self.o.replicas < 3 || self.down() > 0 {
+            return;
+        }
+        let (old, minority, _) = self.cut_minority(tick);
+        trace(format_args!("t={tick} nemesis: stale tail on {minority:?}"));
+        self.nemesis.state = Episode::Stale {
+            old,
+            stage: Stale::Appending,
+            until: tick + 3 + self.nemesis.rng.below(5),
+        };
+    }
+
+    fn advance_stale(&mut self, tick: u64, old: u64, stage: Stale, until: u64) {
+        let (minority, majority) = self.sides(old);
+        let core = |p: NodeId| self.nodes[p as usize].replica.as_ref().map(|r| r.core());
+        match stage {
+            // The cut-off leader appends what its clients send; then its view pauses.
+            Stale::Appending if tick >= until => {
+                for &p in &minority {
+                    self.nodes[p as usize].paused = true;
+                }
+                self.nemesis.state = Episode::Stale {
+                    old,
+                    stage: Stale::Paused,
+                    until: tick + 500,
+                };
+            }
+            Stale::Appending => {}
+            Stale::Paused => {
+                let tail = minority
+                    .iter()
+                    .filter_map(|&p| core(p).map(|c| c.log().last()))
+                    .max()
+                    .unwrap_or(0);
+                // A replica of the new view that compacted past the deposed view's tail
+                // (a follower if one did: the leader is the one that keeps choosing).
+                let compacted = |leader_too: bool| {
+                    majority.iter().copied().find(|&p| {
+                        core(p).is_some_and(|c| {
+                            (leader_too || !c.is_leader()) && c.log().base() > tail
+                        })
+                    })
+                };
+                let source = compacted(false).or_else(|| compacted(true));
+                let volatile = self.o.durability == Durability::Volatile;
+                let victims: Vec<NodeId> = majority
+                    .iter()
+                    .copied()
+                    .filter(|&p| Some(p) != source && self.nodes[p as usize].replica.is_some())
+                    .collect();
+                let Some(source) = source.filter(|_| !victims.is_empty()) else {
+                    if tick >= until {
+                        self.resume(&minority);
+                        self.end_episode(tick);
+                    }
+                    return;
+                };
+                if !self.may_lose_memory() {
+                    return;
+                }
+                // A replica of the new view loses its memory, and rebuilds from the
+                // compacted one and the deposed view, which resumes reaching it only.
+                let victim = victims[self.nemesis.rng.below(victims.len() as u64) as usize];
+                self.crash(victim, tick + 1);
+                if !volatile {
+                    self.lose_disk(victim, false);
+                }
+                for &p in &majority {
+                    if p != victim && p != source {
+                        self.net.set_link(victim, p, false);
+                    }
+                }
+                for &p in &minority {
+                    self.net.set_link(victim, p, true);
+                }
+                let c = &mut self.nodes[victim as usize].cut_until;
+                *c = (*c).max(tick + 100 + self.nemesis.rng.below(200));
+                trace(format_args!(
+                    "t={tick} nemesis: {victim} lost its memory; {source} compacted past the stale tail {tail} of {minority:?}"
+                ));
+                self.nemesis.state = Episode::Stale {
+                    old,
+                    stage: Stale::Rebuilding { victim, source },
+                    until: tick + 100,
+                };
+            }
+            // Once the rebuild pulls the compacted replica's checkpoint, that replica
+            // stops answering it: the pull falls back to another source.
+            Stale::Rebuilding { victim, source } => {
+                // The deposed view resumes once the rebuild's requests wait in its
+                // inboxes: it answers them before its clock tells it that it was cut off.
+                let asking = core(victim).is_some_and(|c| c.is_recovering());
+                let since = 100 - (until - tick);
+                if !asking && since < 10 || asking && since < 3 {
+                    return; // (it restarts a tick after the crash)
+                }
+                let pulling = core(victim).and_then(|c| c.pull_source()) == Some(source);
+                let rebuilt = core(victim).is_none_or(|c| !c.is_recovering());
+                self.resume(&minority);
+                if pulling {
+                    self.net.set_link(victim, source, false);
+                    self.nemesis.fired += 1;
+                    trace(format_args!(
+                        "t={tick} nemesis: {victim}'s pull from {source} cut"
+                    ));
+                }
+                if pulling || tick >= until || rebuilt {
+                    self.end_episode(tick);
+                }
+            }
+        }
+    }
+
+    /// Whether one more replica may lose its memory: volatile, while fewer than f are
+    /// down or rebuilding (amnesia beyond that loses data by definition); durable, while
+    /// none is (a lost data dir is rebuilt from a majority of the others).
+    fn may_lose_memory(&self) -> bool {
+        match self.o.durability {
+            Durability::Volatile => self.down() < (self.o.replicas - 1) / 2,
+            Durability::Durable => self.down() == 0,
+        }
+    }
+
+    fn resume(&mut self, nodes: &[NodeId]) {
+        for &p in nodes {
+            self.nodes[p as usize].paused = false;
+        }
+    }
+
+    /// Cuts the leader and f - 1 of its followers (a minority: a bit set, and a list) from
+    /// the rest (the second list), for long.
+    fn cut_minority(&mut self, tick: u64) -> (u64, Vec<NodeId>, Vec<NodeId>) {
+        let n = self.o.replicas as u64;
+        let leader = self.leader().expect("a leader");
+        let mut old = 1u64 << leader;
+        while (old.count_ones() as u64) < (n - 1) / 2 {
+            old |= 1 << self.nemesis.rng.below(n);
+        }
+        let (minority, majority) = self.sides(old);
+        let until = tick + 150 + self.nemesis.rng.below(150);
+        for &a in &minority {
+            for &b in &majority {
+                self.net.set_link(a, b, false);
+            }
+            let c = &mut self.nodes[a as usize].cut_until;
+            *c = (*c).max(until);
+        }
+        (old, minority, majority)
     }
 
     /// The nodes of the minority `old` (a bit set) and of the rest.
@@ -104,20 +274,7 @@ impl Sim {
         if n < 3 || self.down() > 0 {
             return;
         }
-        // The leader and f - 1 of its followers: a minority.
-        let mut old = 1u64 << leader;
-        while (old.count_ones() as u64) < (n - 1) / 2 {
-            old |= 1 << self.nemesis.rng.below(n);
-        }
-        let (minority, majority) = self.sides(old);
-        let until = tick + 150 + self.nemesis.rng.below(150);
-        for &a in &minority {
-            for &b in &majority {
-                self.net.set_link(a, b, false);
-            }
-            let c = &mut self.nodes[a as usize].cut_until;
-            *c = (*c).max(until);
-        }
+        let (old, minority, majority) = self.cut_minority(tick);
         trace(format_args!(
             "t={tick} nemesis: deposed {minority:?} (leader {leader}) cut from {majority:?}"
         ));
@@ -158,8 +315,7 @@ impl Sim {
             .filter(|&p| p != leader && core(p).is_some_and(|c| c.log().last() >= commit))
             .collect();
         let volatile = self.o.durability == Durability::Volatile;
-        let f = (self.o.replicas - 1) / 2;
-        if holders.is_empty() || volatile && self.down() >= f {
+        if holders.is_empty() || !self.may_lose_memory() {
             return;
         }
         let victim = holders[self.nemesis.rng.below(holders.len() as u64) as usize];
@@ -260,8 +416,7 @@ impl Sim {
             return;
         }
         let volatile = self.o.durability == Durability::Volatile;
-        let f = (self.o.replicas - 1) / 2;
-        if self.nodes[victim as usize].replica.is_none() || volatile && self.down() >= f {
+        if self.nodes[victim as usize].replica.is_none() || !self.may_lose_memory() {
             self.end_episode(tick);
             return;
         }
