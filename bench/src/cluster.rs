@@ -154,10 +154,25 @@ pub(crate) fn configs(o: &LoadOpts) -> (usize, Vec<Config>) {
     (batch, cfgs)
 }
 
-/// Replica `i`'s idle strategy: pinned to `--cores`' core for it (busy-polling), else
-/// the shared-cores default, as `ballot-node` without `--core`.
+/// The threads topology's shared-cores counts: spin 50 turns, yield 50, park 20 us (the
+/// bench's own loop had these before it ran on the runtime). With `ballot-node`'s
+/// (`IdleStrategy::shared()`: 200, 50, 100 us) the 32 x 4 TCP run committed about half as
+/// much at twice the p50 on the 2-vCPU machine (docs/benchmarks.md): idle followers park
+/// for 100 us and the leader's next entry waits for them. `ballot-node` keeps the longer
+/// park, which costs an idle node less CPU.
+pub(crate) const SHARED: IdleStrategy = IdleStrategy::Shared {
+    spin: 50,
+    yields: 50,
+    park: Duration::from_micros(20),
+};
+
+/// Replica `i`'s idle strategy: pinned to `--cores`' core for it (busy-polling, as
+/// `ballot-node --core`), else [`SHARED`].
 pub(crate) fn idle_strategy(o: &LoadOpts, i: usize) -> IdleStrategy {
-    IdleStrategy::for_core((!o.cores.is_empty()).then(|| o.cores[i % o.cores.len()].id))
+    match (!o.cores.is_empty()).then(|| o.cores[i % o.cores.len()].id) {
+        Some(core) => IdleStrategy::Pinned { core },
+        None => SHARED,
+    }
 }
 
 /// Starts replica `i`'s runtime.
