@@ -21,9 +21,9 @@
 //!   the install and is within one window of the leader's commit.
 //! - **C**: caught up, `--duration`.
 
-use crate::cluster::{self, Commands, LoadGen, NodeCtl, Req, Resp, Shared, Window};
+use crate::cluster::{self, Commands, LoadGen, Shared, Window};
 use crate::cpu;
-use crate::fabrics::{self, Idle};
+use crate::fabrics;
 use crate::load::LoadOpts;
 use crate::stats;
 use crate::table::Table;
@@ -32,9 +32,9 @@ use ballot::driver::Replica;
 use ballot::layout::RegionInfo;
 use ballot::protocol::{Config, Core};
 use ballot::region::Region;
+use ballot::runtime::{Handle, IdleStrategy, Role, Runtime};
 use ballot::storage::FileCheckpoints;
 use ballot::{Index, NodeId};
-use crossbeam::channel::{self, Receiver, Sender};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -458,16 +458,82 @@ pub fn run(o: &CatchupOpts) -> Result<Vec<CatchupResult>, String> {
 /// error).
 struct Dirs(tempfile::TempDir);
 
+/// One replica as the catch-up phases see it: its runtime's published status and metrics
+/// (zeros while it is being built).
+#[derive(Debug, Default, Clone, Copy)]
+struct View {
+    /// The runtime is up (it may have stopped since).
+    running: bool,
+    role: Option<Role>,
+    commit: Index,
+    applied: Index,
+    base: Index,
+    latest_checkpoint: Index,
+    checkpoints_taken: u64,
+    checkpoints_installed: u64,
+    checkpoint_failures: u64,
+    bytes_served: u64,
+    pulling: bool,
+    recovering: bool,
+}
+
+impl View {
+    fn of(h: Option<&Handle>) -> View {
+        let Some(h) = h else { return View::default() };
+        let (s, m) = (h.status(), h.metrics());
+        View {
+            running: true,
+            role: Some(s.role),
+            commit: s.commit,
+            applied: s.applied,
+            base: s.log_base,
+            latest_checkpoint: s.checkpoint,
+            checkpoints_taken: m.checkpoints_taken.get(),
+            checkpoints_installed: s.checkpoints_installed,
+            checkpoint_failures: m.checkpoint_failures.get(),
+            bytes_served: m.checkpoint_bytes_served.get(),
+            pulling: m.pulling.get() != 0,
+            recovering: s.role == Role::Recovering,
+        }
+    }
+
+    /// One line for diagnostics.
+    fn describe(&self) -> String {
+        format!(
+            "running={} role={} recovering={} pulling={} commit={} applied={} log base={} \
+             newest checkpoint={} taken={} installed={} failures={} bytes served={}",
+            self.running,
+            self.role.map_or("-", Role::name),
+            self.recovering,
+            self.pulling,
+            self.commit,
+            self.applied,
+            self.base,
+            self.latest_checkpoint,
+            self.checkpoints_taken,
+            self.checkpoints_installed,
+            self.checkpoint_failures,
+            self.bytes_served,
+        )
+    }
+}
+
+type TableReplica = Replica<ballot_tcp::TcpFabric, Table>;
+
 /// A running cluster and its load.
 struct Run {
-    shared: Arc<Shared>,
-    ctls: Vec<Arc<NodeCtl>>,
-    senders: Vec<Sender<Vec<Req>>>,
-    resp_tx: Sender<Vec<Resp>>,
-    resp_rx: Receiver<Vec<Resp>>,
-    threads: Vec<Option<JoinHandle<()>>>,
+    shared: Shared,
+    /// Per replica: its runtime's handle (kept after it stops; `None` while a restarted
+    /// replica is being built).
+    handles: Vec<Option<Handle>>,
+    /// Per replica: its runtime (`None` once stopped, or while being built).
+    runtimes: Vec<Option<Runtime<ballot_tcp::TcpFabric, Table>>>,
+    /// A replica being built on its own thread (the load goes on meanwhile): started on
+    /// its runtime by the first turn that finds the build done.
+    building: Option<(usize, JoinHandle<Result<TableReplica, String>>)>,
+    /// The handles of the runtimes that are up, for the load generator.
+    live: Vec<Handle>,
     gen: LoadGen,
-    idle: Idle,
     start: Instant,
     /// At the start of the current phase: (checkpoints taken, bytes served) per replica,
     /// and the threads' CPU times.
@@ -475,9 +541,9 @@ struct Run {
     cpu_mark: cpu::Sample,
     elections_mark: u64,
     phases: Vec<Phase>,
-    pins: Vec<Option<core_affinity::CoreId>>,
-    /// Why a replica thread could not build its replica.
-    failed: Arc<std::sync::Mutex<Option<String>>>,
+    idle: Vec<IdleStrategy>,
+    /// Why a replica could not be built or started.
+    failed: Option<String>,
     /// `BALLOT_BENCH_DEBUG` set: every replica's status 5 times a second.
     debug: bool,
     next_debug: Instant,
@@ -486,21 +552,26 @@ struct Run {
 impl Drop for Run {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.iter_mut().filter_map(Option::take) {
+        for r in self.runtimes.iter_mut().filter_map(Option::take) {
+            r.shutdown();
+        }
+        if let Some((_, t)) = self.building.take() {
             let _ = t.join();
         }
     }
 }
 
 impl Run {
+    /// Replica `i`'s status now.
+    fn view(&self, i: usize) -> View {
+        View::of(self.handles[i].as_ref())
+    }
+
     fn sums(&self) -> Vec<(u64, u64)> {
-        self.ctls
-            .iter()
-            .map(|c| {
-                (
-                    c.checkpoints_taken.load(Ordering::Relaxed),
-                    c.bytes_served.load(Ordering::Relaxed),
-                )
+        (0..self.handles.len())
+            .map(|i| {
+                let v = self.view(i);
+                (v.checkpoints_taken, v.bytes_served)
             })
             .collect()
     }
@@ -592,70 +663,86 @@ impl Run {
                 );
             }
             self.gen.progress(now, label);
-            let busy = self.gen.turn(&self.shared, &self.senders, &self.resp_rx);
-            self.idle.tick(busy);
+            self.start_built()?;
+            let busy = self.gen.turn(&self.shared, &self.live);
+            self.gen.idle(busy);
         }
     }
 
     fn status(&self) -> String {
-        self.ctls
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("replica {i}: {}", c.describe()))
+        (0..self.handles.len())
+            .map(|i| format!("replica {i}: {}", self.view(i).describe()))
             .collect::<Vec<_>>()
             .join("; ")
     }
 
-    /// Starts replica `i` on its own thread, built there by `build` (a failed build is
-    /// left in `self.failed`).
+    /// Builds replica `i` on its own thread with `build`, and starts it on its runtime once
+    /// built (in [`Run::until`]'s turns; a failed build is left in `self.failed`).
     fn spawn(
         &mut self,
         i: usize,
-        ctl: Arc<NodeCtl>,
-        build: impl FnOnce() -> Result<Replica<ballot_tcp::TcpFabric, Table>, String> + Send + 'static,
+        build: impl FnOnce() -> Result<TableReplica, String> + Send + 'static,
     ) -> Result<(), String> {
-        let (tx, rx) = channel::unbounded::<Vec<Req>>();
-        let (sh, rtx, start, pin) = (
-            self.shared.clone(),
-            self.resp_tx.clone(),
-            self.start,
-            self.pins[i],
-        );
-        let (c, failed) = (ctl.clone(), self.failed.clone());
         let t = std::thread::Builder::new()
-            .name(format!("replica-{i}"))
-            .spawn(move || match build() {
-                Ok(rep) => cluster::replica_loop(rep, rx, rtx, sh, start, pin, Some(c)),
-                Err(e) => *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
-            })
+            .name(format!("build-{i}"))
+            .spawn(build)
             .map_err(|e| e.to_string())?;
-        if i < self.senders.len() {
-            self.senders[i] = tx;
-            self.ctls[i] = ctl;
-            self.threads[i] = Some(t);
-        } else {
-            self.senders.push(tx);
-            self.ctls.push(ctl);
-            self.threads.push(Some(t));
+        if i >= self.handles.len() {
+            self.handles.resize(i + 1, None);
+            self.runtimes.resize_with(i + 1, || None);
         }
+        self.handles[i] = None;
+        self.building = Some((i, t));
+        self.start_built()
+    }
+
+    /// Starts the replica being built if its build is done.
+    fn start_built(&mut self) -> Result<(), String> {
+        if !self.building.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+            return Ok(());
+        }
+        let (i, t) = self.building.take().expect("checked");
+        let built = t
+            .join()
+            .unwrap_or_else(|_| Err(format!("building replica {i} panicked")));
+        self.install(i, built);
         Ok(())
+    }
+
+    /// Starts replica `i`, once `built`, on its runtime (a failed build is left in
+    /// `self.failed`).
+    fn install(&mut self, i: usize, built: Result<TableReplica, String>) {
+        if i >= self.handles.len() {
+            self.handles.resize(i + 1, None);
+            self.runtimes.resize_with(i + 1, || None);
+        }
+        match built.and_then(|rep| cluster::start_runtime(rep, i, self.idle[i])) {
+            Ok(rt) => {
+                self.handles[i] = Some(rt.handle());
+                self.runtimes[i] = Some(rt);
+            }
+            Err(e) => self.failed = Some(e),
+        }
+        self.live = self.handles.iter().flatten().cloned().collect();
+    }
+
+    /// Stops replica `i` (its runtime; its handle still shows its last status).
+    fn stop(&mut self, i: usize) {
+        if let Some(r) = self.runtimes[i].take() {
+            r.shutdown();
+        }
     }
 
     /// Checkpoint bytes served so far by every replica but `f`.
     fn served_by_others(&self, f: usize) -> u64 {
-        self.ctls
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != f)
-            .map(|(_, c)| c.bytes_served.load(Ordering::Relaxed))
+        (0..self.handles.len())
+            .filter(|i| *i != f)
+            .map(|i| self.view(i).bytes_served)
             .sum()
     }
 
     fn failure(&self) -> Option<String> {
-        self.failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.failed.clone()
     }
 }
 
@@ -667,7 +754,7 @@ fn replica(
     value: usize,
     dir: &std::path::Path,
     policy: CheckpointPolicy,
-) -> Result<Replica<ballot_tcp::TcpFabric, Table>, String> {
+) -> Result<TableReplica, String> {
     let core = Core::new(cfg, recovering).map_err(|e| format!("config: {e}"))?;
     let store = FileCheckpoints::open(dir)
         .map_err(|e| format!("checkpoint directory {}: {e}", dir.display()))?;
@@ -818,27 +905,21 @@ fn start(
         .enumerate()
         .map(|(i, f)| (i as NodeId, f.local_addr()))
         .collect();
-    let (resp_tx, resp_rx) = channel::unbounded::<Vec<Resp>>();
-    let shared = Arc::new(Shared::new());
-    let cores = &o.load.cores;
+    let shared = Shared::new();
     let mut run = Run {
         gen: plan.load(o, &shared),
         shared,
-        ctls: Vec::new(),
-        senders: Vec::new(),
-        resp_tx,
-        resp_rx,
-        threads: Vec::new(),
-        idle: Idle::new(),
+        handles: Vec::new(),
+        runtimes: Vec::new(),
+        building: None,
+        live: Vec::new(),
         start: Instant::now(),
         marks: Vec::new(),
         cpu_mark: cpu::Sample::default(),
         elections_mark: 0,
         phases: Vec::new(),
-        pins: (0..3)
-            .map(|i| (!cores.is_empty()).then(|| cores[i % cores.len()]))
-            .collect(),
-        failed: Default::default(),
+        idle: (0..3).map(|i| cluster::idle_strategy(&o.load, i)).collect(),
+        failed: None,
         debug: std::env::var_os("BALLOT_BENCH_DEBUG").is_some(),
         next_debug: Instant::now(),
     };
@@ -846,10 +927,13 @@ fn start(
         let dir = dirs.0.path().join(i.to_string());
         let (state_bytes, value, policy) = (plan.state_bytes, plan.value, plan.policy);
         let rep = replica(cfg, false, fabric, state_bytes, value, &dir, policy)?;
-        run.spawn(i, Arc::new(NodeCtl::default()), move || Ok(rep))?;
+        run.install(i, Ok(rep));
+    }
+    if let Some(e) = run.failure() {
+        return Err(e);
     }
     fabrics::tighten_timer_slack();
-    cluster::wait_for_leader(&run.shared, Duration::from_secs(15))?;
+    cluster::wait_for_leader(&run.shared, &run.live, Duration::from_secs(15))?;
     // The load generator's clock starts now (commands queued before a leader would fail).
     run.gen = plan.load(o, &run.shared);
     let warm_end = run.gen.started() + o.load.measure.warmup;
@@ -865,7 +949,7 @@ fn stop_follower(run: &mut Run, o: &CatchupOpts) -> Result<Stopped, String> {
     let f = (leader + 1) % 3;
     let other = 3 - leader - f;
     run.begin();
-    run.ctls[f].stop.store(true, Ordering::SeqCst);
+    run.stop(f);
     // On request: the replica meant to serve takes its checkpoint last, so that its log base
     // is the highest (the recovering replica pulls from the answer with the highest base).
     let order: Vec<usize> = match (o.every_mib, o.serve_from) {
@@ -880,21 +964,22 @@ fn stop_follower(run: &mut Run, o: &CatchupOpts) -> Result<Stopped, String> {
     run.until("down", Some(o.timeout), None, |r| {
         // At least as long as A (a baseline with two replicas up); checkpoints on request
         // are asked for only then, to keep the log after them short.
-        let Some(t) = &r.threads[f] else { return false };
-        if !t.is_finished() || Instant::now() < down_until {
+        if Instant::now() < down_until {
             return false;
         }
-        let stopped = *stop_applied.get_or_insert_with(|| r.ctls[f].applied.load(Ordering::SeqCst));
-        let base = |i: usize| r.ctls[i].base.load(Ordering::Relaxed);
+        let stopped = *stop_applied.get_or_insert_with(|| r.view(f).applied);
+        let base = |i: usize| r.view(i).base;
         if o.every_mib > 0 {
             return base(leader) > stopped && base(other) > 0;
         }
         // Asks replica i for a checkpoint, unless it was asked and has not taken one since.
         let mut ask = |i: usize| {
-            let taken = r.ctls[i].checkpoints_taken.load(Ordering::Relaxed);
+            let taken = r.view(i).checkpoints_taken;
             if asked[i].is_none_or(|t| taken > t) {
                 asked[i] = Some(taken);
-                r.ctls[i].want_checkpoint.store(true, Ordering::Relaxed);
+                if let Some(h) = &r.handles[i] {
+                    h.checkpoint();
+                }
             }
         };
         match order[..] {
@@ -922,18 +1007,15 @@ fn stop_follower(run: &mut Run, o: &CatchupOpts) -> Result<Stopped, String> {
         }
     })?;
     run.end("down");
-    if let Some(t) = run.threads[f].take() {
-        let _ = t.join();
-    }
-    let leader_base_at_restart = run.ctls[leader].base.load(Ordering::Relaxed);
+    let leader_base_at_restart = run.view(leader).base;
     Ok(Stopped {
         leader,
         f,
         stop_applied: stop_applied.unwrap_or(0),
         leader_base_at_restart,
-        leader_log_at_restart: run.ctls[leader]
+        leader_log_at_restart: run
+            .view(leader)
             .commit
-            .load(Ordering::Relaxed)
             .saturating_sub(leader_base_at_restart),
     })
 }
@@ -949,10 +1031,8 @@ fn restart_follower(
     f: usize,
 ) -> Result<Rejoined, String> {
     run.begin();
-    let served_before: Vec<u64> = run
-        .ctls
-        .iter()
-        .map(|c| c.bytes_served.load(Ordering::Relaxed))
+    let served_before: Vec<u64> = (0..run.handles.len())
+        .map(|i| run.view(i).bytes_served)
         .collect();
     let (cfg, ring, dir) = (
         plan.cfgs[f].clone(),
@@ -960,7 +1040,7 @@ fn restart_follower(
         dirs.0.path().join(format!("{f}-restarted")),
     );
     let (state_bytes, value, policy) = (plan.state_bytes, plan.value, plan.policy);
-    run.spawn(f, Arc::new(NodeCtl::default()), move || {
+    run.spawn(f, move || {
         let info = RegionInfo {
             cluster: fabrics::CLUSTER,
             node: f as NodeId,
@@ -979,10 +1059,10 @@ fn restart_follower(
         .map(|(_, b)| b)
         .sum();
     run.until("rejoin", Some(o.timeout), None, |r| {
-        let c = &r.ctls[f];
+        let c = r.view(f);
         r.failure().is_some()
-            || c.pulling.load(Ordering::Relaxed)
-            || c.checkpoints_installed.load(Ordering::Relaxed) > 0
+            || c.pulling
+            || c.checkpoints_installed > 0
             || r.served_by_others(f) > served0
     })?;
     if let Some(e) = run.failure() {
@@ -1012,11 +1092,11 @@ fn transfer(
         if s != last_served.0 {
             last_served = (s, Instant::now());
         }
-        r.ctls[f].checkpoints_installed.load(Ordering::Relaxed) > 0
+        r.view(f).checkpoints_installed > 0
     })?;
     let installed_at = Instant::now();
     run.end("B");
-    let installed_index = run.ctls[f].latest_checkpoint.load(Ordering::Relaxed);
+    let installed_index = run.view(f).latest_checkpoint;
     // The image as the store keeps it (`FileCheckpoints` names files `snap-<index:020>.ckpt`).
     let image_bytes = std::fs::metadata(
         dirs.0
@@ -1039,10 +1119,11 @@ fn tail(run: &mut Run, o: &CatchupOpts, window: u64, f: usize) -> Result<Instant
     run.begin();
     let target = run.shared.commit.load(Ordering::Relaxed);
     run.until("tail", Some(o.timeout), None, |r| {
-        let c = &r.ctls[f];
-        let applied = c.applied.load(Ordering::Relaxed);
-        !c.recovering.load(Ordering::Relaxed)
-            && !c.pulling.load(Ordering::Relaxed)
+        let c = r.view(f);
+        let applied = c.applied;
+        c.running
+            && !c.recovering
+            && !c.pulling
             && applied >= target
             && applied + window >= r.shared.commit.load(Ordering::Relaxed)
     })?;
@@ -1064,23 +1145,20 @@ fn result(
     caught_up: Instant,
 ) -> CatchupResult {
     let f = stopped.f;
-    let served_by: Vec<(usize, u64)> = run
-        .ctls
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != f)
-        .map(|(i, c)| {
+    let served_by: Vec<(usize, u64)> = (0..run.handles.len())
+        .filter(|i| *i != f)
+        .map(|i| {
             (
                 i,
-                c.bytes_served
-                    .load(Ordering::Relaxed)
+                run.view(i)
+                    .bytes_served
                     .saturating_sub(rejoined.served_before[i]),
             )
         })
         .filter(|(_, b)| *b > 0)
         .collect();
     let bytes_served: u64 = served_by.iter().map(|(_, b)| b).sum();
-    let c = &run.ctls[f];
+    let c = run.view(f);
     let (last_served, installed_at) = (transferred.last_served, transferred.installed_at);
     let transfer_s = last_served
         .1
@@ -1109,8 +1187,8 @@ fn result(
             .saturating_sub(1),
         installed_index: transferred.installed_index,
         image_bytes: transferred.image_bytes,
-        installs: c.checkpoints_installed.load(Ordering::Relaxed),
-        checkpoint_failures: c.checkpoint_failures.load(Ordering::Relaxed),
+        installs: c.checkpoints_installed,
+        checkpoint_failures: c.checkpoint_failures,
         bytes_served,
         served_by,
         rejoin_s: rejoined

@@ -1,19 +1,21 @@
-//! A replicated cluster in this process (topology `threads`): one thread per replica runs
-//! `Replica::step` in a loop; one load-generator thread plays the clients and hands their
-//! commands to the leader's thread through crossbeam channels (a `Replica` is not `Sync`,
-//! so proposals are made on its own thread).
+//! A replicated cluster in this process (topology `threads`): each replica runs on
+//! [`ballot::runtime::Runtime`], the replica loop `ballot-node` runs too, with the same
+//! [`IdleStrategy`]; one load-generator thread plays the clients and hands their commands
+//! to the leader's runtime in batches ([`Handle::submit_batch`]), and gets the outcomes
+//! back on one [`CompletionSink`].
 
-use crate::fabrics::{self, FabricKind, Idle, RdmaOpts};
+use crate::fabrics::{self, FabricKind, RdmaOpts};
 use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
-use ballot::driver::{Replica, StateMachine};
+use ballot::driver::{Outcome, Replica, StateMachine};
 use ballot::fabric::Fabric;
-use ballot::protocol::{Config, Core};
-use ballot::tickets::TicketMap;
+use ballot::protocol::{Config, Core, ProposeError};
+use ballot::runtime::{
+    CompletionSink, Handle, IdleAction, IdleStrategy, Idler, Role, Runtime, RuntimeConfig,
+};
 use ballot::Index;
-use crossbeam::channel::{self, Receiver, Sender};
+use crossbeam::channel::Receiver;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The replicated application: does nothing, answers nothing.
@@ -22,15 +24,6 @@ impl StateMachine for Null {
     fn apply(&mut self, _: Index, _: &[u8]) -> Vec<u8> {
         Vec::new()
     }
-}
-
-pub(crate) struct Req {
-    tag: u64,
-    cmd: Vec<u8>,
-}
-pub(crate) struct Resp {
-    tag: u64,
-    ok: bool,
 }
 
 pub(crate) const NO_LEADER: usize = usize::MAX;
@@ -52,6 +45,28 @@ impl Shared {
         Shared {
             leader: AtomicUsize::new(NO_LEADER),
             ..Default::default()
+        }
+    }
+
+    /// Reads who leads from the replicas' published status (the highest ballot among those
+    /// that say they lead), and that leader's commit index; counts a change of leader as an
+    /// election.
+    pub(crate) fn observe(&self, handles: &[Handle]) {
+        let mut best: Option<(u64, usize, Index)> = None;
+        for (i, h) in handles.iter().enumerate() {
+            let s = h.status();
+            if s.role == Role::Leader && best.is_none_or(|(b, _, _)| s.ballot > b) {
+                best = Some((s.ballot, i, s.commit));
+            }
+        }
+        match best {
+            Some((_, i, commit)) => {
+                if self.leader.swap(i, Ordering::Relaxed) != i {
+                    self.elections.fetch_add(1, Ordering::Relaxed);
+                }
+                self.commit.store(commit, Ordering::Relaxed);
+            }
+            None => self.leader.store(NO_LEADER, Ordering::Relaxed),
         }
     }
 
@@ -77,77 +92,8 @@ impl Shared {
     }
 }
 
-/// What one replica thread publishes about itself (catch-up mode), and how it is told to
-/// stop on its own or to take a checkpoint.
-#[derive(Default)]
-pub(crate) struct NodeCtl {
-    pub(crate) stop: AtomicBool,
-    pub(crate) want_checkpoint: AtomicBool,
-    pub(crate) applied: AtomicU64,
-    pub(crate) commit: AtomicU64,
-    pub(crate) steps: AtomicU64,
-    pub(crate) leader: AtomicBool,
-    pub(crate) base: AtomicU64,
-    pub(crate) latest_checkpoint: AtomicU64,
-    pub(crate) checkpoints_taken: AtomicU64,
-    pub(crate) checkpoints_installed: AtomicU64,
-    pub(crate) checkpoint_failures: AtomicU64,
-    pub(crate) bytes_served: AtomicU64,
-    pub(crate) pulling: AtomicBool,
-    pub(crate) recovering: AtomicBool,
-    /// The replica is built and stepping (a restarted one after its fabric is up).
-    pub(crate) running: AtomicBool,
-}
-
-impl NodeCtl {
-    fn publish<F: Fabric, S: StateMachine>(&self, rep: &mut Replica<F, S>) {
-        if self.want_checkpoint.swap(false, Ordering::Relaxed) {
-            rep.request_checkpoint();
-        }
-        let core = rep.core();
-        let st = rep.stats();
-        let r = Ordering::Relaxed;
-        self.applied.store(core.applied(), r);
-        self.commit.store(core.commit(), r);
-        self.steps.store(st.steps, r);
-        self.leader.store(core.is_leader(), r);
-        self.base.store(core.log().base(), r);
-        self.pulling.store(core.is_pulling(), r);
-        self.recovering.store(core.is_recovering(), r);
-        self.latest_checkpoint.store(rep.latest_checkpoint(), r);
-        self.checkpoints_taken.store(st.checkpoints_taken, r);
-        self.checkpoints_installed
-            .store(st.checkpoints_installed, r);
-        self.checkpoint_failures.store(st.checkpoint_failures, r);
-        self.bytes_served.store(st.checkpoint_bytes_served, r);
-        self.running.store(true, r);
-    }
-
-    /// One line for diagnostics.
-    pub(crate) fn describe(&self) -> String {
-        let r = Ordering::Relaxed;
-        format!(
-            "running={} leader={} recovering={} pulling={} steps={} commit={} applied={} \
-             log base={} newest checkpoint={} taken={} installed={} failures={} bytes served={}",
-            self.running.load(r),
-            self.leader.load(r),
-            self.recovering.load(r),
-            self.pulling.load(r),
-            self.steps.load(r),
-            self.commit.load(r),
-            self.applied.load(r),
-            self.base.load(r),
-            self.latest_checkpoint.load(r),
-            self.checkpoints_taken.load(r),
-            self.checkpoints_installed.load(r),
-            self.checkpoint_failures.load(r),
-            self.bytes_served.load(r),
-        )
-    }
-}
-
-fn failure_slot(e: &ballot::protocol::ProposeError) -> usize {
-    use ballot::protocol::ProposeError as E;
+fn failure_slot(e: &ProposeError) -> usize {
+    use ProposeError as E;
     match e {
         E::NotLeader { .. } => 0,
         E::Busy => 1,
@@ -208,18 +154,53 @@ pub(crate) fn configs(o: &LoadOpts) -> (usize, Vec<Config>) {
     (batch, cfgs)
 }
 
+/// The threads topology's shared-cores counts: spin 50 turns, yield 50, park 20 us (the
+/// bench's own loop had these before it ran on the runtime). With `ballot-node`'s
+/// (`IdleStrategy::shared()`: 200, 50, 100 us) the 32 x 4 TCP run committed about half as
+/// much at twice the p50 on the 2-vCPU machine (docs/benchmarks.md): idle followers park
+/// for 100 us and the leader's next entry waits for them. `ballot-node` keeps the longer
+/// park, which costs an idle node less CPU.
+pub(crate) const SHARED: IdleStrategy = IdleStrategy::Shared {
+    spin: 50,
+    yields: 50,
+    park: Duration::from_micros(20),
+};
+
+/// Replica `i`'s idle strategy: pinned to `--cores`' core for it (busy-polling, as
+/// `ballot-node --core`), else [`SHARED`].
+pub(crate) fn idle_strategy(o: &LoadOpts, i: usize) -> IdleStrategy {
+    match (!o.cores.is_empty()).then(|| o.cores[i % o.cores.len()].id) {
+        Some(core) => IdleStrategy::Pinned { core },
+        None => SHARED,
+    }
+}
+
+/// Starts replica `i`'s runtime.
+pub(crate) fn start_runtime<F: Fabric + 'static, S: StateMachine + 'static>(
+    rep: Replica<F, S>,
+    i: usize,
+    idle: IdleStrategy,
+) -> Result<Runtime<F, S>, String> {
+    Runtime::start(
+        rep,
+        RuntimeConfig {
+            idle,
+            name: format!("replica-{i}"),
+            ..RuntimeConfig::default()
+        },
+    )
+    .map_err(|e| format!("starting replica {i}: {e}"))
+}
+
 fn run_with<F: Fabric + 'static>(
     fabrics: Vec<F>,
     cfgs: Vec<Config>,
     o: &LoadOpts,
 ) -> Result<BenchResult, String> {
-    let shared = Arc::new(Shared::new());
-    let start = Instant::now();
-    let (resp_tx, resp_rx) = channel::unbounded::<Vec<Resp>>();
-    let mut senders = Vec::new();
-    let mut threads = Vec::new();
-    // Durable: the replicas' files, removed when the run ends (after the threads: `dir` is
-    // dropped at the end of this function, once they are joined).
+    let shared = Shared::new();
+    let mut runtimes = Vec::new();
+    // Durable: the replicas' files, removed when the run ends (after the runtimes: `dir` is
+    // dropped at the end of this function, once they are stopped).
     let dir = o.durable().then(|| o.scratch_dir("durable")).transpose()?;
     for (i, (fabric, cfg)) in fabrics.into_iter().zip(cfgs).enumerate() {
         let core = Core::new(cfg, false).map_err(|e| format!("config: {e}"))?;
@@ -228,129 +209,45 @@ fn run_with<F: Fabric + 'static>(
             None => None,
         };
         let rep = Replica::new(core, fabric, Null, storage);
-        let (tx, rx) = channel::unbounded::<Vec<Req>>();
-        senders.push(tx);
-        let (sh, rtx) = (shared.clone(), resp_tx.clone());
-        let pin = (!o.cores.is_empty()).then(|| o.cores[i % o.cores.len()]);
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("replica-{i}"))
-                .spawn(move || replica_loop(rep, rx, rtx, sh, start, pin, None))
-                .map_err(|e| e.to_string())?,
-        );
+        runtimes.push(start_runtime(rep, i, idle_strategy(o, i))?);
     }
-    drop(resp_tx);
-    let result = load(o, &shared, &senders, &resp_rx);
+    let handles: Vec<Handle> = runtimes.iter().map(Runtime::handle).collect();
+    let result = load(o, &shared, &handles);
     shared.stop.store(true, Ordering::SeqCst);
     shared.report_failures();
-    for t in threads {
-        let _ = t.join();
+    for r in runtimes {
+        r.shutdown();
     }
     drop(dir);
     result
 }
 
-/// One replica's thread: proposals from the channel, `step`, completions back. With
-/// `ctl`, it also publishes its status there every turn and stops when told to.
-pub(crate) fn replica_loop<F: Fabric, S: StateMachine>(
-    mut rep: Replica<F, S>,
-    rx: Receiver<Vec<Req>>,
-    resp: Sender<Vec<Resp>>,
-    shared: Arc<Shared>,
-    start: Instant,
-    pin: Option<core_affinity::CoreId>,
-    ctl: Option<Arc<NodeCtl>>,
-) {
-    if let Some(c) = pin {
-        core_affinity::set_for_current(c);
-    }
-    fabrics::tighten_timer_slack();
-    let id = rep.core().id() as usize;
-    let mut tickets: TicketMap<u64> = TicketMap::new();
-    let mut out: Vec<Resp> = Vec::new();
-    let mut idle = Idle::new();
-    while !shared.stop.load(Ordering::Relaxed)
-        && !ctl.as_ref().is_some_and(|c| c.stop.load(Ordering::Relaxed))
-    {
-        let mut busy = false;
-        while let Ok(batch) = rx.try_recv() {
-            busy = true;
-            for r in batch {
-                match rep.propose(r.cmd) {
-                    Ok(t) => {
-                        tickets.insert(t, r.tag);
-                    }
-                    Err(e) => out.push(Resp {
-                        tag: r.tag,
-                        ok: {
-                            shared.failures[failure_slot(&e)].fetch_add(1, Ordering::Relaxed);
-                            false
-                        },
-                    }),
-                }
-            }
-        }
-        busy |= rep.step(start.elapsed().as_millis() as u64);
-        for (t, outcome) in rep.take_completed() {
-            if let Some(tag) = tickets.remove(t) {
-                if let Err(e) = &outcome {
-                    shared.failures[failure_slot(e)].fetch_add(1, Ordering::Relaxed);
-                }
-                out.push(Resp {
-                    tag,
-                    ok: outcome.is_ok(),
-                });
-            }
-        }
-        if !out.is_empty() {
-            busy = true;
-            let _ = resp.send(std::mem::take(&mut out));
-        }
-        if rep.core().is_leader() {
-            if shared.leader.swap(id, Ordering::Relaxed) != id {
-                shared.elections.fetch_add(1, Ordering::Relaxed);
-            }
-            shared.commit.store(rep.core().commit(), Ordering::Relaxed);
-        } else if shared.leader.load(Ordering::Relaxed) == id {
-            let _ =
-                shared
-                    .leader
-                    .compare_exchange(id, NO_LEADER, Ordering::Relaxed, Ordering::Relaxed);
-        }
-        if let Some(c) = &ctl {
-            c.publish(&mut rep);
-        }
-        idle.tick(busy);
-    }
-    rep.shutdown();
-}
-
 /// Waits until some replica leads.
-pub(crate) fn wait_for_leader(shared: &Shared, timeout: Duration) -> Result<(), String> {
+pub(crate) fn wait_for_leader(
+    shared: &Shared,
+    handles: &[Handle],
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    while shared.leader.load(Ordering::Relaxed) == NO_LEADER {
+    loop {
+        shared.observe(handles);
+        if shared.leader.load(Ordering::Relaxed) != NO_LEADER {
+            return Ok(());
+        }
         if Instant::now() > deadline {
             return Err(format!("no leader elected within {timeout:?}"));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    Ok(())
 }
 
 /// The load generator thread: closed-loop clients for `warmup + duration`.
-fn load(
-    o: &LoadOpts,
-    shared: &Shared,
-    senders: &[Sender<Vec<Req>>],
-    resp_rx: &Receiver<Vec<Resp>>,
-) -> Result<BenchResult, String> {
-    fabrics::tighten_timer_slack();
-    wait_for_leader(shared, Duration::from_secs(15))?;
+fn load(o: &LoadOpts, shared: &Shared, handles: &[Handle]) -> Result<BenchResult, String> {
+    wait_for_leader(shared, handles, Duration::from_secs(15))?;
     let mut g = LoadGen::new(o, Commands::Fixed(vec![0xA5u8; o.payload]), shared);
     let warm_end = g.started() + o.measure.warmup;
     let end = warm_end + o.measure.duration;
     let mut measuring = o.measure.warmup.is_zero();
-    let mut idle = Idle::new();
     let mut partial = false;
     loop {
         let now = Instant::now();
@@ -366,8 +263,8 @@ fn load(
             g.begin(shared);
         }
         g.progress(now, if measuring { "measure" } else { "warm-up" });
-        let busy = g.turn(shared, senders, resp_rx);
-        idle.tick(busy);
+        let busy = g.turn(shared, handles);
+        g.idle(busy);
     }
     g.finish(Instant::now());
     let mut w = g.window(shared);
@@ -379,7 +276,7 @@ fn load(
     let mut r = BenchResult {
         kind: "cluster",
         topology: "threads",
-        replicas: senders.len(),
+        replicas: handles.len(),
         payload: o.payload,
         clients: if closed { o.clients } else { 0 },
         outstanding: if closed { o.outstanding } else { 0 },
@@ -414,7 +311,7 @@ pub(crate) enum Commands {
 }
 
 impl Commands {
-    fn next(&mut self) -> Vec<u8> {
+    pub(crate) fn next(&mut self) -> Vec<u8> {
         match self {
             Commands::Fixed(c) => c.clone(),
             Commands::Keyed {
@@ -463,7 +360,16 @@ pub(crate) struct LoadGen {
     free: Vec<u64>,
     /// Closed loop: refused commands waiting to be sent again.
     retry: Vec<(Instant, u64)>,
-    out: Vec<Req>,
+    /// Commands ready to send, `(tag, command)`: the next batch.
+    out: Vec<(u64, Vec<u8>)>,
+    /// The tags of the batch being sent (to retry them if the runtime refuses the batch).
+    sending: Vec<u64>,
+    /// Where the runtimes deliver the outcomes, and the receiving end.
+    sink: CompletionSink,
+    done: Receiver<(u64, Outcome)>,
+    /// An outcome received while parked, handled on the next turn.
+    parked: Option<(u64, Outcome)>,
+    idler: Idler,
     total: hdrhistogram::Histogram<u64>,
     interval: hdrhistogram::Histogram<u64>,
     commits: u64,
@@ -481,6 +387,8 @@ const RETRY_AFTER: Duration = Duration::from_millis(1);
 
 impl LoadGen {
     pub(crate) fn new(o: &LoadOpts, mut cmds: Commands, shared: &Shared) -> LoadGen {
+        // The channel wakes a parked generator: nothing more to do on the replica thread.
+        let (sink, done) = CompletionSink::new(|| {});
         let t0 = Instant::now();
         let closed = o.open_loop.is_none();
         let mut sent_at = Vec::new();
@@ -488,10 +396,7 @@ impl LoadGen {
         if closed {
             let n = o.clients * o.outstanding;
             sent_at = vec![t0; n];
-            out.extend((0..n as u64).map(|tag| Req {
-                tag,
-                cmd: cmds.next(),
-            }));
+            out.extend((0..n as u64).map(|tag| (tag, cmds.next())));
         }
         LoadGen {
             cmds,
@@ -504,6 +409,12 @@ impl LoadGen {
             free: Vec::new(),
             retry: Vec::new(),
             out,
+            sending: Vec::new(),
+            sink,
+            done,
+            parked: None,
+            // The generator shares the cores with the replicas: never busy-polls.
+            idler: IdleStrategy::default().start(),
             total: stats::histogram(),
             interval: stats::histogram(),
             commits: 0,
@@ -571,13 +482,9 @@ impl LoadGen {
     }
 
     /// One turn: arrivals (open loop), completions, retries, and sending what is ready to
-    /// the leader. Returns whether anything happened (for the idle strategy).
-    pub(crate) fn turn(
-        &mut self,
-        shared: &Shared,
-        senders: &[Sender<Vec<Req>>],
-        resp_rx: &Receiver<Vec<Resp>>,
-    ) -> bool {
+    /// the leader as one batch. Returns whether anything happened (for the idle strategy).
+    pub(crate) fn turn(&mut self, shared: &Shared, handles: &[Handle]) -> bool {
+        shared.observe(handles);
         let now = Instant::now();
         if let Some(gap) = self.gap {
             while self.next_arrival <= now {
@@ -589,51 +496,30 @@ impl LoadGen {
                     }
                 };
                 self.sent_at[tag as usize] = self.next_arrival;
-                self.out.push(Req {
-                    tag,
-                    cmd: self.cmds.next(),
-                });
+                self.out.push((tag, self.cmds.next()));
                 self.next_arrival += gap;
             }
         }
         let mut busy = false;
-        while let Ok(batch) = resp_rx.try_recv() {
+        let mut t = None;
+        while let Some((tag, outcome)) = self.parked.take().or_else(|| self.done.try_recv().ok()) {
             busy = true;
-            let t = Instant::now();
-            for r in batch {
-                let slot = &mut self.sent_at[r.tag as usize];
-                if r.ok {
-                    let ns = t.duration_since(*slot).as_nanos() as u64;
-                    let _ = self.interval.record(ns.max(1));
-                    let _ = self.total.record(ns.max(1));
-                    self.interval_commits += 1;
-                    self.commits += 1;
-                } else {
-                    self.errors += 1;
+            let t = *t.get_or_insert_with(Instant::now);
+            let ok = match &outcome {
+                Ok(_) => true,
+                Err(e) => {
+                    shared.failures[failure_slot(e)].fetch_add(1, Ordering::Relaxed);
+                    false
                 }
-                if self.closed && !r.ok {
-                    *slot = t + RETRY_AFTER;
-                    self.retry.push((t + RETRY_AFTER, r.tag));
-                } else if self.closed {
-                    *slot = t;
-                    self.out.push(Req {
-                        tag: r.tag,
-                        cmd: self.cmds.next(),
-                    });
-                } else {
-                    self.free.push(r.tag);
-                }
-            }
+            };
+            self.complete(tag, ok, t);
         }
         if !self.retry.is_empty() {
             let now = Instant::now();
             let (out, cmds) = (&mut self.out, &mut self.cmds);
             self.retry.retain(|&(at, tag)| {
                 if at <= now {
-                    out.push(Req {
-                        tag,
-                        cmd: cmds.next(),
-                    });
+                    out.push((tag, cmds.next()));
                     false
                 } else {
                     true
@@ -643,10 +529,64 @@ impl LoadGen {
         if !self.out.is_empty() {
             let l = shared.leader.load(Ordering::Relaxed);
             let l = if l == NO_LEADER { 0 } else { l };
-            let _ = senders[l].send(std::mem::take(&mut self.out));
+            self.sending.clear();
+            self.sending.extend(self.out.iter().map(|(tag, _)| *tag));
+            if let Err(e) = handles[l].submit_batch(std::mem::take(&mut self.out), &self.sink) {
+                // Refused whole (`Busy`: the runtime's queue is full; `ShuttingDown`): no
+                // outcome comes for any of them.
+                let t = Instant::now();
+                let n = self.sending.len() as u64;
+                shared.failures[failure_slot(&e)].fetch_add(n, Ordering::Relaxed);
+                for k in 0..self.sending.len() {
+                    self.complete(self.sending[k], false, t);
+                }
+            }
             busy = true;
         }
         busy
+    }
+
+    /// Command `tag` completed at `t` (`ok`: committed): measured, then sent again (closed
+    /// loop; after a pause if it failed) or its tag freed (open loop).
+    fn complete(&mut self, tag: u64, ok: bool, t: Instant) {
+        let slot = &mut self.sent_at[tag as usize];
+        if ok {
+            let ns = t.duration_since(*slot).as_nanos() as u64;
+            let _ = self.interval.record(ns.max(1));
+            let _ = self.total.record(ns.max(1));
+            self.interval_commits += 1;
+            self.commits += 1;
+        } else {
+            self.errors += 1;
+        }
+        if self.closed && !ok {
+            *slot = t + RETRY_AFTER;
+            self.retry.push((t + RETRY_AFTER, tag));
+        } else if self.closed {
+            *slot = t;
+            self.out.push((tag, self.cmds.next()));
+        } else {
+            self.free.push(tag);
+        }
+    }
+
+    /// Waits after a turn (`busy`: it did something) as the idle strategy says: a park ends
+    /// early when an outcome arrives, and, in open loop, at the next arrival.
+    pub(crate) fn idle(&mut self, busy: bool) {
+        match self.idler.turn(busy) {
+            IdleAction::Continue => {}
+            IdleAction::Spin => std::hint::spin_loop(),
+            IdleAction::Yield => std::thread::yield_now(),
+            IdleAction::Park(d) => {
+                let d = match self.gap {
+                    Some(_) => d.min(self.next_arrival.saturating_duration_since(Instant::now())),
+                    None => d,
+                };
+                if let Ok(x) = self.done.recv_timeout(d) {
+                    self.parked = Some(x);
+                }
+            }
+        }
     }
 }
 

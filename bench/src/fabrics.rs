@@ -1,4 +1,4 @@
-//! Building in-process endpoints of each fabric, and the idle strategy.
+//! Building in-process endpoints of each fabric.
 
 use ballot::layout::{RegionInfo, RingGeometry};
 use ballot::mem_fabric::{MemFabric, MemNet};
@@ -244,46 +244,7 @@ pub fn rdma_config(
     cfg
 }
 
-/// Spin, then yield, then sleep briefly: on a 2-core machine running three replicas and a
-/// load generator, nobody may spin forever.
-pub struct Idle {
-    spins: u32,
-}
-
-impl Idle {
-    const SPIN: u32 = 50;
-    const YIELD: u32 = 100;
-
-    pub fn new() -> Self {
-        Idle { spins: 0 }
-    }
-
-    pub fn tick(&mut self, busy: bool) {
-        if busy {
-            self.spins = 0;
-            return;
-        }
-        self.spins = self.spins.saturating_add(1);
-        if self.spins <= Self::SPIN {
-            std::hint::spin_loop();
-        } else if self.spins <= Self::YIELD {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros(20));
-        }
-    }
-}
-
-impl Default for Idle {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Sleeps of tens of microseconds are only that short with a small timer slack.
-pub fn tighten_timer_slack() {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) takes a plain integer and affects this thread only.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64);
-    }
-}
+/// Sleeps of tens of microseconds are only that short with a small timer slack (the
+/// runtime's [`IdleStrategy::Shared`](ballot::runtime::IdleStrategy) does this for its
+/// threads).
+pub use ballot::runtime::tighten_timer_slack;

@@ -520,8 +520,16 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             }
         }
         if self.core.is_leader() {
-            let (me, members) = (self.core.id(), self.core.config().members.clone());
-            for n in members.into_iter().filter(|&n| n != me) {
+            // The peers, copied out of the configuration without a heap copy (this runs
+            // every step).
+            let me = self.core.id();
+            let mut peers = [0 as crate::NodeId; crate::MAX_NODES];
+            let mut k = 0;
+            for &n in self.core.config().members.iter().filter(|&&n| n != me) {
+                peers[k] = n;
+                k += 1;
+            }
+            for &n in &peers[..k] {
                 region
                     .read(layout::progress_offset(n), &mut buf)
                     .expect("in bounds");

@@ -229,17 +229,30 @@ pub fn seal_entry(buf: &mut Vec<u8>, h: &EntryHeader) {
     let len = h.len as usize;
     assert_eq!(buf.len(), ENTRY_HEADER_SIZE + len, "header room + payload");
     assert!(len <= MAX_PAYLOAD, "payload over MAX_PAYLOAD");
+    buf.resize(entry_size(len), 0);
+    seal_entry_in_place(buf, h);
+}
+
+/// [`seal_entry`] of an entry already at its full size: `buf` is [`entry_size`]`(h.len)`
+/// bytes, the payload written behind the header's room and the padding after it zero
+/// (an entry built in its exact-size, shareable buffer).
+pub fn seal_entry_in_place(buf: &mut [u8], h: &EntryHeader) {
+    let len = h.len as usize;
+    assert!(len <= MAX_PAYLOAD, "payload over MAX_PAYLOAD");
+    assert_eq!(buf.len(), entry_size(len), "a whole entry");
     buf[0..8].copy_from_slice(&h.index.to_le_bytes());
     buf[8..16].copy_from_slice(&h.ballot.0.to_le_bytes());
     buf[16..24].copy_from_slice(&h.commit.to_le_bytes());
     buf[24..28].copy_from_slice(&h.len.to_le_bytes());
     buf[28..32].copy_from_slice(&h.flags.to_le_bytes());
     buf[32..40].fill(0);
-    let sum = entry_checksum(&buf[..ENTRY_HEADER_SIZE], &buf[ENTRY_HEADER_SIZE..]);
+    let sum = entry_checksum(
+        &buf[..ENTRY_HEADER_SIZE],
+        &buf[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + len],
+    );
     buf[32..36].copy_from_slice(&sum.to_le_bytes());
-    buf.resize(ENTRY_HEADER_SIZE + len.div_ceil(8) * 8, 0);
-    buf.extend_from_slice(&h.index.to_le_bytes());
-    debug_assert_eq!(buf.len(), entry_size(len));
+    let seal = buf.len() - SEAL_SIZE;
+    buf[seal..].copy_from_slice(&h.index.to_le_bytes());
 }
 
 /// Writes a complete entry into `out` (cleared first). `out.len()` becomes [`entry_size`].
@@ -625,7 +638,12 @@ mod tests {
             let mut b = vec![0u8; ENTRY_HEADER_SIZE];
             b.extend_from_slice(&payload);
             seal_entry(&mut b, &h);
-            prop_assert_eq!(a, b);
+            prop_assert_eq!(&a, &b);
+            // Built at its full size (zeroed) with the payload behind the header's room.
+            let mut c = vec![0u8; entry_size(payload.len())];
+            c[ENTRY_HEADER_SIZE..ENTRY_HEADER_SIZE + payload.len()].copy_from_slice(&payload);
+            seal_entry_in_place(&mut c, &h);
+            prop_assert_eq!(a, c);
         }
 
         #[test]

@@ -344,6 +344,56 @@ impl Net {
         }
     }
 
+    /// A WRITE of `data` from `from` into `to`'s region at `offset`, performed now.
+    fn perform_write(&mut self, from: NodeId, to: NodeId, offset: usize, data: &[u8], token: u64) {
+        let failed = self.sim.as_mut().is_some_and(|s| {
+            let p = s.faults.write_fail;
+            s.chance(p)
+        });
+        let result = if failed || !self.reachable(from, to) {
+            Err(FabricError::Disconnected(to))
+        } else {
+            let n = self.nodes.get_mut(&to).unwrap();
+            match classify_remote_write(from, offset, data.len(), n.region.len()) {
+                Err(_) => Err(FabricError::OutOfBounds(to)),
+                Ok(WriteTarget::Ring) if n.writer != Some(from) => {
+                    Err(FabricError::PermissionDenied(to))
+                }
+                Ok(target) => {
+                    n.region.write(offset, data).expect("classified in bounds");
+                    if let (Some(s), WriteTarget::Ring) = (self.sim.as_mut(), target) {
+                        if let Ok((h, p)) = crate::layout::decode_entry(data) {
+                            s.landed.push(Landed {
+                                to,
+                                from,
+                                index: h.index,
+                                ballot: h.ballot,
+                                payload: p.to_vec(),
+                            });
+                        }
+                    }
+                    let lost = self.sim.as_mut().is_some_and(|s| {
+                        let p = s.faults.completion_lost;
+                        s.chance(p)
+                    });
+                    if lost {
+                        Err(FabricError::Disconnected(to))
+                    } else {
+                        Ok(())
+                    }
+                }
+            }
+        };
+        self.complete(
+            from,
+            Completion::Write {
+                peer: to,
+                token,
+                result,
+            },
+        );
+    }
+
     fn perform(&mut self, op: Op) {
         match op {
             Op::Write {
@@ -352,54 +402,7 @@ impl Net {
                 offset,
                 data,
                 token,
-            } => {
-                let failed = self.sim.as_mut().is_some_and(|s| {
-                    let p = s.faults.write_fail;
-                    s.chance(p)
-                });
-                let result = if failed || !self.reachable(from, to) {
-                    Err(FabricError::Disconnected(to))
-                } else {
-                    let n = self.nodes.get_mut(&to).unwrap();
-                    match classify_remote_write(from, offset, data.len(), n.region.len()) {
-                        Err(_) => Err(FabricError::OutOfBounds(to)),
-                        Ok(WriteTarget::Ring) if n.writer != Some(from) => {
-                            Err(FabricError::PermissionDenied(to))
-                        }
-                        Ok(target) => {
-                            n.region.write(offset, &data).expect("classified in bounds");
-                            if let (Some(s), WriteTarget::Ring) = (self.sim.as_mut(), target) {
-                                if let Ok((h, p)) = crate::layout::decode_entry(&data) {
-                                    s.landed.push(Landed {
-                                        to,
-                                        from,
-                                        index: h.index,
-                                        ballot: h.ballot,
-                                        payload: p.to_vec(),
-                                    });
-                                }
-                            }
-                            let lost = self.sim.as_mut().is_some_and(|s| {
-                                let p = s.faults.completion_lost;
-                                s.chance(p)
-                            });
-                            if lost {
-                                Err(FabricError::Disconnected(to))
-                            } else {
-                                Ok(())
-                            }
-                        }
-                    }
-                };
-                self.complete(
-                    from,
-                    Completion::Write {
-                        peer: to,
-                        token,
-                        result,
-                    },
-                );
-            }
+            } => self.perform_write(from, to, offset, &data, token),
             Op::Read {
                 from,
                 to,
@@ -548,6 +551,11 @@ impl Fabric for MemFabric {
     ) -> Result<(), FabricError> {
         let mut n = self.net.0.lock().unwrap();
         self.check_peer(&n, peer)?;
+        if n.sim.is_none() {
+            // Instant: it lands now, straight from the caller's bytes (no copy).
+            n.perform_write(self.node, peer, offset, data, token);
+            return Ok(());
+        }
         n.midstep();
         n.post(Op::Write {
             from: self.node,

@@ -13,11 +13,15 @@
 //!
 //! # Idle strategy
 //!
-//! - With a dedicated core ([`RuntimeConfig::core`]): pinned with `core_affinity`, and
-//!   busy-polls forever (lowest latency; the core is burnt).
-//! - Without: after `spin_steps` consecutive idle steps it yields the CPU, and after
-//!   `spin_steps + yield_steps` it parks for `park` (waking early when a proposal arrives).
-//!   Any useful step resets the count. This keeps three replicas on a 2-core machine live.
+//! [`IdleStrategy`] ([`RuntimeConfig::idle`]), the one idle policy of every replica loop:
+//!
+//! - [`IdleStrategy::Pinned`], a dedicated core: pinned with `core_affinity`, and
+//!   busy-polls (lowest latency; the core is burnt), offering the core to another thread
+//!   pinned there now and then.
+//! - [`IdleStrategy::Shared`] (the default): after `spin` consecutive idle steps it yields
+//!   the CPU, and after `spin + yields` it parks for `park` (waking early when a proposal
+//!   arrives). Any useful step resets the count. This keeps three replicas on a 2-core
+//!   machine live.
 //!
 //! [`Config::new`]: crate::protocol::Config::new
 
@@ -45,16 +49,10 @@ pub fn clock_seed(id: NodeId) -> u64 {
 /// How the replica thread runs.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// Pin to this core and busy-poll; `None`: shared cores, spin then yield then park.
-    pub core: Option<usize>,
+    /// How the thread waits when a step found nothing to do (and whether it is pinned).
+    pub idle: IdleStrategy,
     /// Capacity of the proposal channel; a full channel makes proposals fail with `Busy`.
     pub queue: usize,
-    /// Idle steps spent spinning before yielding.
-    pub spin_steps: u32,
-    /// Idle steps spent yielding before parking.
-    pub yield_steps: u32,
-    /// How long one park lasts (a proposal wakes the thread earlier).
-    pub park: Duration,
     /// Thread name.
     pub name: String,
 }
@@ -62,12 +60,157 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            core: None,
+            idle: IdleStrategy::default(),
             queue: 4096,
-            spin_steps: 200,
-            yield_steps: 50,
-            park: Duration::from_micros(100),
             name: "ballot-replica".into(),
+        }
+    }
+}
+
+/// How a replica thread waits when a turn found nothing to do: the one idle policy of every
+/// replica loop (`ballot-node`'s, an embedder's, `ballot-bench`'s threads topology).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleStrategy {
+    /// A dedicated core: pin the thread to `core` and busy-poll (lowest latency; the core
+    /// is burnt). Every [`IdleStrategy::PINNED_YIELD_EVERY`] idle turns it offers the core
+    /// with `sched_yield`, which returns at once when nothing else wants it, so that two
+    /// threads pinned to one core (more replicas than cores) take turns instead of each
+    /// burning a whole time slice.
+    Pinned {
+        /// The core (`core_affinity` numbering).
+        core: usize,
+    },
+    /// Shared cores: after `spin` consecutive idle turns yield the CPU, and after `spin +
+    /// yields` park for `park` (waking early when there is work, for example a proposal).
+    /// Any useful turn starts the count again. This keeps three replicas (and their
+    /// fabrics' threads) live on two cores.
+    Shared {
+        /// Idle turns spent spinning before yielding.
+        spin: u32,
+        /// Idle turns spent yielding before parking.
+        yields: u32,
+        /// How long one park lasts.
+        park: Duration,
+    },
+}
+
+impl Default for IdleStrategy {
+    /// Shared cores, with [`IdleStrategy::shared`]'s counts.
+    fn default() -> Self {
+        IdleStrategy::shared()
+    }
+}
+
+impl IdleStrategy {
+    /// Pinned threads yield once per this many idle turns.
+    pub const PINNED_YIELD_EVERY: u32 = 64;
+
+    /// Shared cores: spin 200 turns, yield 50, then park 100 us.
+    pub const fn shared() -> Self {
+        IdleStrategy::Shared {
+            spin: 200,
+            yields: 50,
+            park: Duration::from_micros(100),
+        }
+    }
+
+    /// `Pinned` on `core` if given, else [`IdleStrategy::shared`] (a `--core` option).
+    pub fn for_core(core: Option<usize>) -> Self {
+        match core {
+            Some(core) => IdleStrategy::Pinned { core },
+            None => IdleStrategy::shared(),
+        }
+    }
+
+    /// Prepares the calling thread (pins it, or makes its parks short: a 1 us timer slack
+    /// instead of Linux's default 50 us) and returns its idle counter.
+    pub fn start(self) -> Idler {
+        match self {
+            IdleStrategy::Pinned { core } => {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                    tracing::warn!(core, "could not pin the thread; busy-polling anyway");
+                }
+            }
+            IdleStrategy::Shared { .. } => tighten_timer_slack(),
+        }
+        Idler {
+            strategy: self,
+            idle: 0,
+        }
+    }
+}
+
+/// Sets the calling thread's timer slack to 1 us, so that parks of tens of microseconds
+/// last about that long (Linux; elsewhere nothing).
+pub fn tighten_timer_slack() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_TIMERSLACK) takes a plain integer and affects this thread only.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// What an idle turn should do next, from [`Idler::turn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleAction {
+    /// The turn did work: go on at once.
+    Continue,
+    /// `std::hint::spin_loop`.
+    Spin,
+    /// `std::thread::yield_now`.
+    Yield,
+    /// Block for at most this long, waking early when work arrives.
+    Park(Duration),
+}
+
+/// A thread's consecutive idle turns under its [`IdleStrategy`].
+#[derive(Debug, Clone)]
+pub struct Idler {
+    strategy: IdleStrategy,
+    idle: u32,
+}
+
+impl Idler {
+    /// The strategy.
+    pub fn strategy(&self) -> IdleStrategy {
+        self.strategy
+    }
+
+    /// Counts a turn (`busy`: it did work) and says what to do before the next one.
+    pub fn turn(&mut self, busy: bool) -> IdleAction {
+        if busy {
+            self.idle = 0;
+            return IdleAction::Continue;
+        }
+        self.idle = self.idle.saturating_add(1);
+        match self.strategy {
+            IdleStrategy::Pinned { .. } => {
+                if self.idle.is_multiple_of(IdleStrategy::PINNED_YIELD_EVERY) {
+                    IdleAction::Yield
+                } else {
+                    IdleAction::Spin
+                }
+            }
+            IdleStrategy::Shared { spin, yields, park } => {
+                if self.idle <= spin {
+                    IdleAction::Spin
+                } else if self.idle <= spin.saturating_add(yields) {
+                    IdleAction::Yield
+                } else {
+                    IdleAction::Park(park)
+                }
+            }
+        }
+    }
+
+    /// [`Idler::turn`], then does it: spins, yields, or calls `park` with how long to
+    /// block (the caller blocks on whatever brings it work, for at most that long).
+    pub fn idle(&mut self, busy: bool, park: impl FnOnce(Duration)) {
+        match self.turn(busy) {
+            IdleAction::Continue => {}
+            IdleAction::Spin => std::hint::spin_loop(),
+            IdleAction::Yield => std::thread::yield_now(),
+            IdleAction::Park(d) => park(d),
         }
     }
 }
@@ -524,23 +667,10 @@ fn run<F: Fabric, S: StateMachine>(
     status: Arc<StatusCell>,
     stop: Arc<AtomicBool>,
 ) -> Replica<F, S> {
-    let pinned = match cfg.core {
-        Some(c) => {
-            let ok = core_affinity::set_for_current(core_affinity::CoreId { id: c });
-            if !ok {
-                tracing::warn!(
-                    core = c,
-                    "could not pin the replica thread; busy-polling anyway"
-                );
-            }
-            true
-        }
-        None => false,
-    };
+    let mut idler = cfg.idle.start();
     let start = Instant::now();
     // Each waiting proposal keeps the time of the step that accepted it (commit latency).
     let mut waiting: TicketMap<(Reply, Instant)> = TicketMap::new();
-    let mut idle: u32 = 0;
     let mut parked: Option<Msg> = None;
     // The completion sinks to wake at the end of this step.
     let mut wake: Vec<CompletionSink> = Vec::new();
@@ -607,18 +737,11 @@ fn run<F: Fabric, S: StateMachine>(
             (sink.wake)();
         }
         status.publish(&replica);
-        if busy {
-            idle = 0;
-            continue;
-        }
-        idle = idle.saturating_add(1);
-        if pinned || idle <= cfg.spin_steps {
-            std::hint::spin_loop();
-        } else if idle <= cfg.spin_steps.saturating_add(cfg.yield_steps) {
-            std::thread::yield_now();
-        } else if let Ok(msg) = rx.recv_timeout(cfg.park) {
-            parked = Some(msg);
-        }
+        idler.idle(busy, |d| {
+            if let Ok(msg) = rx.recv_timeout(d) {
+                parked = Some(msg);
+            }
+        });
     }
     replica.shutdown();
     for (t, out) in replica.take_completed() {
@@ -710,6 +833,40 @@ mod tests {
             assert!(Instant::now() < deadline, "no leader elected");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn shared_cores_spin_then_yield_then_park_and_pinned_cores_offer_the_core() {
+        let park = Duration::from_micros(30);
+        let mut i = IdleStrategy::Shared {
+            spin: 3,
+            yields: 2,
+            park,
+        }
+        .start();
+        let seen: Vec<IdleAction> = (0..7).map(|_| i.turn(false)).collect();
+        use IdleAction::*;
+        assert_eq!(
+            seen,
+            [Spin, Spin, Spin, Yield, Yield, Park(park), Park(park)]
+        );
+        // Work starts the count again.
+        assert_eq!(i.turn(true), Continue);
+        assert_eq!(i.turn(false), Spin);
+        // The default never busy-polls forever: three replicas on two cores must park.
+        let mut d = IdleStrategy::default().start();
+        assert!((0..10_000).any(|_| matches!(d.turn(false), Park(_))));
+        assert_eq!(IdleStrategy::for_core(None), IdleStrategy::default());
+        // Pinned: spins, and yields once per PINNED_YIELD_EVERY idle turns; never parks.
+        let mut p = Idler {
+            strategy: IdleStrategy::for_core(Some(0)),
+            idle: 0,
+        };
+        let every = IdleStrategy::PINNED_YIELD_EVERY as usize;
+        let seen: Vec<IdleAction> = (0..every * 3).map(|_| p.turn(false)).collect();
+        assert_eq!(seen.iter().filter(|a| **a == Yield).count(), 3);
+        assert!(seen.iter().all(|a| matches!(a, Spin | Yield)));
+        assert_eq!(seen[every - 1], Yield);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::metrics::{Endpoint, Sources};
 use ballot::layout::RingGeometry;
 use ballot::node::{Boot, FabricSetup, NodeBuilder, StartError, Wording};
 use ballot::region::Region;
-use ballot::runtime::{Handle, RuntimeConfig};
+use ballot::runtime::{Handle, IdleStrategy, RuntimeConfig};
 use ballot_tcp::{TcpConfig, TcpFabric};
 use ballot_verbs::{RdmaConfig, RdmaFabric};
 use std::net::TcpListener;
@@ -146,7 +146,7 @@ impl Node {
         .election_timeout(cfg.election_timeout)
         .checkpoints(cfg.checkpoint)
         .runtime(RuntimeConfig {
-            core: cfg.core,
+            idle: IdleStrategy::for_core(cfg.core),
             name: format!("replica-{}", cfg.node),
             ..RuntimeConfig::default()
         })

@@ -30,6 +30,16 @@ pub fn push(payload: &mut Vec<u8>, origin: u64, cmd: &[u8]) {
     payload.extend_from_slice(cmd);
 }
 
+/// Writes one command at the start of `out` (at least `COMMAND_OVERHEAD + cmd.len()`
+/// bytes) as [`push`] appends it; returns the bytes written.
+pub fn write(out: &mut [u8], origin: u64, cmd: &[u8]) -> usize {
+    let n = COMMAND_OVERHEAD + cmd.len();
+    out[..8].copy_from_slice(&origin.to_le_bytes());
+    out[8..12].copy_from_slice(&(cmd.len() as u32).to_le_bytes());
+    out[12..n].copy_from_slice(cmd);
+    n
+}
+
 /// A payload that does not parse as a batch: only a corrupt entry, since chosen entries are
 /// checksummed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +94,16 @@ mod tests {
             for (o, c) in &cmds { push(&mut p, *o, c); }
             let got: Vec<_> = iter(&p).map(|r| r.unwrap()).map(|(o, c)| (o, c.to_vec())).collect();
             prop_assert_eq!(got, cmds);
+        }
+        #[test]
+        fn write_in_place_is_push(cmds in proptest::collection::vec((any::<u64>(), proptest::collection::vec(any::<u8>(), 0..50)), 0..20)) {
+            let mut p = Vec::new();
+            for (o, c) in &cmds { push(&mut p, *o, c); }
+            let mut q = vec![0u8; p.len()];
+            let mut at = 0;
+            for (o, c) in &cmds { at += write(&mut q[at..], *o, c); }
+            prop_assert_eq!(at, p.len());
+            prop_assert_eq!(q, p);
         }
         #[test]
         fn total(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {

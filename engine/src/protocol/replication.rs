@@ -136,35 +136,38 @@ impl Core {
     /// window has room.
     fn form_entries(&mut self, ballot: Ballot) {
         while !self.queue.is_empty() && self.log.last() - self.commit < self.cfg.window {
-            // The batch is built in place, behind room for the entry header: one buffer,
-            // one checksum pass.
-            let hdr = layout::ENTRY_HEADER_SIZE;
-            let mut buf = Vec::with_capacity(hdr + self.cfg.batch_bytes.min(64 << 10) + 16);
-            buf.resize(hdr, 0);
-            while let Some((_, cmd)) = self.queue.front() {
+            // The commands that fit (at least one), and their payload bytes.
+            let (mut n, mut len) = (0, 0);
+            for (_, cmd) in &self.queue {
                 let add = batch::COMMAND_OVERHEAD + cmd.len();
-                if buf.len() > hdr && buf.len() - hdr + add > self.cfg.batch_bytes {
+                if n > 0 && len + add > self.cfg.batch_bytes {
                     break;
                 }
-                let (ticket, cmd) = self.queue.pop_front().unwrap();
-                batch::push(&mut buf, batch::origin(self.cfg.id, ticket), &cmd);
+                (n, len) = (n + 1, len + add);
+            }
+            // The entry is built once, in place, in its exact-size shared buffer (one
+            // allocation, zeroed: the padding must be), and kept and sent without a copy.
+            let mut bytes: Arc<[u8]> = std::iter::repeat_n(0u8, layout::entry_size(len)).collect();
+            let buf = Arc::get_mut(&mut bytes).expect("not shared yet");
+            let mut at = layout::ENTRY_HEADER_SIZE;
+            for (ticket, cmd) in self.queue.drain(..n) {
+                at += batch::write(&mut buf[at..], batch::origin(self.cfg.id, ticket), &cmd);
             }
             let i = self.log.last() + 1;
-            let len = (buf.len() - hdr) as u32;
             let h = EntryHeader {
                 index: i,
                 ballot,
                 commit: self.commit,
-                len,
+                len: len as u32,
                 flags: 0,
             };
-            layout::seal_entry(&mut buf, &h);
+            layout::seal_entry_in_place(buf, &h);
             self.accept(
                 i,
                 Slot {
                     ballot,
                     flags: 0,
-                    bytes: Arc::from(buf),
+                    bytes,
                 },
             );
             self.received = i;
