@@ -3,138 +3,18 @@
 //! (connections, frame size, idle time, unread answers) refused with a clear error while
 //! the node keeps serving others; a client of the old protocol gets a clear error.
 
-use ballot_node::client::{ClientConfig, Conn};
+mod common;
+
+use ballot_node::client::Conn;
 use ballot_node::kv::{Command, KvResult, Op};
 use ballot_node::pipeline::Pipeline;
 use ballot_node::wire::{self, kind, Request, Response};
+use common::Cluster;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command as Proc, Stdio};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ballot-node");
-
-/// A port nothing listens on, below the kernel's ephemeral range; each test process walks
-/// its own stretch of 10000..32000 (as tests/cluster.rs).
-fn free_port() -> u16 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let start = u64::from(std::process::id()) * 7919 + 11_000;
-    for _ in 0..22_000 {
-        let p = 10_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 22_000;
-        if TcpListener::bind(("127.0.0.1", p as u16)).is_ok() {
-            return p as u16;
-        }
-    }
-    panic!("no free port below 32000");
-}
-
-/// `n` volatile nodes started with `extra` flags; killed on drop.
-struct Cluster {
-    dir: PathBuf,
-    client: Vec<u16>,
-    children: Vec<Child>,
-}
-
-impl Cluster {
-    fn start(n: usize, name: &str, extra: &[&str]) -> Cluster {
-        let dir =
-            std::env::temp_dir().join(format!("ballot-node-port-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let fabric: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let list = |ports: &[u16]| {
-            ports
-                .iter()
-                .enumerate()
-                .map(|(j, p)| format!("{j}=127.0.0.1:{p}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let children = (0..n)
-            .map(|i| {
-                let log = std::fs::File::create(dir.join(format!("node{i}.log"))).unwrap();
-                Proc::new(BIN)
-                    .args(["--node", &i.to_string(), "--cluster", "0xC11E"])
-                    .args(["--peers", &list(&fabric), "--client-peers", &list(&client)])
-                    .args(["--client-addr", &format!("127.0.0.1:{}", client[i])])
-                    .arg("--data-dir")
-                    .arg(dir.join(format!("data{i}")))
-                    .args(["--initial-cluster-state", "new"])
-                    .args(extra)
-                    .env(ballot_node::config::KEY_ENV, "client port test key")
-                    .env("RUST_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn ballot-node")
-            })
-            .collect();
-        let c = Cluster {
-            dir,
-            client,
-            children,
-        };
-        c.wait_serving();
-        c
-    }
-
-    fn addrs(&self) -> Vec<String> {
-        self.client
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect()
-    }
-
-    fn cfg(&self) -> ClientConfig {
-        let mut cfg = ClientConfig::new(self.addrs());
-        cfg.deadline = Duration::from_secs(20);
-        cfg
-    }
-
-    fn wait_serving(&self) {
-        let mut p = Pipeline::new(self.cfg(), 1);
-        let r = p.execute_all(vec![Op::Put {
-            key: b"probe".to_vec(),
-            value: b"1".to_vec(),
-        }]);
-        assert_eq!(r[0], Ok(KvResult::Ok), "cluster not serving");
-    }
-
-    /// The client address of the node that leads.
-    fn leader(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            for a in self.addrs() {
-                if let Ok(s) = ballot_node::client::status(&a, Duration::from_millis(500)) {
-                    if s.role == "leader" {
-                        return a;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "no leader");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("logs kept in {}", self.dir.display());
-        }
-    }
-}
 
 fn command(client: u64, seq: u64, op: Op) -> Vec<u8> {
     Request::Command(Command { client, seq, op }.encode()).encode()
@@ -189,8 +69,8 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 /// writes and reads through followers (redirects) to the right results.
 #[test]
 fn many_requests_in_flight_on_one_connection() {
-    let cl = Cluster::start(3, "pipelined", &[]);
-    let leader = cl.leader();
+    let cl = Cluster::serving(3, "pipelined", &[]);
+    let leader = cl.leader_addr();
     let mut c = open(&leader);
     assert!(c.hello.max_in_flight >= 256);
     // Register a session.
@@ -296,7 +176,7 @@ fn many_requests_in_flight_on_one_connection() {
 /// one closes, a new one is served.
 #[test]
 fn connection_limit_is_refused_with_a_clear_error() {
-    let cl = Cluster::start(1, "connlimit", &["--client-max-connections", "3"]);
+    let cl = Cluster::serving(1, "connlimit", &["--client-max-connections", "3"]);
     let a = &cl.addrs()[0];
     // The cluster's own readiness probe closed its connection; wait until it is gone.
     std::thread::sleep(Duration::from_millis(200));
@@ -340,7 +220,7 @@ fn connection_limit_is_refused_with_a_clear_error() {
 /// serves others throughout.
 #[test]
 fn bad_frames_are_refused_and_the_node_keeps_serving() {
-    let cl = Cluster::start(1, "frames", &["--client-max-frame", "1K"]);
+    let cl = Cluster::serving(1, "frames", &["--client-max-frame", "1K"]);
     let a = cl.addrs()[0].clone();
     let goaway = |header: &[u8], want: &str| {
         let mut s = raw(&a);
@@ -421,7 +301,7 @@ fn bad_frames_are_refused_and_the_node_keeps_serving() {
 /// one that keeps talking is not.
 #[test]
 fn idle_connection_is_closed() {
-    let cl = Cluster::start(1, "idle", &["--client-idle-timeout-ms", "600"]);
+    let cl = Cluster::serving(1, "idle", &["--client-idle-timeout-ms", "600"]);
     let a = &cl.addrs()[0];
     let mut idle = raw(a);
     let mut busy = open(a);
@@ -447,7 +327,7 @@ fn idle_connection_is_closed() {
 /// goes on committing, unhindered.
 #[test]
 fn client_that_never_reads_is_cut_off_without_stalling_others() {
-    let cl = Cluster::start(1, "noread", &["--client-max-output", "2M"]);
+    let cl = Cluster::serving(1, "noread", &["--client-max-output", "2M"]);
     let a = cl.addrs()[0].clone();
     let big = vec![0x5Au8; 512 << 10];
     let mut p = Pipeline::new(cl.cfg(), 8);
@@ -533,7 +413,7 @@ fn client_that_never_reads_is_cut_off_without_stalling_others() {
 /// frame saying the node speaks version 2, then the connection closes.
 #[test]
 fn old_protocol_client_gets_a_clear_error() {
-    let cl = Cluster::start(1, "v1", &[]);
+    let cl = Cluster::serving(1, "v1", &[]);
     let mut s = TcpStream::connect(&cl.addrs()[0]).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // A v1 STATUS request.
@@ -571,9 +451,9 @@ fn threads(pid: u32) -> usize {
 /// and a client on one more connection still commits.
 #[test]
 fn many_connections_hold_no_thread_each() {
-    let cl = Cluster::start(1, "conns", &[]);
+    let cl = Cluster::serving(1, "conns", &[]);
     let a = cl.addrs()[0].clone();
-    let pid = cl.children[0].id();
+    let pid = cl.pid(0);
     let before = threads(pid);
     let conns: Vec<Conn> = (0..1000).map(|_| open(&a)).collect();
     let during = threads(pid);
@@ -598,9 +478,8 @@ fn many_connections_hold_no_thread_each() {
 /// acknowledged is there afterwards.
 #[test]
 fn pipelined_writes_survive_a_leader_kill() {
-    let mut cl = Cluster::start(3, "failover", &[]);
-    let leader = cl.leader();
-    let li = cl.addrs().iter().position(|a| *a == leader).unwrap();
+    let mut cl = Cluster::serving(3, "failover", &[]);
+    let li = cl.leader();
     let mut p = Pipeline::new(cl.cfg(), 32);
     let mut acked = Vec::new();
     let mut tags = std::collections::HashMap::new();
@@ -624,8 +503,7 @@ fn pipelined_writes_survive_a_leader_kill() {
             acked.push(tags[&tag]);
         }
         if !killed && acked.len() >= 1000 {
-            let _ = cl.children[li].kill();
-            let _ = cl.children[li].wait();
+            cl.kill9(li);
             killed = true;
         }
         assert!(
