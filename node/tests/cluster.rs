@@ -10,7 +10,7 @@ use common::history::{
     acked_writer, check_all_keys, check_linearizable, final_reads_and_acked_check, spawn_workers,
     val, Load, Rec, KEYS,
 };
-use common::{free_port, Cluster, SERVE_BOUND};
+use common::{free_port, settle, Cluster, SERVE_BOUND};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -29,41 +29,16 @@ fn three_nodes_survive_kill_restart_and_stop() {
     let workers = spawn_workers(&cl, WORKERS, Load::ONE_AT_A_TIME, &stop, &next_thread);
     // A writer of unique keys: every acknowledged one must be there at the end.
     let acked = acked_writer(cl.addrs(), stop.clone(), false, Duration::from_millis(5), 1);
-    let settle = || std::thread::sleep(Duration::from_millis(1500));
     settle();
-
     // 1. kill -9 the leader, then restart it.
     let l = cl.leader();
-    eprintln!("kill -9 leader {l}");
-    cl.kill9(l);
-    cl.wait_serving("after kill -9 of the leader");
-    settle();
-    cl.start(l);
-    cl.wait_recovered(l);
-    cl.wait_serving("after restarting the old leader");
-    settle();
-
+    cl.kill9_and_restart(l, "leader");
     // 2. kill -9 a follower, then restart it.
-    let l = cl.leader();
-    let f = (l + 1) % 3;
-    eprintln!("kill -9 follower {f}");
-    cl.kill9(f);
-    cl.wait_serving("after kill -9 of a follower");
-    settle();
-    cl.start(f);
-    cl.wait_recovered(f);
-    cl.wait_serving("after restarting the follower");
-    settle();
-
+    let f = (cl.leader() + 1) % 3;
+    cl.kill9_and_restart(f, "follower");
     // 3. SIGSTOP the leader, then SIGCONT.
     let l = cl.leader();
-    eprintln!("SIGSTOP leader {l}");
-    cl.signal(l, libc::SIGSTOP);
-    cl.wait_serving("after SIGSTOP of the leader");
-    settle();
-    cl.signal(l, libc::SIGCONT);
-    cl.wait_serving("after SIGCONT");
-    settle();
+    cl.stop_and_continue(l, "leader");
 
     stop.store(true, Ordering::Relaxed);
     let mut history: Vec<Rec> = workers

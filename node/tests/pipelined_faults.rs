@@ -13,7 +13,7 @@ use common::history::{
     acked_writer, check_all_keys, final_reads_and_acked_check, max_concurrency, spawn_workers,
     Clients, Load, Rec,
 };
-use common::Cluster;
+use common::{settle, Cluster};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,39 +44,17 @@ fn pipelined_clients_under_faults(name: &str, durable: bool) {
         Duration::from_millis(50),
         16,
     );
-    let settle = || std::thread::sleep(Duration::from_millis(1500));
     settle();
-
     // 1. kill -9 the leader (with up to 64 operations in flight on it), then restart it.
     let l = cl.leader();
-    eprintln!("kill -9 leader {l}");
-    cl.kill9(l);
-    cl.wait_serving("after kill -9 of the leader");
-    settle();
-    cl.start(l);
-    cl.wait_recovered(l);
-    cl.wait_serving("after restarting the old leader");
-    settle();
-
+    cl.kill9_and_restart(l, "leader");
     // 2. SIGSTOP the leader, then SIGCONT (it wakes up with its old ballot and the
     // requests it had read).
     let l = cl.leader();
-    eprintln!("SIGSTOP leader {l}");
-    cl.signal(l, libc::SIGSTOP);
-    cl.wait_serving("after SIGSTOP of the leader");
-    settle();
-    cl.signal(l, libc::SIGCONT);
-    cl.wait_serving("after SIGCONT of the old leader");
-    settle();
-
+    cl.stop_and_continue(l, "leader");
     // 3. SIGSTOP a follower, then SIGCONT.
     let f = (cl.leader() + 1) % 3;
-    eprintln!("SIGSTOP follower {f}");
-    cl.signal(f, libc::SIGSTOP);
-    settle();
-    cl.wait_serving("with a follower stopped");
-    cl.signal(f, libc::SIGCONT);
-    settle();
+    cl.stop_and_continue(f, "follower");
 
     // 4. Durable: kill -9 of all three, then restart them (volatile state would be gone).
     if durable {

@@ -19,6 +19,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_ballot-node");
 /// The cluster must serve again within this bound after each fault.
 pub const SERVE_BOUND: Duration = Duration::from_secs(10);
 
+/// The pause between the steps of a fault, for the load to run on.
+pub fn settle() {
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
 /// A port nothing listens on, below the kernel's ephemeral range (32768 and up on Linux):
 /// a port taken from that range can be reused as the local port of some outgoing
 /// connection while a killed node is down, and the node then cannot listen again on
@@ -250,6 +255,32 @@ impl Cluster {
         let d = t.elapsed();
         eprintln!("serving again {d:?} {what}");
         d
+    }
+
+    /// A fault and its repair, under load: kill -9 node `i` (`who` names it), wait until the
+    /// others serve, restart it, wait until it recovered and the cluster serves; a pause to
+    /// let the load run after each step.
+    pub fn kill9_and_restart(&mut self, i: usize, who: &str) {
+        eprintln!("kill -9 {who} {i}");
+        self.kill9(i);
+        self.wait_serving(&format!("after kill -9 of the {who}"));
+        settle();
+        self.start(i);
+        self.wait_recovered(i);
+        self.wait_serving(&format!("after restarting the {who}"));
+        settle();
+    }
+
+    /// SIGSTOP node `i` (`who` names it), wait until the cluster serves, SIGCONT, wait
+    /// until it serves; a pause to let the load run after each step.
+    pub fn stop_and_continue(&self, i: usize, who: &str) {
+        eprintln!("SIGSTOP {who} {i}");
+        self.signal(i, libc::SIGSTOP);
+        self.wait_serving(&format!("with the {who} stopped"));
+        settle();
+        self.signal(i, libc::SIGCONT);
+        self.wait_serving(&format!("after SIGCONT of the {who}"));
+        settle();
     }
 
     /// Waits until node `i` has recovered (answers, not recovering, has applied something).
