@@ -69,6 +69,13 @@ pub struct LoadOpts {
     /// Payload bytes packed into one entry (default 64 KiB); 0 = one command per entry.
     #[arg(long)]
     pub batch_bytes: Option<usize>,
+    /// Topology processes: also measure with this many idle client connections open on the
+    /// leader (hello done, nothing sent): each point runs without them, with them, and
+    /// without them again on the same cluster, and reports the leader's threads and memory
+    /// before and after opening them. Raises this process's open-file limit to its hard
+    /// limit, and the nodes' `--client-max-connections` to fit.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub idle_connections: usize,
     /// Open loop: commands per second at fixed intervals; latency from the intended send time.
     #[arg(long, value_name = "RATE")]
     pub open_loop: Option<f64>,

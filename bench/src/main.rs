@@ -186,6 +186,11 @@ fn main() -> ExitCode {
 fn run(cmd: Cmd, meta: &RunMeta) -> Result<(), String> {
     match cmd {
         Cmd::Cluster(mut a) => {
+            if a.run.load.idle_connections > 0
+                && (a.run.topology != Some(Topology::Processes) || !a.endpoints.is_empty())
+            {
+                return Err(IDLE_NEEDS_PROCESSES.into());
+            }
             let points = points(&mut a.run.load, a.run.sweep.as_deref())?;
             let results = if !a.endpoints.is_empty() {
                 run_endpoints(&a.run, &points, &a.endpoints)?
@@ -196,6 +201,9 @@ fn run(cmd: Cmd, meta: &RunMeta) -> Result<(), String> {
             report(&results, &a.run.load.out, meta, plot)
         }
         Cmd::Compare(mut a) => {
+            if a.run.load.idle_connections > 0 {
+                return Err(IDLE_NEEDS_PROCESSES.into());
+            }
             let points = points(&mut a.run.load, a.run.sweep.as_deref())?;
             let results = compare(&a, &points)?;
             let plot = a.run.plot.as_deref().map(|p| (p, &a.run.load));
@@ -206,9 +214,13 @@ fn run(cmd: Cmd, meta: &RunMeta) -> Result<(), String> {
             Ok(())
         }
         Cmd::Raw(a) => run_raw(&a, meta),
+        Cmd::Catchup(a) if a.load.idle_connections > 0 => Err(IDLE_NEEDS_PROCESSES.into()),
         Cmd::Catchup(a) => run_catchup(a, meta),
     }
 }
+
+const IDLE_NEEDS_PROCESSES: &str =
+    "--idle-connections is measured with `cluster --topology processes` only";
 
 /// The points of a run: every `--payload` size with every `--sweep` client count (or
 /// `--clients`). Parses `--cores` into the load on the way.
@@ -295,15 +307,15 @@ impl Sweep {
         true
     }
 
-    /// Keeps a point's result; on Ctrl-C, an error ends the sweep with what was measured.
-    fn keep(
+    /// Keeps a point's result (or results); on Ctrl-C, an error ends the sweep with what
+    /// was measured.
+    fn keep<R: IntoIterator<Item = BenchResult>>(
         &self,
         out: &mut Vec<BenchResult>,
-        r: Result<BenchResult, String>,
+        r: Result<R, String>,
     ) -> Result<(), String> {
         match r {
-            Ok(r) if r.duration_s > 0.0 => out.push(r),
-            Ok(_) => {}
+            Ok(rs) => out.extend(rs.into_iter().filter(|r| r.duration_s > 0.0)),
             Err(e) if interrupt::requested() => eprintln!("{e}"),
             Err(e) => return Err(e),
         }
@@ -332,7 +344,7 @@ fn run_cluster(a: &RunArgs, points: &[LoadOpts]) -> Result<Vec<BenchResult>, Str
             if !sweep.next(&describe_cluster(kind, p)) {
                 break;
             }
-            sweep.keep(&mut out, cluster::run(kind, p, &a.rdma))?;
+            sweep.keep(&mut out, cluster::run(kind, p, &a.rdma).map(Some))?;
         }
     }
     Ok(out)
@@ -358,7 +370,7 @@ fn run_endpoints(
         if !sweep.next(&what) {
             break;
         }
-        sweep.keep(&mut out, procs::run_endpoints(p, addrs))?;
+        sweep.keep(&mut out, procs::run_endpoints(p, addrs).map(Some))?;
     }
     Ok(out)
 }
@@ -559,7 +571,7 @@ fn compare(a: &CompareArgs, points: &[LoadOpts]) -> Result<Vec<BenchResult>, Str
             if !sweep.next(&describe_cluster(k, p)) {
                 break;
             }
-            sweep.keep(&mut runs, cluster::run(k, p, &o.rdma))?;
+            sweep.keep(&mut runs, cluster::run(k, p, &o.rdma).map(Some))?;
         }
         if processes && k == FabricKind::Tcp {
             for p in points {

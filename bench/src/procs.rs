@@ -115,7 +115,8 @@ pub struct NodeCluster {
 }
 
 impl NodeCluster {
-    pub fn start(bin: &Path, o: &LoadOpts) -> Result<NodeCluster, String> {
+    /// Starts `--replicas` nodes with the flags of `o` and `extra`.
+    pub fn start(bin: &Path, o: &LoadOpts, extra: &[String]) -> Result<NodeCluster, String> {
         let (n, cores, durable) = (o.replicas, core_ids(o), o.durable());
         install_cleanup_hooks();
         let tmp = o.scratch_dir("nodes")?;
@@ -153,6 +154,7 @@ impl NodeCluster {
                 .arg(dir.join(format!("data{i}")))
                 // Fresh data dirs: the cluster's first start.
                 .args(["--initial-cluster-state", "new"])
+                .args(extra)
                 .env(ballot_node::config::KEY_ENV, &key)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())
@@ -175,6 +177,11 @@ impl NodeCluster {
             c.children.push(child);
         }
         Ok(c)
+    }
+
+    /// Process id of node `i`.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.children[i].id()
     }
 
     /// The last lines of node `i`'s log (for error messages).
@@ -277,7 +284,8 @@ struct Tally {
     errors: u64,
 }
 
-pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
+/// One point on a fresh cluster: one result (three with `--idle-connections`).
+pub fn run(o: &LoadOpts) -> Result<Vec<BenchResult>, String> {
     if o.replicas == 0 || o.replicas > ballot::MAX_NODES {
         return Err(format!("--replicas must be 1..={}", ballot::MAX_NODES));
     }
@@ -291,13 +299,157 @@ pub fn run(o: &LoadOpts) -> Result<BenchResult, String> {
         ));
     }
     let bin = find_node_binary()?;
-    let mut cluster = NodeCluster::start(&bin, o)?;
+    if o.idle_connections > 0 {
+        return run_with_idle_connections(&bin, o);
+    }
+    let mut cluster = NodeCluster::start(&bin, o, &[])?;
     cluster.wait_ready(Duration::from_secs(20))?;
     let mut r = drive(o, &cluster.client_addrs)?;
     drop(cluster);
     r.replicas = o.replicas;
     r.durability = o.durability_name();
-    Ok(r)
+    Ok(vec![r])
+}
+
+/// `--idle-connections N`: on one cluster, the load without idle connections, with `N`
+/// idle ones open on the leader, and without them again; three results. Prints the
+/// leader's threads and resident memory before and after the connections were opened.
+fn run_with_idle_connections(bin: &Path, o: &LoadOpts) -> Result<Vec<BenchResult>, String> {
+    let n = o.idle_connections;
+    // This process holds the idle sockets and the clients' connections.
+    let need = (n + o.clients + 256) as u64;
+    let limit = raise_open_file_limit(need)?;
+    // The leader holds them too; it raises its own limit to this + 256 if it can.
+    let max = (n + o.clients + 64).to_string();
+    let mut cluster = NodeCluster::start(bin, o, &["--client-max-connections".into(), max])?;
+    let leader = cluster.wait_ready(Duration::from_secs(20))?;
+    let pid = cluster.pid(leader);
+    let mut out = Vec::new();
+    let label = |mut r: BenchResult, idle: usize| {
+        r.replicas = o.replicas;
+        r.durability = o.durability_name();
+        r.idle_connections = idle;
+        r
+    };
+    eprintln!("phase 1/3: no idle connections");
+    out.push(label(drive(o, &cluster.client_addrs)?, 0));
+    let before = ProcUse::of(pid)?;
+    let t = Instant::now();
+    let mut idle = Vec::with_capacity(n);
+    let addr = &cluster.client_addrs[leader];
+    for k in 0..n {
+        if crate::interrupt::requested() {
+            return Err("interrupted while opening the idle connections".into());
+        }
+        let c = client::Conn::open(addr, Duration::from_secs(5), Duration::from_secs(5)).map_err(
+            |e| {
+                format!(
+                    "idle connection {} of {n} to the leader ({addr}) failed: {e} (this \
+                     process's open-file limit: {limit})",
+                    k + 1
+                )
+            },
+        )?;
+        idle.push(c);
+    }
+    let opened = t.elapsed();
+    // Let the node's loop settle (its buffers, the accept backlog) before measuring.
+    std::thread::sleep(Duration::from_millis(500));
+    let during = ProcUse::of(pid)?;
+    eprintln!(
+        "{n} idle connections open on the leader (node {leader}) in {opened:.1?}: its threads \
+         {} -> {}, resident memory {:.1} -> {:.1} MiB ({:.1} KiB per connection)",
+        before.threads,
+        during.threads,
+        before.rss_kib as f64 / 1024.0,
+        during.rss_kib as f64 / 1024.0,
+        (during.rss_kib as f64 - before.rss_kib as f64) / n as f64
+    );
+    eprintln!("phase 2/3: {n} idle connections open");
+    out.push(label(drive(o, &cluster.client_addrs)?, n));
+    let still = ProcUse::of(pid)?;
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!("phase 3/3: idle connections closed");
+    out.push(label(drive(o, &cluster.client_addrs)?, 0));
+    drop(cluster);
+    let base = (out[0].throughput_ops_s + out[2].throughput_ops_s) / 2.0;
+    eprintln!(
+        "idle connections: {n} on the leader; throughput without {:.0} and {:.0}, with {:.0} \
+         ops/s: {:.3}x the mean without ({:+.1} %); leader threads {} before, {} with them \
+         (still {} after the loaded run)",
+        out[0].throughput_ops_s,
+        out[2].throughput_ops_s,
+        out[1].throughput_ops_s,
+        out[1].throughput_ops_s / base,
+        (out[1].throughput_ops_s / base - 1.0) * 100.0,
+        before.threads,
+        during.threads,
+        still.threads
+    );
+    Ok(out)
+}
+
+/// A process's threads and resident memory, from `/proc`.
+struct ProcUse {
+    threads: usize,
+    rss_kib: u64,
+}
+
+impl ProcUse {
+    fn of(pid: u32) -> Result<ProcUse, String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| format!("no {name} in /proc/{pid}/status"))
+        };
+        Ok(ProcUse {
+            threads: field("Threads:")? as usize,
+            rss_kib: field("VmRSS:")?,
+        })
+    }
+}
+
+/// Raises this process's soft open-file limit to its hard limit (children inherit it);
+/// the new soft limit, or an error if even the hard limit is below `need`.
+fn raise_open_file_limit(need: u64) -> Result<u64, String> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(format!(
+                "getrlimit(RLIMIT_NOFILE): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    if lim.rlim_cur < need {
+        return Err(format!(
+            "--idle-connections needs about {need} open files in this process (the idle \
+             connections, the clients' and some spare), but the open-file limit is {} (hard \
+             limit {}): raise the hard limit (as root `ulimit -Hn {need}`, systemd \
+             LimitNOFILE=, or /etc/security/limits.conf) or open fewer",
+            lim.rlim_cur, lim.rlim_max
+        ));
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// Drives an existing cluster (`--endpoints`): the nodes at `addrs` (their client

@@ -54,6 +54,10 @@ pub struct BenchResult {
     pub ratio_p50: Option<f64>,
     /// Commands per entry, averaged over the run (leader's log growth), where known.
     pub commands_per_entry: Option<f64>,
+    /// Idle client connections held open on the leader during this run
+    /// (`--idle-connections`; 0: none).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub idle_connections: usize,
     /// Cut short by Ctrl-C: the window is shorter than asked.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
@@ -61,6 +65,10 @@ pub struct BenchResult {
     /// from 0 (quantile 0) to the resolution of the sample count. Not in JSON.
     #[serde(skip)]
     pub curve: Vec<(f64, f64)>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl BenchResult {
@@ -113,6 +121,10 @@ pub fn table(results: &[BenchResult]) -> String {
             Some(rate) => format!("@{}", si(rate)),
             None if r.kind == "raw" => "-".into(),
             None => format!("{}x{}", r.clients, r.outstanding),
+        };
+        let clients = match r.idle_connections {
+            0 => clients,
+            n => format!("{clients} +{n} idle"),
         };
         s.push_str(&format!(
             "{:<7} {:<6} {:<9} {:<8} {:>3} {:>7} {:>7} {:>6} {:>6.1} {:>11.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>9} {:>8} {:>7} {:>5}\n",

@@ -171,6 +171,23 @@ fn subcommands_take_only_their_own_options() {
 }
 
 #[test]
+fn idle_connections_need_the_processes_topology() {
+    for args in [
+        &["--idle-connections", "5"][..],
+        &[
+            "cluster",
+            "--topology",
+            "threads",
+            "--idle-connections",
+            "5",
+        ][..],
+        &["compare", "--idle-connections", "5"][..],
+    ] {
+        fails(args, 1, "--idle-connections is measured with");
+    }
+}
+
+#[test]
 fn endpoints_that_do_not_answer_are_a_clear_error() {
     let at = format!("127.0.0.1:{}", free_port());
     fails(

@@ -76,6 +76,69 @@ fn processes_topology_reports_and_cleans_up() {
     assert!(left.is_empty(), "directories left behind: {left:?}");
 }
 
+/// `--idle-connections`: three results (without, with, without again), the middle one
+/// labelled with the count, the leader's threads reported; and a clear error when the
+/// open-file limit cannot fit them.
+#[test]
+fn idle_connections_are_measured_or_refused_clearly() {
+    if node_binary().is_none() {
+        eprintln!("skipped: ballot-node is not built next to {BENCH}");
+        return;
+    }
+    let run = |idle: &str, hard_limit: Option<u64>| {
+        let mut cmd = Command::new(BENCH);
+        cmd.args(["cluster", "--topology", "processes", "--clients", "2"])
+            .args([
+                "--duration",
+                "500ms",
+                "--warmup",
+                "200ms",
+                "--json",
+                "--quiet",
+            ])
+            .args(["--idle-connections", idle]);
+        if let Some(n) = hard_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.output().unwrap()
+    };
+    let out = run("200", None);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    // The result's own field (the run's options name the flag in every line).
+    let labelled = r#""idle_connections":200,"run":"#;
+    assert!(!lines[0].contains(labelled), "{stdout}");
+    assert!(lines[1].contains(labelled), "{stdout}");
+    assert!(!lines[2].contains(labelled), "{stdout}");
+    assert!(
+        stderr.contains("200 idle connections open on the leader"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("leader threads"), "{stderr}");
+    let out = run("5000", Some(1024));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("open-file limit is 1024"), "{stderr}");
+}
+
 #[test]
 fn interrupted_run_kills_its_nodes() {
     if node_binary().is_none() {

@@ -439,6 +439,12 @@ impl Loop {
                 }
             }
         }
+        // Nothing left to parse: give the read buffer back (a read grows it by
+        // `READ_CHUNK`, and clearing keeps that), so that an idle connection holds none:
+        // 10,000 idle connections held 64 KiB each, 625 MiB in all.
+        if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
+            c.rbuf = Vec::new();
+        }
         // Write what is queued.
         while !close && c.pending_output() > 0 {
             match c.sock.write(&c.wbuf[c.wpos..]) {

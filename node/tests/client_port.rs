@@ -3,138 +3,18 @@
 //! (connections, frame size, idle time, unread answers) refused with a clear error while
 //! the node keeps serving others; a client of the old protocol gets a clear error.
 
-use ballot_node::client::{ClientConfig, Conn};
+mod common;
+
+use ballot_node::client::Conn;
 use ballot_node::kv::{Command, KvResult, Op};
 use ballot_node::pipeline::Pipeline;
 use ballot_node::wire::{self, kind, Request, Response};
+use common::Cluster;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command as Proc, Stdio};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ballot-node");
-
-/// A port nothing listens on, below the kernel's ephemeral range; each test process walks
-/// its own stretch of 10000..32000 (as tests/cluster.rs).
-fn free_port() -> u16 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let start = u64::from(std::process::id()) * 7919 + 11_000;
-    for _ in 0..22_000 {
-        let p = 10_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 22_000;
-        if TcpListener::bind(("127.0.0.1", p as u16)).is_ok() {
-            return p as u16;
-        }
-    }
-    panic!("no free port below 32000");
-}
-
-/// `n` volatile nodes started with `extra` flags; killed on drop.
-struct Cluster {
-    dir: PathBuf,
-    client: Vec<u16>,
-    children: Vec<Child>,
-}
-
-impl Cluster {
-    fn start(n: usize, name: &str, extra: &[&str]) -> Cluster {
-        let dir =
-            std::env::temp_dir().join(format!("ballot-node-port-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let fabric: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let list = |ports: &[u16]| {
-            ports
-                .iter()
-                .enumerate()
-                .map(|(j, p)| format!("{j}=127.0.0.1:{p}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let children = (0..n)
-            .map(|i| {
-                let log = std::fs::File::create(dir.join(format!("node{i}.log"))).unwrap();
-                Proc::new(BIN)
-                    .args(["--node", &i.to_string(), "--cluster", "0xC11E"])
-                    .args(["--peers", &list(&fabric), "--client-peers", &list(&client)])
-                    .args(["--client-addr", &format!("127.0.0.1:{}", client[i])])
-                    .arg("--data-dir")
-                    .arg(dir.join(format!("data{i}")))
-                    .args(["--initial-cluster-state", "new"])
-                    .args(extra)
-                    .env(ballot_node::config::KEY_ENV, "client port test key")
-                    .env("RUST_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn ballot-node")
-            })
-            .collect();
-        let c = Cluster {
-            dir,
-            client,
-            children,
-        };
-        c.wait_serving();
-        c
-    }
-
-    fn addrs(&self) -> Vec<String> {
-        self.client
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect()
-    }
-
-    fn cfg(&self) -> ClientConfig {
-        let mut cfg = ClientConfig::new(self.addrs());
-        cfg.deadline = Duration::from_secs(20);
-        cfg
-    }
-
-    fn wait_serving(&self) {
-        let mut p = Pipeline::new(self.cfg(), 1);
-        let r = p.execute_all(vec![Op::Put {
-            key: b"probe".to_vec(),
-            value: b"1".to_vec(),
-        }]);
-        assert_eq!(r[0], Ok(KvResult::Ok), "cluster not serving");
-    }
-
-    /// The client address of the node that leads.
-    fn leader(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            for a in self.addrs() {
-                if let Ok(s) = ballot_node::client::status(&a, Duration::from_millis(500)) {
-                    if s.role == "leader" {
-                        return a;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "no leader");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("logs kept in {}", self.dir.display());
-        }
-    }
-}
 
 fn command(client: u64, seq: u64, op: Op) -> Vec<u8> {
     Request::Command(Command { client, seq, op }.encode()).encode()
@@ -142,6 +22,17 @@ fn command(client: u64, seq: u64, op: Op) -> Vec<u8> {
 
 fn open(addr: &str) -> Conn {
     Conn::open(addr, Duration::from_secs(2), Duration::from_secs(5)).expect("connect")
+}
+
+/// A GET through a fresh connection.
+fn get(addr: &str, key: &[u8]) -> KvResult {
+    let r = open(addr)
+        .call(&command(0, 0, Op::Get { key: key.to_vec() }))
+        .unwrap();
+    match r {
+        Response::Ok(b) => KvResult::decode(&b).unwrap(),
+        other => panic!("GET answered {other:?}"),
+    }
 }
 
 /// A raw socket past the hello.
@@ -189,8 +80,8 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 /// writes and reads through followers (redirects) to the right results.
 #[test]
 fn many_requests_in_flight_on_one_connection() {
-    let cl = Cluster::start(3, "pipelined", &[]);
-    let leader = cl.leader();
+    let cl = Cluster::serving(3, "pipelined", &[]);
+    let leader = cl.leader_addr();
     let mut c = open(&leader);
     assert!(c.hello.max_in_flight >= 256);
     // Register a session.
@@ -296,7 +187,7 @@ fn many_requests_in_flight_on_one_connection() {
 /// one closes, a new one is served.
 #[test]
 fn connection_limit_is_refused_with_a_clear_error() {
-    let cl = Cluster::start(1, "connlimit", &["--client-max-connections", "3"]);
+    let cl = Cluster::serving(1, "connlimit", &["--client-max-connections", "3"]);
     let a = &cl.addrs()[0];
     // The cluster's own readiness probe closed its connection; wait until it is gone.
     std::thread::sleep(Duration::from_millis(200));
@@ -340,7 +231,7 @@ fn connection_limit_is_refused_with_a_clear_error() {
 /// serves others throughout.
 #[test]
 fn bad_frames_are_refused_and_the_node_keeps_serving() {
-    let cl = Cluster::start(1, "frames", &["--client-max-frame", "1K"]);
+    let cl = Cluster::serving(1, "frames", &["--client-max-frame", "1K"]);
     let a = cl.addrs()[0].clone();
     let goaway = |header: &[u8], want: &str| {
         let mut s = raw(&a);
@@ -388,8 +279,16 @@ fn bad_frames_are_refused_and_the_node_keeps_serving() {
             value: b"1".to_vec(),
         },
     );
+    let other = command(
+        0,
+        0,
+        Op::Put {
+            key: b"e".to_vec(),
+            value: b"1".to_vec(),
+        },
+    );
     wire::put_frame(&mut f, 9, &put);
-    wire::put_frame(&mut f, 9, &put);
+    wire::put_frame(&mut f, 9, &other);
     s.write_all(&f).unwrap();
     let mut saw = false;
     for _ in 0..2 {
@@ -404,6 +303,8 @@ fn bad_frames_are_refused_and_the_node_keeps_serving() {
         }
     }
     assert!(saw, "no GOAWAY for a duplicate id");
+    // The duplicate was not applied.
+    assert_eq!(get(&a, b"e"), KvResult::NotFound);
     // Random bytes where the hello goes: not a v2 hello, read as a v1 frame: closed.
     let mut s = TcpStream::connect(&a).unwrap();
     s.write_all(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5])
@@ -417,11 +318,226 @@ fn bad_frames_are_refused_and_the_node_keeps_serving() {
     ));
 }
 
+/// Truncated input: a frame cut short by the client closing its side (the request before
+/// it is answered, then the node closes; the cut one is never applied), a frame cut short
+/// and then nothing (closed at the idle time-out), and hellos cut short (closed). The node
+/// serves others throughout.
+#[test]
+fn truncated_frames_are_never_applied() {
+    let cl = Cluster::serving(1, "truncated", &["--client-idle-timeout-ms", "800"]);
+    let a = cl.addrs()[0].clone();
+    let put = |key: &[u8]| {
+        command(
+            0,
+            0,
+            Op::Put {
+                key: key.to_vec(),
+                value: vec![7; 100],
+            },
+        )
+    };
+    // A whole PUT, then half of one, then the client's side closes.
+    let mut s = raw(&a);
+    let mut f = Vec::new();
+    wire::put_frame(&mut f, 1, &put(b"whole"));
+    let whole = f.len();
+    wire::put_frame(&mut f, 2, &put(b"cut"));
+    let cut = whole + (f.len() - whole) / 2;
+    s.write_all(&f[..cut]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (id, r) = read_v2(&mut s).unwrap();
+    assert_eq!((id, r), (1, Response::Ok(KvResult::Ok.encode())));
+    assert!(closed_within(&mut s, Duration::from_secs(3)), "not closed");
+    // Half a frame, and the client stays silent: the idle time-out closes it.
+    let mut s = raw(&a);
+    let mut f = Vec::new();
+    wire::put_frame(&mut f, 3, &put(b"stalled"));
+    s.write_all(&f[..f.len() - 10]).unwrap();
+    let t = Instant::now();
+    let (id, r) = read_v2(&mut s).unwrap();
+    assert_eq!(id, 0);
+    assert!(
+        matches!(&r, Response::GoAway(w) if w.contains("idle")),
+        "{r:?}"
+    );
+    assert!(closed_within(&mut s, Duration::from_secs(3)), "not closed");
+    eprintln!("a stalled half frame was closed after {:?}", t.elapsed());
+    // Hellos cut short: closed at EOF, or at the hello time-out if the client stays.
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.write_all(b"BAL").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(3)), "not closed");
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.write_all(&wire::ClientHello { version: 2 }.encode()[..6])
+        .unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(3)), "not closed");
+    // Applied: the whole put only.
+    assert_eq!(get(&a, b"whole"), KvResult::Value(vec![7; 100]));
+    assert_eq!(get(&a, b"cut"), KvResult::NotFound);
+    assert_eq!(get(&a, b"stalled"), KvResult::NotFound);
+}
+
+/// A small xorshift generator for the random-input tests (seeded: a failure replays).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Random input after the hello. Well-framed requests of random kinds with random bodies,
+/// and valid commands with bytes flipped, cut or added: each answered exactly once, under
+/// its id, with what the node's own validation says (an error for what is malformed, a
+/// result for what is a command); the connection goes on. Unframed random bytes on forty
+/// connections: each gets a GOAWAY or is closed once the client closes its side. The node
+/// serves others throughout.
+#[test]
+fn random_input_gets_errors_or_a_closed_connection() {
+    let cl = Cluster::serving(1, "random", &[]);
+    let a = cl.addrs()[0].clone();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}");
+    let mut rng = Rng(seed);
+    let valid: Vec<Vec<u8>> = vec![
+        Command {
+            client: 0,
+            seq: 0,
+            op: Op::Put {
+                key: b"rk".to_vec(),
+                value: b"rv".to_vec(),
+            },
+        }
+        .encode(),
+        Command {
+            client: 0,
+            seq: 0,
+            op: Op::Cas {
+                key: b"rk".to_vec(),
+                expected: Some(b"rv".to_vec()),
+                new: b"rw".to_vec(),
+            },
+        }
+        .encode(),
+        Command {
+            client: 0,
+            seq: 0,
+            op: Op::Get {
+                key: b"rk".to_vec(),
+            },
+        }
+        .encode(),
+    ];
+    let mut s = raw(&a);
+    let mut bodies: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+    let mut f = Vec::new();
+    for id in 1..=500u64 {
+        let body = match rng.below(4) {
+            // Any kind, random body.
+            0 => {
+                let n = rng.below(40) as usize;
+                rng.bytes(1 + n)
+            }
+            // A command of random bytes.
+            1 => {
+                let n = rng.below(60) as usize;
+                let mut b = vec![kind::COMMAND];
+                b.extend(rng.bytes(n));
+                b
+            }
+            // A valid command with a few bytes flipped, cut short or extended.
+            _ => {
+                let mut c = valid[rng.below(valid.len() as u64) as usize].clone();
+                match rng.below(3) {
+                    0 => {
+                        for _ in 0..1 + rng.below(3) {
+                            let i = rng.below(c.len() as u64) as usize;
+                            c[i] ^= 1 << rng.below(8);
+                        }
+                    }
+                    1 => c.truncate(rng.below(c.len() as u64) as usize),
+                    _ => {
+                        let n = 1 + rng.below(8) as usize;
+                        c.extend(rng.bytes(n));
+                    }
+                }
+                let mut b = vec![kind::COMMAND];
+                b.extend(c);
+                b
+            }
+        };
+        wire::put_frame(&mut f, id, &body);
+        bodies.insert(id, body);
+    }
+    s.write_all(&f).unwrap();
+    let mut answered = std::collections::HashSet::new();
+    let mut applied = 0;
+    while answered.len() < bodies.len() {
+        let (id, r) = read_v2(&mut s).expect("an answer to every request");
+        assert!(answered.insert(id), "request {id} answered twice");
+        let body = &bodies[&id];
+        let (k, rest) = (body[0], &body[1..]);
+        match (k, r) {
+            (kind::COMMAND, Response::Ok(res)) => {
+                assert!(Command::validate(rest).is_ok(), "{body:?} was applied");
+                KvResult::decode(&res).expect("a result");
+                applied += 1;
+            }
+            (kind::COMMAND, Response::Error(e)) => {
+                assert!(Command::validate(rest).is_err(), "{body:?}: {e}");
+                assert!(e.contains("bad command"), "{e}");
+            }
+            (kind::STATUS, Response::Ok(_)) | (kind::CHECKPOINT, Response::Ok(_)) => {
+                assert!(rest.is_empty(), "{body:?}")
+            }
+            (_, Response::Error(e)) => assert!(e.contains("bad request"), "{e}"),
+            (_, other) => panic!("request {id} {body:?} answered {other:?}"),
+        }
+    }
+    eprintln!("500 random requests answered, {applied} of them valid commands");
+    // Still open: a STATUS on the same connection.
+    let mut f = Vec::new();
+    wire::put_frame(&mut f, 1000, &Request::Status.encode());
+    s.write_all(&f).unwrap();
+    assert!(matches!(read_v2(&mut s), Ok((1000, Response::Ok(_)))));
+    // Unframed random bytes after the hello.
+    for _ in 0..40 {
+        let mut s = raw(&a);
+        let n = 1 + rng.below(3000) as usize;
+        let junk = rng.bytes(n);
+        // The node may close before it read everything: a reset here is fine.
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        assert!(
+            closed_within(&mut s, Duration::from_secs(5)),
+            "not closed after {n} random bytes"
+        );
+    }
+    let mut c = open(&a);
+    assert!(matches!(
+        c.call(&Request::Status.encode()),
+        Ok(Response::Ok(_))
+    ));
+}
+
 /// A connection idle past `--client-idle-timeout-ms` gets a GOAWAY saying so and is closed;
 /// one that keeps talking is not.
 #[test]
 fn idle_connection_is_closed() {
-    let cl = Cluster::start(1, "idle", &["--client-idle-timeout-ms", "600"]);
+    let cl = Cluster::serving(1, "idle", &["--client-idle-timeout-ms", "600"]);
     let a = &cl.addrs()[0];
     let mut idle = raw(a);
     let mut busy = open(a);
@@ -447,7 +563,7 @@ fn idle_connection_is_closed() {
 /// goes on committing, unhindered.
 #[test]
 fn client_that_never_reads_is_cut_off_without_stalling_others() {
-    let cl = Cluster::start(1, "noread", &["--client-max-output", "2M"]);
+    let cl = Cluster::serving(1, "noread", &["--client-max-output", "2M"]);
     let a = cl.addrs()[0].clone();
     let big = vec![0x5Au8; 512 << 10];
     let mut p = Pipeline::new(cl.cfg(), 8);
@@ -533,7 +649,7 @@ fn client_that_never_reads_is_cut_off_without_stalling_others() {
 /// frame saying the node speaks version 2, then the connection closes.
 #[test]
 fn old_protocol_client_gets_a_clear_error() {
-    let cl = Cluster::start(1, "v1", &[]);
+    let cl = Cluster::serving(1, "v1", &[]);
     let mut s = TcpStream::connect(&cl.addrs()[0]).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // A v1 STATUS request.
@@ -571,9 +687,9 @@ fn threads(pid: u32) -> usize {
 /// and a client on one more connection still commits.
 #[test]
 fn many_connections_hold_no_thread_each() {
-    let cl = Cluster::start(1, "conns", &[]);
+    let cl = Cluster::serving(1, "conns", &[]);
     let a = cl.addrs()[0].clone();
-    let pid = cl.children[0].id();
+    let pid = cl.pid(0);
     let before = threads(pid);
     let conns: Vec<Conn> = (0..1000).map(|_| open(&a)).collect();
     let during = threads(pid);
@@ -598,9 +714,8 @@ fn many_connections_hold_no_thread_each() {
 /// acknowledged is there afterwards.
 #[test]
 fn pipelined_writes_survive_a_leader_kill() {
-    let mut cl = Cluster::start(3, "failover", &[]);
-    let leader = cl.leader();
-    let li = cl.addrs().iter().position(|a| *a == leader).unwrap();
+    let mut cl = Cluster::serving(3, "failover", &[]);
+    let li = cl.leader();
     let mut p = Pipeline::new(cl.cfg(), 32);
     let mut acked = Vec::new();
     let mut tags = std::collections::HashMap::new();
@@ -624,8 +739,7 @@ fn pipelined_writes_survive_a_leader_kill() {
             acked.push(tags[&tag]);
         }
         if !killed && acked.len() >= 1000 {
-            let _ = cl.children[li].kill();
-            let _ = cl.children[li].wait();
+            cl.kill9(li);
             killed = true;
         }
         assert!(

@@ -1,426 +1,22 @@
 //! Real `ballot-node` processes on 127.0.0.1 under real faults (kill -9, restart, SIGSTOP /
 //! SIGCONT), with concurrent clients whose history is checked for linearizability.
 
-use ballot::sim::kv::{Op as SOp, Ret, Spec};
-use ballot::sim::linearizability::{self, Call, Violation};
-use ballot_node::client::{self, Client, ClientConfig, ClientError};
+mod common;
+
+use ballot::sim::kv::{Op as SOp, Ret};
+use ballot_node::client::{self, Client, ClientConfig};
 use ballot_node::kv::{KvResult, Op};
+use common::history::{
+    acked_writer, check_all_keys, check_linearizable, final_reads_and_acked_check, spawn_workers,
+    val, Load, Rec, KEYS,
+};
+use common::{free_port, settle, Cluster, SERVE_BOUND};
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ballot-node");
-/// The cluster must serve again within this bound after each fault.
-const SERVE_BOUND: Duration = Duration::from_secs(10);
-
-/// A port nothing listens on, below the kernel's ephemeral range (32768 and up on Linux):
-/// a port taken from that range can be reused as the local port of some outgoing
-/// connection while a killed node is down, and the node then cannot listen again on
-/// restart. Each test process walks its own stretch of 10000..32000.
-fn free_port() -> u16 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let start = u64::from(std::process::id()) * 7919;
-    for _ in 0..22_000 {
-        let p = 10_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 22_000;
-        if TcpListener::bind(("127.0.0.1", p as u16)).is_ok() {
-            return p as u16;
-        }
-    }
-    panic!("no free port below 32000");
-}
-
-struct Cluster {
-    n: usize,
-    dir: PathBuf,
-    fabric: Vec<u16>,
-    client: Vec<u16>,
-    children: Vec<Option<Child>>,
-    durable: bool,
-    /// Extra flags given to every node.
-    extra: Vec<String>,
-}
-
-impl Cluster {
-    fn new(n: usize, name: &str) -> Cluster {
-        Cluster::with_mode(n, name, false)
-    }
-
-    fn with_mode(n: usize, name: &str, durable: bool) -> Cluster {
-        let mut c = Cluster::unstarted(n, name, durable);
-        for i in 0..n {
-            c.start(i);
-        }
-        c
-    }
-
-    fn unstarted(n: usize, name: &str, durable: bool) -> Cluster {
-        let dir =
-            std::env::temp_dir().join(format!("ballot-node-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("key"), "test cluster key\n").unwrap();
-        Cluster {
-            n,
-            dir,
-            fabric: (0..n).map(|_| free_port()).collect(),
-            client: (0..n).map(|_| free_port()).collect(),
-            children: (0..n).map(|_| None).collect(),
-            durable,
-            extra: Vec::new(),
-        }
-    }
-
-    fn addrs(&self) -> Vec<String> {
-        self.client
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect()
-    }
-
-    fn start(&mut self, i: usize) {
-        self.start_with(i, &[]);
-    }
-
-    /// Starts node `i` with `more` flags (besides the cluster's), as an operator does: with
-    /// `--initial-cluster-state new` when its data dir holds no state yet (the cluster's
-    /// first start), unless `more` says otherwise.
-    fn start_with(&mut self, i: usize, more: &[&str]) {
-        let first = !self
-            .dir
-            .join(format!("data{i}"))
-            .join(ballot_node::server::MARKER)
-            .exists();
-        let explicit = more
-            .iter()
-            .any(|a| *a == "--rejoin" || *a == "--initial-cluster-state");
-        let mut args: Vec<&str> = more.to_vec();
-        if first && !explicit {
-            args.extend(["--initial-cluster-state", "new"]);
-        }
-        self.start_raw(i, &args);
-    }
-
-    /// Starts node `i` with exactly the cluster's flags and `more`.
-    fn start_raw(&mut self, i: usize, more: &[&str]) {
-        assert!(self.children[i].is_none());
-        let list = |ports: &[u16]| {
-            ports
-                .iter()
-                .enumerate()
-                .map(|(j, p)| format!("{j}=127.0.0.1:{p}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("node{i}.log")))
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["--node", &i.to_string(), "--cluster", "0xBA11"])
-            .args([
-                "--peers",
-                &list(&self.fabric),
-                "--client-peers",
-                &list(&self.client),
-            ])
-            .args(["--client-addr", &format!("127.0.0.1:{}", self.client[i])])
-            .arg("--data-dir")
-            .arg(self.dir.join(format!("data{i}")))
-            .arg("--key-file")
-            .arg(self.dir.join("key"))
-            .args([
-                "--durability",
-                if self.durable { "durable" } else { "volatile" },
-            ])
-            .args(&self.extra)
-            .args(more)
-            .env(
-                "RUST_LOG",
-                std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ballot-node");
-        self.children[i] = Some(child);
-    }
-
-    fn signal(&self, i: usize, sig: libc::c_int) {
-        let pid = self.children[i].as_ref().expect("running").id() as libc::pid_t;
-        // SAFETY: plain kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    }
-
-    fn kill9(&mut self, i: usize) {
-        self.signal(i, libc::SIGKILL);
-        let mut c = self.children[i].take().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn status(&self, i: usize) -> Option<ballot_node::wire::NodeStatus> {
-        self.children[i].as_ref()?;
-        client::status(
-            &format!("127.0.0.1:{}", self.client[i]),
-            Duration::from_millis(300),
-        )
-        .ok()
-    }
-
-    /// The node that says it leads (highest ballot), waiting up to `SERVE_BOUND`.
-    fn leader(&self) -> usize {
-        let deadline = Instant::now() + SERVE_BOUND;
-        loop {
-            let best = (0..self.n)
-                .filter_map(|i| self.status(i).map(|s| (i, s)))
-                .filter(|(_, s)| s.role == "leader")
-                .max_by_key(|(_, s)| s.ballot);
-            if let Some((i, _)) = best {
-                return i;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no leader within {SERVE_BOUND:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits until a fresh client's put succeeds; returns how long it took.
-    fn wait_serving(&self, what: &str) -> Duration {
-        let t = Instant::now();
-        let mut cfg = ClientConfig::new(self.addrs());
-        cfg.deadline = SERVE_BOUND;
-        cfg.attempt_timeout = Duration::from_millis(500);
-        let mut c = Client::with_config(cfg);
-        c.put(b"probe", b"1")
-            .unwrap_or_else(|e| panic!("cluster not serving within {SERVE_BOUND:?} {what}: {e}"));
-        let d = t.elapsed();
-        eprintln!("serving again {d:?} {what}");
-        d
-    }
-
-    /// Waits until node `i` has recovered (answers, not recovering, has applied something).
-    fn wait_recovered(&self, i: usize) {
-        let deadline = Instant::now() + SERVE_BOUND;
-        loop {
-            if let Some(s) = self.status(i) {
-                if s.role != "recovering" && s.applied > 0 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {i} did not recover within {SERVE_BOUND:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut().flatten() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("logs kept in {}", self.dir.display());
-        }
-    }
-}
-
-/// One operation of the history.
-struct Rec {
-    thread: u64,
-    key: u8,
-    op: SOp,
-    invoked: Instant,
-    returned: Option<(Instant, Ret)>,
-}
-
-const KEYS: u8 = 4;
-
-fn key_name(k: u8) -> Vec<u8> {
-    format!("k{k}").into_bytes()
-}
-fn val(v: u64) -> Vec<u8> {
-    v.to_string().into_bytes()
-}
-fn parse(v: &[u8]) -> u64 {
-    std::str::from_utf8(v).unwrap().parse().unwrap()
-}
-
-fn worker(
-    addrs: Vec<String>,
-    id: u64,
-    stop: Arc<AtomicBool>,
-    next_thread: Arc<AtomicU64>,
-) -> Vec<Rec> {
-    let new_client = || {
-        let mut cfg = ClientConfig::new(addrs.clone());
-        cfg.deadline = Duration::from_secs(12);
-        cfg.attempt_timeout = Duration::from_millis(800);
-        Client::with_config(cfg)
-    };
-    let mut c = new_client();
-    let mut thread = id;
-    let mut rng = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut last_seen = [0u64; KEYS as usize];
-    let mut counter = 0u64;
-    let mut out = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let k = (rng % u64::from(KEYS)) as u8;
-        counter += 1;
-        let fresh = (id + 1) * 1_000_000 + counter;
-        let (sop, op) = match (rng >> 8) % 3 {
-            0 => (
-                SOp::Put(k, fresh),
-                Op::Put {
-                    key: key_name(k),
-                    value: val(fresh),
-                },
-            ),
-            1 => (SOp::Get(k), Op::Get { key: key_name(k) }),
-            _ => {
-                let old = last_seen[k as usize];
-                let expected = (old != 0).then(|| val(old));
-                (
-                    SOp::Cas(k, old, fresh),
-                    Op::Cas {
-                        key: key_name(k),
-                        expected,
-                        new: val(fresh),
-                    },
-                )
-            }
-        };
-        let invoked = Instant::now();
-        let res = c.execute(op);
-        let now = Instant::now();
-        let ret = match res {
-            Ok(KvResult::Ok) => match sop {
-                SOp::Cas(..) => Ret::Cas(true),
-                _ => Ret::Ok,
-            },
-            Ok(KvResult::Value(v)) => Ret::Value(parse(&v)),
-            Ok(KvResult::NotFound) => Ret::Value(0),
-            Ok(KvResult::CasFailed(cur)) => {
-                last_seen[k as usize] = cur.as_deref().map_or(0, parse);
-                Ret::Cas(false)
-            }
-            Ok(KvResult::Error(e)) | Err(ClientError::Rejected(e)) => {
-                panic!("command rejected: {e}")
-            }
-            Ok(other @ (KvResult::Session(_) | KvResult::SessionExpired)) => {
-                panic!("unexpected result {other:?}")
-            }
-            Err(e @ ClientError::Unreachable(_)) => panic!("fail_fast is off: {e}"),
-            Err(ClientError::Unavailable(e) | ClientError::SessionExpired(e)) => {
-                // Outcome unknown: the op stays pending forever; continue as a new thread.
-                eprintln!("worker {id}: op indeterminate ({e})");
-                out.push(Rec {
-                    thread,
-                    key: k,
-                    op: sop,
-                    invoked,
-                    returned: None,
-                });
-                thread = next_thread.fetch_add(1, Ordering::Relaxed);
-                c = new_client();
-                continue;
-            }
-        };
-        if let Ret::Value(v) = ret {
-            last_seen[k as usize] = v;
-        }
-        if let (SOp::Put(_, v) | SOp::Cas(_, _, v), Ret::Ok | Ret::Cas(true)) = (sop, ret) {
-            last_seen[k as usize] = v;
-        }
-        out.push(Rec {
-            thread,
-            key: k,
-            op: sop,
-            invoked,
-            returned: Some((now, ret)),
-        });
-        std::thread::sleep(Duration::from_millis(4));
-    }
-    out
-}
-
-/// `n` history-recording workers (see `worker`) against the cluster until `stop`.
-fn spawn_workers(
-    cl: &Cluster,
-    n: u64,
-    stop: &Arc<AtomicBool>,
-    next_thread: &Arc<AtomicU64>,
-) -> Vec<std::thread::JoinHandle<Vec<Rec>>> {
-    (0..n)
-        .map(|id| {
-            let (a, s, t) = (cl.addrs(), stop.clone(), next_thread.clone());
-            std::thread::spawn(move || worker(a, id, s, t))
-        })
-        .collect()
-}
-
-/// A writer of unique keys `w1, w2, ...` until `stop`: returns the acknowledged ones (each
-/// must be readable at the end). `patient`: a client that rides out whole-cluster restarts.
-fn acked_writer(
-    addrs: Vec<String>,
-    stop: Arc<AtomicBool>,
-    patient: bool,
-    pause: Duration,
-) -> std::thread::JoinHandle<Vec<u64>> {
-    std::thread::spawn(move || {
-        let mut c = if patient {
-            let mut cfg = ClientConfig::new(addrs);
-            cfg.deadline = Duration::from_secs(12);
-            cfg.attempt_timeout = Duration::from_millis(800);
-            Client::with_config(cfg)
-        } else {
-            Client::new(addrs)
-        };
-        let mut acked = Vec::new();
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            if c.put(format!("w{n}").as_bytes(), &val(n)).is_ok() {
-                acked.push(n);
-            }
-            std::thread::sleep(pause);
-        }
-        acked
-    })
-}
-
-fn check_linearizable(history: &[Rec], key: u8) -> Result<usize, String> {
-    let calls = history.iter().filter(|r| r.key == key).map(|r| Call {
-        thread: r.thread,
-        op: r.op,
-        invoked: r.invoked,
-        returned: r.returned,
-    });
-    linearizability::check(calls, Spec::default()).map_err(|e| match e {
-        Violation::Malformed(e) => format!("history malformed for key {key}: {e}"),
-        Violation::NotLinearizable { ops } => {
-            format!("key {key}: history of {ops} ops has no linearization")
-        }
-    })
-}
 
 #[test]
 fn three_nodes_survive_kill_restart_and_stop() {
@@ -430,49 +26,19 @@ fn three_nodes_survive_kill_restart_and_stop() {
     let stop = Arc::new(AtomicBool::new(false));
     let next_thread = Arc::new(AtomicU64::new(1000));
     const WORKERS: u64 = 4;
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|id| {
-            let (a, s, n) = (cl.addrs(), stop.clone(), next_thread.clone());
-            std::thread::spawn(move || worker(a, id, s, n))
-        })
-        .collect();
+    let workers = spawn_workers(&cl, WORKERS, Load::ONE_AT_A_TIME, &stop, &next_thread);
     // A writer of unique keys: every acknowledged one must be there at the end.
-    let acked = acked_writer(cl.addrs(), stop.clone(), false, Duration::from_millis(5));
-    let settle = || std::thread::sleep(Duration::from_millis(1500));
+    let acked = acked_writer(cl.addrs(), stop.clone(), false, Duration::from_millis(5), 1);
     settle();
-
     // 1. kill -9 the leader, then restart it.
     let l = cl.leader();
-    eprintln!("kill -9 leader {l}");
-    cl.kill9(l);
-    cl.wait_serving("after kill -9 of the leader");
-    settle();
-    cl.start(l);
-    cl.wait_recovered(l);
-    cl.wait_serving("after restarting the old leader");
-    settle();
-
+    cl.kill9_and_restart(l, "leader");
     // 2. kill -9 a follower, then restart it.
-    let l = cl.leader();
-    let f = (l + 1) % 3;
-    eprintln!("kill -9 follower {f}");
-    cl.kill9(f);
-    cl.wait_serving("after kill -9 of a follower");
-    settle();
-    cl.start(f);
-    cl.wait_recovered(f);
-    cl.wait_serving("after restarting the follower");
-    settle();
-
+    let f = (cl.leader() + 1) % 3;
+    cl.kill9_and_restart(f, "follower");
     // 3. SIGSTOP the leader, then SIGCONT.
     let l = cl.leader();
-    eprintln!("SIGSTOP leader {l}");
-    cl.signal(l, libc::SIGSTOP);
-    cl.wait_serving("after SIGSTOP of the leader");
-    settle();
-    cl.signal(l, libc::SIGCONT);
-    cl.wait_serving("after SIGCONT");
-    settle();
+    cl.stop_and_continue(l, "leader");
 
     stop.store(true, Ordering::Relaxed);
     let mut history: Vec<Rec> = workers
@@ -481,7 +47,7 @@ fn three_nodes_survive_kill_restart_and_stop() {
         .collect();
     let acked = acked.join().unwrap();
 
-    final_reads_and_acked_check(&cl, &mut history, &acked, "after the faults");
+    final_reads_and_acked_check(&cl, &mut history, KEYS, &acked, "after the faults");
     let completed = history.iter().filter(|r| r.returned.is_some()).count();
     eprintln!(
         "{} ops ({completed} completed), {} acknowledged unique writes, {:?} so far",
@@ -522,6 +88,15 @@ fn checker_rejects_a_stale_read() {
         op,
         invoked: at(i),
         returned: Some((at(r), ret)),
+        saw: None,
+    };
+    let pending = |thread, op, i| Rec {
+        thread,
+        key: 0,
+        op,
+        invoked: at(i),
+        returned: None,
+        saw: None,
     };
     // put 5 completes, then a later get returns the old value 0: not linearizable.
     let bad = vec![
@@ -535,6 +110,30 @@ fn checker_rejects_a_stale_read() {
         rec(2, SOp::Get(0), 1, 2, Ret::Value(0)),
     ];
     assert!(check_linearizable(&ok, 0).is_ok());
+    // A write that never returned may have taken effect: a read of its value is fine...
+    let mut h = vec![
+        rec(1, SOp::Put(0, 5), 0, 1, Ret::Ok),
+        pending(2, SOp::Put(0, 7), 2),
+        rec(3, SOp::Get(0), 4, 5, Ret::Value(7)),
+    ];
+    assert_eq!(check_linearizable(&h, 0), Ok((3, 0)));
+    // ... and so is one where it did not; unobserved pending calls are left out.
+    h.push(pending(4, SOp::Put(0, 8), 6));
+    h.push(pending(5, SOp::Get(0), 6));
+    h.push(pending(6, SOp::Cas(0, 7, 9), 6));
+    h.push(rec(7, SOp::Get(0), 7, 8, Ret::Value(7)));
+    assert_eq!(check_linearizable(&h, 0), Ok((4, 3)));
+    // A failed CAS that found 8 observed it: the pending put of 8 is kept and explains it.
+    h.push(Rec {
+        saw: Some(8),
+        ..rec(8, SOp::Cas(0, 7, 10), 9, 10, Ret::Cas(false))
+    });
+    assert_eq!(check_linearizable(&h, 0), Ok((6, 2)));
+    // A value no write wrote (or written by a call invoked after the read returned): no
+    // linearization, pending calls or not.
+    h.push(rec(9, SOp::Get(0), 11, 12, Ret::Value(11)));
+    h.push(pending(10, SOp::Put(0, 11), 13));
+    assert!(check_linearizable(&h, 0).is_err());
 }
 
 /// Runs `ballot-cli` with `args` (and `stdin` as its input, `env` set); returns the exit
@@ -823,54 +422,6 @@ impl Cluster {
     }
 }
 
-/// After the workers stopped: reads every key once more into `history` (the last word on
-/// each register) and checks that every acknowledged unique write is readable.
-fn final_reads_and_acked_check(cl: &Cluster, history: &mut Vec<Rec>, acked: &[u64], when: &str) {
-    let mut c = Client::new(cl.addrs());
-    for k in 0..KEYS {
-        let invoked = Instant::now();
-        let v = c
-            .get(&key_name(k))
-            .expect("final read")
-            .map_or(0, |v| parse(&v));
-        history.push(Rec {
-            thread: 1,
-            key: k,
-            op: SOp::Get(k),
-            invoked,
-            returned: Some((Instant::now(), Ret::Value(v))),
-        });
-    }
-    let missing: Vec<u64> = acked
-        .iter()
-        .copied()
-        .filter(|&n| c.get(format!("w{n}").as_bytes()).expect("read back") != Some(val(n)))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged writes missing {when}: {missing:?}"
-    );
-}
-
-fn check_all_keys(history: Vec<Rec>) {
-    let history = Arc::new(history);
-    for k in 0..KEYS {
-        let h = history.clone();
-        let t = Instant::now();
-        let r = std::thread::Builder::new()
-            .stack_size(1 << 30)
-            .spawn(move || check_linearizable(&h, k))
-            .unwrap()
-            .join()
-            .unwrap();
-        let n = r.unwrap_or_else(|e| panic!("{e}"));
-        eprintln!(
-            "key {k}: {n} ops linearizable (checked in {:?})",
-            t.elapsed()
-        );
-    }
-}
-
 /// Durable mode: kill -9 all three replicas at random moments under a concurrent write
 /// load, restart them, 20 times. Every acknowledged write must survive and the history
 /// must be linearizable (in volatile mode a whole-cluster crash loses everything).
@@ -893,8 +444,8 @@ fn durable_three_nodes_survive_repeated_kill9_of_all() {
     cl.wait_serving("after boot");
     let stop = Arc::new(AtomicBool::new(false));
     let next_thread = Arc::new(AtomicU64::new(1000));
-    let workers = spawn_workers(&cl, 3, &stop, &next_thread);
-    let acked = acked_writer(cl.addrs(), stop.clone(), true, Duration::from_millis(2));
+    let workers = spawn_workers(&cl, 3, Load::ONE_AT_A_TIME, &stop, &next_thread);
+    let acked = acked_writer(cl.addrs(), stop.clone(), true, Duration::from_millis(2), 1);
     const CYCLES: usize = 20;
     for cycle in 0..CYCLES {
         std::thread::sleep(Duration::from_millis(150 + rand(500)));
@@ -917,7 +468,7 @@ fn durable_three_nodes_survive_repeated_kill9_of_all() {
         .flat_map(|w| w.join().unwrap())
         .collect();
     let acked = acked.join().unwrap();
-    final_reads_and_acked_check(&cl, &mut history, &acked, "after kill -9 of all");
+    final_reads_and_acked_check(&cl, &mut history, KEYS, &acked, "after kill -9 of all");
     let completed = history.iter().filter(|r| r.returned.is_some()).count();
     eprintln!(
         "{CYCLES} kill-all cycles: {} ops ({completed} completed), {} acknowledged unique \
@@ -1118,15 +669,6 @@ fn ckpt_args(keep: usize) -> Vec<String> {
 }
 
 impl Cluster {
-    fn with_args(n: usize, name: &str, durable: bool, extra: Vec<String>) -> Cluster {
-        let mut c = Cluster::unstarted(n, name, durable);
-        c.extra = extra;
-        for i in 0..n {
-            c.start(i);
-        }
-        c
-    }
-
     /// Status of node `i`, waiting up to `SERVE_BOUND` for an answer.
     fn status_wait(&self, i: usize) -> ballot_node::wire::NodeStatus {
         let deadline = Instant::now() + SERVE_BOUND;
@@ -1363,14 +905,14 @@ fn durable_kill9_of_all_after_checkpoints_keeps_acknowledged_writes() {
     cl.wait_serving("after boot");
     let stop = Arc::new(AtomicBool::new(false));
     let next_thread = Arc::new(AtomicU64::new(1000));
-    let workers = spawn_workers(&cl, 2, &stop, &next_thread);
+    let workers = spawn_workers(&cl, 2, Load::ONE_AT_A_TIME, &stop, &next_thread);
     let client = |addrs: Vec<String>| {
         let mut cfg = ClientConfig::new(addrs);
         cfg.deadline = Duration::from_secs(12);
         cfg.attempt_timeout = Duration::from_millis(800);
         Client::with_config(cfg)
     };
-    let acked = acked_writer(cl.addrs(), stop.clone(), true, Duration::from_millis(2));
+    let acked = acked_writer(cl.addrs(), stop.clone(), true, Duration::from_millis(2), 1);
     // Bulk writes so that checkpoints come often (their outcome does not matter).
     let filler = {
         let (addrs, stop) = (cl.addrs(), stop.clone());
@@ -1418,7 +960,7 @@ fn durable_kill9_of_all_after_checkpoints_keeps_acknowledged_writes() {
         .flat_map(|w| w.join().unwrap())
         .collect();
     let acked = acked.join().unwrap();
-    final_reads_and_acked_check(&cl, &mut history, &acked, "after kill -9 of all");
+    final_reads_and_acked_check(&cl, &mut history, KEYS, &acked, "after kill -9 of all");
     let st = cl.converged(&[0, 1, 2], Duration::from_secs(30));
     eprintln!(
         "{CYCLES} kill-all cycles with compacted logs: {} acknowledged unique writes, \

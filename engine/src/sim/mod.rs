@@ -8,7 +8,7 @@
 //! Checks: agreement (one command list per index across every replica and incarnation),
 //! applied logs are prefixes of one another, no command applied twice, every acknowledged
 //! command applied and present on every live replica at the end, per-key linearizability
-//! of the client history ([`linearizability`], over stateright's tester; linearizability
+//! of the client history ([`linearizability`], a memoized Wing-Gong search; linearizability
 //! is compositional), liveness after the faults heal, and every contract asserted in the
 //! core (a panic is a violation).
 
