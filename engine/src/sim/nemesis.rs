@@ -155,7 +155,6 @@ impl Sim {
                     })
                 };
                 let source = compacted(false).or_else(|| compacted(true));
-                let volatile = self.o.durability == Durability::Volatile;
                 let victims: Vec<NodeId> = majority
                     .iter()
                     .copied()
@@ -174,10 +173,7 @@ impl Sim {
                 // A replica of the new view loses its memory, and rebuilds from the
                 // compacted one and the deposed view, which resumes reaching it only.
                 let victim = victims[self.nemesis.rng.below(victims.len() as u64) as usize];
-                self.crash(victim, tick + 1);
-                if !volatile {
-                    self.lose_disk(victim, false);
-                }
+                self.lose_memory(victim, tick, None);
                 for &p in &majority {
                     if p != victim && p != source {
                         self.net.set_link(victim, p, false);
@@ -186,8 +182,7 @@ impl Sim {
                 for &p in &minority {
                     self.net.set_link(victim, p, true);
                 }
-                let c = &mut self.nodes[victim as usize].cut_until;
-                *c = (*c).max(tick + 100 + self.nemesis.rng.below(200));
+                self.hold_cut(victim, tick);
                 trace(format_args!(
                     "t={tick} nemesis: {victim} lost its memory; {source} compacted past the stale tail {tail} of {minority:?}"
                 ));
@@ -314,16 +309,11 @@ impl Sim {
             .copied()
             .filter(|&p| p != leader && core(p).is_some_and(|c| c.log().last() >= commit))
             .collect();
-        let volatile = self.o.durability == Durability::Volatile;
         if holders.is_empty() || !self.may_lose_memory() {
             return;
         }
         let victim = holders[self.nemesis.rng.below(holders.len() as u64) as usize];
-        self.crash(victim, tick + 1);
-        if !volatile {
-            let forgot = self.nemesis.rng.chance(250_000);
-            self.lose_disk(victim, forgot);
-        }
+        self.lose_memory(victim, tick, Some(250_000));
         for &p in &majority {
             if p != victim {
                 self.net.set_link(victim, p, false);
@@ -332,9 +322,7 @@ impl Sim {
         for &p in &minority {
             self.net.set_link(victim, p, true);
         }
-        let until = tick + 100 + self.nemesis.rng.below(200);
-        let c = &mut self.nodes[victim as usize].cut_until;
-        *c = (*c).max(until);
+        self.hold_cut(victim, tick);
         self.nemesis.fired += 1;
         trace(format_args!(
             "t={tick} nemesis: {victim} of the new view (leader {leader}, commit {commit}) lost its memory, reaching only {minority:?}"
@@ -415,28 +403,38 @@ impl Sim {
             }
             return;
         }
-        let volatile = self.o.durability == Durability::Volatile;
         if self.nodes[victim as usize].replica.is_none() || !self.may_lose_memory() {
             self.end_episode(tick);
             return;
         }
         // Restart at once: the rebuild runs while the leader still counts the old
         // incarnation's acknowledgement and the other data paths still lag.
-        let until = tick + 1;
-        self.crash(victim, until);
-        if !volatile {
-            let forgot = self.nemesis.rng.chance(250_000);
-            self.lose_disk(victim, forgot);
-        }
+        self.lose_memory(victim, tick, Some(250_000));
         self.net.set_link(victim, leader, false);
-        let cut = tick + 100 + self.nemesis.rng.below(200);
-        let c = &mut self.nodes[victim as usize].cut_until;
-        *c = (*c).max(cut);
+        self.hold_cut(victim, tick);
         self.nemesis.fired += 1;
         trace(format_args!(
             "t={tick} nemesis: acker {victim} lost its memory, cut from {leader}"
         ));
         self.end_episode(tick);
+    }
+
+    /// `victim` crashes and restarts a tick later without its memory (volatile), or
+    /// without its data dir (durable: restarted without `--rejoin` with the chance per
+    /// million `forgot`, if any, else with it).
+    fn lose_memory(&mut self, victim: NodeId, tick: u64, forgot: Option<u64>) {
+        self.crash(victim, tick + 1);
+        if self.o.durability == Durability::Durable {
+            let forgot = forgot.is_some_and(|share| self.nemesis.rng.chance(share));
+            self.lose_disk(victim, forgot);
+        }
+    }
+
+    /// Holds `victim`'s cut links for long (past a whole rebuild).
+    fn hold_cut(&mut self, victim: NodeId, tick: u64) {
+        let until = tick + 100 + self.nemesis.rng.below(200);
+        let c = &mut self.nodes[victim as usize].cut_until;
+        *c = (*c).max(until);
     }
 
     fn end_episode(&mut self, tick: u64) {
