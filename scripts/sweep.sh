@@ -16,8 +16,6 @@ $sim --seeds "$seeds" --replicas 5 --durability durable
 $sim --seeds "$long" --first-seed 40000 --replicas 3 --ticks 4000 # long histories
 echo "== planted bugs (scripts/planted-report.sh gives the shares)"
 # Every planted bug is reported, within the first 100 seeds of each configuration (the
-# bar of issue 10); those the simulator catches today in every configuration where they
-# apply are a gate (a regression fails). The others are open work (docs/status.md); rows
-# that cannot apply are reported n/a with the reason.
-$sim --planted-report --first-only --seeds 100 \
-    --must-catch ignore-promise,short-quorum,checkpoint-off-by-one,self-counted-twice,commit-off-by-one,adopt-lowest-ballot,fence-no-revoke,fence-no-drain,fence-decisions-late,recovery-short-quorum,recovery-no-leader-wait,amnesia-votes,phase1-ignores-base,follower-commit-uncapped,restart-stale-stream,accept-blank-votes,restore-forgets-blank
+# bar of issue 10), and every one must be caught in every configuration where it applies
+# (a miss fails); rows that cannot apply are reported n/a with the reason.
+$sim --planted-report --first-only --seeds 100

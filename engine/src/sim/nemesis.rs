@@ -19,6 +19,8 @@ pub(super) struct Nemesis {
     pub(super) rng: Rng,
     /// Chance per tick (per million) that an episode starts when none runs.
     rate: u64,
+    /// Weights of the acker, deposed-view and stale-tail episodes.
+    weights: [u64; 3],
     state: Episode,
     /// No episode starts before this tick (the cluster settles after one).
     calm_until: u64,
@@ -35,6 +37,15 @@ enum Episode {
     Acker {
         leader: NodeId,
         victim: NodeId,
+        deadline: u64,
+    },
+    /// Before the amnesiac acker, with 5 replicas or more, sometimes: `stuck` is cut from
+    /// the leader and stands (by `deadline`, or the episode ends), so that its promise is
+    /// the highest the rebuild hears, from no replica in normal status.
+    Standing {
+        leader: NodeId,
+        victim: NodeId,
+        stuck: NodeId,
         deadline: u64,
     },
     /// The deposed view: the leader and some followers (a minority, `old` as a bit set)
@@ -68,10 +79,14 @@ enum Stale {
 impl Nemesis {
     pub(super) fn new(seed: u64) -> Nemesis {
         let mut rng = Rng(seed ^ 0x2545_f491_4f6c_dd1d);
-        let rate = [0, 1_000, 3_000, 6_000][rng.below(4) as usize];
+        let rate = [0, 2_000, 5_000, 10_000][rng.below(4) as usize];
+        // Swarm testing again: each seed weights the three episodes 0 to 2 (some seeds run
+        // one kind only), never all 0.
+        let weights = [2, 1, 2]; // (per-seed weights caught fewer rows)
         Nemesis {
             rng,
             rate,
+            weights,
             state: Episode::Idle,
             calm_until: 0,
             fired: 0,
@@ -93,10 +108,14 @@ impl Sim {
         match self.nemesis.state {
             Episode::Idle => {
                 if tick >= self.nemesis.calm_until && self.nemesis.rng.chance(self.nemesis.rate) {
-                    match self.nemesis.rng.below(3) {
-                        0 => self.start_acker(tick),
-                        1 => self.start_deposed(tick),
-                        _ => self.start_stale(tick),
+                    let [a, d, t] = self.nemesis.weights;
+                    let pick = self.nemesis.rng.below(a + d + t);
+                    if pick < a {
+                        self.start_acker(tick);
+                    } else if pick < a + d {
+                        self.start_deposed(tick);
+                    } else {
+                        self.start_stale(tick);
                     }
                 }
             }
@@ -105,6 +124,12 @@ impl Sim {
                 victim,
                 deadline,
             } => self.advance_acker(tick, leader, victim, deadline),
+            Episode::Standing {
+                leader,
+                victim,
+                stuck,
+                deadline,
+            } => self.advance_standing(tick, [leader, victim, stuck], deadline),
             Episode::Deposed { old, deadline } => self.advance_deposed(tick, old, deadline),
             Episode::Stale { old, stage, until } => self.advance_stale(tick, old, stage, until),
         }
@@ -114,7 +139,9 @@ impl Sim {
         if self.leader().is_none() || self.o.replicas < 3 || self.down() > 0 {
             return;
         }
-        let (old, minority, _) = self.cut_minority(tick);
+        let Some((old, minority, _)) = self.cut_minority(tick) else {
+            return;
+        };
         trace(format_args!("t={tick} nemesis: stale tail on {minority:?}"));
         self.nemesis.state = Episode::Stale {
             old,
@@ -135,7 +162,7 @@ impl Sim {
                 self.nemesis.state = Episode::Stale {
                     old,
                     stage: Stale::Paused,
-                    until: tick + 500,
+                    until: tick + 300,
                 };
             }
             Stale::Appending => {}
@@ -179,8 +206,13 @@ impl Sim {
                         self.net.set_link(victim, p, false);
                     }
                 }
-                for &p in &minority {
-                    self.net.set_link(victim, p, true);
+                // (The deposed view's own cut may have run out while it was paused.)
+                for &m in &minority {
+                    self.net.set_link(victim, m, true);
+                    for &p in majority.iter().filter(|&&p| p != victim) {
+                        self.net.set_link(m, p, false);
+                    }
+                    self.hold_cut(m, tick);
                 }
                 self.hold_cut(victim, tick);
                 trace(format_args!(
@@ -199,6 +231,18 @@ impl Sim {
                 // inboxes: it answers them before its clock tells it that it was cut off.
                 let asking = core(victim).is_some_and(|c| c.is_recovering());
                 let since = 100 - (until - tick);
+                if std::env::var_os("SIM_TRACE").is_some()
+                    && (since == 3 || since == 6 || since == 12)
+                {
+                    for r in self.nodes.iter().filter_map(|n| n.replica.as_ref()) {
+                        let c = r.core();
+                        eprintln!(
+                            "  [{since}] {} {}",
+                            crate::driver::describe(c),
+                            c.peer_summary()
+                        );
+                    }
+                }
                 if !asking && since < 10 || asking && since < 3 {
                     return; // (it restarts a tick after the crash)
                 }
@@ -237,12 +281,32 @@ impl Sim {
 
     /// Cuts the leader and f - 1 of its followers (a minority: a bit set, and a list) from
     /// the rest (the second list), for long.
-    fn cut_minority(&mut self, tick: u64) -> (u64, Vec<NodeId>, Vec<NodeId>) {
+    /// The followers are picked among those in the leader's stream (so that the deposed
+    /// view is in normal status); `None` if too few are.
+    fn cut_minority(&mut self, tick: u64) -> Option<(u64, Vec<NodeId>, Vec<NodeId>)> {
         let n = self.o.replicas as u64;
-        let leader = self.leader().expect("a leader");
+        let leader = self.leader()?;
+        let ballot = self.nodes[leader as usize]
+            .replica
+            .as_ref()?
+            .core()
+            .promised();
+        let followers: Vec<NodeId> = (0..n as NodeId)
+            .filter(|&p| p != leader)
+            .filter(|&p| {
+                self.nodes[p as usize].replica.as_ref().is_some_and(|r| {
+                    let c = r.core();
+                    c.promised() == ballot && !c.is_recovering() && !c.is_blank()
+                })
+            })
+            .collect();
+        let want = (n as usize - 1) / 2;
+        if followers.len() + 1 < want {
+            return None;
+        }
         let mut old = 1u64 << leader;
-        while (old.count_ones() as u64) < (n - 1) / 2 {
-            old |= 1 << self.nemesis.rng.below(n);
+        while (old.count_ones() as usize) < want {
+            old |= 1 << followers[self.nemesis.rng.below(followers.len() as u64) as usize];
         }
         let (minority, majority) = self.sides(old);
         let until = tick + 150 + self.nemesis.rng.below(150);
@@ -253,7 +317,7 @@ impl Sim {
             let c = &mut self.nodes[a as usize].cut_until;
             *c = (*c).max(until);
         }
-        (old, minority, majority)
+        Some((old, minority, majority))
     }
 
     /// The nodes of the minority `old` (a bit set) and of the rest.
@@ -269,7 +333,9 @@ impl Sim {
         if n < 3 || self.down() > 0 {
             return;
         }
-        let (old, minority, majority) = self.cut_minority(tick);
+        let Some((old, minority, majority)) = self.cut_minority(tick) else {
+            return;
+        };
         trace(format_args!(
             "t={tick} nemesis: deposed {minority:?} (leader {leader}) cut from {majority:?}"
         ));
@@ -353,16 +419,52 @@ impl Sim {
             let c = &mut self.nodes[z as usize].cut_until;
             *c = (*c).max(until);
         }
-        // The leader's writes to everyone but the victim lag, so that the victim's
-        // acknowledgement is the one that counts. One follower's lag ends soon (its
-        // acknowledgement then completes a majority with the victim's old one), while the
-        // victim rebuilds from answers given before; the others' lags outlast the rebuild.
-        // (Longer lags on all would not do: the leader would step down, having heard from
-        // no majority for a heartbeat timeout.)
-        let rest: Vec<NodeId> = followers
-            .iter()
-            .copied()
-            .filter(|&f| f != victim && Some(f) != stuck)
+        trace(format_args!(
+            "t={tick} nemesis: acker {victim} of leader {leader}, stuck candidate {stuck:?}"
+        ));
+        match stuck {
+            // The stuck candidate stands first (an election timeout after its cut).
+            Some(z) => {
+                self.nemesis.state = Episode::Standing {
+                    leader,
+                    victim,
+                    stuck: z,
+                    deadline: tick + 60,
+                }
+            }
+            None => self.lag_paths(tick, leader, victim, None),
+        }
+    }
+
+    /// Waits for the stuck candidate to stand, then lags the leader's data paths.
+    fn advance_standing(&mut self, tick: u64, who: [NodeId; 3], deadline: u64) {
+        let [leader, victim, stuck] = who;
+        let promised = |p: NodeId| {
+            self.nodes[p as usize]
+                .replica
+                .as_ref()
+                .map(|r| (r.core().promised(), r.core().is_leader()))
+        };
+        let (Some((ballot, true)), Some((theirs, _))) = (promised(leader), promised(stuck)) else {
+            self.end_episode(tick);
+            return;
+        };
+        if theirs > ballot {
+            self.lag_paths(tick, leader, victim, Some(stuck));
+        } else if tick >= deadline {
+            self.end_episode(tick);
+        }
+    }
+
+    /// The leader's writes to everyone but the victim lag, so that the victim's
+    /// acknowledgement is the one that counts. One follower's lag ends soon (its
+    /// acknowledgement then completes a majority with the victim's old one), while the
+    /// victim rebuilds from answers given before; the others' lags outlast the rebuild.
+    /// (Longer lags on all would not do: the leader would step down, having heard from no
+    /// majority for a heartbeat timeout.)
+    fn lag_paths(&mut self, tick: u64, leader: NodeId, victim: NodeId, stuck: Option<NodeId>) {
+        let rest: Vec<NodeId> = (0..self.o.replicas as NodeId)
+            .filter(|&f| f != leader && f != victim && Some(f) != stuck)
             .collect();
         let completer = rest[self.nemesis.rng.below(rest.len() as u64) as usize];
         for &f in &rest {
@@ -373,9 +475,6 @@ impl Sim {
             };
             self.net.stall(leader, f, ticks * UNITS_PER_TICK);
         }
-        trace(format_args!(
-            "t={tick} nemesis: acker {victim} of leader {leader}, stuck candidate {stuck:?}"
-        ));
         self.nemesis.state = Episode::Acker {
             leader,
             victim,
@@ -439,7 +538,7 @@ impl Sim {
 
     fn end_episode(&mut self, tick: u64) {
         self.nemesis.state = Episode::Idle;
-        self.nemesis.calm_until = tick + 200;
+        self.nemesis.calm_until = tick + 100;
     }
 
     /// Durable mode: `id` (down) lost its data dir; it restarts with `--rejoin`, or, if the
