@@ -139,3 +139,30 @@ fn planted_checkpoint_off_by_one_is_caught() {
         ..Default::default()
     }));
 }
+
+/// The recovery rules' planted bugs, each replayed at the seed where the simulator's own
+/// checks (contracts off) first catch it: the nemesis episodes open these windows, and a
+/// change that closes them again fails here before the sweep's gate.
+#[test]
+fn planted_recovery_bugs_are_caught_at_their_seeds() {
+    let cases: [(&str, usize, Durability, u64); 6] = [
+        ("recovery-short-quorum", 5, Durability::Volatile, 4),
+        ("recovery-no-leader-wait", 5, Durability::Durable, 9),
+        ("recovery-answers-unestablished", 5, Durability::Durable, 19),
+        ("recovery-ignores-base", 3, Durability::Volatile, 11),
+        ("recovery-ignores-base", 3, Durability::Durable, 23),
+        ("restore-forgets-blank", 3, Durability::Durable, 18),
+    ];
+    for (bug, replicas, durability, seed) in cases {
+        let r = sim::run(Options {
+            durability,
+            bugs: PlantedBugs::named(bug).expect("a planted bug"),
+            contracts: false,
+            ..Options::new(seed, replicas)
+        });
+        assert!(
+            r.violations.iter().any(|v| !v.starts_with("contract:")),
+            "{bug} with {replicas} replicas ({durability:?}) not caught at seed {seed}"
+        );
+    }
+}
