@@ -16,20 +16,33 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Node 1 as a stopped process: it completes the handshake of node 0's dial, then never
-/// reads again (the stream is held until `release` is dropped).
+/// Node 1 as a stopped process: it completes the handshake of every peer's dial (node 2
+/// may dial it before node 0 does), then never reads again (the streams are held until
+/// `release` is dropped).
 fn stopped_peer(l: std::net::TcpListener) -> mpsc::Sender<()> {
     let (release, held) = mpsc::channel::<()>();
+    l.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
         let me = Credentials {
             cluster: CLUSTER,
             key: KEY,
             node: 1,
         };
-        handshake::server(&mut s, me, |n| n == 0).unwrap();
-        let _ = held.recv(); // until released: read nothing
-        drop::<TcpStream>(s);
+        let mut streams = Vec::new();
+        while let Err(mpsc::TryRecvError::Empty) = held.try_recv() {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    handshake::server(&mut s, me, |n| n == 0 || n == 2).unwrap();
+                    streams.push(s); // read nothing
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        drop::<Vec<TcpStream>>(streams);
     });
     release
 }
