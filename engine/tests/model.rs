@@ -16,6 +16,10 @@
 //! - each node's header cells (commit cell, progress cells, heartbeat word) as bytes, and the
 //!   driver's caches of them (`Replica::poll_cells` only reports changes).
 //!
+//! - each node's checkpoint: the applied prefix it covers (the model's state machine is the
+//!   applied sequence itself), taken by a `Checkpoint` step that compacts the log, served
+//!   as `CkptChunk`s, staged and installed as the driver does.
+//!
 //! Every model step is one driver step on one node (see `driver.rs`): one event into the
 //! core (`handle_message`, `handle_completion`, `handle_landed`, cells, `tick`, `propose`),
 //! then `flush`, then every queued `Action` executed in order, `FenceAndDrain` draining the
@@ -54,6 +58,8 @@ struct Bounds {
     crashes: u8,
     /// Duplicated control messages.
     dups: u8,
+    /// Checkpoints taken (each compacts its replica's log up to what it applied).
+    checkpoints: u8,
 }
 
 #[derive(Clone, Debug)]
@@ -135,6 +141,10 @@ struct Node {
     seen_progress: [Option<Vec<u8>>; N],
     /// What was applied, in order: (NOOP?, payload).
     applied: Vec<(bool, Vec<u8>)>,
+    /// The kept checkpoint: the applied prefix it covers.
+    ckpt: Option<Vec<(bool, Vec<u8>)>>,
+    /// The image of a checkpoint being received.
+    staged: Vec<u8>,
     incarnation: u8,
 }
 
@@ -151,6 +161,9 @@ struct State {
     faults: u8,
     crashes: u8,
     dups: u8,
+    checkpoints: u8,
+    /// Checkpoints installed by a replica that pulled one.
+    installs: u8,
     /// What earlier incarnations applied (agreement spans them).
     past: Vec<Vec<(bool, Vec<u8>)>>,
     /// A contract assertion of the core (or a model invariant) failed.
@@ -191,6 +204,8 @@ enum Act {
         to: NodeId,
         msg: Msg,
     },
+    /// The replica checkpoints what it applied and compacts its log up to it.
+    Checkpoint(NodeId),
 }
 
 thread_local! {
@@ -224,6 +239,7 @@ impl BallotModel {
                 max_msgs: env("MODEL_MSGS", 10),
                 crashes: env("MODEL_CRASHES", 0),
                 dups: env("MODEL_DUPS", 0),
+                checkpoints: env("MODEL_CKPTS", 0),
             },
         }
     }
@@ -248,6 +264,8 @@ impl BallotModel {
             seen_commit: None,
             seen_progress: Default::default(),
             applied: Vec::new(),
+            ckpt: None,
+            staged: Vec::new(),
             incarnation,
         }
     }
@@ -306,6 +324,27 @@ fn entry_of(bytes: &[u8]) -> (bool, Vec<u8>) {
     (h.flags & flags::NOOP != 0, p.to_vec())
 }
 
+/// A checkpoint image: per applied entry, its NOOP flag, its length and its payload.
+fn image_of(entries: &[(bool, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (noop, p) in entries {
+        out.push(u8::from(*noop));
+        out.push(u8::try_from(p.len()).expect("model: small entries"));
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+fn entries_of(mut image: &[u8]) -> Vec<(bool, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let [noop, len, rest @ ..] = image {
+        let len = usize::from(*len);
+        out.push((*noop != 0, rest[..len].to_vec()));
+        image = &rest[len..];
+    }
+    out
+}
+
 impl BallotModel {
     /// Executes node `n`'s queued actions, as `Replica::execute` does.
     fn run(&self, s: &mut State, n: usize) {
@@ -342,12 +381,7 @@ impl BallotModel {
                     .or_default()
                     .push_back(Op::Read { offset, len, token });
             }
-            Action::Send { to, msg } => {
-                assert_ne!(to, me, "model: send to self");
-                let k = (me, to, msg.encode());
-                let at = s.msgs.partition_point(|x| x < &k);
-                s.msgs.insert(at, k);
-            }
+            Action::Send { to, msg } => send(s, me, to, msg),
             Action::SetWriter(w) => s.nodes[n].writer = w,
             Action::FenceAndDrain => {
                 s.nodes[n].writer = None;
@@ -375,14 +409,64 @@ impl BallotModel {
             }
             Action::Heartbeat(v) => s.nodes[n].hb_word = v,
             Action::Reject { .. } | Action::LeadershipLost | Action::BecameLeader(_) => {}
-            // The model takes no checkpoints: no log is ever compacted, so no replica is
-            // asked to pull one (the simulator covers checkpoints and catch-up).
-            Action::ServeCheckpoint { .. }
-            | Action::StageCheckpoint { .. }
-            | Action::InstallCheckpoint { .. }
-            | Action::CompactLog { .. }
-            | Action::Rejoined
-            | Action::BeginRejoin => unreachable!("model: checkpoint or rejoin action {a:?}"),
+            // As the driver: the image asked for (resumed), or the newest from its start,
+            // or "none" (one chunk carries a whole image at these bounds).
+            Action::ServeCheckpoint { to, index, offset } => {
+                let (index, offset, image) = match &s.nodes[n].ckpt {
+                    Some(c) if index != 0 && index == c.len() as Index => {
+                        let image = image_of(c);
+                        (index, (offset as usize).min(image.len()), image)
+                    }
+                    Some(c) => (c.len() as Index, 0, image_of(c)),
+                    None => (0, 0, Vec::new()),
+                };
+                let msg = Msg::CkptChunk {
+                    index,
+                    offset: offset as u64,
+                    total: image.len() as u64,
+                    data: image[offset..].to_vec(),
+                };
+                send(s, me, to, msg);
+            }
+            Action::StageCheckpoint {
+                index: _,
+                offset,
+                data,
+            } => {
+                let staged = &mut s.nodes[n].staged;
+                if offset == 0 {
+                    staged.clear();
+                }
+                assert_eq!(staged.len() as u64, offset, "model: a chunk out of order");
+                staged.extend_from_slice(&data);
+            }
+            Action::InstallCheckpoint { index, len } => {
+                let node = &mut s.nodes[n];
+                assert_eq!(
+                    node.staged.len() as u64,
+                    len,
+                    "model: install of a partial image"
+                );
+                let entries = entries_of(&std::mem::take(&mut node.staged));
+                assert_eq!(
+                    entries.len() as Index,
+                    index,
+                    "model: image of another index"
+                );
+                // What this replica applied before stays in the record if the checkpoint
+                // does not continue it: agreement then fails on it.
+                let old = std::mem::replace(&mut node.applied, entries.clone());
+                if !entries.starts_with(&old) {
+                    s.past.push(old);
+                }
+                node.ckpt = Some(entries);
+                s.installs += 1;
+                s.nodes[n].core.handle_checkpoint_installed(index, true);
+            }
+            // Durable mode only (the model is volatile).
+            Action::CompactLog { .. } | Action::Rejoined | Action::BeginRejoin => {
+                unreachable!("model: durable-mode action {a:?}")
+            }
         }
     }
 
@@ -596,6 +680,16 @@ impl BallotModel {
                 s.nodes[n].core.tick();
                 n
             }
+            Act::Checkpoint(n) => {
+                let n = n as usize;
+                s.checkpoints += 1;
+                let node = &mut s.nodes[n];
+                let upto = node.core.applied();
+                assert_eq!(upto, node.applied.len() as Index, "model: applied count");
+                node.ckpt = Some(node.applied.clone());
+                node.core.compact(upto);
+                n
+            }
             Act::Propose(n) => {
                 let n = n as usize;
                 let k = s.proposed;
@@ -611,6 +705,13 @@ impl BallotModel {
         self.run(s, n);
         Some(n)
     }
+}
+
+fn send(s: &mut State, from: NodeId, to: NodeId, msg: Msg) {
+    assert_ne!(to, from, "model: send to self");
+    let k = (from, to, msg.encode());
+    let at = s.msgs.partition_point(|x| x < &k);
+    s.msgs.insert(at, k);
 }
 
 enum OpKind {
@@ -639,6 +740,8 @@ impl Model for BallotModel {
             faults: 0,
             crashes: 0,
             dups: 0,
+            checkpoints: 0,
+            installs: 0,
             past: Vec::new(),
             panic: None,
         }]
@@ -696,8 +799,26 @@ impl Model for BallotModel {
             if s.proposed < self.b.commands && node.core.is_leader() {
                 out.push(Act::Propose(id));
             }
+            // Reduction: a checkpoint is taken in a quiet cluster (nothing in flight) once
+            // every command is applied here: a handful of moments, not one per prefix of
+            // every interleaving (which outgrew an hour of checking).
+            if s.checkpoints < self.b.checkpoints
+                && s.proposed == self.b.commands
+                && s.msgs.is_empty()
+                && s.ops.is_empty()
+                && s.done.is_empty()
+                && node.applied.iter().filter(|e| !e.0).count() == usize::from(s.proposed)
+                && node.core.applied() > node.core.log().base()
+            {
+                out.push(Act::Checkpoint(id));
+            }
             // At most one replica without its memory at a time (f = 1).
-            if s.crashes < self.b.crashes && !s.nodes.iter().any(|n| n.core.is_recovering()) {
+            // With a checkpoint in the bounds, the crash comes after it (the crash test
+            // covers crashes before: without checkpoints).
+            if s.crashes < self.b.crashes
+                && s.checkpoints == self.b.checkpoints
+                && !s.nodes.iter().any(|n| n.core.is_recovering())
+            {
                 out.push(Act::Crash(id));
             }
         }
@@ -762,6 +883,12 @@ impl Model for BallotModel {
                 },
             ));
         }
+        if self.b.checkpoints > 0 {
+            v.push(Property::sometimes(
+                "a replica installed a pulled checkpoint",
+                |_, s: &State| s.installs > 0,
+            ));
+        }
         if self.b.commands < 2 {
             v.retain(|p| p.name != "two commands applied");
         }
@@ -788,10 +915,14 @@ fn commit_held_by_majority(s: &State) -> bool {
     let majority = N / 2 + 1;
     for n in &s.nodes {
         for i in 1..=n.core.commit() {
-            let Some(mine) = n.core.log().get(i) else {
-                return false;
+            // Compacted entries: the checkpoint that covers them holds them.
+            let mine = match n.core.log().get(i) {
+                Some(x) => entry_of(&x.bytes),
+                None => match n.ckpt.as_ref().and_then(|c| c.get(i as usize - 1)) {
+                    Some(x) if i <= n.core.log().base() => x.clone(),
+                    _ => return false,
+                },
             };
-            let mine = entry_of(&mine.bytes);
             // A replica rebuilding after amnesia may still be counted through its last
             // incarnation's acknowledgement: its rebuild waits for the leader's answer.
             let holders = s
@@ -807,13 +938,19 @@ fn commit_held_by_majority(s: &State) -> bool {
     true
 }
 
-/// `m` accepted `value` at `i`: in its log, or (volatile mode, as in Mu) landed in its ring
+/// `m` accepted `value` at `i`: in its log, in the checkpoint its log was compacted to, or
+/// (volatile mode, as in Mu) landed in its ring
 /// in the current stream and not yet consumed, which a fence drains before any promise.
 fn holds(m: &Node, i: Index, value: &(bool, Vec<u8>)) -> bool {
     if m.core
         .log()
         .get(i)
         .is_some_and(|x| &entry_of(&x.bytes) == value)
+    {
+        return true;
+    }
+    if i <= m.core.log().base()
+        && m.ckpt.as_ref().and_then(|c| c.get(i as usize - 1)) == Some(value)
     {
         return true;
     }
@@ -960,6 +1097,25 @@ fn crash_restart_and_duplicates_are_safe() {
     assert_safe(model);
 }
 
+/// One checkpoint and one command, taken in a quiet cluster; then either a volatile crash
+/// (the replica's rebuild finds the history compacted and pulls the checkpoint) or one
+/// dropped message or failed write (a follower left behind the leader's compacted log is
+/// told to pull it). Both reach an install; `MODEL_BUG=<name>` runs them with a planted bug.
+#[test]
+fn checkpoint_install_is_safe() {
+    let bugs = std::env::var("MODEL_BUG")
+        .map(|b| PlantedBugs::named(&b).expect("MODEL_BUG names a planted bug"))
+        .unwrap_or_default();
+    for (crashes, faults) in [(1, 0), (0, 1)] {
+        let mut model = BallotModel::new(bugs);
+        model.b.commands = env("MODEL_CMDS", 1);
+        model.b.crashes = crashes;
+        model.b.faults = faults;
+        model.b.checkpoints = env("MODEL_CKPTS", 1);
+        assert_safe(model);
+    }
+}
+
 fn assert_safe(model: BallotModel) {
     let out = check(model.clone(), HasDiscoveries::AllFailures, false);
     let mut bad = Vec::new();
@@ -1009,4 +1165,32 @@ fn planted_short_quorum_is_caught() {
         .cloned()
         .expect("the checker must find the planted agreement violation");
     println!("planted short_quorum: agreement violated:\n{}", trace(path));
+}
+
+/// A checkpoint install that claims one entry too many: the replica counts as applied (and
+/// committed) an entry no majority holds.
+#[test]
+fn planted_checkpoint_off_by_one_is_caught() {
+    let bugs = PlantedBugs {
+        checkpoint_off_by_one: true,
+        ..PlantedBugs::default()
+    };
+    let mut model = BallotModel::new(bugs);
+    model.b.commands = 1;
+    model.b.crashes = 1;
+    model.b.checkpoints = 1;
+    let always = [
+        "no contract panic",
+        "agreement",
+        "commit held by a majority",
+    ];
+    let out = check(model, HasDiscoveries::AnyOf(BTreeSet::from(always)), true);
+    let (name, path) = always
+        .iter()
+        .find_map(|p| out.discoveries.get(p).map(|path| (p, path.clone())))
+        .expect("the checker must find the planted checkpoint violation");
+    println!(
+        "planted checkpoint_off_by_one: \"{name}\" violated:\n{}",
+        trace(path)
+    );
 }
