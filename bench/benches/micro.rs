@@ -91,9 +91,7 @@ fn batching(c: &mut Criterion) {
 
 struct Null;
 impl StateMachine for Null {
-    fn apply(&mut self, _: Index, _: &[u8]) -> Vec<u8> {
-        Vec::new()
-    }
+    fn apply(&mut self, _: Index, _: &[u8], _: &mut Vec<u8>) {}
 }
 
 /// Three replicas on an instant `MemFabric`, stepped in this thread until one leads.

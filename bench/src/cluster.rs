@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 /// The replicated application: does nothing, answers nothing.
 struct Null;
 impl StateMachine for Null {
-    fn apply(&mut self, _: Index, _: &[u8]) -> Vec<u8> {
-        Vec::new()
-    }
+    fn apply(&mut self, _: Index, _: &[u8], _: &mut Vec<u8>) {}
 }
 
 pub(crate) const NO_LEADER: usize = usize::MAX;

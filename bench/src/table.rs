@@ -82,16 +82,15 @@ impl Table {
 }
 
 impl StateMachine for Table {
-    fn apply(&mut self, _index: Index, command: &[u8]) -> Vec<u8> {
+    fn apply(&mut self, _index: Index, command: &[u8], _out: &mut Vec<u8>) {
         if command.len() < 8 {
-            return Vec::new();
+            return;
         }
         let key = u64::from_le_bytes(command[..8].try_into().expect("8 bytes"));
         let (p, at) = self.place(key % self.slots);
         let v = &command[8..];
         let n = v.len().min(self.value);
         Arc::make_mut(&mut self.pages[p])[at..at + n].copy_from_slice(&v[..n]);
-        Vec::new()
     }
 
     fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
@@ -189,11 +188,11 @@ mod tests {
         let mut t = Table::new(1 << 20, value);
         assert_eq!(t.slots(), (1 << 20) / 56);
         for k in 0..5000u64 {
-            t.apply(1, &cmd(k * 7, (k % 251) as u8, value));
+            t.apply(1, &cmd(k * 7, (k % 251) as u8, value), &mut Vec::new());
         }
         let mut src = t.checkpoint().unwrap();
         // Writes after the checkpoint do not reach it.
-        t.apply(2, &cmd(0, 0xEE, value));
+        t.apply(2, &cmd(0, 0xEE, value), &mut Vec::new());
         let mut img = Vec::new();
         src.write_to(&mut img).unwrap();
         assert_eq!(img.len() as u64, HEADER as u64 + t.state_bytes());
@@ -212,10 +211,10 @@ mod tests {
     fn bad_bytes_are_invalid_data_and_leave_the_state() {
         let value = 16;
         let mut t = Table::new(64 << 10, value);
-        t.apply(1, &cmd(3, 9, value));
+        t.apply(1, &cmd(3, 9, value), &mut Vec::new());
         let good = image(&t);
         let mut u = Table::new(4096, value);
-        u.apply(1, &cmd(1, 5, value));
+        u.apply(1, &cmd(1, 5, value), &mut Vec::new());
         let before = image(&u);
         let mut magic = good.clone();
         magic[0] ^= 1;

@@ -43,9 +43,9 @@ use std::time::Instant;
 /// }
 ///
 /// impl StateMachine for Counter {
-///     fn apply(&mut self, _index: Index, command: &[u8]) -> Vec<u8> {
+///     fn apply(&mut self, _index: Index, command: &[u8], out: &mut Vec<u8>) {
 ///         self.0 += command.len() as u64;
-///         self.0.to_le_bytes().to_vec()
+///         out.extend_from_slice(&self.0.to_le_bytes());
 ///     }
 ///     fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
 ///         Some(Box::new(Frozen(self.0)))
@@ -60,7 +60,7 @@ use std::time::Instant;
 ///
 /// // A checkpoint round trip through a store, as a catching-up replica would do it.
 /// let mut a = Counter::default();
-/// a.apply(1, b"abc");
+/// a.apply(1, b"abc", &mut Vec::new());
 /// let mut store = MemCheckpoints::default();
 /// store.save(1, Ballot::new(1, 0), a.checkpoint().unwrap())?;
 /// store.poll_saved().unwrap()?;
@@ -70,10 +70,13 @@ use std::time::Instant;
 /// # Ok::<(), io::Error>(())
 /// ```
 pub trait StateMachine: Send {
-    /// Applies a command of the entry committed at `index` and returns its output, handed
-    /// to the proposer's ticket on the replica that proposed it. Entries are applied in
-    /// index order; an entry carries a batch, so several commands may share an `index`.
-    fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8>;
+    /// Applies a command of the entry committed at `index` and appends its output to `out`
+    /// (empty on entry), which is handed to the proposer's ticket on the replica that
+    /// proposed it. Entries are applied in index order; an entry carries a batch, so several
+    /// commands may share an `index`. The command and the output buffer are borrowed: the
+    /// driver reuses one buffer, so a replica that did not propose the command (every
+    /// follower) allocates nothing for it here.
+    fn apply(&mut self, index: Index, command: &[u8], out: &mut Vec<u8>);
     /// A frozen copy of the state after the last applied command, written out in the
     /// background as a checkpoint. `None`: no checkpoints (the log is never truncated).
     fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
@@ -217,6 +220,8 @@ pub struct Replica<F: Fabric, S: StateMachine> {
     persisting: VecDeque<(u64, Index)>,
     persisted_buf: Vec<u64>,
     completed: Vec<(u64, Outcome)>,
+    /// The state machine's output buffer, reused for every command.
+    apply_out: Vec<u8>,
     next_ticket: u64,
     /// The clock at the last step; `None` before the first (a replica started late does not
     /// replay the ticks it never lived through).
@@ -262,6 +267,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             persisting: VecDeque::new(),
             persisted_buf: Vec::new(),
             completed: Vec::new(),
+            apply_out: Vec::new(),
             next_ticket,
             ticks: None,
             commit_cell: None,
@@ -898,7 +904,8 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 );
                 break;
             };
-            let out = self.sm.apply(index, cmd);
+            self.apply_out.clear();
+            self.sm.apply(index, cmd, &mut self.apply_out);
             if let Some(c) = self.ckpt.as_mut() {
                 c.since += cmd.len() as u64;
             }
@@ -906,7 +913,8 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             if batch::origin_node(origin) == self.core.id() {
                 let t = batch::origin_ticket(origin);
                 if self.pending.remove(t).is_some() {
-                    self.completed.push((t, Ok(out)));
+                    // The proposer's copy, exact size (none for an empty output).
+                    self.completed.push((t, Ok(self.apply_out.to_vec())));
                 }
             }
         }

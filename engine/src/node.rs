@@ -237,9 +237,9 @@ type Tune = Box<dyn FnOnce(&mut Config) + Send>;
 /// #[derive(Default)]
 /// struct Counter(u64);
 /// impl StateMachine for Counter {
-///     fn apply(&mut self, _index: u64, cmd: &[u8]) -> Vec<u8> {
+///     fn apply(&mut self, _index: u64, cmd: &[u8], out: &mut Vec<u8>) {
 ///         self.0 += cmd.len() as u64;
-///         self.0.to_le_bytes().to_vec()
+///         out.extend_from_slice(&self.0.to_le_bytes());
 ///     }
 /// }
 ///

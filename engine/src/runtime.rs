@@ -574,9 +574,9 @@ impl Handle {
 ///
 /// struct Counter(u64);
 /// impl StateMachine for Counter {
-///     fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+///     fn apply(&mut self, _index: u64, command: &[u8], out: &mut Vec<u8>) {
 ///         self.0 += command.len() as u64;
-///         self.0.to_le_bytes().to_vec()
+///         out.extend_from_slice(&self.0.to_le_bytes());
 ///     }
 /// }
 ///
@@ -781,9 +781,9 @@ mod tests {
 
     struct Counter(u64);
     impl StateMachine for Counter {
-        fn apply(&mut self, _index: Index, command: &[u8]) -> Vec<u8> {
+        fn apply(&mut self, _index: Index, command: &[u8], out: &mut Vec<u8>) {
             self.0 += command.len() as u64;
-            self.0.to_le_bytes().to_vec()
+            out.extend_from_slice(&self.0.to_le_bytes());
         }
     }
 

@@ -21,9 +21,8 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 struct Count(u64);
 impl StateMachine for Count {
-    fn apply(&mut self, _index: u64, _cmd: &[u8]) -> Vec<u8> {
+    fn apply(&mut self, _index: u64, _cmd: &[u8], _out: &mut Vec<u8>) {
         self.0 += 1;
-        Vec::new()
     }
 }
 

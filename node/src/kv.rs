@@ -92,6 +92,36 @@ pub struct Command {
     pub op: Op,
 }
 
+/// An operation borrowed from a command's bytes: what `apply` and the node's check of
+/// incoming commands read, without copying a key or value out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpRef<'a> {
+    Put {
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    Get {
+        key: &'a [u8],
+    },
+    Delete {
+        key: &'a [u8],
+    },
+    Cas {
+        key: &'a [u8],
+        expected: Option<&'a [u8]>,
+        new: &'a [u8],
+    },
+    Register,
+}
+
+/// A command borrowed from its bytes ([`CommandRef::parse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandRef<'a> {
+    pub client: u64,
+    pub seq: u64,
+    pub op: OpRef<'a>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KvResult {
     /// Put, delete or cas took effect.
@@ -160,47 +190,18 @@ impl Command {
     /// Checks that `b` is a well-formed command, as [`Command::decode`] would, without
     /// decoding it into owned values (the node checks every command so on its way in).
     pub fn validate(b: &[u8]) -> Result<(), String> {
-        let mut r = Reader(b);
-        r.u64().ok_or("truncated header")?;
-        r.u64().ok_or("truncated header")?;
-        let tag = r.u8().ok_or("missing op")?;
-        if tag == op::REGISTER {
-            if !r.0.is_empty() {
-                return Err(format!("register: {} trailing bytes", r.0.len()));
-            }
-            return Ok(());
-        }
-        let key = r.skip_bytes(MAX_KEY).map_err(|e| format!("key: {e}"))?;
-        if key == 0 {
-            return Err("empty key".into());
-        }
-        match tag {
-            op::PUT => {
-                r.skip_bytes(MAX_VALUE).map_err(|e| format!("value: {e}"))?;
-            }
-            op::GET | op::DELETE => {}
-            op::CAS => {
-                match r.u8().ok_or("cas: missing expected flag")? {
-                    0 => {}
-                    1 => {
-                        r.skip_bytes(MAX_VALUE)
-                            .map_err(|e| format!("cas expected: {e}"))?;
-                    }
-                    f => return Err(format!("cas: bad expected flag {f}")),
-                }
-                r.skip_bytes(MAX_VALUE)
-                    .map_err(|e| format!("cas new: {e}"))?;
-            }
-            t => return Err(format!("unknown op {t}")),
-        }
-        if !r.0.is_empty() {
-            return Err(format!("{} trailing bytes", r.0.len()));
-        }
-        Ok(())
+        CommandRef::parse(b).map(|_| ())
     }
 
     /// Total decoder: `Err` says what is wrong.
     pub fn decode(b: &[u8]) -> Result<Command, String> {
+        CommandRef::parse(b).map(|c| c.to_owned())
+    }
+}
+
+impl<'a> CommandRef<'a> {
+    /// Total parser, borrowing keys and values from `b`: `Err` says what is wrong.
+    pub fn parse(b: &'a [u8]) -> Result<CommandRef<'a>, String> {
         let mut r = Reader(b);
         let client = r.u64().ok_or("truncated header")?;
         let seq = r.u64().ok_or("truncated header")?;
@@ -209,10 +210,10 @@ impl Command {
             if !r.0.is_empty() {
                 return Err(format!("register: {} trailing bytes", r.0.len()));
             }
-            return Ok(Command {
+            return Ok(CommandRef {
                 client,
                 seq,
-                op: Op::Register,
+                op: OpRef::Register,
             });
         }
         let key = r.bytes(MAX_KEY).map_err(|e| format!("key: {e}"))?;
@@ -220,12 +221,12 @@ impl Command {
             return Err("empty key".into());
         }
         let op = match tag {
-            op::PUT => Op::Put {
+            op::PUT => OpRef::Put {
                 key,
                 value: r.bytes(MAX_VALUE).map_err(|e| format!("value: {e}"))?,
             },
-            op::GET => Op::Get { key },
-            op::DELETE => Op::Delete { key },
+            op::GET => OpRef::Get { key },
+            op::DELETE => OpRef::Delete { key },
             op::CAS => {
                 let expected = match r.u8().ok_or("cas: missing expected flag")? {
                     0 => None,
@@ -235,7 +236,7 @@ impl Command {
                     ),
                     f => return Err(format!("cas: bad expected flag {f}")),
                 };
-                Op::Cas {
+                OpRef::Cas {
                     key,
                     expected,
                     new: r.bytes(MAX_VALUE).map_err(|e| format!("cas new: {e}"))?,
@@ -246,39 +247,60 @@ impl Command {
         if !r.0.is_empty() {
             return Err(format!("{} trailing bytes", r.0.len()));
         }
-        Ok(Command { client, seq, op })
+        Ok(CommandRef { client, seq, op })
+    }
+
+    pub fn to_owned(&self) -> Command {
+        let op = match self.op {
+            OpRef::Put { key, value } => Op::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            },
+            OpRef::Get { key } => Op::Get { key: key.to_vec() },
+            OpRef::Delete { key } => Op::Delete { key: key.to_vec() },
+            OpRef::Cas { key, expected, new } => Op::Cas {
+                key: key.to_vec(),
+                expected: expected.map(<[u8]>::to_vec),
+                new: new.to_vec(),
+            },
+            OpRef::Register => Op::Register,
+        };
+        Command {
+            client: self.client,
+            seq: self.seq,
+            op,
+        }
     }
 }
 
 impl KvResult {
     pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        self.encode_into(&mut b);
+        b
+    }
+
+    /// Appends the encoding to `b`.
+    pub fn encode_into(&self, b: &mut Vec<u8>) {
         match self {
-            KvResult::Ok => vec![res::OK],
-            KvResult::Value(v) => {
-                let mut b = Vec::with_capacity(1 + v.len());
-                b.push(res::VALUE);
-                b.extend_from_slice(v);
-                b
-            }
-            KvResult::NotFound => vec![res::NOT_FOUND],
+            KvResult::Ok => b.push(res::OK),
+            KvResult::Value(v) => value_result(b, v),
+            KvResult::NotFound => b.push(res::NOT_FOUND),
             KvResult::CasFailed(cur) => {
-                let mut b = vec![res::CAS_FAILED, u8::from(cur.is_some())];
+                b.extend_from_slice(&[res::CAS_FAILED, u8::from(cur.is_some())]);
                 if let Some(c) = cur {
                     b.extend_from_slice(c);
                 }
-                b
             }
             KvResult::Error(e) => {
-                let mut b = vec![res::ERROR];
+                b.push(res::ERROR);
                 b.extend_from_slice(e.as_bytes());
-                b
             }
             KvResult::Session(id) => {
-                let mut b = vec![res::SESSION];
+                b.push(res::SESSION);
                 b.extend_from_slice(&id.to_le_bytes());
-                b
             }
-            KvResult::SessionExpired => vec![res::SESSION_EXPIRED],
+            KvResult::SessionExpired => b.push(res::SESSION_EXPIRED),
         }
     }
 
@@ -303,10 +325,16 @@ impl KvResult {
     }
 }
 
+/// [`KvResult::Value`]'s encoding, from a borrowed value.
+fn value_result(b: &mut Vec<u8>, v: &[u8]) {
+    b.push(res::VALUE);
+    b.extend_from_slice(v);
+}
+
 struct Reader<'a>(&'a [u8]);
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -325,23 +353,12 @@ impl Reader<'_> {
         self.take(8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
-    /// Skips a `bytes` field; its length.
-    fn skip_bytes(&mut self, max: usize) -> Result<usize, String> {
+    fn bytes(&mut self, max: usize) -> Result<&'a [u8], String> {
         let n = self.u32().ok_or("truncated length")? as usize;
         if n > max {
             return Err(format!("{n} bytes exceeds the limit {max}"));
         }
         self.take(n)
-            .map(<[u8]>::len)
-            .ok_or_else(|| format!("truncated: {n} bytes announced"))
-    }
-    fn bytes(&mut self, max: usize) -> Result<Vec<u8>, String> {
-        let n = self.u32().ok_or("truncated length")? as usize;
-        if n > max {
-            return Err(format!("{n} bytes exceeds the limit {max}"));
-        }
-        self.take(n)
-            .map(<[u8]>::to_vec)
             .ok_or_else(|| format!("truncated: {n} bytes announced"))
     }
 }
@@ -509,73 +526,85 @@ impl KvMachine {
         out
     }
 
-    fn set_key(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        if let Some(old) = self.data.get(&key) {
-            self.sum = self.sum.wrapping_sub(key_hash(&key, old));
+    /// Sets `key` to `value`, reusing the old value's buffer when it fits (no allocation
+    /// for an update of a key the store holds).
+    fn set_key(&mut self, key: &[u8], value: &[u8]) {
+        self.sum = self.sum.wrapping_add(key_hash(key, value));
+        match self.data.get_mut(key) {
+            Some(old) => {
+                self.sum = self.sum.wrapping_sub(key_hash(key, old));
+                if old.capacity() >= value.len() && old.capacity() <= 2 * value.len() + 64 {
+                    old.clear();
+                    old.extend_from_slice(value);
+                } else {
+                    *old = value.to_vec();
+                }
+            }
+            None => {
+                self.data.insert(key.to_vec(), value.to_vec());
+            }
         }
-        self.sum = self.sum.wrapping_add(key_hash(&key, &value));
-        self.data.insert(key, value);
     }
 
-    fn execute(&mut self, op: Op, index: Index) -> KvResult {
+    /// Executes `op` and appends its encoded [`KvResult`] to `out`.
+    fn execute(&mut self, op: OpRef<'_>, index: Index, out: &mut Vec<u8>) {
         self.applied += 1;
         match op {
-            Op::Put { key, value } => {
+            OpRef::Put { key, value } => {
                 self.set_key(key, value);
-                KvResult::Ok
+                out.push(res::OK);
             }
-            Op::Get { key } => match self.data.get(&key) {
-                Some(v) => KvResult::Value(v.clone()),
-                None => KvResult::NotFound,
+            OpRef::Get { key } => match self.data.get(key) {
+                Some(v) => value_result(out, v),
+                None => out.push(res::NOT_FOUND),
             },
-            Op::Delete { key } => match self.data.remove(&key) {
+            OpRef::Delete { key } => match self.data.remove(key) {
                 Some(old) => {
-                    self.sum = self.sum.wrapping_sub(key_hash(&key, &old));
-                    KvResult::Ok
+                    self.sum = self.sum.wrapping_sub(key_hash(key, &old));
+                    out.push(res::OK);
                 }
-                None => KvResult::NotFound,
+                None => out.push(res::NOT_FOUND),
             },
-            Op::Cas { key, expected, new } => {
-                let cur = self.data.get(&key);
-                if cur.map(Vec::as_slice) == expected.as_deref() {
+            OpRef::Cas { key, expected, new } => {
+                let cur = self.data.get(key);
+                if cur.map(Vec::as_slice) == expected {
                     self.set_key(key, new);
-                    KvResult::Ok
+                    out.push(res::OK);
                 } else {
-                    KvResult::CasFailed(cur.cloned())
+                    KvResult::CasFailed(cur.cloned()).encode_into(out);
                 }
             }
-            Op::Register => KvResult::Session(self.sessions.register(index)),
+            OpRef::Register => KvResult::Session(self.sessions.register(index)).encode_into(out),
         }
     }
 
-    fn apply_command(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
+    fn apply_command(&mut self, index: Index, command: &[u8], out: &mut Vec<u8>) {
         // Expiry first, at every index: a function of the log alone.
         self.sessions.expire_idle(index);
-        let cmd = match Command::decode(command) {
+        let cmd = match CommandRef::parse(command) {
             Ok(c) => c,
-            Err(e) => return KvResult::Error(format!("bad command: {e}")).encode(),
+            Err(e) => return KvResult::Error(format!("bad command: {e}")).encode_into(out),
         };
         // Reads and registrations need no dedup: a retried read reads again, a retried
         // registration leaves an unused session that expires.
-        if cmd.client == 0 || matches!(cmd.op, Op::Get { .. } | Op::Register) {
-            return self.execute(cmd.op, index).encode();
+        if cmd.client == 0 || matches!(cmd.op, OpRef::Get { .. } | OpRef::Register) {
+            return self.execute(cmd.op, index, out);
         }
         match self.sessions.check(cmd.client, cmd.seq) {
-            Check::Duplicate(out) => return out.to_vec(),
-            Check::Expired => return KvResult::SessionExpired.encode(),
+            Check::Duplicate(r) => return out.extend_from_slice(r),
+            Check::Expired => return KvResult::SessionExpired.encode_into(out),
             Check::Stale => {
                 return KvResult::Error(format!(
                     "stale sequence number {} (session {})",
                     cmd.seq, cmd.client
                 ))
-                .encode()
+                .encode_into(out)
             }
             Check::New => {}
         }
-        let out = self.execute(cmd.op, index).encode();
+        self.execute(cmd.op, index, out);
         self.sessions
             .record(cmd.client, cmd.seq, out.clone(), index);
-        out
     }
 }
 
@@ -783,11 +812,10 @@ impl StateReader<'_> {
 }
 
 impl StateMachine for KvMachine {
-    fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
-        let out = self.apply_command(index, command);
+    fn apply(&mut self, index: Index, command: &[u8], out: &mut Vec<u8>) {
+        self.apply_command(index, command, out);
         self.last_index = index;
         self.publish();
-        out
     }
 
     fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
@@ -841,6 +869,15 @@ impl StateMachine for KvMachine {
 
 #[cfg(test)]
 mod tests {
+    impl KvMachine {
+        /// `StateMachine::apply` into a fresh buffer.
+        fn apply_owned(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            StateMachine::apply(self, index, command, &mut out);
+            out
+        }
+    }
+
     use super::*;
 
     fn cmd(client: u64, seq: u64, op: Op) -> Vec<u8> {
@@ -854,7 +891,7 @@ mod tests {
     fn registered(n: u64) -> KvMachine {
         let mut m = KvMachine::default();
         for i in 1..=n {
-            let out = KvResult::decode(&m.apply(i, &cmd(0, 0, Op::Register))).unwrap();
+            let out = KvResult::decode(&m.apply_owned(i, &cmd(0, 0, Op::Register))).unwrap();
             assert_eq!(out, KvResult::Session(i));
         }
         m
@@ -863,7 +900,7 @@ mod tests {
     #[test]
     fn ops_and_dedup() {
         let mut m = registered(3);
-        let r = |m: &mut KvMachine, c: Vec<u8>| KvResult::decode(&m.apply(10, &c)).unwrap();
+        let r = |m: &mut KvMachine, c: Vec<u8>| KvResult::decode(&m.apply_owned(10, &c)).unwrap();
         assert_eq!(
             r(&mut m, cmd(1, 1, Op::Get { key: k("a") })),
             KvResult::NotFound
@@ -1000,20 +1037,20 @@ mod tests {
         );
         // Every prefix, every single-byte corruption, and some junk: never a panic.
         for n in 0..good.len() {
-            let out = KvResult::decode(&m.apply(1, &good[..n])).unwrap();
+            let out = KvResult::decode(&m.apply_owned(1, &good[..n])).unwrap();
             assert!(matches!(out, KvResult::Error(_)), "prefix {n}: {out:?}");
         }
         for i in 0..good.len() {
             for v in [0u8, 1, 0x7f, 0xff] {
                 let mut b = good.clone();
                 b[i] = v;
-                let _ = m.apply(1, &b);
+                let _ = m.apply_owned(1, &b);
             }
         }
         let mut junk = good.clone();
         junk.push(0);
         assert!(matches!(
-            KvResult::decode(&m.apply(1, &junk)).unwrap(),
+            KvResult::decode(&m.apply_owned(1, &junk)).unwrap(),
             KvResult::Error(_)
         ));
         assert!(KvResult::decode(&[]).is_err());
@@ -1087,7 +1124,7 @@ mod tests {
         let mut i = 9;
         let mut go = |m: &mut KvMachine, c: Vec<u8>| {
             i += 1;
-            m.apply(i, &c);
+            m.apply_owned(i, &c);
         };
         for n in 0..50u64 {
             go(
@@ -1138,13 +1175,13 @@ mod tests {
         assert_eq!(r.digest_cell().get(), m.digest_cell().get());
         // The dedup table came along: a retried command is not applied again.
         let retry = cmd(3, 100, Op::Delete { key: k("key9") });
-        assert_eq!(r.apply(99, &retry), m.apply(99, &retry));
+        assert_eq!(r.apply_owned(99, &retry), m.apply_owned(99, &retry));
         assert_eq!(r.digest(), m.digest());
         // Both go on identically.
         let next = put(3, 101, "key9", b"back");
-        r.apply(100, &next);
+        r.apply_owned(100, &next);
         assert_ne!(r.digest(), m.digest());
-        m.apply(100, &next);
+        m.apply_owned(100, &next);
         assert_eq!(r.digest(), m.digest());
         assert_eq!(r.checkpoint_bytes(), m.checkpoint_bytes());
         assert_eq!(
@@ -1161,27 +1198,27 @@ mod tests {
     fn checkpoint_bytes_and_digest_depend_on_the_state_only() {
         let (mut a, mut b) = (KvMachine::default(), KvMachine::default());
         for (i, key) in ["x", "y", "z"].iter().enumerate() {
-            a.apply(i as u64 + 1, &put(0, 0, key, key.as_bytes()));
+            a.apply_owned(i as u64 + 1, &put(0, 0, key, key.as_bytes()));
         }
         for (i, key) in ["z", "x", "q", "y"].iter().enumerate() {
-            b.apply(i as u64 + 1, &put(0, 0, key, b"tmp"));
+            b.apply_owned(i as u64 + 1, &put(0, 0, key, b"tmp"));
         }
         // Same keys and values, reached differently; same applied count and last index.
-        b.apply(5, &cmd(0, 0, Op::Delete { key: k("q") }));
+        b.apply_owned(5, &cmd(0, 0, Op::Delete { key: k("q") }));
         for key in ["x", "y", "z"] {
-            b.apply(5, &put(0, 0, key, key.as_bytes()));
+            b.apply_owned(5, &put(0, 0, key, key.as_bytes()));
         }
-        a.apply(4, &put(0, 0, "x", b"x"));
-        a.apply(5, &put(0, 0, "y", b"y"));
+        a.apply_owned(4, &put(0, 0, "x", b"x"));
+        a.apply_owned(5, &put(0, 0, "y", b"y"));
         for _ in 0..3 {
-            a.apply(5, &put(0, 0, "z", b"z"));
+            a.apply_owned(5, &put(0, 0, "z", b"z"));
         }
         assert_eq!(a.applied(), b.applied());
         assert_eq!(a.digest(), b.digest());
         assert_eq!(a.checkpoint_bytes(), b.checkpoint_bytes());
-        a.apply(6, &put(0, 0, "x", b"X"));
+        a.apply_owned(6, &put(0, 0, "x", b"X"));
         assert_ne!(a.digest(), b.digest());
-        a.apply(7, &put(0, 0, "x", b"x"));
+        a.apply_owned(7, &put(0, 0, "x", b"x"));
         assert_ne!(a.digest(), b.digest(), "the applied count is state too");
     }
 
@@ -1190,7 +1227,7 @@ mod tests {
         let m = busy_machine();
         let img = m.checkpoint_bytes();
         let mut target = KvMachine::default();
-        target.apply(1, &put(1, 1, "mine", b"1"));
+        target.apply_owned(1, &put(1, 1, "mine", b"1"));
         let before = (target.digest(), target.checkpoint_bytes());
         let check = |target: &mut KvMachine, bytes: &[u8], must_fail: bool| {
             match target.restore(&mut &bytes[..]) {
@@ -1204,7 +1241,7 @@ mod tests {
                     let again = restored(&target.checkpoint_bytes()).unwrap();
                     assert_eq!(again.digest(), target.digest());
                     *target = KvMachine::default();
-                    target.apply(1, &put(1, 1, "mine", b"1"));
+                    target.apply_owned(1, &put(1, 1, "mine", b"1"));
                 }
             }
         };
@@ -1240,8 +1277,8 @@ mod tests {
         assert!(e.to_string().contains("newer"), "{e}");
         // Out of order keys.
         let mut a = KvMachine::default();
-        a.apply(1, &put(0, 0, "a", b"1"));
-        a.apply(2, &put(0, 0, "b", b"2"));
+        a.apply_owned(1, &put(0, 0, "a", b"1"));
+        a.apply_owned(2, &put(0, 0, "b", b"2"));
         let mut swapped = a.checkpoint_bytes();
         let at = swapped
             .windows(5)
@@ -1254,11 +1291,11 @@ mod tests {
     #[test]
     fn reads_leave_no_dedup_state() {
         let mut m = registered(1);
-        m.apply(2, &put(1, 1, "big", &vec![5; 100_000]));
+        m.apply_owned(2, &put(1, 1, "big", &vec![5; 100_000]));
         let one = m.checkpoint_bytes().len();
         for i in 0..20u64 {
             // From the session, from no session and from unknown ones: all answered.
-            let out = m.apply(3 + i, &cmd(i % 3 * 50, i + 2, Op::Get { key: k("big") }));
+            let out = m.apply_owned(3 + i, &cmd(i % 3 * 50, i + 2, Op::Get { key: k("big") }));
             assert_eq!(out.len(), 100_001);
         }
         assert_eq!(m.checkpoint_bytes().len(), one);
@@ -1292,9 +1329,12 @@ mod tests {
         );
         // The retried write gets its stored result; the next one applies.
         let again = put(0x1234, 4, "a", b"2");
-        assert_eq!(KvResult::decode(&m.apply(8, &again)).unwrap(), KvResult::Ok);
+        assert_eq!(
+            KvResult::decode(&m.apply_owned(8, &again)).unwrap(),
+            KvResult::Ok
+        );
         assert_eq!(m.get(b"a"), Some(&b"1"[..]));
-        m.apply(9, &put(0x1234, 5, "a", b"3"));
+        m.apply_owned(9, &put(0x1234, 5, "a", b"3"));
         assert_eq!(m.get(b"a"), Some(&b"3"[..]));
         // The read's value was not kept.
         assert!(m.sessions().get(0x9999).unwrap().results.is_empty());
@@ -1314,26 +1354,26 @@ mod tests {
         };
         let mut m = KvMachine::with_limits(limits);
         let reg = |m: &mut KvMachine, at| match KvResult::decode(
-            &m.apply(at, &cmd(0, 0, Op::Register)),
+            &m.apply_owned(at, &cmd(0, 0, Op::Register)),
         ) {
             Ok(KvResult::Session(id)) => id,
             other => panic!("{other:?}"),
         };
         let a = reg(&mut m, 1);
-        m.apply(2, &put(a, 1, "k", b"1"));
+        m.apply_owned(2, &put(a, 1, "k", b"1"));
         // Idle for 10 indexes: still there; 11: gone.
-        m.apply(12, &cmd(0, 0, Op::Get { key: k("k") }));
+        m.apply_owned(12, &cmd(0, 0, Op::Get { key: k("k") }));
         assert!(m.sessions().get(a).is_some());
-        m.apply(13, &cmd(0, 0, Op::Get { key: k("k") }));
+        m.apply_owned(13, &cmd(0, 0, Op::Get { key: k("k") }));
         assert!(m.sessions().get(a).is_none());
         let retry = put(a, 1, "k", b"1");
         assert_eq!(
-            KvResult::decode(&m.apply(14, &retry)).unwrap(),
+            KvResult::decode(&m.apply_owned(14, &retry)).unwrap(),
             KvResult::SessionExpired
         );
         // The cap: a third registration expires the oldest-idle.
         let (b, c) = (reg(&mut m, 15), reg(&mut m, 16));
-        m.apply(17, &put(b, 1, "k", b"2"));
+        m.apply_owned(17, &put(b, 1, "k", b"2"));
         let d = reg(&mut m, 18);
         assert!(m.sessions().get(c).is_none());
         assert!(m.sessions().get(b).is_some() && m.sessions().get(d).is_some());

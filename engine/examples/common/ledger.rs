@@ -89,14 +89,13 @@ impl Ledger {
 }
 
 impl StateMachine for Ledger {
-    fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
-        let out = match std::str::from_utf8(command).ok().and_then(|c| self.run(c)) {
-            Some(v) => v.to_string().into_bytes(),
-            None => b"refused".to_vec(),
-        };
+    fn apply(&mut self, index: Index, command: &[u8], out: &mut Vec<u8>) {
+        match std::str::from_utf8(command).ok().and_then(|c| self.run(c)) {
+            Some(v) => out.extend_from_slice(v.to_string().as_bytes()),
+            None => out.extend_from_slice(b"refused"),
+        }
         self.index = index;
         self.publish();
-        out
     }
 
     fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {

@@ -191,13 +191,13 @@ impl Machine {
 }
 
 impl StateMachine for Machine {
-    fn apply(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
+    fn apply(&mut self, index: Index, command: &[u8], out: &mut Vec<u8>) {
         match decode(command) {
             Some((id, op)) => {
                 self.applied.push((index, id));
-                encode_ret(self.store.apply(&op))
+                out.extend_from_slice(&encode_ret(self.store.apply(&op)));
             }
-            None => vec![0xff],
+            None => out.push(0xff),
         }
     }
 
@@ -228,8 +228,8 @@ mod tests {
     #[test]
     fn checkpoint_round_trip_and_refusal() {
         let mut m = Machine::default();
-        m.apply(1, &encode(7, Op::Put(1, 9)));
-        m.apply(2, &encode(8, Op::Cas(1, 9, 10)));
+        m.apply(1, &encode(7, Op::Put(1, 9)), &mut Vec::new());
+        m.apply(2, &encode(8, Op::Cas(1, 9, 10)), &mut Vec::new());
         let mut img = Vec::new();
         m.checkpoint().unwrap().write_to(&mut img).unwrap();
         let mut n = Machine::default();
