@@ -289,11 +289,7 @@ fn session_hash(id: u64, s: &Session) -> u64 {
 }
 
 fn head_hash(id: u64, s: &Session) -> u64 {
-    let mut head = [0u8; 24];
-    head[..8].copy_from_slice(&id.to_le_bytes());
-    head[8..16].copy_from_slice(&s.last_active.to_le_bytes());
-    head[16..].copy_from_slice(&s.floor.to_le_bytes());
-    crate::kv::item_hash(b'S', &head, &[])
+    crate::kv::words_hash(b'S', &[id, s.last_active, s.floor])
 }
 
 fn result_hash(id: u64, seq: u64, out: &[u8]) -> u64 {
