@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hot paths: entry encode/decode + checksum, ring placement,
-//! command batching, the replica core committing through `MemFabric`, the TCP frame codec.
+//! command batching, the replica core committing through `MemFabric`, the TCP frame codec,
+//! and `ballot-node`'s store applying a put (what every replica does per command).
 //!
 //! `cargo bench -p ballot-bench` (or `-- <filter>`). Numbers go to `docs/benchmarks.md`;
 //! nothing here asserts performance.
@@ -223,5 +224,59 @@ fn tcp_codec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, entry, ring, batching, replica, tcp_codec);
+/// `ballot-node`'s store applying puts from sessions (dedup results recorded, the state
+/// digest kept), as each replica does per command, over 10,000 keys the store holds after
+/// the first pass.
+fn kv_apply(c: &mut Criterion) {
+    use ballot_node::kv::{Command, KvMachine, Op};
+    const SESSIONS: u64 = 32;
+    const KEYS: u64 = 10_000;
+    let put = |client: u64, seq: u64, key: u64| {
+        Command {
+            client,
+            seq,
+            op: Op::Put {
+                key: format!("key-{key:08}").into_bytes(),
+                value: vec![0x5A; 64],
+            },
+        }
+        .encode()
+    };
+    let mut m = KvMachine::default();
+    let mut out = Vec::new();
+    let register = Command {
+        client: 0,
+        seq: 0,
+        op: Op::Register,
+    }
+    .encode();
+    for i in 0..SESSIONS {
+        m.apply(i + 1, &register, &mut out);
+        out.clear();
+    }
+    // Commands encoded up front (the benchmark times the apply only); each pass rewrites
+    // their sequence numbers in place (bytes 8..16), so every put is new to its session.
+    let mut cmds: Vec<Vec<u8>> = (0..KEYS)
+        .map(|k| put(1 + k % SESSIONS, 1 + k / SESSIONS, k))
+        .collect();
+    let mut index = SESSIONS;
+    let mut pass = 0u64;
+    let mut g = c.benchmark_group("kv_apply");
+    g.throughput(Throughput::Elements(KEYS));
+    g.bench_function("put_64B_session/10k_keys", |b| {
+        b.iter(|| {
+            pass += 1;
+            for (k, cmd) in cmds.iter_mut().enumerate() {
+                let seq = pass * KEYS + k as u64 / SESSIONS + 1;
+                cmd[8..16].copy_from_slice(&seq.to_le_bytes());
+                index += 1;
+                out.clear();
+                m.apply(index, black_box(cmd), &mut out);
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, entry, ring, batching, replica, tcp_codec, kv_apply);
 criterion_main!(benches);

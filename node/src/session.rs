@@ -186,18 +186,25 @@ impl Sessions {
         let Some(s) = self.map.get_mut(&id) else {
             return;
         };
-        // O(1) in the window: the header and the one result enter the hash, not the rest.
-        self.hash = self.hash.wrapping_sub(head_hash(id, s));
-        self.idle.remove(&(s.last_active, id));
-        s.last_active = index;
-        self.idle.insert((index, id));
-        self.hash = self.hash.wrapping_add(result_hash(id, seq, &out));
+        // O(1) in the window: the header and the results that enter or leave the window
+        // enter the hash, not the rest. One session lookup; the expiry order is touched only
+        // when the index moves (the commands of one entry share it).
+        let mut hash = self.hash.wrapping_sub(head_hash(id, s));
+        if s.last_active != index {
+            self.idle.remove(&(s.last_active, id));
+            s.last_active = index;
+            self.idle.insert((index, id));
+        }
+        hash = hash.wrapping_add(result_hash(id, seq, &out));
         self.bytes += out.len();
         s.results.insert(seq, out);
-        self.hash = self.hash.wrapping_add(head_hash(id, s));
-        while self.map[&id].results.len() > self.limits.window {
-            self.drop_oldest_result(id);
+        while s.results.len() > self.limits.window {
+            let (old_seq, old) = s.results.pop_first().expect("a result over the window");
+            s.floor = s.floor.max(old_seq);
+            hash = hash.wrapping_sub(result_hash(id, old_seq, &old));
+            self.bytes -= old.len();
         }
+        self.hash = hash.wrapping_add(head_hash(id, s));
         self.shed_bytes(id);
     }
 
