@@ -26,6 +26,7 @@ use ballot::driver::Replica;
 use ballot::layout::{RegionInfo, RingGeometry};
 use ballot::protocol::{Config, Core, ProposeError};
 use ballot::region::Region;
+use ballot::runtime::IdleStrategy;
 use ballot::sim::kv::{self, Machine, Op};
 use ballot::tickets::TicketMap;
 use ballot::NodeId;
@@ -228,7 +229,14 @@ fn main() {
         done: false,
     };
     let start = Instant::now();
-    let mut idle = 0u32;
+    // The one idle policy of every replica loop, with this binary's counts (2 vCPUs in the
+    // guest, 3 processes): spin 63 idle turns, yield 64, then sleep 50 us.
+    let mut idler = IdleStrategy::Shared {
+        spin: 63,
+        yields: 64,
+        park: Duration::from_micros(50),
+    }
+    .start();
     let mut last_role = (String::new(), String::new());
     let mut last_dump = Instant::now() - Duration::from_secs(1);
     let mut dumped_applied = usize::MAX;
@@ -369,18 +377,6 @@ fn main() {
             }
         }
 
-        // Idle strategy: spin a little, then yield, then sleep (2 vCPUs, 3 processes).
-        if busy {
-            idle = 0;
-        } else {
-            idle = idle.saturating_add(1);
-            if idle < 64 {
-                std::hint::spin_loop();
-            } else if idle < 128 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        }
+        idler.idle(busy, std::thread::sleep);
     }
 }
