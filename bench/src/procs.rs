@@ -13,6 +13,7 @@
 use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
 use ballot_node::client::{self, Client, ClientConfig};
+use ballot_node::config::loopback_peers;
 use ballot_node::kv::Op;
 use ballot_node::pipeline::Pipeline;
 use hdrhistogram::Histogram;
@@ -123,14 +124,6 @@ impl NodeCluster {
         let dir = tmp.path().to_path_buf();
         let fabric: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let clients: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
-        let list = |ports: &[u16]| {
-            ports
-                .iter()
-                .enumerate()
-                .map(|(j, p)| format!("{j}=127.0.0.1:{p}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
         // A fresh key per run, handed over in the environment (never on a command line).
         let key = format!(
             "bench-{:016x}{:016x}",
@@ -147,7 +140,12 @@ impl NodeCluster {
                 .map_err(|e| format!("cannot create a log file in {}: {e}", dir.display()))?;
             let mut cmd = Command::new(bin);
             cmd.args(["--node", &i.to_string(), "--cluster", "0xBE4C"])
-                .args(["--peers", &list(&fabric), "--client-peers", &list(&clients)])
+                .args([
+                    "--peers",
+                    &loopback_peers(&fabric),
+                    "--client-peers",
+                    &loopback_peers(&clients),
+                ])
                 .args(["--client-addr", &c.client_addrs[i]])
                 .args(["--durability", if durable { "durable" } else { "volatile" }])
                 .arg("--data-dir")

@@ -3,6 +3,7 @@
 //! `ballot-node` binary is not built next to `ballot-bench` (`cargo test --workspace`
 //! builds it).
 
+use ballot_node::config::loopback_peers;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -206,19 +207,16 @@ fn endpoints_drive_an_existing_cluster_and_leave_it_running() {
             .port()
     };
     let (fabric, client): (Vec<u16>, Vec<u16>) = (0..3).map(|_| (port(), port())).unzip();
-    let list = |ports: &[u16]| {
-        ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
     let mut nodes = Nodes(Vec::new());
     for i in 0..3 {
         let child = Command::new(&node)
             .args(["--node", &i.to_string(), "--cluster", "0xBE4D"])
-            .args(["--peers", &list(&fabric), "--client-peers", &list(&client)])
+            .args([
+                "--peers",
+                &loopback_peers(&fabric),
+                "--client-peers",
+                &loopback_peers(&client),
+            ])
             .args(["--client-addr", &format!("127.0.0.1:{}", client[i])])
             .arg("--data-dir")
             .arg(dir.path().join(i.to_string()))
@@ -232,7 +230,7 @@ fn endpoints_drive_an_existing_cluster_and_leave_it_running() {
             .unwrap();
         nodes.0.push(child);
     }
-    let endpoints = list(&client);
+    let endpoints = loopback_peers(&client);
     // Until every node serves its client port (the bench refuses a cluster that does not
     // answer at all).
     let deadline = Instant::now() + Duration::from_secs(30);

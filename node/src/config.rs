@@ -304,6 +304,17 @@ fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
+/// The `--peers` (or `--client-peers`) value for nodes on 127.0.0.1: node `i` at
+/// `ports[i]`.
+pub fn loopback_peers(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Parses a byte count: digits, optionally followed by `K`, `M` or `G` (powers of 1024;
 /// `KiB`, `KB`, `k` and a trailing `B` are accepted too).
 pub fn parse_size(s: &str) -> Option<u64> {

@@ -7,8 +7,8 @@ use ballot::sim::kv::{Op as SOp, Ret};
 use ballot_node::client::{self, Client, ClientConfig};
 use ballot_node::kv::{KvResult, Op};
 use common::history::{
-    acked_writer, check_all_keys, check_linearizable, final_reads_and_acked_check, spawn_workers,
-    val, Load, Rec, KEYS,
+    acked_writer, check_all_keys, check_linearizable, join_and_check, spawn_workers, val, Load,
+    Rec, KEYS,
 };
 use common::{free_port, settle, Cluster, SERVE_BOUND};
 use std::net::TcpListener;
@@ -41,13 +41,7 @@ fn three_nodes_survive_kill_restart_and_stop() {
     cl.stop_and_continue(l, "leader");
 
     stop.store(true, Ordering::Relaxed);
-    let mut history: Vec<Rec> = workers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect();
-    let acked = acked.join().unwrap();
-
-    final_reads_and_acked_check(&cl, &mut history, KEYS, &acked, "after the faults");
+    let (history, acked) = join_and_check(&cl, workers, acked, KEYS, "after the faults");
     let completed = history.iter().filter(|r| r.returned.is_some()).count();
     eprintln!(
         "{} ops ({completed} completed), {} acknowledged unique writes, {:?} so far",
@@ -463,12 +457,7 @@ fn durable_three_nodes_survive_repeated_kill9_of_all() {
     }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
-    let mut history: Vec<Rec> = workers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect();
-    let acked = acked.join().unwrap();
-    final_reads_and_acked_check(&cl, &mut history, KEYS, &acked, "after kill -9 of all");
+    let (history, acked) = join_and_check(&cl, workers, acked, KEYS, "after kill -9 of all");
     let completed = history.iter().filter(|r| r.returned.is_some()).count();
     eprintln!(
         "{CYCLES} kill-all cycles: {} ops ({completed} completed), {} acknowledged unique \
@@ -955,12 +944,7 @@ fn durable_kill9_of_all_after_checkpoints_keeps_acknowledged_writes() {
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     filler.join().unwrap();
-    let mut history: Vec<Rec> = workers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect();
-    let acked = acked.join().unwrap();
-    final_reads_and_acked_check(&cl, &mut history, KEYS, &acked, "after kill -9 of all");
+    let (history, acked) = join_and_check(&cl, workers, acked, KEYS, "after kill -9 of all");
     let st = cl.converged(&[0, 1, 2], Duration::from_secs(30));
     eprintln!(
         "{CYCLES} kill-all cycles with compacted logs: {} acknowledged unique writes, \

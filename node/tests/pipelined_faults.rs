@@ -10,8 +10,7 @@
 mod common;
 
 use common::history::{
-    acked_writer, check_all_keys, final_reads_and_acked_check, max_concurrency, spawn_workers,
-    Clients, Load, Rec,
+    acked_writer, check_all_keys, join_and_check, max_concurrency, spawn_workers, Clients, Load,
 };
 use common::{settle, Cluster};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -70,12 +69,7 @@ fn pipelined_clients_under_faults(name: &str, durable: bool) {
     }
 
     stop.store(true, Ordering::Relaxed);
-    let mut history: Vec<Rec> = workers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect();
-    let acked = acked.join().unwrap();
-    final_reads_and_acked_check(&cl, &mut history, LOAD.keys, &acked, "after the faults");
+    let (history, acked) = join_and_check(&cl, workers, acked, LOAD.keys, "after the faults");
     let completed = history.iter().filter(|r| r.returned.is_some()).count();
     let overlap = max_concurrency(&history);
     eprintln!(

@@ -352,6 +352,24 @@ pub fn acked_writer(
     })
 }
 
+/// Joins the workers and the acknowledged writer (which the caller stopped), then runs
+/// [`final_reads_and_acked_check`]: the whole history and the acknowledged writes.
+pub fn join_and_check(
+    cl: &Cluster,
+    workers: Vec<std::thread::JoinHandle<Vec<Rec>>>,
+    acked: std::thread::JoinHandle<Vec<u64>>,
+    keys: u8,
+    when: &str,
+) -> (Vec<Rec>, Vec<u64>) {
+    let mut history: Vec<Rec> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    let acked = acked.join().unwrap();
+    final_reads_and_acked_check(cl, &mut history, keys, &acked, when);
+    (history, acked)
+}
+
 /// After the workers stopped: reads keys `0..keys` once more into `history` (the last word
 /// on each register) and checks that every acknowledged unique write is readable.
 pub fn final_reads_and_acked_check(

@@ -7,6 +7,7 @@
 pub mod history;
 
 use ballot_node::client::{self, Client, ClientConfig};
+use ballot_node::config::loopback_peers;
 use ballot_node::kv::{KvResult, Op};
 use ballot_node::pipeline::Pipeline;
 use std::net::TcpListener;
@@ -159,14 +160,6 @@ impl Cluster {
     /// Starts node `i` with exactly the cluster's flags and `more`.
     pub fn start_raw(&mut self, i: usize, more: &[&str]) {
         assert!(self.children[i].is_none());
-        let list = |ports: &[u16]| {
-            ports
-                .iter()
-                .enumerate()
-                .map(|(j, p)| format!("{j}=127.0.0.1:{p}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -176,9 +169,9 @@ impl Cluster {
             .args(["--node", &i.to_string(), "--cluster", "0xBA11"])
             .args([
                 "--peers",
-                &list(&self.fabric),
+                &loopback_peers(&self.fabric),
                 "--client-peers",
-                &list(&self.client),
+                &loopback_peers(&self.client),
             ])
             .args(["--client-addr", &format!("127.0.0.1:{}", self.client[i])])
             .arg("--data-dir")
