@@ -286,12 +286,7 @@ impl KvResult {
             KvResult::Ok => b.push(res::OK),
             KvResult::Value(v) => value_result(b, v),
             KvResult::NotFound => b.push(res::NOT_FOUND),
-            KvResult::CasFailed(cur) => {
-                b.extend_from_slice(&[res::CAS_FAILED, u8::from(cur.is_some())]);
-                if let Some(c) = cur {
-                    b.extend_from_slice(c);
-                }
-            }
+            KvResult::CasFailed(cur) => cas_failed_result(b, cur.as_deref()),
             KvResult::Error(e) => {
                 b.push(res::ERROR);
                 b.extend_from_slice(e.as_bytes());
@@ -329,6 +324,12 @@ impl KvResult {
 fn value_result(b: &mut Vec<u8>, v: &[u8]) {
     b.push(res::VALUE);
     b.extend_from_slice(v);
+}
+
+/// [`KvResult::CasFailed`]'s encoding, from a borrowed current value.
+fn cas_failed_result(b: &mut Vec<u8>, cur: Option<&[u8]>) {
+    b.extend_from_slice(&[res::CAS_FAILED, u8::from(cur.is_some())]);
+    b.extend_from_slice(cur.unwrap_or_default());
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -579,7 +580,7 @@ impl KvMachine {
                     self.set_key(key, new);
                     out.push(res::OK);
                 } else {
-                    KvResult::CasFailed(cur.cloned()).encode_into(out);
+                    cas_failed_result(out, cur.map(Vec::as_slice));
                 }
             }
             OpRef::Register => KvResult::Session(self.sessions.register(index)).encode_into(out),

@@ -199,10 +199,7 @@ impl Sessions {
         self.bytes += out.len();
         s.results.insert(seq, out);
         while s.results.len() > self.limits.window {
-            let (old_seq, old) = s.results.pop_first().expect("a result over the window");
-            s.floor = s.floor.max(old_seq);
-            hash = hash.wrapping_sub(result_hash(id, old_seq, &old));
-            self.bytes -= old.len();
+            hash = hash.wrapping_sub(pop_oldest(id, s, &mut self.bytes));
         }
         self.hash = hash.wrapping_add(head_hash(id, s));
         self.shed_bytes(id);
@@ -211,19 +208,16 @@ impl Sessions {
     /// Moves session `id`'s oldest result out of its window (raising its floor). `false`:
     /// it had none.
     fn drop_oldest_result(&mut self, id: u64) -> bool {
-        let Some(s) = self.map.get_mut(&id) else {
+        let Some(s) = self.map.get_mut(&id).filter(|s| !s.results.is_empty()) else {
             return false;
         };
-        let Some((seq, out)) = s.results.pop_first() else {
-            return false;
-        };
-        self.hash = self.hash.wrapping_sub(head_hash(id, s));
-        s.floor = s.floor.max(seq);
+        let before = head_hash(id, s);
+        let gone = pop_oldest(id, s, &mut self.bytes);
         self.hash = self
             .hash
+            .wrapping_sub(before)
             .wrapping_add(head_hash(id, s))
-            .wrapping_sub(result_hash(id, seq, &out));
-        self.bytes -= out.len();
+            .wrapping_sub(gone);
         true
     }
 
@@ -285,6 +279,15 @@ impl Sessions {
         self.hash = self.hash.wrapping_add(session_hash(id, &s));
         self.map.insert(id, s);
     }
+}
+
+/// Moves session `id`'s (non-empty) oldest result out of its window: raises the floor,
+/// takes its bytes off `bytes` and returns its hash (the caller updates the header's).
+fn pop_oldest(id: u64, s: &mut Session, bytes: &mut usize) -> u64 {
+    let (seq, out) = s.results.pop_first().expect("a result to drop");
+    s.floor = s.floor.max(seq);
+    *bytes -= out.len();
+    result_hash(id, seq, &out)
 }
 
 /// Hash of one session: its header and each of its results, summed (so that a write
