@@ -177,9 +177,19 @@ pub struct Conn {
     /// The node's hello: its limits.
     pub hello: ServerHello,
     next_id: u64,
+    /// Bytes read land in `rbuf[rend..]`; `rbuf[rpos..rend]` is not parsed yet. The buffer
+    /// is zeroed once and reused: growing it by a zeroed chunk on every read (and freeing
+    /// it once parsed) cost a 64 KiB `memset` per read.
     rbuf: Vec<u8>,
     rpos: usize,
+    rend: usize,
+    /// The socket's read time-out as last set (whole milliseconds), to skip a
+    /// `setsockopt` per read when it has not changed.
+    read_timeout: Duration,
 }
+
+/// Bytes asked of the socket per read at least.
+const READ_CHUNK: usize = 64 << 10;
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +233,8 @@ impl Conn {
             next_id: 1,
             rbuf: Vec::new(),
             rpos: 0,
+            rend: 0,
+            read_timeout: io_timeout,
         };
         if hello.version != wire::VERSION {
             return Err(match c.recv() {
@@ -259,6 +271,20 @@ impl Conn {
         id
     }
 
+    /// Appends the frame of the command `(session, seq, op)` under a fresh id to `out`,
+    /// encoded in place; the id.
+    pub fn frame_command(&mut self, out: &mut Vec<u8>, session: u64, seq: u64, op: &Op) -> u64 {
+        let id = self.next_id();
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&id.to_le_bytes());
+        out.push(wire::kind::COMMAND);
+        crate::kv::encode_command(out, session, seq, op);
+        let len = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        id
+    }
+
     /// Writes already framed requests.
     pub fn write(&mut self, frames: &[u8]) -> io::Result<()> {
         self.stream.write_all(frames)
@@ -279,7 +305,7 @@ impl Conn {
 
     /// A complete frame already read, if any.
     fn parse(&mut self) -> io::Result<Option<(u64, Response)>> {
-        let avail = &self.rbuf[self.rpos..];
+        let avail = &self.rbuf[self.rpos..self.rend];
         if avail.len() < 4 {
             return Ok(None);
         }
@@ -293,9 +319,13 @@ impl Conn {
         let (id, body) = wire::split_id(&avail[4..4 + n])?;
         let r = Response::decode(body).map_err(invalid)?;
         self.rpos += 4 + n;
-        if self.rpos == self.rbuf.len() {
-            self.rbuf.clear();
+        if self.rpos == self.rend {
             self.rpos = 0;
+            self.rend = 0;
+            if self.rbuf.len() > 4 * READ_CHUNK {
+                // A large answer passed: do not hold its buffer.
+                self.rbuf = Vec::new();
+            }
         }
         Ok(Some((id, r)))
     }
@@ -304,32 +334,28 @@ impl Conn {
     /// time-out.
     fn fill(&mut self) -> io::Result<bool> {
         if self.rpos > 0 {
-            self.rbuf.drain(..self.rpos);
+            self.rbuf.copy_within(self.rpos..self.rend, 0);
+            self.rend -= self.rpos;
             self.rpos = 0;
         }
-        let len = self.rbuf.len();
-        self.rbuf.resize(len + (64 << 10), 0);
-        let r = self.stream.read(&mut self.rbuf[len..]);
-        match r {
-            Ok(0) => {
-                self.rbuf.truncate(len);
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the node closed the connection",
-                ))
-            }
+        if self.rbuf.len() - self.rend < READ_CHUNK / 4 {
+            let grown = (self.rbuf.len() * 2).max(READ_CHUNK);
+            self.rbuf.resize(grown, 0);
+        }
+        match self.stream.read(&mut self.rbuf[self.rend..]) {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the node closed the connection",
+            )),
             Ok(n) => {
-                self.rbuf.truncate(len + n);
+                self.rend += n;
                 Ok(true)
             }
-            Err(e) => {
-                self.rbuf.truncate(len);
-                match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Ok(false),
-                    io::ErrorKind::Interrupted => Ok(true),
-                    _ => Err(e),
-                }
-            }
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Ok(false),
+                io::ErrorKind::Interrupted => Ok(true),
+                _ => Err(e),
+            },
         }
     }
 
@@ -350,8 +376,7 @@ impl Conn {
         if let Some(r) = self.parse()? {
             return Ok(Some(r));
         }
-        self.stream
-            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        self.set_read_timeout(wait)?;
         let deadline = Instant::now() + wait;
         loop {
             if !self.fill()? {
@@ -364,8 +389,7 @@ impl Conn {
             if left.is_zero() {
                 return Ok(None);
             }
-            self.stream
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            self.set_read_timeout(left)?;
         }
     }
 
@@ -399,10 +423,16 @@ impl Conn {
         }
     }
 
-    /// Sets the time-out of each read.
+    /// Sets the time-out of each read, rounded up to whole milliseconds (at least 1 ms);
+    /// no system call when it is unchanged.
     pub fn set_read_timeout(&mut self, t: Duration) -> io::Result<()> {
-        self.stream
-            .set_read_timeout(Some(t.max(Duration::from_millis(1))))
+        let ms = t.as_nanos().div_ceil(1_000_000).clamp(1, u64::MAX as u128) as u64;
+        let t = Duration::from_millis(ms);
+        if t != self.read_timeout {
+            self.stream.set_read_timeout(Some(t))?;
+            self.read_timeout = t;
+        }
+        Ok(())
     }
 }
 

@@ -130,6 +130,7 @@ pub(crate) fn start(
         done,
         sleeping,
         dirty: Vec::new(),
+        now: Instant::now(),
         scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         accept_pending: false,
         accept_retry: false,
@@ -168,6 +169,9 @@ struct Conn {
     wpos: usize,
     /// Ids of the requests in flight.
     ids: HashSet<u64>,
+    /// On the `dirty` list already (a connection is serviced once per turn, however many
+    /// of its answers came in).
+    queued: bool,
     /// The socket was read until it had nothing more (reading waits for its next event).
     drained: bool,
     /// The client closed its side.
@@ -244,8 +248,12 @@ struct Loop {
     sink: CompletionSink,
     done: Receiver<(u64, Outcome)>,
     sleeping: Arc<AtomicBool>,
-    /// Connections whose state changed this turn (answers queued, room in flight).
+    /// Connections whose state changed this turn (answers queued, room in flight), each
+    /// once (see [`Loop::mark`]).
     dirty: Vec<usize>,
+    /// The time at the start of this loop turn: timestamps and deadlines use it (one clock
+    /// read per turn, not one per request).
+    now: Instant,
     /// Every read lands here first; a connection's buffer keeps only what it has not
     /// parsed yet (growing each connection's buffer by `READ_CHUNK` zeroed bytes per read,
     /// and freeing it once parsed, was a tenth of the event loop's time).
@@ -278,6 +286,7 @@ impl Loop {
                 }
             }
             self.sleeping.store(false, Ordering::SeqCst);
+            self.now = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept_pending = true,
@@ -288,7 +297,7 @@ impl Loop {
                             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                                 c.drained = false;
                             }
-                            self.dirty.push(i);
+                            self.mark(i);
                         }
                     }
                 }
@@ -365,13 +374,14 @@ impl Loop {
                         wbuf: Vec::new(),
                         wpos: 0,
                         ids: HashSet::new(),
+                        queued: false,
                         drained: false,
                         eof: false,
                         since: now,
                         last_read: now,
                         last_write: now,
                     });
-                    self.dirty.push(i);
+                    self.mark(i);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_pending = false;
@@ -403,11 +413,21 @@ impl Loop {
         }
     }
 
+    /// Puts connection `i` on the `dirty` list, unless it is on it already.
+    fn mark(&mut self, i: usize) {
+        if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
+            if !std::mem::replace(&mut c.queued, true) {
+                self.dirty.push(i);
+            }
+        }
+    }
+
     fn service(&mut self, i: usize) {
         let limits = self.serving.limits;
         let Some(mut c) = self.conns.get_mut(i).and_then(Option::take) else {
             return;
         };
+        c.queued = false;
         let mut close = false;
         // Read and parse while there is room in flight.
         loop {
@@ -420,7 +440,7 @@ impl Loop {
                 Ok(0) => c.eof = true,
                 Ok(n) => {
                     c.rbuf.extend_from_slice(&self.scratch[..n]);
-                    c.last_read = Instant::now();
+                    c.last_read = self.now;
                     if matches!(c.phase, Phase::Draining { .. }) {
                         c.rbuf.clear();
                         c.rpos = 0;
@@ -447,7 +467,7 @@ impl Loop {
                 Ok(0) => close = true,
                 Ok(n) => {
                     c.wpos += n;
-                    c.last_write = Instant::now();
+                    c.last_write = self.now;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -660,8 +680,7 @@ impl Loop {
         let s = &mut self.slots[k];
         s.live = Some((conn, gen, id));
         let tag = (u64::from(s.gen) << 32) | k as u64;
-        self.expiry
-            .push_back((Instant::now() + PROPOSE_TIMEOUT, tag));
+        self.expiry.push_back((self.now + PROPOSE_TIMEOUT, tag));
         tag
     }
 
@@ -685,7 +704,7 @@ impl Loop {
         if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
             if c.gen == gen && c.ids.remove(&id) {
                 c.respond(id, &r);
-                self.dirty.push(i);
+                self.mark(i);
             }
         }
     }
@@ -763,7 +782,7 @@ impl Loop {
                                 "idle for {} ms (--client-idle-timeout-ms): connect again to go on",
                                 idle.as_millis()
                             ));
-                            self.dirty.push(i);
+                            self.mark(i);
                         }
                     }
                 }

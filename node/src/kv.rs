@@ -145,39 +145,45 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// Appends the command `(client, seq, op)` to `b`, as [`Command::encode`] encodes it
+/// (without building a `Command`: the client library frames its requests in place).
+pub fn encode_command(b: &mut Vec<u8>, client: u64, seq: u64, op: &Op) {
+    b.extend_from_slice(&client.to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    match op {
+        Op::Put { key, value } => {
+            b.push(op::PUT);
+            put_bytes(b, key);
+            put_bytes(b, value);
+        }
+        Op::Get { key } => {
+            b.push(op::GET);
+            put_bytes(b, key);
+        }
+        Op::Delete { key } => {
+            b.push(op::DELETE);
+            put_bytes(b, key);
+        }
+        Op::Cas { key, expected, new } => {
+            b.push(op::CAS);
+            put_bytes(b, key);
+            match expected {
+                Some(e) => {
+                    b.push(1);
+                    put_bytes(b, e);
+                }
+                None => b.push(0),
+            }
+            put_bytes(b, new);
+        }
+        Op::Register => b.push(op::REGISTER),
+    }
+}
+
 impl Command {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(32 + self.op.key().len());
-        b.extend_from_slice(&self.client.to_le_bytes());
-        b.extend_from_slice(&self.seq.to_le_bytes());
-        match &self.op {
-            Op::Put { key, value } => {
-                b.push(op::PUT);
-                put_bytes(&mut b, key);
-                put_bytes(&mut b, value);
-            }
-            Op::Get { key } => {
-                b.push(op::GET);
-                put_bytes(&mut b, key);
-            }
-            Op::Delete { key } => {
-                b.push(op::DELETE);
-                put_bytes(&mut b, key);
-            }
-            Op::Cas { key, expected, new } => {
-                b.push(op::CAS);
-                put_bytes(&mut b, key);
-                match expected {
-                    Some(e) => {
-                        b.push(1);
-                        put_bytes(&mut b, e);
-                    }
-                    None => b.push(0),
-                }
-                put_bytes(&mut b, new);
-            }
-            Op::Register => b.push(op::REGISTER),
-        }
+        encode_command(&mut b, self.client, self.seq, &self.op);
         b
     }
 
@@ -611,9 +617,10 @@ impl KvMachine {
             }
             Check::New => {}
         }
+        let start = out.len();
         self.execute(cmd.op, index, out);
         self.sessions
-            .record(cmd.client, cmd.seq, out.clone(), index);
+            .record(cmd.client, cmd.seq, &out[start..], index);
     }
 }
 

@@ -13,7 +13,7 @@
 //! when it expired, under the same rule as the `Client`: a write is resent in a new session
 //! only if no earlier attempt of it can have taken effect.
 
-use crate::client::{command, ClientConfig, ClientError, Conn};
+use crate::client::{ClientConfig, ClientError, Conn};
 use crate::kv::{KvResult, Op};
 use crate::wire::Response;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -49,6 +49,8 @@ pub struct Pipeline {
     next: usize,
     conn: Option<Conn>,
     ops: HashMap<u64, Pending>,
+    /// Of `ops`, the session registrations this client makes for itself.
+    internal: usize,
     next_tag: u64,
     /// Tags to send, in order.
     ready: VecDeque<u64>,
@@ -70,6 +72,8 @@ pub struct Pipeline {
     connect_backoff: Duration,
     /// Last time the connection answered anything (or the first request went out).
     heard: Instant,
+    /// Frames to send, reused between sends.
+    wbuf: Vec<u8>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -96,6 +100,7 @@ impl Pipeline {
             next: 0,
             conn: None,
             ops: HashMap::new(),
+            internal: 0,
             next_tag: 1,
             ready: VecDeque::new(),
             no_session: VecDeque::new(),
@@ -109,6 +114,7 @@ impl Pipeline {
             connect_after: now,
             connect_backoff: Duration::from_millis(5),
             heard: now,
+            wbuf: Vec::new(),
         }
     }
 
@@ -119,7 +125,7 @@ impl Pipeline {
 
     /// Commands submitted and not yet returned by [`Pipeline::poll`].
     pub fn outstanding(&self) -> usize {
-        self.ops.values().filter(|p| !p.internal).count() + self.done.len()
+        self.ops.len() - self.internal + self.done.len()
     }
 
     /// Queues `op`; its tag (returned with its result by [`Pipeline::poll`]).
@@ -139,6 +145,7 @@ impl Pipeline {
         self.next_tag += 1;
         let now = Instant::now();
         let deadline = now + self.cfg.deadline;
+        self.internal += usize::from(internal);
         self.ops.insert(
             tag,
             Pending {
@@ -212,6 +219,7 @@ impl Pipeline {
         let Some(p) = self.ops.remove(&tag) else {
             return;
         };
+        self.internal -= usize::from(p.internal);
         if p.seq != 0 && p.session == self.session() {
             self.unanswered.remove(&p.seq);
         }
@@ -299,7 +307,8 @@ impl Pipeline {
         }
         let conn = self.conn.as_mut().expect("connected");
         let depth = self.depth.min(conn.hello.max_in_flight.max(1) as usize);
-        let mut frames = Vec::new();
+        let mut frames = std::mem::take(&mut self.wbuf);
+        frames.clear();
         let mut later = Vec::new();
         if self.sent.is_empty() {
             self.heard = now;
@@ -315,8 +324,7 @@ impl Pipeline {
                 later.push(tag);
                 continue;
             }
-            let body = command(p.session, p.seq, p.op.clone());
-            let id = conn.frame(&mut frames, &body);
+            let id = conn.frame_command(&mut frames, p.session, p.seq, &p.op);
             self.sent.insert(id, tag);
         }
         for t in later.into_iter().rev() {
@@ -327,6 +335,7 @@ impl Pipeline {
                 self.conn_failed(format!("{}: {e}", self.target_name()));
             }
         }
+        self.wbuf = frames;
     }
 
     fn target_name(&self) -> String {
@@ -492,7 +501,6 @@ impl Pipeline {
         let Some(p) = self.ops.get_mut(&tag) else {
             return;
         };
-        let at = self.target.clone().unwrap_or_else(|| "?".into());
         match r {
             Response::Ok(payload) => match KvResult::decode(&payload) {
                 Ok(KvResult::SessionExpired) if p.seq != 0 && !p.internal => {
@@ -528,6 +536,7 @@ impl Pipeline {
                 self.ready.push_back(tag);
             }
             Response::NotLeader { leader, addr } => {
+                let at = self.target.as_deref().unwrap_or("?");
                 self.last_err = match leader {
                     Some(l) => format!("{at} is not the leader (node {l} is)"),
                     None => format!("{at} is not the leader and knows none"),

@@ -180,12 +180,14 @@ impl Sessions {
     }
 
     /// Records the result of write `seq` of session `id` (which [`Sessions::check`] called
-    /// new), applied at `index`: the oldest result leaves the window if it is full, and
-    /// other sessions expire if the table is over its byte budget.
-    pub fn record(&mut self, id: u64, seq: u64, out: Vec<u8>, index: Index) {
+    /// new), applied at `index`: the oldest result leaves the window if it is full (its
+    /// buffer then takes the new result: no allocation in steady state), and other sessions
+    /// expire if the table is over its byte budget.
+    pub fn record(&mut self, id: u64, seq: u64, out: &[u8], index: Index) {
         let Some(s) = self.map.get_mut(&id) else {
             return;
         };
+        debug_assert!(seq > s.floor && !s.results.contains_key(&seq), "not new");
         // O(1) in the window: the header and the results that enter or leave the window
         // enter the hash, not the rest. One session lookup; the expiry order is touched only
         // when the index moves (the commands of one entry share it).
@@ -195,9 +197,29 @@ impl Sessions {
             s.last_active = index;
             self.idle.insert((index, id));
         }
-        hash = hash.wrapping_add(result_hash(id, seq, &out));
-        self.bytes += out.len();
-        s.results.insert(seq, out);
+        let mut buf = Vec::new();
+        if s.results.len() >= self.limits.window {
+            if s.results
+                .first_key_value()
+                .is_some_and(|(&low, _)| low < seq)
+            {
+                let (low, old) = s.results.pop_first().expect("a full window");
+                s.floor = s.floor.max(low);
+                self.bytes -= old.len();
+                hash = hash.wrapping_sub(result_hash(id, low, &old));
+                buf = old;
+                buf.clear();
+            } else {
+                // Below every result kept: it enters and leaves the window at once.
+                s.floor = s.floor.max(seq);
+                self.hash = hash.wrapping_add(head_hash(id, s));
+                return self.shed_bytes(id);
+            }
+        }
+        buf.extend_from_slice(out);
+        hash = hash.wrapping_add(result_hash(id, seq, &buf));
+        self.bytes += buf.len();
+        s.results.insert(seq, buf);
         while s.results.len() > self.limits.window {
             hash = hash.wrapping_sub(pop_oldest(id, s, &mut self.bytes));
         }
@@ -327,13 +349,13 @@ mod tests {
         let mut t = Sessions::new(small());
         let id = t.register(1);
         assert_eq!(t.check(id, 1), Check::New);
-        t.record(id, 1, vec![0], 2);
+        t.record(id, 1, &[0], 2);
         assert_eq!(t.check(id, 1), Check::Duplicate(&[0]));
         // Out of order inside the window: 3 before 2.
-        t.record(id, 3, vec![3], 3);
+        t.record(id, 3, &[3], 3);
         assert_eq!(t.check(id, 2), Check::New);
-        t.record(id, 2, vec![2], 4);
-        t.record(id, 4, vec![4], 5);
+        t.record(id, 2, &[2], 4);
+        t.record(id, 4, &[4], 5);
         // Window of 3: seq 1 left it, and is stale now.
         assert_eq!(t.check(id, 1), Check::Stale);
         assert_eq!(t.check(id, 2), Check::Duplicate(&[2]));
@@ -350,7 +372,7 @@ mod tests {
         let kept: Vec<u64> = t.iter().map(|(id, _)| *id).collect();
         assert_eq!(kept, ids[6..]);
         // A write refreshes a session: it outlives the ones registered after it.
-        t.record(ids[6], 1, vec![1], 30);
+        t.record(ids[6], 1, &[1], 30);
         t.register(31);
         assert!(t.get(ids[6]).is_some());
         assert!(t.get(ids[7]).is_none());
@@ -366,11 +388,11 @@ mod tests {
         // Bytes: big results push out other sessions, then the window's oldest.
         let a = t.register(1000);
         let b = t.register(1000);
-        t.record(a, 1, vec![0; 500], 1001);
-        t.record(b, 1, vec![0; 500], 1002);
+        t.record(a, 1, &[0; 500], 1001);
+        t.record(b, 1, &[0; 500], 1002);
         assert!(t.get(a).is_none(), "a was idle longest");
         assert!(t.bytes() <= l.max_bytes);
-        t.record(b, 2, vec![0; 500], 1003);
+        t.record(b, 2, &[0; 500], 1003);
         assert_eq!(t.check(b, 1), Check::Stale);
         assert_eq!(t.check(b, 2), Check::Duplicate(&[0; 500]));
         assert!(t.bytes() <= l.max_bytes);
@@ -393,7 +415,7 @@ mod tests {
                         let id = ids[(x >> 8) as usize % ids.len()];
                         let seq = (x >> 20) % 8;
                         if t.check(id, seq) == Check::New {
-                            t.record(id, seq, vec![7; (x >> 40) as usize % 300], index);
+                            t.record(id, seq, &vec![7; (x >> 40) as usize % 300], index);
                         }
                     }
                     _ => {}
