@@ -77,6 +77,9 @@ pub trait StateMachine: Send {
     /// driver reuses one buffer, so a replica that did not propose the command (every
     /// follower) allocates nothing for it here.
     fn apply(&mut self, index: Index, command: &[u8], out: &mut Vec<u8>);
+    /// Every command of the entry at `index` has been applied: the place for work due once
+    /// per entry rather than once per command (publishing a digest of the state, say).
+    fn applied_entry(&mut self, _index: Index) {}
     /// A frozen copy of the state after the last applied command, written out in the
     /// background as a checkpoint. `None`: no checkpoints (the log is never truncated).
     fn checkpoint(&self) -> Option<Box<dyn CheckpointSource>> {
@@ -918,6 +921,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
                 }
             }
         }
+        self.sm.applied_entry(index);
         self.metrics.apply_latency.observe(started.elapsed());
     }
 

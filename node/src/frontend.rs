@@ -26,7 +26,8 @@ use ballot::runtime::{CompletionSink, Handle};
 use crossbeam::channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use rustc_hash::FxHashSet as HashSet;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -167,7 +168,8 @@ struct Conn {
     rpos: usize,
     wbuf: Vec<u8>,
     wpos: usize,
-    /// Ids of the requests in flight.
+    /// Ids of the requests in flight (client-chosen; at most `max_in_flight` of them, which
+    /// bounds what colliding ids could cost).
     ids: HashSet<u64>,
     /// On the `dirty` list already (a connection is serviced once per turn, however many
     /// of its answers came in).
@@ -373,7 +375,7 @@ impl Loop {
                         rpos: 0,
                         wbuf: Vec::new(),
                         wpos: 0,
-                        ids: HashSet::new(),
+                        ids: HashSet::default(),
                         queued: false,
                         drained: false,
                         eof: false,

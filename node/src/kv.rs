@@ -514,7 +514,7 @@ impl KvMachine {
         }
     }
 
-    /// The cell where [`StateDigest`] is published after every command.
+    /// The cell where [`StateDigest`] is published after every entry applied.
     pub fn digest_cell(&self) -> Arc<DigestCell> {
         self.cell.clone()
     }
@@ -831,6 +831,11 @@ impl StateMachine for KvMachine {
     fn apply(&mut self, index: Index, command: &[u8], out: &mut Vec<u8>) {
         self.apply_command(index, command, out);
         self.last_index = index;
+    }
+
+    /// Publishes the digest once per entry (a lock and the digest's mixing per command were
+    /// 2 % of the processes benchmark).
+    fn applied_entry(&mut self, _index: Index) {
         self.publish();
     }
 
@@ -890,6 +895,7 @@ mod tests {
         fn apply_owned(&mut self, index: Index, command: &[u8]) -> Vec<u8> {
             let mut out = Vec::new();
             StateMachine::apply(self, index, command, &mut out);
+            self.applied_entry(index);
             out
         }
     }

@@ -16,7 +16,8 @@
 use crate::client::{ClientConfig, ClientError, Conn};
 use crate::kv::{KvResult, Op};
 use crate::wire::Response;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Writes of one session in flight at most: the node's session window (128 results kept
@@ -99,12 +100,12 @@ impl Pipeline {
             target: None,
             next: 0,
             conn: None,
-            ops: HashMap::new(),
+            ops: HashMap::default(),
             internal: 0,
             next_tag: 1,
             ready: VecDeque::new(),
             no_session: VecDeque::new(),
-            sent: HashMap::new(),
+            sent: HashMap::default(),
             unanswered: BTreeSet::new(),
             registering: None,
             deadlines: VecDeque::new(),
@@ -166,6 +167,9 @@ impl Pipeline {
     /// The next completion, waiting up to `wait` for one (and sending what is queued
     /// meanwhile); `None` if none came in time.
     pub fn poll(&mut self, wait: Duration) -> Option<(u64, Result<KvResult, ClientError>)> {
+        if let Some(d) = self.done.pop_front() {
+            return Some(d);
+        }
         let until = Instant::now() + wait;
         loop {
             if let Some(d) = self.done.pop_front() {
@@ -196,7 +200,7 @@ impl Pipeline {
     pub fn execute_all(&mut self, ops: Vec<Op>) -> Vec<Result<KvResult, ClientError>> {
         let tags: Vec<u64> = ops.into_iter().map(|op| self.submit(op)).collect();
         let first = tags.first().copied().unwrap_or(0);
-        let mut got: HashMap<u64, Result<KvResult, ClientError>> = HashMap::new();
+        let mut got: HashMap<u64, Result<KvResult, ClientError>> = HashMap::default();
         let mut others = Vec::new();
         while got.len() < tags.len() {
             match self.poll(Duration::from_secs(1)) {
