@@ -6,6 +6,7 @@
 //! nothing here asserts performance.
 
 use ballot::driver::{Replica, StateMachine};
+use ballot::handoff::Completions;
 use ballot::layout::{self, EntryHeader, RegionInfo, RingGeometry};
 use ballot::mem_fabric::{MemFabric, MemNet};
 use ballot::protocol::{batch, Config, Core};
@@ -139,14 +140,16 @@ fn cluster(batch_bytes: usize) -> (Vec<Replica<MemFabric, Null>>, usize, u64) {
 /// Proposes `n` commands at the leader and steps everyone until all are applied there.
 fn commit(reps: &mut [Replica<MemFabric, Null>], leader: usize, cmd: &[u8], n: usize, tick: u64) {
     for _ in 0..n {
-        reps[leader].propose(cmd.to_vec()).expect("leader accepts");
+        reps[leader].propose(cmd).expect("leader accepts");
     }
     let mut done = 0;
+    let mut got = Completions::new();
     while done < n {
         for r in reps.iter_mut() {
             r.step(tick);
         }
-        done += reps[leader].take_completed().count();
+        reps[leader].take_completed(&mut got);
+        done += got.len();
     }
 }
 
@@ -171,16 +174,18 @@ fn replica(c: &mut Criterion) {
             for _ in 0..iters {
                 let t0 = std::time::Instant::now();
                 for _ in 0..64 {
-                    reps[l].propose(cmd.to_vec()).unwrap();
+                    reps[l].propose(&cmd).unwrap();
                 }
                 spent += t0.elapsed();
                 commit(&mut reps, l, &cmd, 0, tick);
                 let mut done = 0;
+                let mut got = Completions::new();
                 while done < 64 {
                     for r in reps.iter_mut() {
                         r.step(tick);
                     }
-                    done += reps[l].take_completed().count();
+                    reps[l].take_completed(&mut got);
+                    done += got.len();
                 }
             }
             spent

@@ -7,8 +7,9 @@
 use crate::fabrics::{self, FabricKind, RdmaOpts};
 use crate::load::LoadOpts;
 use crate::stats::{self, BenchResult};
-use ballot::driver::{Outcome, Replica, StateMachine};
+use ballot::driver::{Replica, StateMachine};
 use ballot::fabric::Fabric;
+use ballot::handoff::{Completions, Proposals};
 use ballot::protocol::{Config, Core, ProposeError};
 use ballot::runtime::{
     CompletionSink, Handle, IdleAction, IdleStrategy, Idler, Role, Runtime, RuntimeConfig,
@@ -309,18 +310,26 @@ pub(crate) enum Commands {
 }
 
 impl Commands {
-    pub(crate) fn next(&mut self) -> Vec<u8> {
+    /// Appends the next command to `to`, under `tag`.
+    pub(crate) fn push_next(&mut self, tag: u64, to: &mut Proposals) {
         match self {
-            Commands::Fixed(c) => c.clone(),
+            Commands::Fixed(c) => to.push(tag, c),
             Commands::Keyed {
                 payload,
                 keys,
                 next,
             } => {
-                let mut c = vec![0xA5u8; (*payload).max(8)];
-                c[..8].copy_from_slice(&(*next % (*keys).max(1)).to_le_bytes());
+                let mut c = [0xA5u8; 64];
+                let key = (*next % (*keys).max(1)).to_le_bytes();
                 *next += 1;
-                c
+                if *payload <= c.len() {
+                    c[..8].copy_from_slice(&key);
+                    to.push(tag, &c[..(*payload).max(8)]);
+                } else {
+                    let mut c = vec![0xA5u8; *payload];
+                    c[..8].copy_from_slice(&key);
+                    to.push(tag, &c);
+                }
             }
         }
     }
@@ -359,14 +368,14 @@ pub(crate) struct LoadGen {
     /// Closed loop: refused commands waiting to be sent again.
     retry: Vec<(Instant, u64)>,
     /// Commands ready to send, `(tag, command)`: the next batch.
-    out: Vec<(u64, Vec<u8>)>,
+    out: Proposals,
     /// The tags of the batch being sent (to retry them if the runtime refuses the batch).
     sending: Vec<u64>,
     /// Where the runtimes deliver the outcomes, and the receiving end.
     sink: CompletionSink,
-    done: Receiver<(u64, Outcome)>,
-    /// An outcome received while parked, handled on the next turn.
-    parked: Option<(u64, Outcome)>,
+    done: Receiver<Completions>,
+    /// Outcomes received while parked, handled on the next turn.
+    parked: Option<Completions>,
     idler: Idler,
     total: hdrhistogram::Histogram<u64>,
     interval: hdrhistogram::Histogram<u64>,
@@ -390,11 +399,13 @@ impl LoadGen {
         let t0 = Instant::now();
         let closed = o.open_loop.is_none();
         let mut sent_at = Vec::new();
-        let mut out = Vec::new();
+        let mut out = Proposals::new();
         if closed {
             let n = o.clients * o.outstanding;
             sent_at = vec![t0; n];
-            out.extend((0..n as u64).map(|tag| (tag, cmds.next())));
+            for tag in 0..n as u64 {
+                cmds.push_next(tag, &mut out);
+            }
         }
         LoadGen {
             cmds,
@@ -494,30 +505,32 @@ impl LoadGen {
                     }
                 };
                 self.sent_at[tag as usize] = self.next_arrival;
-                self.out.push((tag, self.cmds.next()));
+                self.cmds.push_next(tag, &mut self.out);
                 self.next_arrival += gap;
             }
         }
         let mut busy = false;
         let mut t = None;
-        while let Some((tag, outcome)) = self.parked.take().or_else(|| self.done.try_recv().ok()) {
+        while let Some(done) = self.parked.take().or_else(|| self.done.try_recv().ok()) {
             busy = true;
             let t = *t.get_or_insert_with(Instant::now);
-            let ok = match &outcome {
-                Ok(_) => true,
-                Err(e) => {
-                    shared.failures[failure_slot(e)].fetch_add(1, Ordering::Relaxed);
-                    false
-                }
-            };
-            self.complete(tag, ok, t);
+            for (tag, outcome) in done.iter() {
+                let ok = match outcome {
+                    Ok(_) => true,
+                    Err(e) => {
+                        shared.failures[failure_slot(e)].fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                };
+                self.complete(tag, ok, t);
+            }
         }
         if !self.retry.is_empty() {
             let now = Instant::now();
             let (out, cmds) = (&mut self.out, &mut self.cmds);
             self.retry.retain(|&(at, tag)| {
                 if at <= now {
-                    out.push((tag, cmds.next()));
+                    cmds.push_next(tag, out);
                     false
                 } else {
                     true
@@ -528,7 +541,7 @@ impl LoadGen {
             let l = shared.leader.load(Ordering::Relaxed);
             let l = if l == NO_LEADER { 0 } else { l };
             self.sending.clear();
-            self.sending.extend(self.out.iter().map(|(tag, _)| *tag));
+            self.sending.extend(self.out.tags());
             if let Err(e) = handles[l].submit_batch(std::mem::take(&mut self.out), &self.sink) {
                 // Refused whole (`Busy`: the runtime's queue is full; `ShuttingDown`): no
                 // outcome comes for any of them.
@@ -562,7 +575,7 @@ impl LoadGen {
             self.retry.push((t + RETRY_AFTER, tag));
         } else if self.closed {
             *slot = t;
-            self.out.push((tag, self.cmds.next()));
+            self.cmds.push_next(tag, &mut self.out);
         } else {
             self.free.push(tag);
         }

@@ -7,6 +7,7 @@
 use crate::checkpoint::{CheckpointPolicy, CheckpointSource, Checkpoints};
 use crate::credit::CreditWatch;
 use crate::fabric::{Completion, Fabric, FabricEvent};
+use crate::handoff::Completions;
 use crate::layout::{self, CommitCell, ProgressCell};
 use crate::metrics::Metrics;
 use crate::protocol::{batch, Action, Config, ConfigError, Core, Msg, ProposeError, Token};
@@ -222,7 +223,8 @@ pub struct Replica<F: Fabric, S: StateMachine> {
     /// Persist submissions in flight: (seq, last index).
     persisting: VecDeque<(u64, Index)>,
     persisted_buf: Vec<u64>,
-    completed: Vec<(u64, Outcome)>,
+    /// Outcomes since the last [`Replica::take_completed`], outputs in one buffer.
+    completed: Completions,
     /// The state machine's output buffer, reused for every command.
     apply_out: Vec<u8>,
     next_ticket: u64,
@@ -269,7 +271,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             pending: TicketMap::new(),
             persisting: VecDeque::new(),
             persisted_buf: Vec::new(),
-            completed: Vec::new(),
+            completed: Completions::new(),
             apply_out: Vec::new(),
             next_ticket,
             ticks: None,
@@ -393,7 +395,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
 
     /// Proposes `cmd`; the returned ticket completes (see `take_completed`) once the
     /// command is applied here, or with an error.
-    pub fn propose(&mut self, cmd: Vec<u8>) -> Result<u64, ProposeError> {
+    pub fn propose(&mut self, cmd: &[u8]) -> Result<u64, ProposeError> {
         if self.failed.is_some() {
             return Err(ProposeError::ShuttingDown);
         }
@@ -404,9 +406,12 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         Ok(ticket)
     }
 
-    /// Completed tickets since the last call.
-    pub fn take_completed(&mut self) -> std::vec::Drain<'_, (u64, Outcome)> {
-        self.completed.drain(..)
+    /// Hands the outcomes completed since the last call over in `into` (emptied first):
+    /// the two buffers are swapped, so a caller that passes the same `into` every time
+    /// allocates nothing in steady state.
+    pub fn take_completed(&mut self, into: &mut Completions) {
+        into.clear();
+        std::mem::swap(into, &mut self.completed);
     }
 
     /// One turn of the loop: `now_ticks` is the driver's clock in ticks. Returns whether
@@ -468,7 +473,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         self.core.shutdown();
         self.execute();
         for (t, ()) in self.pending.drain() {
-            self.completed.push((t, Err(ProposeError::ShuttingDown)));
+            self.completed.push_err(t, ProposeError::ShuttingDown);
         }
     }
 
@@ -688,13 +693,13 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             Action::Heartbeat(v) => self.fabric.region().store_word(layout::HEARTBEAT_OFFSET, v),
             Action::Reject { ticket, error } => {
                 if self.pending.remove(ticket).is_some() {
-                    self.completed.push((ticket, Err(error)));
+                    self.completed.push_err(ticket, error);
                 }
             }
             Action::LeadershipLost => {
                 tracing::info!(node = me, "lost leadership");
                 for (t, ()) in self.pending.drain() {
-                    self.completed.push((t, Err(ProposeError::Indeterminate)));
+                    self.completed.push_err(t, ProposeError::Indeterminate);
                 }
             }
             Action::BecameLeader(b) => tracing::info!(node = me, ballot = %b, "leading"),
@@ -785,7 +790,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         c.since = 0;
         // Commands proposed here that the checkpoint covers will not be applied one by one.
         for (t, ()) in self.pending.drain() {
-            self.completed.push((t, Err(ProposeError::Indeterminate)));
+            self.completed.push_err(t, ProposeError::Indeterminate);
         }
         Ok(())
     }
@@ -916,8 +921,8 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
             if batch::origin_node(origin) == self.core.id() {
                 let t = batch::origin_ticket(origin);
                 if self.pending.remove(t).is_some() {
-                    // The proposer's copy, exact size (none for an empty output).
-                    self.completed.push((t, Ok(self.apply_out.to_vec())));
+                    // Into the completions' one buffer: no allocation per command.
+                    self.completed.push_ok(t, &self.apply_out);
                 }
             }
         }

@@ -73,6 +73,7 @@ pub mod checkpoint;
 mod credit;
 pub mod driver;
 pub mod fabric;
+pub mod handoff;
 pub mod layout;
 pub mod mem_fabric;
 pub mod metrics;

@@ -5,8 +5,10 @@
 //! refused). A [`Handle`] (cheap to clone, usable from any thread) proposes, either
 //! blocking with a timeout ([`Handle::propose`]) or returning a waitable [`Ticket`]
 //! ([`Handle::submit`]) for callers with many commands outstanding, or handing a batch of
-//! tagged commands whose outcomes arrive on a shared [`CompletionSink`]
-//! ([`Handle::submit_batch`]) for event loops that must never block.
+//! tagged commands ([`Proposals`], one message for the whole batch) whose outcomes arrive on
+//! a shared [`CompletionSink`] ([`Handle::submit_batch`]), one [`Completions`] per step,
+//! for event loops that must never block. Batches keep their commands and outputs back to
+//! back in one buffer each: nothing is allocated per command on the way in or out.
 //!
 //! The thread's clock is an [`Instant`]: 1 tick = 1 ms, the unit of [`Config::new`]'s
 //! timeouts.
@@ -27,6 +29,7 @@
 
 use crate::driver::{Outcome, Replica, StateMachine};
 use crate::fabric::Fabric;
+use crate::handoff::{Completions, Proposals};
 use crate::metrics::Metrics;
 use crate::protocol::ProposeError;
 use crate::tickets::TicketMap;
@@ -368,23 +371,93 @@ impl StatusCell {
 enum Reply {
     /// Its own [`Ticket`].
     Ticket(Sender<Outcome>),
-    /// A [`CompletionSink`] shared with other proposals, under the caller's tag.
-    Tagged(u64, CompletionSink),
+    /// Slot `.1` of the loop's [`Sinks`], under the caller's tag `.0`.
+    Tagged(u64, u32),
 }
 
-impl Reply {
-    /// Delivers the outcome; a tagged one also asks for its sink to be woken (`wake`: the
-    /// sinks that got something in this step, each once).
-    fn send(self, out: Outcome, wake: &mut Vec<CompletionSink>) {
-        match self {
-            Reply::Ticket(tx) => {
-                let _ = tx.send(out);
+/// A [`CompletionSink`] with proposals in flight, and the outcomes gathered for it in the
+/// current step (sent as one message at the step's end).
+struct SinkSlot {
+    sink: CompletionSink,
+    /// Its proposals not completed yet.
+    waiting: usize,
+    out: Completions,
+}
+
+/// The sinks of the proposals in flight, in slots that a [`Reply::Tagged`] names (so a
+/// tagged proposal holds no clone of its sink). A slot is freed once its sink has nothing
+/// in flight.
+#[derive(Default)]
+struct Sinks {
+    slots: Vec<Option<SinkSlot>>,
+    free: Vec<u32>,
+}
+
+impl Sinks {
+    /// The slot of `sink` (the same sink: the same wake-up function), made if needed.
+    fn slot_of(&mut self, sink: &CompletionSink) -> u32 {
+        let found = self.slots.iter().position(|s| {
+            s.as_ref()
+                .is_some_and(|s| Arc::ptr_eq(&s.sink.wake, &sink.wake))
+        });
+        if let Some(i) = found {
+            return i as u32;
+        }
+        let slot = Some(SinkSlot {
+            sink: sink.clone(),
+            waiting: 0,
+            out: Completions::new(),
+        });
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
             }
-            Reply::Tagged(tag, sink) => {
-                let _ = sink.tx.send((tag, out));
-                if !wake.iter().any(|w| Arc::ptr_eq(&w.wake, &sink.wake)) {
-                    wake.push(sink);
-                }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// A reply for a proposal of `tag` into `slot`.
+    fn tagged(&mut self, tag: u64, slot: u32) -> Reply {
+        self.live(slot).waiting += 1;
+        Reply::Tagged(tag, slot)
+    }
+
+    fn live(&mut self, slot: u32) -> &mut SinkSlot {
+        self.slots[slot as usize]
+            .as_mut()
+            .expect("a reply names a live sink slot")
+    }
+
+    /// Delivers an outcome: a ticket's at once, a tagged one at the end of the step.
+    fn deliver(&mut self, reply: Reply, out: Result<&[u8], ProposeError>) {
+        match reply {
+            Reply::Ticket(tx) => {
+                let _ = tx.send(out.map(<[u8]>::to_vec));
+            }
+            Reply::Tagged(tag, slot) => {
+                let s = self.live(slot);
+                s.waiting -= 1;
+                s.out.push(tag, out);
+            }
+        }
+    }
+
+    /// Sends each sink what it got in this step, as one message, and wakes it once; frees
+    /// the slots of sinks with nothing left in flight.
+    fn flush(&mut self) {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(s) = slot else { continue };
+            if !s.out.is_empty() {
+                let _ = s.sink.tx.send(std::mem::take(&mut s.out));
+                (s.sink.wake)();
+            }
+            if s.waiting == 0 {
+                *slot = None;
+                self.free.push(i as u32);
             }
         }
     }
@@ -392,33 +465,33 @@ impl Reply {
 
 struct Request {
     cmd: Vec<u8>,
-    reply: Reply,
+    reply: Sender<Outcome>,
 }
 
 /// What travels on the proposal channel: one proposal, or a batch of tagged ones.
 enum Msg {
     One(Request),
-    Batch(Vec<(u64, Vec<u8>)>, CompletionSink),
+    Batch(Proposals, CompletionSink),
 }
 
 /// Where the outcomes of tagged proposals ([`Handle::submit_batch`]) go, for callers with
 /// many proposals in flight that cannot block on a [`Ticket`] each (an event loop): one
-/// channel of `(tag, outcome)` shared by all of them, and a wake-up function that the
+/// channel shared by all of them, carrying one [`Completions`] of `(tag, outcome)` per
+/// step, and a wake-up function that the
 /// replica thread calls once per step in which it delivered any outcome to this sink (not
 /// once per outcome), for example to wake a `mio::Waker`. The wake-up runs on the replica
 /// thread: it must be quick and must not block.
 #[derive(Clone)]
 pub struct CompletionSink {
-    tx: Sender<(u64, Outcome)>,
+    tx: Sender<Completions>,
     wake: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl CompletionSink {
-    /// A sink and the receiver of its outcomes. The channel is unbounded: its length is
+    /// A sink and the receiver of its outcomes: one [`Completions`] per replica step that
+    /// completed any of the caller's proposals. The channel is unbounded: its length is
     /// bounded by the proposals the caller has in flight.
-    pub fn new(
-        wake: impl Fn() + Send + Sync + 'static,
-    ) -> (CompletionSink, Receiver<(u64, Outcome)>) {
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> (CompletionSink, Receiver<Completions>) {
         let (tx, rx) = channel::unbounded();
         (
             CompletionSink {
@@ -490,10 +563,7 @@ impl Handle {
             return Err(ProposeError::ShuttingDown);
         }
         let (reply, rx) = channel::bounded(1);
-        let req = Request {
-            cmd,
-            reply: Reply::Ticket(reply),
-        };
+        let req = Request { cmd, reply };
         match self.tx.try_send(Msg::One(req)) {
             Ok(()) => Ok(Ticket { rx }),
             Err(TrySendError::Full(_)) => Err(ProposeError::Busy),
@@ -507,11 +577,7 @@ impl Handle {
     /// `Busy` when the channel is full and `ShuttingDown` once stopped; then no outcome is
     /// delivered for it. A batch takes one slot of [`RuntimeConfig::queue`], whatever its
     /// length.
-    pub fn submit_batch(
-        &self,
-        cmds: Vec<(u64, Vec<u8>)>,
-        sink: &CompletionSink,
-    ) -> Result<(), ProposeError> {
+    pub fn submit_batch(&self, cmds: Proposals, sink: &CompletionSink) -> Result<(), ProposeError> {
         if self.stop.load(Ordering::Acquire) {
             return Err(ProposeError::ShuttingDown);
         }
@@ -672,28 +738,32 @@ fn run<F: Fabric, S: StateMachine>(
     // Each waiting proposal keeps the time of the step that accepted it (commit latency).
     let mut waiting: TicketMap<(Reply, Instant)> = TicketMap::new();
     let mut parked: Option<Msg> = None;
-    // The completion sinks to wake at the end of this step.
-    let mut wake: Vec<CompletionSink> = Vec::new();
+    let mut sinks = Sinks::default();
+    // The replica's outcomes, swapped in each step (no allocation in steady state).
+    let mut done = Completions::new();
     let accept = |replica: &mut Replica<F, S>,
                   waiting: &mut TicketMap<(Reply, Instant)>,
-                  wake: &mut Vec<CompletionSink>,
-                  req: Request,
-                  at: Instant| match replica.propose(req.cmd) {
-        Ok(t) => {
-            waiting.insert(t, (req.reply, at));
-        }
-        Err(e) => req.reply.send(Err(e), wake),
+                  sinks: &mut Sinks,
+                  cmd: &[u8],
+                  reply: Reply,
+                  at: Instant| match replica.propose(cmd) {
+        Ok(t) => waiting.insert(t, (reply, at)),
+        Err(e) => sinks.deliver(reply, Err(e)),
     };
     let accept_msg = |replica: &mut Replica<F, S>,
                       waiting: &mut TicketMap<(Reply, Instant)>,
-                      wake: &mut Vec<CompletionSink>,
+                      sinks: &mut Sinks,
                       msg: Msg,
                       at: Instant| match msg {
-        Msg::One(req) => accept(replica, waiting, wake, req, at),
+        Msg::One(req) => {
+            let reply = Reply::Ticket(req.reply);
+            accept(replica, waiting, sinks, &req.cmd, reply, at)
+        }
         Msg::Batch(cmds, sink) => {
-            for (tag, cmd) in cmds {
-                let reply = Reply::Tagged(tag, sink.clone());
-                accept(replica, waiting, wake, Request { cmd, reply }, at);
+            let slot = sinks.slot_of(&sink);
+            for (tag, cmd) in cmds.iter() {
+                let reply = sinks.tagged(tag, slot);
+                accept(replica, waiting, sinks, cmd, reply, at);
             }
         }
     };
@@ -703,13 +773,13 @@ fn run<F: Fabric, S: StateMachine>(
         // One clock read per step serves every proposal accepted in it.
         let step_start = Instant::now();
         if let Some(msg) = parked.take() {
-            accept_msg(&mut replica, &mut waiting, &mut wake, msg, step_start);
+            accept_msg(&mut replica, &mut waiting, &mut sinks, msg, step_start);
             busy = true;
         }
         for _ in 0..cfg.queue.max(1) {
             match rx.try_recv() {
                 Ok(msg) => {
-                    accept_msg(&mut replica, &mut waiting, &mut wake, msg, step_start);
+                    accept_msg(&mut replica, &mut waiting, &mut sinks, msg, step_start);
                     busy = true;
                 }
                 Err(_) => break,
@@ -721,7 +791,8 @@ fn run<F: Fabric, S: StateMachine>(
         let now = step_start.duration_since(start).as_millis() as u64;
         busy |= replica.step(now);
         let mut done_at = None;
-        for (t, out) in replica.take_completed() {
+        replica.take_completed(&mut done);
+        for (t, out) in done.iter() {
             if let Some((reply, at)) = waiting.remove(t) {
                 if out.is_ok() {
                     let d = *done_at.get_or_insert_with(Instant::now);
@@ -730,12 +801,10 @@ fn run<F: Fabric, S: StateMachine>(
                         .observe(d.saturating_duration_since(at));
                     metrics.commits.add(1);
                 }
-                reply.send(out, &mut wake);
+                sinks.deliver(reply, out.map_err(Clone::clone));
             }
         }
-        for sink in wake.drain(..) {
-            (sink.wake)();
-        }
+        sinks.flush();
         status.publish(&replica);
         idler.idle(busy, |d| {
             if let Ok(msg) = rx.recv_timeout(d) {
@@ -744,28 +813,30 @@ fn run<F: Fabric, S: StateMachine>(
         });
     }
     replica.shutdown();
-    for (t, out) in replica.take_completed() {
+    replica.take_completed(&mut done);
+    for (t, out) in done.iter() {
         if let Some((reply, _)) = waiting.remove(t) {
-            reply.send(out, &mut wake);
+            sinks.deliver(reply, out.map_err(Clone::clone));
         }
     }
     for (_, (reply, _)) in waiting.drain() {
-        reply.send(Err(ProposeError::ShuttingDown), &mut wake);
+        sinks.deliver(reply, Err(ProposeError::ShuttingDown));
     }
     while let Ok(msg) = rx.try_recv() {
         match msg {
-            Msg::One(req) => req.reply.send(Err(ProposeError::ShuttingDown), &mut wake),
+            Msg::One(req) => {
+                let _ = req.reply.send(Err(ProposeError::ShuttingDown));
+            }
             Msg::Batch(cmds, sink) => {
-                for (tag, _) in cmds {
-                    Reply::Tagged(tag, sink.clone())
-                        .send(Err(ProposeError::ShuttingDown), &mut wake);
+                let slot = sinks.slot_of(&sink);
+                for tag in cmds.tags() {
+                    let reply = sinks.tagged(tag, slot);
+                    sinks.deliver(reply, Err(ProposeError::ShuttingDown));
                 }
             }
         }
     }
-    for sink in wake.drain(..) {
-        (sink.wake)();
-    }
+    sinks.flush();
     status.publish(&replica);
     status.role.store(Role::Stopped.to_u8(), Ordering::Relaxed);
     replica
@@ -891,15 +962,23 @@ mod tests {
         let (sink, done) = CompletionSink::new(move || {
             w.fetch_add(1, Ordering::Relaxed);
         });
-        h.submit_batch((0..50).map(|i| (i, vec![0])).collect(), &sink)
-            .unwrap();
-        let mut tags: Vec<u64> = (0..50)
-            .map(|_| {
-                let (t, out) = done.recv_timeout(Duration::from_secs(5)).unwrap();
+        let mut batch = Proposals::new();
+        for i in 0..50 {
+            batch.push(i, &[0]);
+        }
+        h.submit_batch(batch, &sink).unwrap();
+        let mut tags: Vec<u64> = Vec::new();
+        while tags.len() < 50 {
+            let got = done.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert!(
+                !got.is_empty(),
+                "a step's message holds at least one outcome"
+            );
+            for (t, out) in got.iter() {
                 out.unwrap();
-                t
-            })
-            .collect();
+                tags.push(t);
+            }
+        }
         tags.sort_unstable();
         assert_eq!(tags, (0..50).collect::<Vec<u64>>());
         assert!(woke.load(Ordering::Relaxed) >= 1);

@@ -696,7 +696,7 @@ impl BallotModel {
                 s.proposed += 1;
                 s.nodes[n]
                     .core
-                    .propose(u64::from(k) + 1, vec![b'a' + k])
+                    .propose(u64::from(k) + 1, &[b'a' + k])
                     .ok()?;
                 n
             }

@@ -308,10 +308,7 @@ impl Cluster {
     fn propose(&mut self, i: usize, cmd: &[u8]) {
         let t = self.ticket;
         self.ticket += 1;
-        self.nodes[i]
-            .core
-            .propose(t, cmd.to_vec())
-            .expect("leader accepts");
+        self.nodes[i].core.propose(t, cmd).expect("leader accepts");
         self.step(i);
     }
 

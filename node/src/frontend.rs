@@ -3,12 +3,13 @@
 //! for the protocol and its limits.
 //!
 //! - The loop reads requests from every readable connection and hands the commands read in
-//!   one turn to the replica as one batch ([`Handle::submit_batch`]); STATUS and CHECKPOINT
-//!   are answered on the spot.
-//! - Outcomes come back on a [`CompletionSink`]: the replica thread pushes them onto a
-//!   channel and wakes the loop through a `mio::Waker` (only when the loop sleeps), once per
-//!   replica step. Each answer is queued on its connection as it comes, in any order, and
-//!   written when the socket takes it.
+//!   one turn to the replica as one batch ([`Handle::submit_batch`]: the commands copied
+//!   back to back into one [`Proposals`] buffer, none allocated on its own); STATUS and
+//!   CHECKPOINT are answered on the spot.
+//! - Outcomes come back on a [`CompletionSink`]: the replica thread sends one
+//!   [`Completions`] per step and wakes the loop through a `mio::Waker` (only when the loop
+//!   sleeps). Each answer is framed in place on its connection as it comes, in any order,
+//!   and written when the socket takes it.
 //! - Limits ([`ClientLimits`]): connections (one past the limit is answered a clear error
 //!   after its hello, then closed), requests in flight per connection (at the limit the
 //!   loop stops reading that socket: back pressure, no queue), frame size, idle time,
@@ -20,7 +21,7 @@
 use crate::kv::{Command, DigestCell};
 use crate::server::PROPOSE_TIMEOUT;
 use crate::wire::{self, kind, ClientHello, NodeStatus, Response, ServerHello};
-use ballot::driver::Outcome;
+use ballot::handoff::{Completions, Proposals};
 use ballot::protocol::ProposeError;
 use ballot::runtime::{CompletionSink, Handle};
 use crossbeam::channel::Receiver;
@@ -125,7 +126,7 @@ pub(crate) fn start(
         slots: Vec::new(),
         free_slots: Vec::new(),
         expiry: VecDeque::new(),
-        batch: Vec::new(),
+        batch: Proposals::new(),
         batch_tags: Vec::new(),
         sink,
         done,
@@ -189,20 +190,27 @@ impl Conn {
         self.wbuf.len() - self.wpos
     }
     fn respond(&mut self, id: u64, r: &Response) {
+        match r {
+            Response::Ok(p) => self.respond_ok(id, p),
+            other => self.respond_with(id, |b| b.extend_from_slice(&other.encode())),
+        }
+    }
+    /// Answers OK with `payload`, encoded in place (no allocation once `wbuf` has grown).
+    fn respond_ok(&mut self, id: u64, payload: &[u8]) {
+        self.respond_with(id, |b| {
+            b.push(wire::status::OK);
+            b.extend_from_slice(payload);
+        })
+    }
+    /// Frames an answer in place: `len | id | status | rest`, `body` writing the last two.
+    fn respond_with(&mut self, id: u64, body: impl FnOnce(&mut Vec<u8>)) {
         if self.pending_output() == 0 {
             self.last_write = Instant::now();
         }
-        // Encode in place: `len | id | status | rest`.
         let at = self.wbuf.len();
         self.wbuf.extend_from_slice(&[0; 4]);
         self.wbuf.extend_from_slice(&id.to_le_bytes());
-        match r {
-            Response::Ok(p) => {
-                self.wbuf.push(wire::status::OK);
-                self.wbuf.extend_from_slice(p);
-            }
-            other => self.wbuf.extend_from_slice(&other.encode()),
-        }
+        body(&mut self.wbuf);
         let len = (self.wbuf.len() - at - 4) as u32;
         self.wbuf[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
@@ -245,10 +253,10 @@ struct Loop {
     /// (deadline, tag) of requests handed to the replica, oldest first.
     expiry: VecDeque<(Instant, u64)>,
     /// Commands read this turn, for one `submit_batch`.
-    batch: Vec<(u64, Vec<u8>)>,
+    batch: Proposals,
     batch_tags: Vec<u64>,
     sink: CompletionSink,
-    done: Receiver<(u64, Outcome)>,
+    done: Receiver<Completions>,
     sleeping: Arc<AtomicBool>,
     /// Connections whose state changed this turn (answers queued, room in flight), each
     /// once (see [`Loop::mark`]).
@@ -307,8 +315,8 @@ impl Loop {
             if self.accept_pending {
                 self.accept();
             }
-            while let Ok((tag, out)) = self.done.try_recv() {
-                self.complete(tag, out);
+            while let Ok(done) = self.done.try_recv() {
+                self.complete(&done);
             }
             self.service_dirty();
             self.submit();
@@ -637,7 +645,7 @@ impl Loop {
                             Ok(()) => {
                                 c.ids.insert(id);
                                 let tag = self.slot(i, c.gen, id);
-                                self.batch.push((tag, body.to_vec()));
+                                self.batch.push(tag, body);
                                 self.batch_tags.push(tag);
                             }
                         },
@@ -700,20 +708,31 @@ impl Loop {
     }
 
     fn answer(&mut self, tag: u64, r: Response) {
+        self.answer_with(tag, |c, id| c.respond(id, &r));
+    }
+
+    /// Answers the request under `tag`, if its connection still waits for it.
+    fn answer_with(&mut self, tag: u64, respond: impl FnOnce(&mut Conn, u64)) {
         let Some((i, gen, id)) = self.take_slot(tag) else {
             return;
         };
         if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
             if c.gen == gen && c.ids.remove(&id) {
-                c.respond(id, &r);
+                respond(c, id);
                 self.mark(i);
             }
         }
     }
 
-    fn complete(&mut self, tag: u64, out: Outcome) {
-        let r = outcome_response(out, &self.serving.peers);
-        self.answer(tag, r);
+    /// Answers a step's outcomes; the outputs go from the batch to the connections' answer
+    /// buffers with no copy in between.
+    fn complete(&mut self, done: &Completions) {
+        for (tag, out) in done.iter() {
+            match out {
+                Ok(o) => self.answer_with(tag, |c, id| c.respond_ok(id, o)),
+                Err(e) => self.answer(tag, error_response(e, &self.serving.peers)),
+            }
+        }
     }
 
     /// Hands this turn's commands to the replica.
@@ -725,7 +744,7 @@ impl Loop {
         if let Err(e) = self.serving.handle.submit_batch(cmds, &self.sink) {
             let tags = std::mem::take(&mut self.batch_tags);
             for &tag in &tags {
-                self.answer(tag, outcome_response(Err(e.clone()), &self.serving.peers));
+                self.answer(tag, error_response(&e, &self.serving.peers));
             }
             self.batch_tags = tags;
             self.service_dirty();
@@ -831,24 +850,23 @@ fn status(s: &Serving) -> Response {
     )
 }
 
-/// The answer to a command's outcome.
-pub(crate) fn outcome_response(out: Outcome, peers: &BTreeMap<u8, String>) -> Response {
-    match out {
-        Ok(out) => Response::Ok(out),
-        Err(ProposeError::NotLeader { leader }) => Response::NotLeader {
-            leader,
+/// The answer to a command that failed.
+pub(crate) fn error_response(e: &ProposeError, peers: &BTreeMap<u8, String>) -> Response {
+    match e {
+        ProposeError::NotLeader { leader } => Response::NotLeader {
+            leader: *leader,
             addr: leader.and_then(|l| peers.get(&l).cloned()),
         },
-        Err(e @ ProposeError::TooLarge { .. }) => Response::Error(e.to_string()),
+        ProposeError::TooLarge { .. } => Response::Error(e.to_string()),
         // Stopping, or its disk failed: send the client elsewhere (it retries with the same
         // sequence number, so this is safe even if the command was proposed here).
-        Err(ProposeError::ShuttingDown) => Response::NotLeader {
+        ProposeError::ShuttingDown => Response::NotLeader {
             leader: None,
             addr: None,
         },
-        Err(ProposeError::Indeterminate) => {
+        ProposeError::Indeterminate => {
             Response::Unavailable("outcome unknown; retry with the same sequence number".into())
         }
-        Err(e) => Response::Unavailable(e.to_string()),
+        e => Response::Unavailable(e.to_string()),
     }
 }

@@ -70,7 +70,7 @@ pub struct Core {
     pub(super) role: Role,
     pub(super) tick: u64,
     pub(super) rng: u64,
-    pub(super) queue: VecDeque<(u64, Vec<u8>)>,
+    pub(super) queue: super::queue::CommandQueue,
     pub(super) actions: VecDeque<Action>,
     pub(super) heartbeat: u64,
     pub(super) hb_seen: u64,
@@ -135,7 +135,7 @@ impl Core {
             consumed: 0,
             role: Role::Follower,
             tick: 0,
-            queue: VecDeque::new(),
+            queue: Default::default(),
             actions: VecDeque::new(),
             heartbeat: 0,
             hb_seen: 0,
@@ -358,7 +358,7 @@ impl Core {
     }
 
     /// Queues a client command; it is batched into an entry at the next `flush`.
-    pub fn propose(&mut self, ticket: u64, cmd: Vec<u8>) -> Result<(), ProposeError> {
+    pub fn propose(&mut self, ticket: u64, cmd: &[u8]) -> Result<(), ProposeError> {
         if !self.is_leader() {
             return Err(ProposeError::NotLeader {
                 leader: self.leader_hint(),
@@ -373,7 +373,7 @@ impl Core {
         if self.queue.len() >= self.cfg.max_queue {
             return Err(ProposeError::Busy);
         }
-        self.queue.push_back((ticket, cmd));
+        self.queue.push(ticket, cmd);
         Ok(())
     }
 
@@ -687,7 +687,7 @@ impl Core {
 
     /// Gives up leadership and refuses further proposals (shutdown).
     pub fn shutdown(&mut self) {
-        for (ticket, _) in std::mem::take(&mut self.queue) {
+        for ticket in self.queue.take_tickets() {
             self.push(Action::Reject {
                 ticket,
                 error: ProposeError::ShuttingDown,

@@ -193,7 +193,7 @@ impl Core {
     pub(super) fn step_down(&mut self) {
         if let Role::Leader(_) = self.role {
             // Queued commands never entered the log: they definitely failed.
-            for (ticket, _) in std::mem::take(&mut self.queue) {
+            for ticket in self.queue.take_tickets() {
                 let error = ProposeError::NotLeader { leader: None };
                 self.push(Action::Reject { ticket, error });
             }

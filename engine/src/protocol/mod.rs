@@ -27,6 +27,7 @@ pub mod log;
 pub mod msg;
 mod planted;
 mod pull;
+mod queue;
 mod recovery;
 mod replication;
 mod tracker;

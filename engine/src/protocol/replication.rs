@@ -138,7 +138,7 @@ impl Core {
         while !self.queue.is_empty() && self.log.last() - self.commit < self.cfg.window {
             // The commands that fit (at least one), and their payload bytes.
             let (mut n, mut len) = (0, 0);
-            for (_, cmd) in &self.queue {
+            for (_, cmd) in self.queue.iter() {
                 let add = batch::COMMAND_OVERHEAD + cmd.len();
                 if n > 0 && len + add > self.cfg.batch_bytes {
                     break;
@@ -150,9 +150,10 @@ impl Core {
             let mut bytes: Arc<[u8]> = std::iter::repeat_n(0u8, layout::entry_size(len)).collect();
             let buf = Arc::get_mut(&mut bytes).expect("not shared yet");
             let mut at = layout::ENTRY_HEADER_SIZE;
-            for (ticket, cmd) in self.queue.drain(..n) {
-                at += batch::write(&mut buf[at..], batch::origin(self.cfg.id, ticket), &cmd);
-            }
+            let id = self.cfg.id;
+            self.queue.pop_each(n, |ticket, cmd| {
+                at += batch::write(&mut buf[at..], batch::origin(id, ticket), cmd);
+            });
             let i = self.log.last() + 1;
             let h = EntryHeader {
                 index: i,

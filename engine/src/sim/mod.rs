@@ -941,7 +941,7 @@ impl Sim {
                     Op::Cas(key, old, id)
                 }
             };
-            match r.propose(kv::encode(id, op)) {
+            match r.propose(&kv::encode(id, op)) {
                 Ok(ticket) => {
                     self.seq += 1;
                     self.ops.push(OpRec {
@@ -968,8 +968,9 @@ impl Sim {
             let Some(r) = self.nodes[id].replica.as_mut() else {
                 continue;
             };
-            let done: Vec<_> = r.take_completed().collect();
-            for (ticket, outcome) in done {
+            let mut done = crate::handoff::Completions::new();
+            r.take_completed(&mut done);
+            for (ticket, outcome) in done.iter() {
                 let Some(ci) = self.clients.iter().position(|c| {
                     c.outstanding
                         .is_some_and(|o| o.0 as usize == id && o.1 == ticket)
@@ -980,14 +981,14 @@ impl Sim {
                 match outcome {
                     Ok(bytes) => {
                         self.seq += 1;
-                        let ret = kv::decode_ret(&bytes).expect("state machine returns");
+                        let ret = kv::decode_ret(bytes).expect("state machine returns");
                         self.ops[rec].returned = Some((self.seq, ret));
                         self.report.acked += 1;
                     }
                     Err(ProposeError::NotLeader { leader }) => {
                         // Rejected before entering the log: it never happened.
                         self.ops[rec].failed = true;
-                        if let Some(l) = leader {
+                        if let Some(l) = *leader {
                             self.clients[ci].target = l;
                         }
                     }

@@ -23,6 +23,7 @@
 //! does not know about reconnects.
 
 use ballot::driver::Replica;
+use ballot::handoff::Completions;
 use ballot::layout::{RegionInfo, RingGeometry};
 use ballot::protocol::{Config, Core, ProposeError};
 use ballot::region::Region;
@@ -244,12 +245,14 @@ fn main() {
     // peer -> (next attempt, back-off)
     let mut reconnect: HashMap<NodeId, (Instant, Duration)> = HashMap::new();
 
+    let mut done = Completions::new();
     loop {
         let now_ticks = start.elapsed().as_millis() as u64;
         let mut busy = rep.step(now_ticks);
 
         // Completions of our proposals.
-        for (ticket, out) in rep.take_completed() {
+        rep.take_completed(&mut done);
+        for (ticket, out) in done.iter() {
             busy = true;
             if let Some(t) = wl.in_flight.remove(ticket) {
                 match out {
@@ -295,7 +298,7 @@ fn main() {
                 let id = u64::from(me) << 32 | wl.next;
                 let cmd = kv::encode(id, Op::Put((wl.next % 251) as u8, id));
                 let t = Instant::now();
-                match rep.propose(cmd) {
+                match rep.propose(&cmd) {
                     Ok(ticket) => {
                         wl.in_flight.insert(ticket, t);
                         wl.next += 1;
