@@ -373,7 +373,7 @@ impl<F: Fabric, S: StateMachine> Replica<F, S> {
         let region = self.fabric.region().clone();
         let mut out = Vec::new();
         while let Some((h, bytes, _)) = r.poll(&region) {
-            if let Ok((_, p)) = layout::decode_entry(bytes) {
+            if let Ok((_, p)) = layout::decode_entry(&bytes) {
                 out.push((h.index, p.to_vec()));
             }
         }

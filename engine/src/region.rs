@@ -9,6 +9,7 @@
 use crate::layout::{self, LayoutError, RegionInfo};
 use memmap2::{MmapOptions, MmapRaw};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A replica's registered memory: a header ([`RegionInfo`]), the commit and progress
 /// cells, and the ring peers write entries into. Shared (`Arc<Region>`) between the owner
@@ -95,6 +96,26 @@ impl Region {
             std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), out.as_mut_ptr(), out.len())
         };
         Ok(())
+    }
+
+    /// Copies `len` bytes at `offset` into a new exact-size shared buffer (one allocation,
+    /// one copy, no zeroing first): a follower keeps an entry read from its ring this way.
+    pub fn read_shared(&self, offset: usize, len: usize) -> Result<Arc<[u8]>, LayoutError> {
+        self.check(offset, len)?;
+        fence(Ordering::Acquire);
+        let mut buf = Arc::<[u8]>::new_uninit_slice(len);
+        let dst = Arc::get_mut(&mut buf).expect("not shared yet");
+        // SAFETY: bounds checked; `dst` is `len` bytes that nothing else references, and
+        // the copy initializes every one of them before `assume_init`. The source may
+        // change concurrently (NIC semantics): callers validate the copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.as_ptr().add(offset),
+                dst.as_mut_ptr().cast::<u8>(),
+                len,
+            );
+            Ok(buf.assume_init())
+        }
     }
 
     /// Lands `data` at `offset` (what a NIC does for a remote write), then publishes it.

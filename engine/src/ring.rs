@@ -12,6 +12,7 @@
 use crate::layout::{self, flags, EntryHeader, RingGeometry, ENTRY_HEADER_SIZE};
 use crate::region::Region;
 use crate::types::{Ballot, Index};
+use std::sync::Arc;
 
 /// Where the leader writes one entry, possibly after a wrap marker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +93,6 @@ pub struct RingReader {
     consumed: u64,
     ballot: Ballot,
     expect: Index,
-    buf: Vec<u8>,
 }
 
 impl RingReader {
@@ -104,7 +104,6 @@ impl RingReader {
             consumed: 0,
             ballot: Ballot::ZERO,
             expect: 1,
-            buf: Vec::new(),
         }
     }
 
@@ -131,10 +130,12 @@ impl RingReader {
     }
 
     /// Returns the next complete entry of this stream, if it has landed: its header and its
-    /// whole encoded bytes. Never trusts byte order: the seal must repeat the index and the
-    /// checksum must match, else the entry is still arriving and `None` is returned.
-    /// The third element is the consumed-slot count after this entry.
-    pub fn poll(&mut self, region: &Region) -> Option<(EntryHeader, &[u8], u64)> {
+    /// whole encoded bytes, read from the ring straight into the exact-size shared buffer
+    /// that the log keeps (one copy, one allocation per entry). Never trusts byte order: the
+    /// seal must repeat the index and the checksum must match (checked on the copy, which
+    /// the leader can no longer change), else the entry is still arriving and `None` is
+    /// returned. The third element is the consumed-slot count after this entry.
+    pub fn poll(&mut self, region: &Region) -> Option<(EntryHeader, Arc<[u8]>, u64)> {
         loop {
             if self.slot == self.geo.slots {
                 self.slot = 0;
@@ -158,9 +159,8 @@ impl RingReader {
             if seal != index {
                 return None;
             }
-            self.buf.resize(total, 0);
-            region.read(at, &mut self.buf).ok()?;
-            let (h, _) = layout::decode_entry(&self.buf).ok()?;
+            let bytes = region.read_shared(at, total).ok()?;
+            let (h, _) = layout::decode_entry(&bytes).ok()?;
             if h.index != self.expect || h.ballot != self.ballot {
                 return None;
             }
@@ -173,7 +173,7 @@ impl RingReader {
             self.slot += span;
             self.consumed += u64::from(span);
             self.expect += 1;
-            return Some((h, &self.buf, self.consumed));
+            return Some((h, bytes, self.consumed));
         }
     }
 }
@@ -233,7 +233,7 @@ mod tests {
                     if let Some((h, bytes, _)) = rd.poll(&region) {
                         prop_assert_eq!(h.index as usize, next_read + 1);
                         prop_assert_eq!(h.len as usize, sizes[next_read]);
-                        let (_, p) = layout::decode_entry(bytes).unwrap();
+                        let (_, p) = layout::decode_entry(&bytes).unwrap();
                         prop_assert!(p.iter().all(|&x| x == next_read as u8));
                         next_read += 1;
                     }

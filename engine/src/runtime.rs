@@ -682,6 +682,19 @@ pub struct Runtime<F: Fabric + 'static, S: StateMachine + 'static> {
 impl<F: Fabric + 'static, S: StateMachine + 'static> Runtime<F, S> {
     /// Starts the replica thread.
     pub fn start(replica: Replica<F, S>, cfg: RuntimeConfig) -> std::io::Result<Self> {
+        Self::start_with_hook(replica, cfg, |_: &mut Replica<F, S>| false)
+    }
+
+    /// Starts the replica thread, which also runs `hook` once per turn, after the step and
+    /// the delivery of its outcomes, with the replica in hand: for work that belongs on that
+    /// thread and between steps (reconnecting a fabric's broken links, writing out the state
+    /// machine for a test). It must be quick and must not block; it returns whether it did
+    /// anything (a busy turn for the idle strategy).
+    pub fn start_with_hook(
+        replica: Replica<F, S>,
+        cfg: RuntimeConfig,
+        hook: impl FnMut(&mut Replica<F, S>) -> bool + Send + 'static,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = channel::bounded(cfg.queue.max(1));
         let status = Arc::new(StatusCell::default());
         status.node.store(replica.core().id(), Ordering::Relaxed);
@@ -696,7 +709,7 @@ impl<F: Fabric + 'static, S: StateMachine + 'static> Runtime<F, S> {
         };
         let thread = std::thread::Builder::new()
             .name(cfg.name.clone())
-            .spawn(move || run(replica, cfg, rx, status, stop))?;
+            .spawn(move || run(replica, cfg, rx, status, stop, hook))?;
         Ok(Runtime {
             handle,
             thread: Some(thread),
@@ -732,6 +745,7 @@ fn run<F: Fabric, S: StateMachine>(
     rx: Receiver<Msg>,
     status: Arc<StatusCell>,
     stop: Arc<AtomicBool>,
+    mut hook: impl FnMut(&mut Replica<F, S>) -> bool,
 ) -> Replica<F, S> {
     let mut idler = cfg.idle.start();
     let start = Instant::now();
@@ -805,6 +819,7 @@ fn run<F: Fabric, S: StateMachine>(
             }
         }
         sinks.flush();
+        busy |= hook(&mut replica);
         status.publish(&replica);
         idler.idle(busy, |d| {
             if let Ok(msg) = rx.recv_timeout(d) {

@@ -479,7 +479,7 @@ impl BallotModel {
             else {
                 return any;
             };
-            node.core.handle_landed(&h, &bytes, consumed);
+            node.core.handle_landed(&h, bytes, consumed);
             any = true;
         }
     }
@@ -671,7 +671,7 @@ impl BallotModel {
                 let n = n as usize;
                 let node = &mut s.nodes[n];
                 let (h, bytes, consumed) = reader_poll(self.geo, &node.ring, &mut node.reader)?;
-                node.core.handle_landed(&h, &bytes, consumed);
+                node.core.handle_landed(&h, bytes, consumed);
                 n
             }
             Act::Tick(n) => {

@@ -244,8 +244,7 @@ impl Cluster {
             let Some((h, bytes, consumed)) = node.reader.poll(&node.region) else {
                 return;
             };
-            let bytes = bytes.to_vec();
-            node.core.handle_landed(&h, &bytes, consumed);
+            node.core.handle_landed(&h, bytes, consumed);
         }
     }
 

@@ -452,7 +452,7 @@ impl Core {
 
     /// A complete entry of the current stream was read from the local ring.
     /// `consumed` is the reader's consumed-slot count after it.
-    pub fn handle_landed(&mut self, h: &EntryHeader, bytes: &[u8], consumed: u64) {
+    pub fn handle_landed(&mut self, h: &EntryHeader, bytes: Arc<[u8]>, consumed: u64) {
         self.assert_invariants();
         self.consumed = consumed;
         self.progress_dirty = true;
@@ -460,13 +460,14 @@ impl Core {
         if h.ballot != self.promised || h.index != self.received + 1 || self.is_leader() {
             return;
         }
-        // The reader verified seal and checksum: keep the bytes without decoding them again.
+        // The reader verified seal and checksum: keep its buffer (no copy) without decoding
+        // the bytes again.
         let (i, slot) = (
             h.index,
             Slot {
                 ballot: h.ballot,
                 flags: h.flags,
-                bytes: Arc::from(bytes),
+                bytes,
             },
         );
         self.establish();

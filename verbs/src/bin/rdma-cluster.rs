@@ -4,10 +4,11 @@
 //!                     [--gid-index N] [--commands N] [--depth N] [--state-dir DIR]
 //!                     [--heartbeat-ms N] [--election-ms N] [--recovering]
 //!
-//! Runs `Replica::step` in a loop (1 tick = 1 ms). The first time this replica leads, it
-//! proposes `--commands` KV puts with unique ids (`id << 32 | seq`), `--depth` in flight, and
-//! records each command's commit latency (propose -> completion at the leader) in an HDR
-//! histogram; then prints `WORKLOAD node=.. commits=.. failed=.. p50_us=.. p99_us=..`.
+//! Runs the replica on `ballot::runtime::Runtime` (1 tick = 1 ms), the loop `ballot-node`
+//! runs. The first time this replica leads, the main thread proposes `--commands` KV puts
+//! with unique ids (`id << 32 | seq`) through the runtime's handle, `--depth` in flight,
+//! and records each command's commit latency (submission -> outcome) in an HDR histogram;
+//! then prints `WORKLOAD node=.. commits=.. failed=.. p50_us=.. p99_us=..`.
 //!
 //! Every ~200 ms (and on change) it writes, atomically, into `--state-dir` (default
 //! /tmp/cluster):
@@ -20,16 +21,16 @@
 //!
 //! so a test script can compare replicas without talking to them. A data QP that breaks
 //! (`data_error(peer)`, e.g. after a fence) is reconnected with back-off; the driver itself
-//! does not know about reconnects.
+//! does not know about reconnects. Both run on the replica thread between steps, in the
+//! runtime's hook (`Runtime::start_with_hook`).
 
 use ballot::driver::Replica;
-use ballot::handoff::Completions;
+use ballot::handoff::Proposals;
 use ballot::layout::{RegionInfo, RingGeometry};
 use ballot::protocol::{Config, Core, ProposeError};
 use ballot::region::Region;
-use ballot::runtime::IdleStrategy;
+use ballot::runtime::{CompletionSink, Handle, IdleStrategy, Role, Runtime, RuntimeConfig};
 use ballot::sim::kv::{self, Machine, Op};
-use ballot::tickets::TicketMap;
 use ballot::NodeId;
 use ballot_verbs::{RdmaConfig, RdmaFabric};
 use clap::Parser;
@@ -38,7 +39,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const CLUSTER: u64 = 0x00ba_1107;
@@ -95,12 +96,9 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// The leader's closed-loop workload.
+/// The leader's closed-loop workload: its figures, shared by the thread that runs it and
+/// the replica thread's hook, which writes them to the status file.
 struct Workload {
-    total: u64,
-    depth: usize,
-    next: u64,
-    in_flight: TicketMap<Instant>,
     commits: u64,
     failed: u64,
     hist: Histogram<u64>,
@@ -216,57 +214,125 @@ fn main() {
             std::process::exit(2)
         }
     };
-    let mut rep = Replica::new(core, fabric, Machine::default(), None);
-
-    let mut wl = Workload {
-        total: args.commands,
-        depth: args.depth,
-        next: 0,
-        in_flight: TicketMap::new(),
+    let rep = Replica::new(core, fabric, Machine::default(), None);
+    let wl = Arc::new(Mutex::new(Workload {
         commits: 0,
         failed: 0,
         hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
         started: None,
         done: false,
+    }));
+    let hook = between_steps(me, others, args.state_dir.clone(), wl.clone());
+    let cfg = RuntimeConfig {
+        // The one idle policy of every replica loop, with this binary's counts (2 vCPUs in
+        // the guest, 3 processes): spin 63 idle turns, yield 64, then sleep 50 us.
+        idle: IdleStrategy::Shared {
+            spin: 63,
+            yields: 64,
+            park: Duration::from_micros(50),
+        },
+        name: format!("replica-{me}"),
+        ..RuntimeConfig::default()
     };
-    let start = Instant::now();
-    // The one idle policy of every replica loop, with this binary's counts (2 vCPUs in the
-    // guest, 3 processes): spin 63 idle turns, yield 64, then sleep 50 us.
-    let mut idler = IdleStrategy::Shared {
-        spin: 63,
-        yields: 64,
-        park: Duration::from_micros(50),
+    let runtime = match Runtime::start_with_hook(rep, cfg, hook) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("rdma-cluster[{me}]: cannot start the replica thread: {e}");
+            std::process::exit(1)
+        }
+    };
+    workload(&runtime.handle(), &wl, me, args.commands, args.depth);
+    // The replica thread goes on; the test script stops the process.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
-    .start();
+}
+
+/// Waits until this replica leads, then keeps `depth` of `total` puts in flight through
+/// `h`, recording each one's latency, and prints the summary line.
+fn workload(h: &Handle, wl: &Mutex<Workload>, me: NodeId, total: u64, depth: usize) {
+    while h.status().role != Role::Leader {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wl.lock().expect("workload").started = Some(Instant::now());
+    println!("rdma-cluster[{me}]: leading, proposing {total} commands, depth {depth}");
+    let (sink, done) = CompletionSink::new(|| {});
+    let mut sent_at: Vec<Instant> = Vec::with_capacity(total as usize);
+    let mut batch = Proposals::new();
+    let (mut next, mut in_flight) = (0u64, 0usize);
+    loop {
+        while next < total && in_flight + batch.len() < depth {
+            let id = u64::from(me) << 32 | next;
+            batch.push(next, &kv::encode(id, Op::Put((next % 251) as u8, id)));
+            sent_at.push(Instant::now());
+            next += 1;
+        }
+        if !batch.is_empty() {
+            // A refused batch is refused whole: `Busy` (the runtime's queue is full) keeps
+            // it for the next turn, anything else fails it.
+            match h.submit_batch(batch.clone(), &sink) {
+                Ok(()) => {
+                    in_flight += batch.len();
+                    batch.clear();
+                }
+                Err(ProposeError::Busy) => {}
+                Err(e) => {
+                    println!("rdma-cluster[{me}]: propose failed: {e}");
+                    wl.lock().expect("workload").failed += batch.len() as u64;
+                    batch.clear();
+                }
+            }
+        }
+        if let Ok(got) = done.recv_timeout(Duration::from_millis(10)) {
+            let mut w = wl.lock().expect("workload");
+            for (tag, out) in got.iter() {
+                in_flight -= 1;
+                match out {
+                    Ok(_) => {
+                        w.commits += 1;
+                        let us = sent_at[tag as usize].elapsed().as_micros().max(1) as u64;
+                        let _ = w.hist.record(us);
+                    }
+                    Err(e) => {
+                        w.failed += 1;
+                        println!("rdma-cluster[{me}]: command {tag} failed: {e}");
+                    }
+                }
+            }
+        }
+        let mut w = wl.lock().expect("workload");
+        if in_flight == 0 && batch.is_empty() && next >= total {
+            w.done = true;
+            println!("{}", w.summary(me));
+            return;
+        }
+        if in_flight == 0 && h.status().role != Role::Leader {
+            // Lost leadership mid-workload: report what we have.
+            w.done = true;
+            println!("{} (leadership lost)", w.summary(me));
+            return;
+        }
+    }
+}
+
+/// What the replica thread does between steps: reports leadership changes, reconnects
+/// broken data QPs with back-off, and writes the state files every ~200 ms.
+fn between_steps(
+    me: NodeId,
+    others: Vec<(NodeId, SocketAddr)>,
+    state_dir: PathBuf,
+    wl: Arc<Mutex<Workload>>,
+) -> impl FnMut(&mut Replica<RdmaFabric, Machine>) -> bool + Send + 'static {
+    let start = Instant::now();
     let mut last_role = (String::new(), String::new());
     let mut last_dump = Instant::now() - Duration::from_secs(1);
     let mut dumped_applied = usize::MAX;
     let mut dumped_status = String::new();
     // peer -> (next attempt, back-off)
     let mut reconnect: HashMap<NodeId, (Instant, Duration)> = HashMap::new();
-
-    let mut done = Completions::new();
-    loop {
+    move |rep| {
         let now_ticks = start.elapsed().as_millis() as u64;
-        let mut busy = rep.step(now_ticks);
-
-        // Completions of our proposals.
-        rep.take_completed(&mut done);
-        for (ticket, out) in done.iter() {
-            busy = true;
-            if let Some(t) = wl.in_flight.remove(ticket) {
-                match out {
-                    Ok(_) => {
-                        wl.commits += 1;
-                        let _ = wl.hist.record(t.elapsed().as_micros().max(1) as u64);
-                    }
-                    Err(e) => {
-                        wl.failed += 1;
-                        println!("rdma-cluster[{me}]: ticket {ticket} failed: {e}");
-                    }
-                }
-            }
-        }
+        let mut busy = false;
 
         // Leadership changes.
         let role = (
@@ -285,44 +351,6 @@ fn main() {
             last_role = role;
         }
 
-        // The workload, the first time we lead.
-        if rep.core().is_leader() && !wl.done {
-            if wl.started.is_none() {
-                wl.started = Some(Instant::now());
-                println!(
-                    "rdma-cluster[{me}]: leading, proposing {} commands, depth {}",
-                    wl.total, wl.depth
-                );
-            }
-            while wl.next < wl.total && wl.in_flight.len() < wl.depth {
-                let id = u64::from(me) << 32 | wl.next;
-                let cmd = kv::encode(id, Op::Put((wl.next % 251) as u8, id));
-                let t = Instant::now();
-                match rep.propose(&cmd) {
-                    Ok(ticket) => {
-                        wl.in_flight.insert(ticket, t);
-                        wl.next += 1;
-                        busy = true;
-                    }
-                    Err(ProposeError::Busy) => break,
-                    Err(e) => {
-                        println!("rdma-cluster[{me}]: propose failed: {e}");
-                        wl.failed += 1;
-                        wl.next += 1;
-                    }
-                }
-            }
-        }
-        if wl.started.is_some() && !wl.done && wl.next >= wl.total && wl.in_flight.is_empty() {
-            wl.done = true;
-            println!("{}", wl.summary(me));
-        }
-        if wl.started.is_some() && !wl.done && !rep.core().is_leader() && wl.in_flight.is_empty() {
-            // Lost leadership mid-workload: report what we have.
-            wl.done = true;
-            println!("{} (leadership lost)", wl.summary(me));
-        }
-
         // Reconnect broken data QPs, with back-off.
         for &(p, _) in &others {
             if rep.fabric().data_error(p).is_some() {
@@ -331,6 +359,7 @@ fn main() {
                     .entry(p)
                     .or_insert((now, Duration::from_millis(20)));
                 if now >= e.0 {
+                    busy = true;
                     let why = rep.fabric().data_error(p).map(|e| e.to_string());
                     match rep.fabric_mut().reconnect(p) {
                         Ok(()) => println!(
@@ -354,6 +383,7 @@ fn main() {
         if last_dump.elapsed() >= Duration::from_millis(200) {
             last_dump = Instant::now();
             let c = rep.core();
+            let w = wl.lock().expect("workload");
             let status = format!(
                 "node={me} role={} ballot={} commit={} applied={} leader={} workload={} commits={} failed={} p50_us={} p99_us={}\n",
                 c.role_name(),
@@ -361,25 +391,25 @@ fn main() {
                 c.commit(),
                 c.applied(),
                 c.leader_hint().map(|l| l.to_string()).unwrap_or("-".into()),
-                if wl.done { "done" } else if wl.started.is_some() { "running" } else { "idle" },
-                wl.commits,
-                wl.failed,
-                wl.hist.value_at_quantile(0.5),
-                wl.hist.value_at_quantile(0.99),
+                if w.done { "done" } else if w.started.is_some() { "running" } else { "idle" },
+                w.commits,
+                w.failed,
+                w.hist.value_at_quantile(0.5),
+                w.hist.value_at_quantile(0.99),
             );
+            drop(w);
             if status != dumped_status {
-                write_atomic(&args.state_dir, &format!("status.{me}"), &status);
+                write_atomic(&state_dir, &format!("status.{me}"), &status);
                 dumped_status = status;
             }
             let m = rep.state_machine();
             if m.applied.len() != dumped_applied {
                 dumped_applied = m.applied.len();
                 let (d, list) = digest(m);
-                write_atomic(&args.state_dir, &format!("applied.{me}"), &list);
-                write_atomic(&args.state_dir, &format!("digest.{me}"), &d);
+                write_atomic(&state_dir, &format!("applied.{me}"), &list);
+                write_atomic(&state_dir, &format!("digest.{me}"), &d);
             }
         }
-
-        idler.idle(busy, std::thread::sleep);
+        busy
     }
 }
