@@ -82,6 +82,8 @@ pub mod protocol;
 pub mod region;
 pub mod ring;
 pub mod runtime;
+pub mod sessions;
+pub mod state_hash;
 pub mod storage;
 pub mod tickets;
 pub mod types;

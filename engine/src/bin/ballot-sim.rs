@@ -62,6 +62,15 @@ struct Args {
     /// Switch off the core's contract assertions (only the simulator's checks remain).
     #[arg(long)]
     no_contracts: bool,
+    /// Clients work in sessions: register one through the log, resend an operation of
+    /// unknown outcome in it (the store deduplicates), get "expired" after the session's
+    /// expiry (small limits: `ballot::sim::SIM_SESSION_LIMITS`).
+    #[arg(long)]
+    sessions: bool,
+    /// With --sessions: plant a bug in the store, which then applies a retry whose result
+    /// it holds (the checks must find a command applied twice).
+    #[arg(long, requires = "sessions")]
+    plant_session_bug: bool,
 
     /// For every planted bug and configuration (3 and 5 replicas, volatile and durable),
     /// run the first `--seeds` seeds with contracts off and report the first failing
@@ -226,6 +235,8 @@ fn main() -> ExitCode {
         faults: !a.no_faults,
         bugs,
         contracts: !a.no_contracts,
+        sessions: a.sessions,
+        session_bug: a.plant_session_bug,
         ..Options::new(first, 3)
     };
     if a.digest {
@@ -234,6 +245,7 @@ fn main() -> ExitCode {
     }
     let (mut violations, mut commits, mut ckpts, mut installs, mut losses, mut blank) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut registrations, mut retries, mut expired, mut dedups) = (0u64, 0u64, 0u64, 0u64);
     let mut progress = Progress::new(seeds, a.verbose);
     for seed in first..first + seeds {
         let opts = Options { seed, ..o };
@@ -243,6 +255,10 @@ fn main() -> ExitCode {
         installs += r.installs;
         losses += r.disk_losses;
         blank += r.blank_boots;
+        registrations += r.registrations;
+        retries += r.retries;
+        expired += r.expired;
+        dedups += r.dedups;
         if a.verbose {
             println!(
                 "seed={seed} commits={} acked={} crashes={} elections={} checkpoints={} installs={} violations={}",
@@ -268,6 +284,11 @@ fn main() -> ExitCode {
     println!(
         "seeds={seeds} violations={violations} commits={commits} checkpoints={ckpts} installs={installs} disk_losses={losses} blank_boots={blank}"
     );
+    if a.sessions {
+        println!(
+            "sessions: registrations={registrations} retries={retries} expired={expired} dedups={dedups}"
+        );
+    }
     if violations > 0 {
         ExitCode::FAILURE
     } else {

@@ -1,7 +1,14 @@
 //! The simulator's workload: a tiny key-value register store, its command codec, its
 //! state machine, and its sequential specification for the linearizability checker.
+//!
+//! With client sessions ([`Machine::with_sessions`], `ballot-sim --sessions`) the store
+//! deduplicates retries through [`crate::sessions::Sessions`], the table `ballot-node`'s
+//! store keeps: a client registers a session through the log, sends each write with its
+//! session and sequence number, and resends it unchanged after an unknown outcome; the
+//! store applies it at most once.
 
 use crate::driver::StateMachine;
+use crate::sessions::{Check, Session, SessionLimits, Sessions};
 use crate::types::Index;
 use std::collections::BTreeMap;
 
@@ -52,6 +59,62 @@ pub fn encode(id: u64, op: Op) -> Vec<u8> {
     b
 }
 
+/// A write (or read) of session `session`, its `seq`-th: [`encode`]'s bytes, then
+/// `session u64 | seq u64`.
+pub fn encode_in_session(id: u64, session: u64, seq: u64, op: Op) -> Vec<u8> {
+    let mut b = encode(id, op);
+    b.extend_from_slice(&session.to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    b
+}
+
+/// A session registration, under the unique `id`.
+pub fn encode_register(id: u64) -> Vec<u8> {
+    let mut b = encode(id, Op::Get(0));
+    b[8] = REGISTER;
+    b
+}
+
+const REGISTER: u8 = 4;
+
+/// A decoded command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cmd {
+    /// The unique id.
+    pub id: u64,
+    /// The operation; `None`: a session registration.
+    pub op: Option<Op>,
+    /// `(session, seq)` of a command sent in a session.
+    pub session: Option<(u64, u64)>,
+}
+
+/// Any command the codecs above make; `None` for other bytes.
+pub fn decode_cmd(b: &[u8]) -> Option<Cmd> {
+    let (head, session) = match b.len() {
+        26 => (b, None),
+        42 => {
+            let s = u64::from_le_bytes(b[26..34].try_into().ok()?);
+            let q = u64::from_le_bytes(b[34..42].try_into().ok()?);
+            (&b[..26], Some((s, q)))
+        }
+        _ => return None,
+    };
+    if head[8] == REGISTER {
+        let id = u64::from_le_bytes(head[0..8].try_into().ok()?);
+        return (session.is_none()).then_some(Cmd {
+            id,
+            op: None,
+            session,
+        });
+    }
+    let (id, op) = decode(head)?;
+    Some(Cmd {
+        id,
+        op: Some(op),
+        session,
+    })
+}
+
 /// The id and operation of an encoded command; `None` for bytes [`encode`] never makes.
 pub fn decode(b: &[u8]) -> Option<(u64, Op)> {
     if b.len() != 26 {
@@ -80,6 +143,35 @@ pub fn encode_ret(r: Ret) -> Vec<u8> {
             b
         }
         Ret::Cas(ok) => vec![2, u8::from(ok)],
+    }
+}
+
+/// What the store answers a command in a session (or a registration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The operation's result (applied now, or stored when it was applied).
+    Ret(Ret),
+    /// A registration: the new session's id.
+    Session(u64),
+    /// The session is unknown or expired: not applied.
+    Expired,
+    /// The sequence number fell below the session's window: its result is gone.
+    Stale,
+}
+
+const ANS_SESSION: u8 = 3;
+const ANS_EXPIRED: u8 = 4;
+const ANS_STALE: u8 = 5;
+
+/// Any output of the store; `None` for other bytes.
+pub fn decode_answer(b: &[u8]) -> Option<Answer> {
+    match *b.first()? {
+        ANS_SESSION => Some(Answer::Session(u64::from_le_bytes(
+            b.get(1..9)?.try_into().ok()?,
+        ))),
+        ANS_EXPIRED if b.len() == 1 => Some(Answer::Expired),
+        ANS_STALE if b.len() == 1 => Some(Answer::Stale),
+        _ => decode_ret(b).map(Answer::Ret),
     }
 }
 
@@ -137,11 +229,20 @@ pub struct Machine {
     /// What was applied before each checkpoint install replaced the state: the checks
     /// see it as an incarnation of its own (an install must agree with it).
     pub superseded: Vec<Vec<(Index, u64)>>,
+    /// Client sessions (`None`: commands in a session are refused as malformed).
+    pub sessions: Option<Sessions>,
+    /// Retries answered from the session table instead of applied again (this incarnation).
+    pub dedups: u64,
+    /// Planted bug: a retry whose result is stored is applied again (the checks must see
+    /// the command applied twice).
+    pub planted_no_dedup: bool,
 }
 
 /// A frozen copy of a [`Machine`]: `keys u32 | (key u8, value u64)* | applied u32 |
-/// (index u64, id u64)*`. The record of applied commands travels with the state, so the
-/// simulator's checks see a replica that installed a checkpoint as having applied them.
+/// (index u64, id u64)*`, then with sessions `next id u64 | sessions u32 | (id u64 | last
+/// active u64 | floor u64 | results u32 | (seq u64 | len u32 | result)*)*`. The record of
+/// applied commands travels with the state, so the simulator's checks see a replica that
+/// installed a checkpoint as having applied them.
 struct Frozen(Vec<u8>);
 
 impl crate::checkpoint::CheckpointSource for Frozen {
@@ -163,17 +264,44 @@ impl Machine {
             b.extend_from_slice(&i.to_le_bytes());
             b.extend_from_slice(&id.to_le_bytes());
         }
+        if let Some(t) = &self.sessions {
+            b.extend_from_slice(&t.next_id().to_le_bytes());
+            b.extend_from_slice(&(t.len() as u32).to_le_bytes());
+            for (id, s) in t.iter() {
+                for w in [*id, s.last_active, s.floor] {
+                    b.extend_from_slice(&w.to_le_bytes());
+                }
+                b.extend_from_slice(&(s.results.len() as u32).to_le_bytes());
+                for (seq, r) in &s.results {
+                    b.extend_from_slice(&seq.to_le_bytes());
+                    b.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                    b.extend_from_slice(r);
+                }
+            }
+        }
         b
     }
 
-    fn decode(b: &[u8]) -> Option<Machine> {
+    /// A store with client sessions under `limits`.
+    pub fn with_sessions(limits: SessionLimits) -> Machine {
+        Machine {
+            sessions: Some(Sessions::new(limits)),
+            ..Machine::default()
+        }
+    }
+
+    /// Decodes a frozen copy; `limits`: the sessions' (the copy has them iff it has).
+    fn decode(b: &[u8], limits: Option<SessionLimits>) -> Option<Machine> {
         let mut at = 0usize;
         let mut take = |n: usize| {
             let s = b.get(at..at + n)?;
             at += n;
             Some(s)
         };
-        let mut m = Machine::default();
+        let mut m = Machine {
+            sessions: limits.map(Sessions::new),
+            ..Machine::default()
+        };
         let keys = u32::from_le_bytes(take(4)?.try_into().ok()?);
         for _ in 0..keys {
             let k = take(1)?[0];
@@ -186,17 +314,83 @@ impl Machine {
             let id = u64::from_le_bytes(take(8)?.try_into().ok()?);
             m.applied.push((i, id));
         }
+        if let Some(t) = m.sessions.as_mut() {
+            let u64_at = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8 bytes"));
+            t.set_next_id(u64_at(take(8)?));
+            let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
+            for _ in 0..n {
+                let id = u64_at(take(8)?);
+                let mut s = Session {
+                    last_active: u64_at(take(8)?),
+                    floor: u64_at(take(8)?),
+                    ..Session::default()
+                };
+                let results = u32::from_le_bytes(take(4)?.try_into().ok()?);
+                for _ in 0..results {
+                    let seq = u64_at(take(8)?);
+                    let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                    s.results.insert(seq, take(len)?.to_vec());
+                }
+                t.restore(id, s);
+            }
+            t.enforce_limits();
+        }
         (at == b.len()).then_some(m)
+    }
+
+    /// Applies a command in a session (or a registration); its answer into `out`.
+    fn apply_in_session(&mut self, index: Index, c: Cmd, out: &mut Vec<u8>) {
+        let Some(t) = self.sessions.as_mut() else {
+            return out.push(0xff);
+        };
+        // Expiry first, at every index: a function of the log alone.
+        t.expire_idle(index);
+        match (c.op, c.session) {
+            (None, _) => {
+                self.applied.push((index, c.id));
+                out.push(ANS_SESSION);
+                out.extend_from_slice(&t.register(index).to_le_bytes());
+            }
+            (Some(op), Some((session, seq))) => match t.check(session, seq) {
+                Check::Duplicate(r) if !self.planted_no_dedup => {
+                    self.dedups += 1;
+                    out.extend_from_slice(r);
+                }
+                Check::Expired => out.push(ANS_EXPIRED),
+                Check::Stale => out.push(ANS_STALE),
+                Check::New | Check::Duplicate(_) => {
+                    self.applied.push((index, c.id));
+                    let r = encode_ret(self.store.apply(&op));
+                    out.extend_from_slice(&r);
+                    if matches!(t.check(session, seq), Check::New) {
+                        t.record(session, seq, &r, index);
+                    }
+                }
+            },
+            (Some(_), None) => unreachable!("commands outside sessions are applied by `apply`"),
+        }
+        let l = t.limits();
+        assert!(
+            t.len() <= l.max_sessions && t.bytes() <= l.max_bytes,
+            "session table over its cap: {} sessions, {} bytes",
+            t.len(),
+            t.bytes()
+        );
     }
 }
 
 impl StateMachine for Machine {
     fn apply(&mut self, index: Index, command: &[u8], out: &mut Vec<u8>) {
-        match decode(command) {
-            Some((id, op)) => {
+        match decode_cmd(command) {
+            Some(Cmd {
+                id,
+                op: Some(op),
+                session: None,
+            }) => {
                 self.applied.push((index, id));
                 out.extend_from_slice(&encode_ret(self.store.apply(&op)));
             }
+            Some(c) => self.apply_in_session(index, c, out),
             None => out.push(0xff),
         }
     }
@@ -208,7 +402,8 @@ impl StateMachine for Machine {
     fn restore(&mut self, r: &mut dyn std::io::Read) -> std::io::Result<()> {
         let mut b = Vec::new();
         r.read_to_end(&mut b)?;
-        let mut m = Machine::decode(&b).ok_or_else(|| {
+        let limits = self.sessions.as_ref().map(Sessions::limits);
+        let mut m = Machine::decode(&b, limits).ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "malformed machine checkpoint",
@@ -216,6 +411,8 @@ impl StateMachine for Machine {
         })?;
         m.superseded = std::mem::take(&mut self.superseded);
         m.superseded.push(std::mem::take(&mut self.applied));
+        m.dedups = self.dedups;
+        m.planted_no_dedup = self.planted_no_dedup;
         *self = m;
         Ok(())
     }

@@ -26,7 +26,8 @@ use crate::protocol::{Config, Core, Durability, PlantedBugs, ProposeError};
 use crate::region::Region;
 use crate::storage::StorageError;
 use crate::types::{Ballot, Index, NodeId, PromiseRecord};
-use kv::{Machine, Op, Ret, Spec};
+use crate::sessions::SessionLimits;
+use kv::{Answer, Machine, Op, Ret, Spec};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -57,7 +58,24 @@ pub struct Options {
     /// The core's contract assertions (off in planted-bug runs, so that the simulator's
     /// own checks are what is measured).
     pub contracts: bool,
+    /// Clients work in sessions ([`SIM_SESSION_LIMITS`]): each registers one through the
+    /// log, sends every operation with its session and sequence number, and resends it
+    /// unchanged after an unknown outcome (a crash, a time-out, a lost leadership), to any
+    /// replica; the store deduplicates. A retry after the session expired is answered
+    /// "expired" and not applied.
+    pub sessions: bool,
+    /// Planted bug of the sessions mode: the store applies a retry whose result it holds.
+    pub session_bug: bool,
 }
+
+/// The session table's bounds in the sessions mode: small, so that sessions expire (idle
+/// for 64 log indexes, or pushed out by registrations past the cap) during a run.
+pub const SIM_SESSION_LIMITS: SessionLimits = SessionLimits {
+    max_sessions: 8,
+    window: 4,
+    idle_entries: 64,
+    max_bytes: 1024,
+};
 
 impl Options {
     /// The defaults `ballot-sim` runs: volatile, 1500 faulty ticks, faults on, 3 clients,
@@ -72,6 +90,8 @@ impl Options {
             clients: 3,
             bugs: PlantedBugs::default(),
             contracts: true,
+            sessions: false,
+            session_bug: false,
         }
     }
 
@@ -93,6 +113,12 @@ impl Options {
         }
         if !self.contracts {
             s += " --no-contracts";
+        }
+        if self.sessions {
+            s += " --sessions";
+        }
+        if self.session_bug {
+            s += " --plant-session-bug";
         }
 
         s
@@ -119,6 +145,16 @@ pub struct Report {
     pub crashes: usize,
     /// Leaderships won.
     pub elections: usize,
+    /// Sessions mode: registrations that completed, operations resent after an unknown
+    /// outcome, answers "session expired" or "stale", and retries the store answered from
+    /// its table (the most any replica answered) instead of applying them again.
+    pub registrations: u64,
+    /// (See `registrations`.)
+    pub retries: u64,
+    /// (See `registrations`.)
+    pub expired: u64,
+    /// (See `registrations`.)
+    pub dedups: u64,
     /// Every check that failed, in words; empty when the run is correct.
     pub violations: Vec<String>,
     /// Digest of the run's histories (`digest::history`).
@@ -354,6 +390,32 @@ struct Client {
     target: NodeId,
     /// (node, ticket, op record index, started at tick)
     outstanding: Option<(NodeId, u64, usize, u64)>,
+    /// Sessions mode: the client's session, and the last sequence number it used.
+    session: Option<u64>,
+    seq: u64,
+    /// A registration in flight: (node, ticket, started at tick).
+    registering: Option<(NodeId, u64, u64)>,
+    /// The operation to resend (op record index), with `cur`, its session and sequence.
+    retry: Option<usize>,
+    cur: (u64, u64),
+    /// An attempt of the current operation may have been applied.
+    in_doubt: bool,
+}
+
+impl Client {
+    fn new(thread: u64, target: NodeId) -> Client {
+        Client {
+            thread,
+            target,
+            outstanding: None,
+            session: None,
+            seq: 0,
+            registering: None,
+            retry: None,
+            cur: (0, 0),
+            in_doubt: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -560,7 +622,12 @@ impl Sim {
         }
         let disk = self.nodes[id as usize].disk.clone();
         let mut ckpts = self.nodes[id as usize].ckpts.clone();
-        let mut machine = Machine::default();
+        let mut machine = if self.o.sessions {
+            Machine::with_sessions(SIM_SESSION_LIMITS)
+        } else {
+            Machine::default()
+        };
+        machine.planted_no_dedup = self.o.session_bug;
         let core = match (restart, self.o.durability) {
             (false, _) => Core::new(cfg, false),
             (true, Durability::Volatile) if self.o.faults && self.rng.chance(100_000) => {
@@ -677,10 +744,19 @@ impl Sim {
         self.net.crash(id);
         self.report.crashes += 1;
         for c in &mut self.clients {
-            if c.outstanding.is_some_and(|o| o.0 == id) {
-                c.outstanding = None; // indeterminate: never returns
-                c.thread = self.next_thread;
-                self.next_thread += 1;
+            if c.registering.is_some_and(|r| r.0 == id) {
+                c.registering = None;
+            }
+            if let Some((_, _, rec, _)) = c.outstanding.filter(|o| o.0 == id) {
+                c.outstanding = None; // indeterminate
+                if self.o.sessions {
+                    // Resent in the same session, so it applies at most once.
+                    c.retry = Some(rec);
+                    c.in_doubt = true;
+                } else {
+                    c.thread = self.next_thread; // never returns
+                    self.next_thread += 1;
+                }
             }
         }
     }
@@ -888,13 +964,25 @@ impl Sim {
 
     fn client_turn(&mut self, tick: u64, issue: bool) {
         for ci in 0..self.clients.len() {
+            if let Some((_, _, started)) = self.clients[ci].registering {
+                if tick - started > 60 {
+                    // Given up: a session it may have registered expires unused.
+                    self.clients[ci].registering = None;
+                }
+                continue;
+            }
             if let Some((node, _, rec, started)) = self.clients[ci].outstanding {
                 if tick - started > 60 {
-                    // Give up: the operation stays pending forever in the history.
-                    let _ = (node, rec);
                     self.clients[ci].outstanding = None;
-                    self.clients[ci].thread = self.next_thread;
-                    self.next_thread += 1;
+                    if self.o.sessions {
+                        // Resend it in its session later (the same sequence number).
+                        self.clients[ci].retry = Some(rec);
+                        self.clients[ci].in_doubt = true;
+                    } else {
+                        // Give up: the operation stays pending forever in the history.
+                        self.clients[ci].thread = self.next_thread;
+                        self.next_thread += 1;
+                    }
                     if self.nodes[node as usize].paused {
                         // A stopped server: the client tries another (on the nemesis'
                         // random stream, so that runs without episodes replay as before).
@@ -908,8 +996,14 @@ impl Sim {
                 continue;
             }
             let target = self.clients[ci].target;
-            let Some(r) = self.nodes[target as usize].replica.as_mut() else {
+            if self.nodes[target as usize].replica.is_none() {
                 self.clients[ci].target = self.rng.below(self.o.replicas as u64) as NodeId;
+                continue;
+            }
+            if self.o.sessions && self.session_turn(ci, tick) {
+                continue;
+            }
+            let Some(r) = self.nodes[target as usize].replica.as_mut() else {
                 continue;
             };
             let id = self.ops.len() as u64 + 1;
@@ -941,8 +1035,20 @@ impl Sim {
                     Op::Cas(key, old, id)
                 }
             };
-            match r.propose(&kv::encode(id, op)) {
+            let cmd = match self.clients[ci].session {
+                Some(session) if self.o.sessions => {
+                    let seq = self.clients[ci].seq + 1;
+                    self.clients[ci].cur = (session, seq);
+                    kv::encode_in_session(id, session, seq, op)
+                }
+                _ => kv::encode(id, op),
+            };
+            match r.propose(&cmd) {
                 Ok(ticket) => {
+                    if self.o.sessions {
+                        self.clients[ci].seq += 1;
+                        self.clients[ci].in_doubt = false;
+                    }
                     self.seq += 1;
                     self.ops.push(OpRec {
                         thread: self.clients[ci].thread,
@@ -963,6 +1069,86 @@ impl Sim {
         }
     }
 
+    /// Sessions mode, client `ci`'s turn before a new operation: registers a session if it
+    /// has none, or resends the operation whose outcome it does not know. `true`: it used
+    /// the turn.
+    fn session_turn(&mut self, ci: usize, tick: u64) -> bool {
+        let target = self.clients[ci].target;
+        let Some(r) = self.nodes[target as usize].replica.as_mut() else {
+            return true;
+        };
+        let c = &mut self.clients[ci];
+        let (cmd, rec) = if let Some(rec) = c.retry {
+            let o = &self.ops[rec];
+            (kv::encode_in_session(o.id, c.cur.0, c.cur.1, o.op), Some(rec))
+        } else if c.session.is_none() {
+            // Ids of registrations: apart from the operations' (which count from 1).
+            (kv::encode_register(1 << 48 | self.seq + 1), None)
+        } else {
+            return false;
+        };
+        match r.propose(&cmd) {
+            Ok(ticket) => match rec {
+                Some(rec) => {
+                    c.retry = None;
+                    c.outstanding = Some((target, ticket, rec, tick));
+                    self.report.retries += 1;
+                }
+                None => {
+                    self.seq += 1;
+                    c.registering = Some((target, ticket, tick));
+                }
+            },
+            Err(ProposeError::NotLeader { leader }) => {
+                c.target = leader.unwrap_or_else(|| self.rng.below(self.o.replicas as u64) as NodeId);
+            }
+            Err(_) => {}
+        }
+        true
+    }
+
+    /// Sessions mode: the outcome of client `ci`'s operation `rec`.
+    fn session_outcome(&mut self, ci: usize, rec: usize, outcome: Result<&[u8], &ProposeError>) {
+        let c = &mut self.clients[ci];
+        match outcome.map(kv::decode_answer) {
+            Ok(Some(Answer::Ret(ret))) => {
+                self.seq += 1;
+                self.ops[rec].returned = Some((self.seq, ret));
+                self.report.acked += 1;
+            }
+            Ok(Some(Answer::Expired | Answer::Stale)) => {
+                // Not applied now; an earlier attempt may have been: unknown, unless there
+                // was none. Either way the client starts a new session.
+                self.report.expired += 1;
+                c.session = None;
+                if c.in_doubt {
+                    c.thread = self.next_thread;
+                    self.next_thread += 1;
+                } else {
+                    self.ops[rec].failed = true;
+                }
+            }
+            Ok(_) => self.violation(format!(
+                "sessions: operation {} got an answer the store never gives",
+                self.ops[rec].id
+            )),
+            Err(ProposeError::NotLeader { leader }) if !c.in_doubt => {
+                // Refused before entering the log, and no earlier attempt: it never happened.
+                self.ops[rec].failed = true;
+                if let Some(l) = leader {
+                    c.target = *l;
+                }
+            }
+            Err(e) => {
+                if let ProposeError::NotLeader { leader: Some(l) } = e {
+                    c.target = *l;
+                }
+                c.retry = Some(rec);
+                c.in_doubt = true;
+            }
+        }
+    }
+
     fn collect(&mut self) {
         for id in 0..self.o.replicas {
             let Some(r) = self.nodes[id].replica.as_mut() else {
@@ -971,6 +1157,24 @@ impl Sim {
             let mut done = crate::handoff::Completions::new();
             r.take_completed(&mut done);
             for (ticket, outcome) in done.iter() {
+                if let Some(ci) = self.clients.iter().position(|c| {
+                    c.registering
+                        .is_some_and(|r| r.0 as usize == id && r.1 == ticket)
+                }) {
+                    let c = &mut self.clients[ci];
+                    c.registering = None;
+                    match outcome {
+                        Ok(b) => {
+                            if let Some(Answer::Session(s)) = kv::decode_answer(b) {
+                                (c.session, c.seq) = (Some(s), 0);
+                                self.report.registrations += 1;
+                            }
+                        }
+                        Err(ProposeError::NotLeader { leader: Some(l) }) => c.target = *l,
+                        Err(_) => {}
+                    }
+                    continue;
+                }
                 let Some(ci) = self.clients.iter().position(|c| {
                     c.outstanding
                         .is_some_and(|o| o.0 as usize == id && o.1 == ticket)
@@ -978,6 +1182,10 @@ impl Sim {
                     continue;
                 };
                 let rec = self.clients[ci].outstanding.take().unwrap().2;
+                if self.o.sessions {
+                    self.session_outcome(ci, rec, outcome);
+                    continue;
+                }
                 match outcome {
                     Ok(bytes) => {
                         self.seq += 1;
@@ -1418,6 +1626,7 @@ impl Sim {
                 }
                 seqs.push((id as NodeId, r.state_machine().applied.clone()));
                 self.report.commits = self.report.commits.max(r.core().commit());
+                self.report.dedups = self.report.dedups.max(r.state_machine().dedups);
                 self.report.checkpoints += r.stats().checkpoints_taken;
                 self.report.installs += r.stats().checkpoints_installed;
             }
@@ -1630,11 +1839,7 @@ pub fn run(o: Options) -> Report {
     };
     let net = MemNet::simulated(rng.next(), faults);
     let clients = (0..o.clients)
-        .map(|i| Client {
-            thread: i as u64,
-            target: (i % o.replicas) as NodeId,
-            outstanding: None,
-        })
+        .map(|i| Client::new(i as u64, (i % o.replicas) as NodeId))
         .collect();
     let mut sim = Sim {
         o,
@@ -1685,11 +1890,8 @@ pub fn run(o: Options) -> Report {
             }
         }
         for i in 0..sim.swarm.extra_clients {
-            sim.clients.push(Client {
-                thread: sim.next_thread,
-                target: (i % o.replicas) as NodeId,
-                outstanding: None,
-            });
+            sim.clients
+                .push(Client::new(sim.next_thread, (i % o.replicas) as NodeId));
             sim.next_thread += 1;
         }
     }
