@@ -191,7 +191,11 @@ fn sessions_apply_retries_once_under_faults() {
             expired += r.expired;
             dedups += r.dedups;
             if !r.violations.is_empty() {
-                failures.push(format!("{}: {}", o.replay_command(), r.violations.join("; ")));
+                failures.push(format!(
+                    "{}: {}",
+                    o.replay_command(),
+                    r.violations.join("; ")
+                ));
             }
         }
     }
@@ -220,6 +224,9 @@ fn planted_session_no_dedup_is_caught() {
         };
         !sim::run(o).violations.is_empty()
     });
-    assert!(caught.is_some(), "the store's missing dedup went unnoticed in 100 seeds");
+    assert!(
+        caught.is_some(),
+        "the store's missing dedup went unnoticed in 100 seeds"
+    );
     eprintln!("planted session bug caught at seed {caught:?}");
 }

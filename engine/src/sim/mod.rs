@@ -24,9 +24,9 @@ use crate::layout::{RegionInfo, RingGeometry};
 use crate::mem_fabric::{Faults, MemFabric, MemNet};
 use crate::protocol::{Config, Core, Durability, PlantedBugs, ProposeError};
 use crate::region::Region;
+use crate::sessions::SessionLimits;
 use crate::storage::StorageError;
 use crate::types::{Ballot, Index, NodeId, PromiseRecord};
-use crate::sessions::SessionLimits;
 use kv::{Answer, Machine, Op, Ret, Spec};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -69,11 +69,11 @@ pub struct Options {
 }
 
 /// The session table's bounds in the sessions mode: small, so that sessions expire (idle
-/// for 64 log indexes, or pushed out by registrations past the cap) during a run.
+/// for 24 log indexes, or pushed out by registrations past the cap) during a run.
 pub const SIM_SESSION_LIMITS: SessionLimits = SessionLimits {
     max_sessions: 8,
     window: 4,
-    idle_entries: 64,
+    idle_entries: 24,
     max_bytes: 1024,
 };
 
@@ -1080,10 +1080,13 @@ impl Sim {
         let c = &mut self.clients[ci];
         let (cmd, rec) = if let Some(rec) = c.retry {
             let o = &self.ops[rec];
-            (kv::encode_in_session(o.id, c.cur.0, c.cur.1, o.op), Some(rec))
+            (
+                kv::encode_in_session(o.id, c.cur.0, c.cur.1, o.op),
+                Some(rec),
+            )
         } else if c.session.is_none() {
             // Ids of registrations: apart from the operations' (which count from 1).
-            (kv::encode_register(1 << 48 | self.seq + 1), None)
+            (kv::encode_register((1 << 48) | (self.seq + 1)), None)
         } else {
             return false;
         };
@@ -1100,7 +1103,8 @@ impl Sim {
                 }
             },
             Err(ProposeError::NotLeader { leader }) => {
-                c.target = leader.unwrap_or_else(|| self.rng.below(self.o.replicas as u64) as NodeId);
+                c.target =
+                    leader.unwrap_or_else(|| self.rng.below(self.o.replicas as u64) as NodeId);
             }
             Err(_) => {}
         }
