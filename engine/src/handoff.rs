@@ -6,15 +6,52 @@
 use crate::driver::Outcome;
 use crate::protocol::ProposeError;
 
+/// Byte strings back to back in one buffer, each with a tag and a note of type `T`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Packed<T> {
+    /// (tag, length, note) of each, in order.
+    items: Vec<(u64, u32, T)>,
+    bytes: Vec<u8>,
+}
+
+impl<T> Default for Packed<T> {
+    fn default() -> Self {
+        Packed {
+            items: Vec::new(),
+            bytes: Vec::new(),
+        }
+    }
+}
+
+impl<T> Packed<T> {
+    /// # Panics
+    /// If `b` is 4 GiB or longer (no replica takes a command or gives an output that large).
+    fn push(&mut self, tag: u64, b: &[u8], note: T) {
+        let len = u32::try_from(b.len()).expect("shorter than 4 GiB");
+        self.items.push((tag, len, note));
+        self.bytes.extend_from_slice(b);
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+        self.bytes.clear();
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8], &T)> + '_ {
+        let mut at = 0;
+        self.items.iter().map(move |(tag, len, note)| {
+            let b = &self.bytes[at..at + *len as usize];
+            at += *len as usize;
+            (*tag, b, note)
+        })
+    }
+}
+
 /// Commands to propose, each under the caller's tag (for [`Handle::submit_batch`]).
 ///
 /// [`Handle::submit_batch`]: crate::runtime::Handle::submit_batch
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Proposals {
-    /// (tag, length) of each command, in order.
-    items: Vec<(u64, u32)>,
-    bytes: Vec<u8>,
-}
+pub struct Proposals(Packed<()>);
 
 impl Proposals {
     /// An empty batch.
@@ -27,51 +64,39 @@ impl Proposals {
     /// # Panics
     /// If `cmd` is 4 GiB or longer (no replica accepts a command that large).
     pub fn push(&mut self, tag: u64, cmd: &[u8]) {
-        let len = u32::try_from(cmd.len()).expect("a command shorter than 4 GiB");
-        self.items.push((tag, len));
-        self.bytes.extend_from_slice(cmd);
+        self.0.push(tag, cmd, ());
     }
 
     /// Commands in the batch.
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.0.items.len()
     }
 
     /// No commands.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.0.items.is_empty()
     }
 
     /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
-        self.items.clear();
-        self.bytes.clear();
+        self.0.clear();
     }
 
     /// `(tag, command)` in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
-        let mut at = 0;
-        self.items.iter().map(move |&(tag, len)| {
-            let cmd = &self.bytes[at..at + len as usize];
-            at += len as usize;
-            (tag, cmd)
-        })
+        self.0.iter().map(|(tag, cmd, ())| (tag, cmd))
     }
 
     /// The tags, in order.
     pub fn tags(&self) -> impl Iterator<Item = u64> + '_ {
-        self.items.iter().map(|&(tag, _)| tag)
+        self.0.items.iter().map(|&(tag, _, ())| tag)
     }
 }
 
 /// Outcomes of proposals, each under its tag (a ticket, or the caller's tag), the outputs
 /// back to back in one buffer.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Completions {
-    /// (tag, the output's length or the error), in order of completion.
-    items: Vec<(u64, Result<u32, ProposeError>)>,
-    bytes: Vec<u8>,
-}
+pub struct Completions(Packed<Option<ProposeError>>);
 
 impl Completions {
     /// None yet.
@@ -84,14 +109,12 @@ impl Completions {
     /// # Panics
     /// If `out` is 4 GiB or longer.
     pub fn push_ok(&mut self, tag: u64, out: &[u8]) {
-        let len = u32::try_from(out.len()).expect("an output shorter than 4 GiB");
-        self.items.push((tag, Ok(len)));
-        self.bytes.extend_from_slice(out);
+        self.0.push(tag, out, None);
     }
 
     /// Appends a failure.
     pub fn push_err(&mut self, tag: u64, e: ProposeError) {
-        self.items.push((tag, Err(e)));
+        self.0.push(tag, &[], Some(e));
     }
 
     /// Appends an outcome.
@@ -104,33 +127,24 @@ impl Completions {
 
     /// Outcomes held.
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.0.items.len()
     }
 
     /// No outcomes.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.0.items.is_empty()
     }
 
     /// Empties it, keeping its buffers.
     pub fn clear(&mut self) {
-        self.items.clear();
-        self.bytes.clear();
+        self.0.clear();
     }
 
     /// `(tag, outcome)` in order of completion; outputs borrowed.
     pub fn iter(&self) -> impl Iterator<Item = (u64, Result<&[u8], &ProposeError>)> + '_ {
-        let mut at = 0;
-        self.items.iter().map(move |(tag, r)| {
-            let out = match r {
-                Ok(len) => {
-                    let o = &self.bytes[at..at + *len as usize];
-                    at += *len as usize;
-                    Ok(o)
-                }
-                Err(e) => Err(e),
-            };
-            (*tag, out)
+        self.0.iter().map(|(tag, out, err)| match err {
+            None => (tag, Ok(out)),
+            Some(e) => (tag, Err(e)),
         })
     }
 
@@ -142,7 +156,6 @@ impl Completions {
             .collect()
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,31 +4,42 @@
 use ballot::protocol::{Durability, PlantedBugs};
 use ballot::sim::{self, Options};
 
-fn sweep(seeds: std::ops::Range<u64>, replicas: usize, durability: Durability) {
+/// Runs every one of `runs`; fails listing each failing run's replay command; the reports.
+fn run_all(runs: impl IntoIterator<Item = Options>) -> Vec<sim::Report> {
     let mut failures = Vec::new();
-    let (mut commits, mut checkpoints, mut installs) = (0, 0, 0);
-    for seed in seeds.clone() {
-        let o = Options {
-            durability,
-            ..Options::new(seed, replicas)
-        };
-        let r = sim::run(o);
-        commits += r.commits;
-        checkpoints += r.checkpoints;
-        installs += r.installs;
-        if !r.violations.is_empty() {
-            failures.push(format!(
-                "{}: {}",
-                o.replay_command(),
-                r.violations.join("; ")
-            ));
-        }
-    }
+    let reports = runs
+        .into_iter()
+        .map(|o| {
+            let r = sim::run(o);
+            if !r.violations.is_empty() {
+                failures.push(format!(
+                    "{}: {}",
+                    o.replay_command(),
+                    r.violations.join("; ")
+                ));
+            }
+            r
+        })
+        .collect();
     assert!(
         failures.is_empty(),
         "{} failing seeds:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+    reports
+}
+
+fn sweep(seeds: std::ops::Range<u64>, replicas: usize, durability: Durability) {
+    let reports = run_all(seeds.clone().map(|seed| Options {
+        durability,
+        ..Options::new(seed, replicas)
+    }));
+    let sum = |f: fn(&sim::Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let (commits, checkpoints, installs) = (
+        sum(|r| r.commits),
+        sum(|r| r.checkpoints),
+        sum(|r| r.installs),
     );
     // A run that commits nothing proves nothing.
     assert!(
@@ -176,34 +187,22 @@ fn planted_recovery_bugs_are_caught_at_their_seeds() {
 /// answer "expired" must each happen in the sweep, or it proved nothing.
 #[test]
 fn sessions_apply_retries_once_under_faults() {
-    let mut failures = Vec::new();
-    let (mut registrations, mut retries, mut expired, mut dedups) = (0, 0, 0, 0);
-    for (seeds, durability) in [(1..61, Durability::Volatile), (1..31, Durability::Durable)] {
-        for seed in seeds {
-            let o = Options {
+    let runs = [(1..61, Durability::Volatile), (1..31, Durability::Durable)]
+        .into_iter()
+        .flat_map(|(seeds, durability)| {
+            seeds.map(move |seed| Options {
                 durability,
                 sessions: true,
                 ..Options::new(seed, 3)
-            };
-            let r = sim::run(o);
-            registrations += r.registrations;
-            retries += r.retries;
-            expired += r.expired;
-            dedups += r.dedups;
-            if !r.violations.is_empty() {
-                failures.push(format!(
-                    "{}: {}",
-                    o.replay_command(),
-                    r.violations.join("; ")
-                ));
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failing seeds:\n{}",
-        failures.len(),
-        failures.join("\n")
+            })
+        });
+    let reports = run_all(runs);
+    let sum = |f: fn(&sim::Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let (registrations, retries, expired, dedups) = (
+        sum(|r| r.registrations),
+        sum(|r| r.retries),
+        sum(|r| r.expired),
+        sum(|r| r.dedups),
     );
     eprintln!(
         "sessions: registrations={registrations} retries={retries} expired={expired} dedups={dedups}"
