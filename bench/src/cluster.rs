@@ -542,7 +542,7 @@ impl LoadGen {
             let l = if l == NO_LEADER { 0 } else { l };
             self.sending.clear();
             self.sending.extend(self.out.tags());
-            if let Err(e) = handles[l].submit_batch(std::mem::take(&mut self.out), &self.sink) {
+            if let Err(e) = handles[l].submit_batch(self.out.take(), &self.sink) {
                 // Refused whole (`Busy`: the runtime's queue is full; `ShuttingDown`): no
                 // outcome comes for any of them.
                 let t = Instant::now();

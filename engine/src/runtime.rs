@@ -391,7 +391,14 @@ struct SinkSlot {
 struct Sinks {
     slots: Vec<Option<SinkSlot>>,
     free: Vec<u32>,
+    /// Outcome buffers of freed slots, for the next slots (a caller whose batches complete
+    /// one at a time frees and takes a slot per batch: without these, its buffers would
+    /// regrow from nothing each time).
+    spare: Vec<Completions>,
 }
+
+/// Outcome buffers [`Sinks`] keeps for reuse, at most.
+const SPARE_BUFFERS: usize = 8;
 
 impl Sinks {
     /// The slot of `sink` (the same sink: the same wake-up function), made if needed.
@@ -406,7 +413,7 @@ impl Sinks {
         let slot = Some(SinkSlot {
             sink: sink.clone(),
             waiting: 0,
-            out: Completions::new(),
+            out: self.spare.pop().unwrap_or_default(),
         });
         match self.free.pop() {
             Some(i) => {
@@ -452,10 +459,13 @@ impl Sinks {
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(s) = slot else { continue };
             if !s.out.is_empty() {
-                let _ = s.sink.tx.send(std::mem::take(&mut s.out));
+                let _ = s.sink.tx.send(s.out.take());
                 (s.sink.wake)();
             }
             if s.waiting == 0 {
+                if self.spare.len() < SPARE_BUFFERS {
+                    self.spare.push(std::mem::take(&mut s.out));
+                }
                 *slot = None;
                 self.free.push(i as u32);
             }

@@ -740,7 +740,7 @@ impl Loop {
         if self.batch.is_empty() {
             return;
         }
-        let cmds = std::mem::take(&mut self.batch);
+        let cmds = self.batch.take();
         if let Err(e) = self.serving.handle.submit_batch(cmds, &self.sink) {
             let tags = std::mem::take(&mut self.batch_tags);
             for &tag in &tags {
