@@ -369,8 +369,6 @@ pub(crate) struct LoadGen {
     retry: Vec<(Instant, u64)>,
     /// Commands ready to send, `(tag, command)`: the next batch.
     out: Proposals,
-    /// The tags of the batch being sent (to retry them if the runtime refuses the batch).
-    sending: Vec<u64>,
     /// Where the runtimes deliver the outcomes, and the receiving end.
     sink: CompletionSink,
     done: Receiver<Completions>,
@@ -418,7 +416,6 @@ impl LoadGen {
             free: Vec::new(),
             retry: Vec::new(),
             out,
-            sending: Vec::new(),
             sink,
             done,
             parked: None,
@@ -540,16 +537,14 @@ impl LoadGen {
         if !self.out.is_empty() {
             let l = shared.leader.load(Ordering::Relaxed);
             let l = if l == NO_LEADER { 0 } else { l };
-            self.sending.clear();
-            self.sending.extend(self.out.tags());
-            if let Err(e) = handles[l].submit_batch(self.out.take(), &self.sink) {
+            if let Err(r) = handles[l].submit_batch(self.out.take(), &self.sink) {
                 // Refused whole (`Busy`: the runtime's queue is full; `ShuttingDown`): no
                 // outcome comes for any of them.
                 let t = Instant::now();
-                let n = self.sending.len() as u64;
-                shared.failures[failure_slot(&e)].fetch_add(n, Ordering::Relaxed);
-                for k in 0..self.sending.len() {
-                    self.complete(self.sending[k], false, t);
+                let n = r.batch.len() as u64;
+                shared.failures[failure_slot(&r.error)].fetch_add(n, Ordering::Relaxed);
+                for tag in r.batch.tags() {
+                    self.complete(tag, false, t);
                 }
             }
             busy = true;

@@ -548,6 +548,15 @@ impl Ticket {
     }
 }
 
+/// A batch [`Handle::submit_batch`] refused whole, given back with the reason.
+#[derive(Debug)]
+pub struct Refused {
+    /// `Busy` (the proposal channel is full) or `ShuttingDown`.
+    pub error: ProposeError,
+    /// The batch, untouched.
+    pub batch: Proposals,
+}
+
 /// Proposes to, and observes, a running replica. Clone freely.
 #[derive(Clone)]
 pub struct Handle {
@@ -583,18 +592,23 @@ impl Handle {
 
     /// Hands a batch of commands to the replica thread as one message, without waiting:
     /// each `(tag, command)`'s outcome arrives on `sink` as `(tag, outcome)`, in any order
-    /// (an immediate refusal, `NotLeader` say, included). The whole batch fails at once with
-    /// `Busy` when the channel is full and `ShuttingDown` once stopped; then no outcome is
-    /// delivered for it. A batch takes one slot of [`RuntimeConfig::queue`], whatever its
-    /// length.
-    pub fn submit_batch(&self, cmds: Proposals, sink: &CompletionSink) -> Result<(), ProposeError> {
+    /// (an immediate refusal, `NotLeader` say, included). The whole batch is refused at
+    /// once with `Busy` when the channel is full and `ShuttingDown` once stopped; then no
+    /// outcome is delivered for it, and the batch comes back in the [`Refused`] (to retry
+    /// it, or to answer its tags). A batch takes one slot of [`RuntimeConfig::queue`],
+    /// whatever its length.
+    pub fn submit_batch(&self, cmds: Proposals, sink: &CompletionSink) -> Result<(), Refused> {
+        let refused = |error, batch| Err(Refused { error, batch });
         if self.stop.load(Ordering::Acquire) {
-            return Err(ProposeError::ShuttingDown);
+            return refused(ProposeError::ShuttingDown, cmds);
         }
         match self.tx.try_send(Msg::Batch(cmds, sink.clone())) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(ProposeError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(ProposeError::ShuttingDown),
+            Err(TrySendError::Full(Msg::Batch(b, _))) => refused(ProposeError::Busy, b),
+            Err(TrySendError::Disconnected(Msg::Batch(b, _))) => {
+                refused(ProposeError::ShuttingDown, b)
+            }
+            Err(_) => unreachable!("a batch was sent"),
         }
     }
 

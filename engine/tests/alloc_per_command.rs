@@ -15,124 +15,35 @@
 //! for amortized growth; a change that allocates once more per command, or per entry,
 //! fails.
 
-use ballot::driver::{Replica, StateMachine, Storage};
+use ballot::driver::{Replica, Storage};
 use ballot::handoff::Completions;
-use ballot::layout::{RegionInfo, RingGeometry};
-use ballot::mem_fabric::{MemFabric, MemNet};
-use ballot::protocol::{batch, Config, Core, Durability};
-use ballot::region::Region;
+use ballot::mem_fabric::MemFabric;
+use ballot::protocol::{batch, Durability};
 use ballot::storage::persister::{Persister, PersisterOptions};
-use ballot::Index;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use common::{thread_allocs as allocs, Counting, Tally};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-struct Counting;
-
-thread_local! {
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn bump() {
-    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-}
-
-fn allocs() -> u64 {
-    ALLOCS.with(Cell::get)
-}
-
-// SAFETY: forwards every call to `System` unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        bump();
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        bump();
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        bump();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+mod common;
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Counts the commands; answers each with the count.
-struct Tally(u64);
-impl StateMachine for Tally {
-    fn apply(&mut self, _: Index, _: &[u8], out: &mut Vec<u8>) {
-        self.0 += 1;
-        out.extend_from_slice(&self.0.to_le_bytes());
-    }
-}
-
 const PAYLOAD: usize = 64;
-
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(what: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!(
-            "ballot-alloc-{what}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Three replicas whose entries carry at most `per_entry` commands of `PAYLOAD` bytes
 /// (durable: persisting under `dir`), stepped until one leads and its start-up entries are
 /// done. Returns them, the leader and the tick.
 fn cluster(per_entry: usize, dir: Option<&Path>) -> (Vec<Replica<MemFabric, Tally>>, usize, u64) {
-    let ring = RingGeometry::new(1 << 14, 128).unwrap();
-    let net = MemNet::instant();
-    let mut reps: Vec<_> = (0..3u8)
-        .map(|i| {
-            let region = Arc::new(
-                Region::anonymous(RegionInfo {
-                    cluster: 1,
-                    node: i,
-                    ring,
-                })
-                .unwrap(),
-            );
-            let mut cfg = Config::new(i, vec![0, 1, 2], ring, u64::from(i) + 1);
-            cfg.batch_bytes = per_entry * (PAYLOAD + batch::COMMAND_OVERHEAD);
-            let storage = dir.map(|d| {
-                cfg.durability = Durability::Durable;
-                let (p, _) = Persister::open(d.join(i.to_string()), PersisterOptions::default())
-                    .expect("a persister in the scratch directory");
-                Box::new(p) as Box<dyn Storage>
-            });
-            Replica::new(
-                Core::new(cfg, false).unwrap(),
-                net.attach(i, region),
-                Tally(0),
-                storage,
-            )
+    let mut reps = common::replicas(|i, cfg| {
+        cfg.batch_bytes = per_entry * (PAYLOAD + batch::COMMAND_OVERHEAD);
+        dir.map(|d| {
+            cfg.durability = Durability::Durable;
+            let (p, _) = Persister::open(d.join(i.to_string()), PersisterOptions::default())
+                .expect("a persister in the scratch directory");
+            Box::new(p) as Box<dyn Storage>
         })
-        .collect();
+    });
     for tick in 0..100_000u64 {
         for r in reps.iter_mut() {
             r.step(tick);
@@ -206,8 +117,8 @@ fn rounds(
 }
 
 fn per_command(per_entry: usize, durable: bool) -> (f64, f64) {
-    let scratch = durable.then(|| Scratch::new("durable"));
-    let (mut reps, l, tick) = cluster(per_entry, scratch.as_ref().map(Scratch::path));
+    let scratch = durable.then(|| tempfile::tempdir().expect("a scratch directory"));
+    let (mut reps, l, tick) = cluster(per_entry, scratch.as_ref().map(|d| d.path()));
     // Warm-up: queues, logs and buffers grow to their steady size.
     rounds(&mut reps, l, tick, per_entry, 200);
     let c = rounds(&mut reps, l, tick, per_entry, 800);

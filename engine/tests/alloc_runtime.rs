@@ -11,53 +11,15 @@
 //! channels' blocks, and one entry buffer per replica. A step's timing varies, so the bound
 //! is loose: it catches anything that allocates once per command, not a per-batch change.
 
-use ballot::driver::{Replica, StateMachine};
 use ballot::handoff::Proposals;
-use ballot::layout::{RegionInfo, RingGeometry};
-use ballot::mem_fabric::MemNet;
-use ballot::protocol::{Config, Core};
-use ballot::region::Region;
 use ballot::runtime::{CompletionSink, Role, Runtime, RuntimeConfig};
-use ballot::Index;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use common::{total_allocs, Counting};
 use std::time::{Duration, Instant};
 
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call to `System` unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+mod common;
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-/// Answers every command with 8 bytes (its count).
-struct Tally(u64);
-impl StateMachine for Tally {
-    fn apply(&mut self, _: Index, _: &[u8], out: &mut Vec<u8>) {
-        self.0 += 1;
-        out.extend_from_slice(&self.0.to_le_bytes());
-    }
-}
 
 const BATCH: u64 = 64;
 
@@ -70,25 +32,10 @@ const BOUND: f64 = 0.25;
 
 #[test]
 fn the_runtime_hand_over_allocates_per_batch_not_per_command() {
-    let ring = RingGeometry::new(1 << 14, 128).unwrap();
-    let net = MemNet::instant();
-    let runtimes: Vec<_> = (0..3u8)
-        .map(|i| {
-            let region = Arc::new(
-                Region::anonymous(RegionInfo {
-                    cluster: 1,
-                    node: i,
-                    ring,
-                })
-                .unwrap(),
-            );
-            let cfg = Config::new(i, vec![0, 1, 2], ring, u64::from(i) + 1);
-            let rep = Replica::new(
-                Core::new(cfg, false).unwrap(),
-                net.attach(i, region),
-                Tally(0),
-                None,
-            );
+    let runtimes: Vec<_> = common::replicas(|_, _| None)
+        .into_iter()
+        .enumerate()
+        .map(|(i, rep)| {
             let rc = RuntimeConfig {
                 name: format!("replica-{i}"),
                 ..RuntimeConfig::default()
@@ -132,11 +79,11 @@ fn the_runtime_hand_over_allocates_per_batch_not_per_command() {
     for r in 0..200 {
         round(r * BATCH);
     }
-    let (rounds, a) = (500, ALLOCS.load(Ordering::Relaxed));
+    let (rounds, a) = (500, total_allocs());
     for r in 200..200 + rounds {
         round(r * BATCH);
     }
-    let n = ALLOCS.load(Ordering::Relaxed) - a;
+    let n = total_allocs() - a;
     let per_command = n as f64 / (rounds * BATCH) as f64;
     eprintln!(
         "{n} allocations for {} commands in batches of {BATCH}, three replicas and the caller: \

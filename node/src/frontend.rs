@@ -127,7 +127,6 @@ pub(crate) fn start(
         free_slots: Vec::new(),
         expiry: VecDeque::new(),
         batch: Proposals::new(),
-        batch_tags: Vec::new(),
         sink,
         done,
         sleeping,
@@ -254,7 +253,6 @@ struct Loop {
     expiry: VecDeque<(Instant, u64)>,
     /// Commands read this turn, for one `submit_batch`.
     batch: Proposals,
-    batch_tags: Vec<u64>,
     sink: CompletionSink,
     done: Receiver<Completions>,
     sleeping: Arc<AtomicBool>,
@@ -646,7 +644,6 @@ impl Loop {
                                 c.ids.insert(id);
                                 let tag = self.slot(i, c.gen, id);
                                 self.batch.push(tag, body);
-                                self.batch_tags.push(tag);
                             }
                         },
                         kind::STATUS if body.is_empty() => {
@@ -741,15 +738,12 @@ impl Loop {
             return;
         }
         let cmds = self.batch.take();
-        if let Err(e) = self.serving.handle.submit_batch(cmds, &self.sink) {
-            let tags = std::mem::take(&mut self.batch_tags);
-            for &tag in &tags {
-                self.answer(tag, error_response(&e, &self.serving.peers));
+        if let Err(r) = self.serving.handle.submit_batch(cmds, &self.sink) {
+            for tag in r.batch.tags() {
+                self.answer(tag, error_response(&r.error, &self.serving.peers));
             }
-            self.batch_tags = tags;
             self.service_dirty();
         }
-        self.batch_tags.clear();
     }
 
     /// Answers `UNAVAILABLE` for the requests that had no outcome in time.

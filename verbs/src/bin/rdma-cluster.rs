@@ -268,18 +268,15 @@ fn workload(h: &Handle, wl: &Mutex<Workload>, me: NodeId, total: u64, depth: usi
             next += 1;
         }
         if !batch.is_empty() {
-            // A refused batch is refused whole: `Busy` (the runtime's queue is full) keeps
+            // A refused batch comes back whole: `Busy` (the runtime's queue is full) keeps
             // it for the next turn, anything else fails it.
-            match h.submit_batch(batch.clone(), &sink) {
-                Ok(()) => {
-                    in_flight += batch.len();
-                    batch.clear();
-                }
-                Err(ProposeError::Busy) => {}
-                Err(e) => {
-                    println!("rdma-cluster[{me}]: propose failed: {e}");
-                    wl.lock().expect("workload").failed += batch.len() as u64;
-                    batch.clear();
+            let n = batch.len();
+            match h.submit_batch(batch.take(), &sink) {
+                Ok(()) => in_flight += n,
+                Err(r) if r.error == ProposeError::Busy => batch = r.batch,
+                Err(r) => {
+                    println!("rdma-cluster[{me}]: propose failed: {}", r.error);
+                    wl.lock().expect("workload").failed += n as u64;
                 }
             }
         }
